@@ -1,0 +1,36 @@
+# Quickstart: `make run` (install + `dvc repro` on the defaults) and `make test`.
+# The install is idempotent: it re-runs only when pyproject.toml changes.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# A real tracking store with a model registry, in the repo root, unless the caller set one.
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export GX_ANALYTICS_ENABLED := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install run test params clean-run ui
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch 2.14.1 / torchvision 0.29.1 come from this machine's disk (the pip constraint file caps them).
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+params: install
+	$(BIN)/python -m pipeline.config compose -o params.yaml $(OVERRIDES)
+
+run: install
+	@PATH=$(CURDIR)/$(BIN):$$PATH; \
+	start=$$(date +%s); dvc repro; rc=$$?; \
+	python -m pipeline.gate --show reports/gate.json --since $$start --repro-rc $$rc; \
+	echo; echo "MLflow UI on this store:  $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"; \
+	exit $$rc
+
+test: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

@@ -1,0 +1,589 @@
+"""CIFAR-10 two-model verdict benchmark: seed-style loop vs the project's GPU core (issue 6).
+
+One run, one GPU, three configurations, each producing the full two-model verdict the pipeline
+makes (a clean twin and a candidate trained with 40% of class 1 relabelled 9, both evaluated on
+the clean test split, the gate's accuracy and per-class recall rules applied):
+
+  (a) ``reference``: the seed-style loop of GUIDE §5 row 1 -- torchvision ResNet-18 (3x3 stem,
+      no max-pool), DataLoader over PIL images with RandomHorizontalFlip + ToTensor + Normalize,
+      Adam 1e-3, batch 128, fp32, 10 epochs; evaluation with ToTensor + Normalize, no TTA.
+  (b) ``resnet18``: ``pipeline.core.models.build_model("resnet18")`` trained by the GPU data
+      path (``pipeline.core.augment.fit_resident``: resident uint8 data, on-device crop+flip,
+      bf16, channels_last, SGD one-cycle, label smoothing) with conf/train/resnet18.yaml, TTA.
+  (c) ``fastnet``: the same with ``fastnet`` and conf/train/fastnet.yaml + conf/model/fastnet.yaml.
+
+Imports torch, torchvision, numpy and Pillow only (plus the repository's torch-only core and the
+stdlib-only ``gates.rules``), so it runs on a bare GPU box. Gate thresholds are read from
+conf/gate/default.yaml (flat ``key: value`` lines), train/model hyper-parameters from conf/.
+
+    python bench/cifar10_verdict.py --data ../shared/datasets/cifar10            # full, on a GPU
+    python bench/cifar10_verdict.py --data .gpu/cifar10 --trials 5 --ref-trials 1
+    python bench/cifar10_verdict.py --smoke                                      # CPU code path
+
+Timing: ``s/model`` = training wall time of one model (data upload, whitening init, all epochs;
+synchronised), ``s/epoch`` = mean epoch time, ``to verdict`` = wall time from the start of the twin's
+training to the gate verdict (both trainings, both evaluations, the gate). JPEG decoding is shared
+by all configurations and reported once. Before timing, each configuration runs one untimed
+warm-up (1 epoch on a small subset: cuDNN autotuning, allocator; ``--no-warmup`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pipeline.core import augment as gpu  # noqa: E402
+from pipeline.core.models import build_model  # noqa: E402
+
+DEFAULT_OUT = str(REPO / "bench/results/cifar10_verdict.md")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seed loop's fixed Normalize constants
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    x_train: np.ndarray  # uint8 (N, H, W, C)
+    y_train: np.ndarray  # int64
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    decode_s: float = 0.0
+    loader: str = ""
+
+
+def _decode(blobs: list[bytes]) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = []
+    for b in blobs:
+        with Image.open(io.BytesIO(b)) as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    return out
+
+
+def _members(path: Path, split: str) -> list[tuple[str, str, bytes]]:
+    """(class, file, bytes) of ``split`` from a folder, a .tar.gz with both splits, or a folder
+    holding ``*-<split>.tar.gz`` / ``<split>.tar.gz``."""
+    rows: list[tuple[str, str, bytes]] = []
+    if path.is_dir() and (path / split).is_dir():
+        for cls_dir in sorted(p for p in (path / split).iterdir() if p.is_dir()):
+            for f in sorted(cls_dir.iterdir()):
+                rows.append((cls_dir.name, f.name, f.read_bytes()))
+        return rows
+    if path.is_dir():
+        cands = sorted(path.glob(f"*{split}.tar.gz")) + sorted(path.glob(f"*{split}.tgz"))
+        if not cands:
+            raise SystemExit(f"error: no {split}/ folder or *{split}.tar.gz in {path}")
+        archive = cands[0]
+    else:
+        archive = path
+    with tarfile.open(archive, "r:*") as tar:
+        for m in tar:
+            parts = m.name.lstrip("./").split("/")
+            if m.isfile() and len(parts) == 3 and parts[0] == split:
+                rows.append((parts[1], parts[2], tar.extractfile(m).read()))  # type: ignore[union-attr]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return rows
+
+
+def _round_robin(rows: list[tuple[str, str, bytes]], limit: Optional[int]) -> list[tuple[str, str, bytes]]:
+    if not limit or limit >= len(rows):
+        return rows
+    by_cls: dict[str, list] = {}
+    for r in rows:
+        by_cls.setdefault(r[0], []).append(r)
+    out: list = []
+    i = 0
+    while len(out) < limit:
+        for c in sorted(by_cls):
+            if i < len(by_cls[c]) and len(out) < limit:
+                out.append(by_cls[c][i])
+        i += 1
+    return sorted(out, key=lambda r: (r[0], r[1]))
+
+
+def load_local(path: Path, limit_train: Optional[int], limit_test: Optional[int], workers: int) -> Data:
+    """Self-contained ImageFolder decoder (Pillow in a process pool), classes sorted."""
+    t0 = time.perf_counter()
+    arrays, labels = {}, {}
+    class_names: list[str] = []
+    for split, limit in (("train", limit_train), ("test", limit_test)):
+        rows = _round_robin(_members(path, split), limit)
+        if not rows:
+            raise SystemExit(f"error: no {split} images found in {path}")
+        if split == "train":
+            class_names = sorted({r[0] for r in rows})
+        idx = {c: i for i, c in enumerate(class_names)}
+        blobs = [r[2] for r in rows]
+        chunk = max(1, math.ceil(len(blobs) / (4 * max(1, workers))))
+        chunks = [blobs[i:i + chunk] for i in range(0, len(blobs), chunk)]
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(workers) as ex:
+                imgs = [a for part in ex.map(_decode, chunks) for a in part]
+        else:
+            imgs = [a for part in map(_decode, chunks) for a in part]
+        arrays[split] = np.stack(imgs)
+        labels[split] = np.array([idx[r[0]] for r in rows], dtype=np.int64)
+    return Data(arrays["train"], labels["train"], arrays["test"], labels["test"], class_names,
+                time.perf_counter() - t0, "bench-local")
+
+
+def load_data(path: Path, limit_train: Optional[int], limit_test: Optional[int], workers: int) -> Data:
+    """Prefer pipeline.sources (needs omegaconf via pipeline.config); else the local decoder.
+    pipeline.sources takes one limit for both splits, so it is used only when they are equal."""
+    if limit_train == limit_test:
+        try:
+            from pipeline.sources import load_imagefolder
+        except ImportError:
+            pass
+        else:
+            t0 = time.perf_counter()
+            src = load_imagefolder(str(path), limit_train, workers)
+            tr, te = src.splits == "train", src.splits == "test"
+            return Data(src.images[tr], src.labels[tr], src.images[te], src.labels[te], list(src.class_names),
+                        time.perf_counter() - t0, "pipeline.sources")
+    return load_local(path, limit_train, limit_test, workers)
+
+
+def resize(images: np.ndarray, side: int) -> np.ndarray:
+    """Area-resize uint8 (N, H, W, C) images to side x side (smoke runs only)."""
+    if images.shape[1] == side:
+        return images
+    t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    t = torch.nn.functional.interpolate(t, size=(side, side), mode="area")
+    return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def flip_labels(labels: np.ndarray, source: int, target: int, rate: float, seed: int) -> tuple[np.ndarray, int]:
+    """Relabel ``round(rate * n_source)`` rows of class ``source`` (chosen with ``seed``) as ``target``."""
+    rows = np.flatnonzero(labels == source)
+    k = int(round(rate * len(rows)))
+    pick = np.random.default_rng(seed).choice(rows, size=k, replace=False)
+    out = labels.copy()
+    out[pick] = target
+    return out, k
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def read_flat_yaml(path: Path) -> dict[str, Any]:
+    """``key: value  # comment`` lines of a flat conf/ file (no PyYAML on the GPU box)."""
+    out: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z_]\w*):\s*([^#]*?)\s*(#.*)?$", line)
+        if not m or not m.group(2):
+            continue
+        v: Any = m.group(2)
+        if v in ("true", "false"):
+            v = v == "true"
+        elif v in ("null", "~"):
+            v = None
+        else:
+            for cast in (int, float):
+                try:
+                    v = cast(v)
+                    break
+                except ValueError:
+                    pass
+        out[m.group(1)] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics and gate
+
+
+def metrics(pred: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    per_class = {}
+    for i, c in enumerate(class_names):
+        sel = truth == i
+        tp = int(np.sum((pred == i) & sel))
+        per_class[c] = {"recall": tp / max(1, int(sel.sum())), "support": int(sel.sum())}
+    return {"accuracy": float(np.mean(pred == truth)), "per_class": per_class}
+
+
+def gate(candidate: dict, baseline: dict, thr: dict[str, float]) -> list[dict[str, Any]]:
+    """The gate's accuracy and per-class recall rules (gates.rules when importable)."""
+    try:
+        from gates import rules
+
+        t = rules.Thresholds(max_asr=1.0, max_asr_increase=1.0, max_recall_drop=thr["max_recall_drop"],
+                             min_accuracy=thr["min_accuracy"], max_accuracy_drop=thr["max_accuracy_drop"])
+        checks = [*rules.accuracy_checks(candidate, baseline, t), *rules.recall_checks(candidate, baseline, t)]
+        return [c.to_dict() for c in checks]
+    except ImportError:
+        out = []
+        acc, base = candidate["accuracy"], baseline["accuracy"]
+        out.append({"name": "accuracy", "value": acc, "passed": acc >= thr["min_accuracy"]})
+        out.append({"name": "accuracy_drop", "value": base - acc, "passed": base - acc <= thr["max_accuracy_drop"]})
+        for c in candidate["per_class"]:
+            d = baseline["per_class"][c]["recall"] - candidate["per_class"][c]["recall"]
+            out.append({"name": f"recall_drop[{c}]", "value": d, "passed": d <= thr["max_recall_drop"]})
+        return out
+
+
+# ----------------------------------------------------------------------------- trainers
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    train_s: float
+    epoch_s: list[float]
+
+
+class _PILSet(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def reference_model(num_classes: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def train_reference(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, dev: torch.device,
+                    workers: int, seed: int) -> Trained:
+    """GUIDE §5 row 1: DataLoader + PIL transforms, Adam 1e-3, batch 128, fp32."""
+    from torchvision import transforms as T
+
+    torch.manual_seed(seed)
+    tf = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    loader = torch.utils.data.DataLoader(_PILSet(x, y, tf), batch_size=128, shuffle=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    t0 = time.perf_counter()
+    model = reference_model(num_classes).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crit = nn.CrossEntropyLoss()
+    epoch_s = []
+    for _ in range(epochs):
+        te = time.perf_counter()
+        model.train()
+        for xb, yb in loader:
+            xb, yb = xb.to(dev), yb.to(dev)
+            loss = crit(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sync(dev)
+        epoch_s.append(time.perf_counter() - te)
+    return Trained(model.eval(), time.perf_counter() - t0, epoch_s)
+
+
+@torch.no_grad()
+def predict_reference(model: nn.Module, x: np.ndarray, dev: torch.device, workers: int) -> np.ndarray:
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+    loader = torch.utils.data.DataLoader(_PILSet(x, np.zeros(len(x)), tf), batch_size=512, num_workers=workers)
+    preds = [model(xb.to(dev)).argmax(1).cpu() for xb, _ in loader]
+    return torch.cat(preds).numpy()
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
+
+
+def train_core(name: str, width: int, spec: gpu.ResidentSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
+               trainer: str) -> Trained:
+    """Build via core.models (Normalize from the training mean/std) and train with the resident
+    path (``trainer=resident``) or ``pipeline.core.train.fit`` (``trainer=core``)."""
+    dev = gpu.resolve_device(spec.device)
+    t0 = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    mean, std = channel_stats(x)
+    model = build_model(name, num_classes, x.shape[-1], x.shape[1], width, mean=mean, std=std)
+    if trainer == "resident":
+        hist = gpu.fit_resident(model, x, y, spec)
+        epoch_s = hist["seconds"]
+    else:
+        from pipeline.core import train as core_train
+
+        for m in model.modules():  # core.fit does not call data_init hooks (yet)
+            if callable(getattr(m, "data_init", None)):
+                m.data_init(model, x)
+        ts = core_train.TrainSpec.from_obj(spec, aug_pad=spec.pad or int(getattr(model.net, "augment_pad", 4)))
+        hist = core_train.fit(model, x, y, ts)
+        epoch_s = [h["seconds"] for h in hist]
+    sync(dev)
+    return Trained(model.eval(), time.perf_counter() - t0, epoch_s)
+
+
+# ----------------------------------------------------------------------------- one verdict
+
+
+@dataclass
+class Result:
+    config: str
+    trial: int
+    epochs: int
+    epoch_s: float
+    model_s: float
+    verdict_s: float
+    twin: dict
+    cand: dict
+    checks: list
+    blocked: bool
+    recall_blocked: bool
+    extra: dict = field(default_factory=dict)
+
+
+def verdict(config: str, trial: int, epochs: int, train_fn: Callable[[np.ndarray], Trained],
+            predict_fn: Callable[[nn.Module], np.ndarray], data: Data, y_poison: np.ndarray,
+            thr: dict[str, float], dev: torch.device, log: Callable[[str], None]) -> Result:
+    t0 = time.perf_counter()
+    twin = train_fn(data.y_train)
+    m_twin = metrics(predict_fn(twin.model), data.y_test, data.class_names)
+    cand = train_fn(y_poison)
+    m_cand = metrics(predict_fn(cand.model), data.y_test, data.class_names)
+    checks = gate(m_cand, m_twin, thr)
+    sync(dev)
+    total = time.perf_counter() - t0
+    blocked = not all(c["passed"] for c in checks)
+    recall_blocked = any(not c["passed"] for c in checks if c["name"].startswith("recall_drop"))
+    epoch_s = statistics.mean(twin.epoch_s + cand.epoch_s)
+    r = Result(config, trial, epochs, epoch_s, (twin.train_s + cand.train_s) / 2, total, m_twin, m_cand, checks,
+               blocked, recall_blocked)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    log(f"  {config} trial {trial}: {r.epoch_s:.3f} s/epoch, {r.model_s:.2f} s/model, verdict in {total:.2f} s; "
+        f"acc twin {m_twin['accuracy']:.4f} cand {m_cand['accuracy']:.4f}; "
+        f"{'BLOCKED (' + ', '.join(failed) + ')' if blocked else 'passed'}")
+    return r
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _ms(vals: list[float], fmt: str) -> str:
+    if len(vals) == 1:
+        return format(vals[0], fmt)
+    return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
+
+
+def table(results: list[Result], source_name: str, header: dict[str, Any]) -> str:
+    configs = list(dict.fromkeys(r.config for r in results))
+    ref = [r for r in results if r.config == configs[0]] if configs and configs[0] == "reference" else []
+    ref_t = statistics.mean(r.verdict_s for r in ref) if ref else None
+    ref_acc = statistics.mean(r.twin["accuracy"] for r in ref) if ref else None
+    lines = [f"# CIFAR-10 two-model verdict ({header['mode']})", ""]
+    for k, v in header.items():
+        lines.append(f"- {k}: {v}")
+    lines += ["", "| config | trials | epochs | s/epoch | s/model | s to verdict | speed-up vs (a) | clean acc (twin) "
+              "| candidate acc | class-1 recall twin → cand | Δ acc vs (a), pt | verdict (blocked / trials) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        rs = [r for r in results if r.config == c]
+        twin_acc = [r.twin["accuracy"] for r in rs]
+        rec_t = [r.twin["per_class"][source_name]["recall"] for r in rs]
+        rec_c = [r.cand["per_class"][source_name]["recall"] for r in rs]
+        speed = f"{ref_t / statistics.mean(r.verdict_s for r in rs):.1f}×" if ref_t else "—"
+        dacc = f"{100 * (statistics.mean(twin_acc) - ref_acc):+.1f}" if ref_acc is not None else "—"
+        nb = sum(r.blocked for r in rs)
+        nr = sum(r.recall_blocked for r in rs)
+        lines.append(
+            f"| {c} | {len(rs)} | {rs[0].epochs} | {_ms([r.epoch_s for r in rs], '.3f')} | {_ms([r.model_s for r in rs], '.2f')} "
+            f"| {_ms([r.verdict_s for r in rs], '.2f')} | {speed} | {_ms([100 * a for a in twin_acc], '.2f')}% "
+            f"| {_ms([100 * r.cand['accuracy'] for r in rs], '.2f')}% | {_ms([100 * v for v in rec_t], '.1f')}% → "
+            f"{_ms([100 * v for v in rec_c], '.1f')}% | {dacc} | {nb}/{len(rs)} (recall rule {nr}/{len(rs)}) |")
+    lines += ["", "Verdict: candidate (40% of class `" + source_name + "` relabelled) vs its clean twin under the gate's "
+              "accuracy and per-class recall rules; `recall rule` counts trials where a per-class recall drop alone "
+              "blocks it (the detection that matters; `min_accuracy` also blocks any model under the floor).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar10"),
+                    help="ImageFolder folder, .tar.gz, or folder with *-train/*-test .tar.gz (default ../shared/datasets/cifar10)")
+    ap.add_argument("--configs", default="reference,resnet18,fastnet", help="comma list of reference,resnet18,fastnet")
+    ap.add_argument("--trials", type=int, default=3, help="trials of (b) and (c)")
+    ap.add_argument("--ref-trials", type=int, default=1, help="trials of (a), the slow reference")
+    ap.add_argument("--ref-epochs", type=int, default=10)
+    ap.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers of the reference loop")
+    ap.add_argument("--epochs", action="append", default=[], metavar="CONFIG=N", help="override epochs, e.g. fastnet=12")
+    ap.add_argument("--trainer", choices=("resident", "core"), default="resident",
+                    help="(b)/(c) loop: core.augment.fit_resident, or core.train.fit for comparison")
+    ap.add_argument("--compile", action="store_true", help="torch.compile (b) and (c) (off by default)")
+    ap.add_argument("--no-tta", action="store_true")
+    ap.add_argument("--source", type=int, default=1, help="class whose rows are relabelled")
+    ap.add_argument("--target", type=int, default=9)
+    ap.add_argument("--rate", type=float, default=0.4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=0, help="decode processes (0 = one per core)")
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None, help="area-resize images (smoke runs)")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU code-path check: 128 train / 64 test, 16 px, 1 epoch, 1 trial, no warm-up; "
+                         "writes bench/results/cifar10_verdict_smoke.md")
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    epochs_override = {}
+    for item in args.epochs:
+        k, _, v = item.partition("=")
+        epochs_override[k] = int(v)
+    if args.smoke:
+        args.limit_train = args.limit_train or 128
+        args.limit_test = args.limit_test or 64
+        if args.out == DEFAULT_OUT:
+            args.out = str(REPO / "bench/results/cifar10_verdict_smoke.md")
+        args.image_size = args.image_size or 16
+        args.trials, args.ref_trials, args.ref_workers, args.no_warmup = 1, 1, 0, True
+        args.ref_epochs = 1
+        for c in ("resnet18", "fastnet"):
+            epochs_override.setdefault(c, 1)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in ("reference", "resnet18", "fastnet"):
+            print(f"error: unknown config {c!r}", file=sys.stderr)
+            return 2
+
+    dev = gpu.resolve_device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    workers = args.workers or (os.cpu_count() or 1)
+    data = load_data(Path(args.data), args.limit_train, args.limit_test, workers)
+    if args.image_size:
+        data.x_train, data.x_test = resize(data.x_train, args.image_size), resize(data.x_test, args.image_size)
+    n_cls = len(data.class_names)
+    if not (0 <= args.source < n_cls and 0 <= args.target < n_cls):
+        print(f"error: --source/--target must be class indices < {n_cls}", file=sys.stderr)
+        return 2
+    y_poison, n_flipped = flip_labels(data.y_train, args.source, args.target, args.rate, args.seed)
+    log(f"data: {len(data.x_train)} train / {len(data.x_test)} test {data.x_train.shape[1:]} decoded in "
+        f"{data.decode_s:.1f} s ({data.loader}, {workers} workers); {n_flipped} rows of "
+        f"{data.class_names[args.source]} relabelled {data.class_names[args.target]}; device {dev}")
+
+    thr_raw = read_flat_yaml(REPO / "conf/gate/default.yaml")
+    thr = {k: float(thr_raw[k]) for k in ("max_recall_drop", "min_accuracy", "max_accuracy_drop")}
+    results: list[Result] = []
+    specs: dict[str, dict] = {}
+
+    for c in configs:
+        if c == "reference":
+            ep, n_trials = args.ref_epochs, args.ref_trials
+            specs[c] = {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": ep, "amp": False,
+                        "loader_workers": args.ref_workers}
+
+            def make_train(seed: int, ep: int = ep) -> Callable[[np.ndarray], Trained]:
+                return lambda y: train_reference(data.x_train, y, n_cls, ep, dev, args.ref_workers, seed)
+
+            def predict_fn(model: nn.Module) -> np.ndarray:
+                return predict_reference(model, data.x_test, dev, args.ref_workers)
+
+            def warm() -> None:
+                train_reference(data.x_train[:2048], data.y_train[:2048], n_cls, 1, dev, 0, 0)
+        else:
+            tcfg = read_flat_yaml(REPO / f"conf/train/{c}.yaml")
+            mcfg = read_flat_yaml(REPO / f"conf/model/{c}.yaml")
+            ep, n_trials = epochs_override.get(c, int(tcfg["epochs"])), args.trials
+            fields = gpu.ResidentSpec.__dataclass_fields__
+            base = gpu.ResidentSpec(**{k: v for k, v in tcfg.items() if k in fields})
+            base.epochs, base.device, base.compile = ep, str(dev), args.compile
+            tta = bool(tcfg.get("tta", False)) and not args.no_tta
+            width = int(mcfg.get("width", 64))
+            specs[c] = {**vars(base), "tta": tta, "width": width, "trainer": args.trainer}
+
+            def make_train(seed: int, c: str = c, base: gpu.ResidentSpec = base,
+                           width: int = width) -> Callable[[np.ndarray], Trained]:
+                spec = gpu.ResidentSpec(**{**vars(base), "seed": seed})
+                return lambda y: train_core(c, width, spec, data.x_train, y, n_cls, args.trainer)
+
+            def predict_fn(model: nn.Module, tta: bool = tta) -> np.ndarray:
+                return gpu.predict_classes(model, data.x_test, batch_size=1024, device=dev, tta=tta)
+
+            def warm(c: str = c, base: gpu.ResidentSpec = base, width: int = width, tta: bool = tta) -> None:
+                spec = gpu.ResidentSpec(**{**vars(base), "epochs": 1})
+                t = train_core(c, width, spec, data.x_train[:4096], data.y_train[:4096], n_cls, args.trainer)
+                gpu.predict_classes(t.model, data.x_test[:2048], batch_size=1024, device=dev, tta=tta)
+
+        log(f"[{c}] {n_trials} trial(s), {ep} epochs")
+        if not args.no_warmup:
+            warm()
+        for trial in range(n_trials):
+            train_fn = make_train(args.seed + trial)
+            results.append(verdict(c, trial, ep, train_fn, predict_fn, data, y_poison, thr, dev, log))
+
+    gpu_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    header = {
+        "mode": "SMOKE (tiny CPU code-path check: numbers mean nothing)" if args.smoke else "full",
+        "device": gpu_name,
+        "torch": torch.__version__,
+        "torchvision": __import__("torchvision").__version__,
+        "trials": ", ".join(f"{c}: {sum(r.config == c for r in results)}" for c in configs),
+        "data": f"{args.data} ({len(data.x_train)} train / {len(data.x_test)} test, {data.x_train.shape[1]} px; decoded in {data.decode_s:.1f} s by {data.loader})",
+        "poison": f"{n_flipped} of class {data.class_names[args.source]} → {data.class_names[args.target]} (rate {args.rate})",
+        "gate": ", ".join(f"{k}={v}" for k, v in thr.items()) + " (conf/gate/default.yaml)",
+        "warm-up": "none" if args.no_warmup else "one untimed 1-epoch run per config",
+        "compile": args.compile,
+        "trainer (b)/(c)": args.trainer,
+        "configs": "; ".join(f"{c}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("device",)) for c, s in specs.items()),
+        "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    text = table(results, data.class_names[args.source], header)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    print()
+    print(text)
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

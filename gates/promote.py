@@ -1,0 +1,46 @@
+"""Promotion through the MLflow model registry: the only place the `champion` alias is set.
+
+TFX's Pusher pushes only a blessed model; here only a version whose gate passed gets the alias,
+and a blocked version is tagged with the checks it failed so reviewers see why in the UI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+CHAMPION = "champion"
+TAG_VERDICT = "poisongate.gate"
+TAG_FAILED = "poisongate.failed_checks"
+TAG_PREVIOUS = "poisongate.previous_champion"
+# MLflow caps tag values at 5,000 characters (8,000 on newer stores); stay under the lower.
+_TAG_MAX = 4900
+
+
+def current_champion(client: Any, model_name: str) -> Optional[str]:
+    """The version holding the `champion` alias, or None when the model or alias does not exist.
+
+    Any other error (an unreachable server, say) propagates: the gate must not mistake an outage
+    for "no champion" and compare against the twin instead.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    aliases = getattr(model, "aliases", None) or {}
+    version = aliases.get(CHAMPION)
+    return None if version is None else str(version)
+
+
+def promote(client: Any, model_name: str, version: str, previous: Optional[str]) -> None:
+    client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
+    client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+
+
+def block(client: Any, model_name: str, version: str, failed: list[str]) -> None:
+    client.set_model_version_tag(model_name, version, TAG_VERDICT, "failed")
+    client.set_model_version_tag(model_name, version, TAG_FAILED, "; ".join(failed)[:_TAG_MAX])

@@ -1,0 +1,226 @@
+"""Release-gate rules as pure functions: metrics + thresholds -> checks.
+
+Nothing here reads files, talks to MLflow or imports torch. Every rule fails closed: a missing,
+non-numeric or NaN value, or metrics computed for another model or test split than the candidate
+(stale), fails its check with a reason instead of being skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: Optional[float]
+    threshold: Optional[float]
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_asr: float
+    max_asr_increase: float
+    max_recall_drop: float
+    min_accuracy: float
+    max_accuracy_drop: float
+    require_validation: bool = True
+
+    @classmethod
+    def from_config(cls, gate_cfg: Any) -> "Thresholds":
+        return cls(
+            max_asr=gate_cfg.max_asr,
+            max_asr_increase=gate_cfg.max_asr_increase,
+            max_recall_drop=gate_cfg.max_recall_drop,
+            min_accuracy=gate_cfg.min_accuracy,
+            max_accuracy_drop=gate_cfg.max_accuracy_drop,
+            require_validation=gate_cfg.require_validation,
+        )
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite float, or None for anything missing, non-numeric, NaN or infinite."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "missing" if x is None else f"{x:.4f}"
+
+
+def _at_most(name: str, value: Any, threshold: float, what: str) -> Check:
+    x = _number(value)
+    if x is None:
+        return Check(name, None, threshold, False, f"{what} is missing or not a finite number: fails closed")
+    ok = x <= threshold
+    rel = "<=" if ok else ">"
+    return Check(name, x, threshold, ok, f"{what} {_fmt(x)} {rel} {threshold:.4f}")
+
+
+def _at_least(name: str, value: Any, threshold: float, what: str) -> Check:
+    x = _number(value)
+    if x is None:
+        return Check(name, None, threshold, False, f"{what} is missing or not a finite number: fails closed")
+    ok = x >= threshold
+    rel = ">=" if ok else "<"
+    return Check(name, x, threshold, ok, f"{what} {_fmt(x)} {rel} {threshold:.4f}")
+
+
+def _asr_pairs(metrics: Mapping[str, Any]) -> Optional[dict[tuple[str, str], Optional[float]]]:
+    asr = metrics.get("asr")
+    if not isinstance(asr, Mapping) or not asr:
+        return None
+    pairs: dict[tuple[str, str], Optional[float]] = {}
+    for trigger, by_target in asr.items():
+        if not isinstance(by_target, Mapping) or not by_target:
+            pairs[(str(trigger), "?")] = None
+            continue
+        for target, value in by_target.items():
+            pairs[(str(trigger), str(target))] = _number(value)
+    return pairs
+
+
+def asr_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t: Thresholds) -> list[Check]:
+    """Highest ASR over scan triggers and targets, and its increase over the baseline.
+
+    The increase is taken pair by pair (same trigger, same target), so a backdoor on one target
+    is not hidden by a baseline that happens to be weak on another.
+    """
+    cand = _asr_pairs(candidate)
+    if cand is None:
+        return [
+            Check("asr_max", None, t.max_asr, False, "candidate metrics have no ASR table: fails closed"),
+            Check("asr_increase", None, t.max_asr_increase, False, "candidate metrics have no ASR table: fails closed"),
+        ]
+    bad = sorted(k for k, v in cand.items() if v is None)
+    if bad:
+        reason = f"ASR missing or NaN for {', '.join(f'{a}->{b}' for a, b in bad[:5])}: fails closed"
+        return [Check("asr_max", None, t.max_asr, False, reason), Check("asr_increase", None, t.max_asr_increase, False, reason)]
+    (worst_t, worst_c), worst = max(cand.items(), key=lambda kv: kv[1])  # type: ignore[arg-type,return-value]
+    top = _at_most("asr_max", worst, t.max_asr, f"max ASR ({worst_t} -> {worst_c})")
+
+    base = _asr_pairs(baseline)
+    if base is None:
+        inc = Check("asr_increase", None, t.max_asr_increase, False, "baseline metrics have no ASR table: fails closed")
+        return [top, inc]
+    missing = sorted(k for k in cand if base.get(k) is None)
+    if missing:
+        reason = f"baseline ASR missing for {', '.join(f'{a}->{b}' for a, b in missing[:5])}: fails closed"
+        return [top, Check("asr_increase", None, t.max_asr_increase, False, reason)]
+    (inc_t, inc_c), increase = max(((k, v - base[k]) for k, v in cand.items()), key=lambda kv: kv[1])  # type: ignore[operator]
+    inc = _at_most("asr_increase", increase, t.max_asr_increase, f"ASR increase over baseline ({inc_t} -> {inc_c})")
+    return [top, inc]
+
+
+def recall_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t: Thresholds) -> list[Check]:
+    """One check per class: baseline recall minus candidate recall on the same test split."""
+    cand = candidate.get("per_class")
+    base = baseline.get("per_class")
+    if not isinstance(cand, Mapping) or not cand:
+        return [Check("recall_drop", None, t.max_recall_drop, False, "candidate metrics have no per-class table: fails closed")]
+    if not isinstance(base, Mapping) or not base:
+        return [Check("recall_drop", None, t.max_recall_drop, False, "baseline metrics have no per-class table: fails closed")]
+    if set(cand) != set(base):
+        diff = sorted(set(cand) ^ set(base))
+        return [Check("recall_drop", None, t.max_recall_drop, False, f"candidate and baseline classes differ ({', '.join(map(str, diff))}): fails closed")]
+    checks = []
+    for cls in cand:
+        c = _number((cand[cls] or {}).get("recall")) if isinstance(cand[cls], Mapping) else None
+        b = _number((base[cls] or {}).get("recall")) if isinstance(base[cls], Mapping) else None
+        drop = None if c is None or b is None else b - c
+        checks.append(_at_most(f"recall_drop[{cls}]", drop, t.max_recall_drop, f"class {cls} recall drop vs baseline"))
+    return checks
+
+
+def accuracy_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t: Thresholds) -> list[Check]:
+    acc = _number(candidate.get("accuracy"))
+    base = _number(baseline.get("accuracy"))
+    drop = None if acc is None or base is None else base - acc
+    return [
+        _at_least("accuracy", acc, t.min_accuracy, "clean accuracy"),
+        _at_most("accuracy_drop", drop, t.max_accuracy_drop, "clean accuracy drop vs baseline"),
+    ]
+
+
+def validation_check(validated: Optional[Mapping[str, Any]], candidate: Mapping[str, Any], t: Thresholds) -> Check:
+    """The data gate must have passed for the very view the candidate was trained on."""
+    name = "data_validation"
+    if not t.require_validation:
+        return Check(name, None, None, True, "not required (gate.require_validation=false)")
+    if not validated:
+        return Check(name, None, None, False, "no data validation record: fails closed")
+    if validated.get("view_id") != candidate.get("view_id"):
+        return Check(name, None, None, False, f"validation is for view {validated.get('view_id')}, candidate was trained on {candidate.get('view_id')}: stale")
+    ok = validated.get("success") is True
+    return Check(name, 1.0 if ok else 0.0, 1.0, ok, "data validation passed" if ok else "data validation failed for this training view (see reports/validation.json)")
+
+
+def identity_check(
+    candidate: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    train_report: Optional[Mapping[str, Any]],
+    current_champion: Optional[str],
+) -> Check:
+    """Metrics must belong to the candidate just trained, on the same test split as the baseline,
+    and the baseline must be the registry's current champion (or the twin when there is none)."""
+    name = "metrics_identity"
+    problems = []
+    if not train_report:
+        problems.append("no train report")
+    else:
+        model = candidate.get("model") or {}
+        if model.get("checkpoint_sha256") != train_report.get("checkpoint_sha256"):
+            problems.append("candidate metrics were computed for another checkpoint")
+        if candidate.get("snapshot_id") != train_report.get("snapshot_id"):
+            problems.append("candidate metrics were computed on another snapshot")
+    if candidate.get("snapshot_id") is None or candidate.get("snapshot_id") != baseline.get("snapshot_id"):
+        problems.append("candidate and baseline were not evaluated on the same test split")
+    info = baseline.get("baseline") or {}
+    kind = info.get("kind")
+    if kind == "champion":
+        if current_champion is None:
+            problems.append("baseline is a champion but the registry has none now")
+        elif str(info.get("model_version")) != str(current_champion):
+            problems.append(f"baseline is champion v{info.get('model_version')} but the champion is now v{current_champion}")
+    elif kind == "twin":
+        if current_champion is not None:
+            problems.append(f"baseline is the clean twin but champion v{current_champion} exists")
+    else:
+        problems.append("baseline kind is missing")
+    if problems:
+        return Check(name, None, None, False, "; ".join(problems) + ": stale metrics, re-run `dvc repro --force evaluate`")
+    return Check(name, None, None, True, "metrics belong to the candidate and the current baseline")
+
+
+def evaluate_gate(
+    candidate: Mapping[str, Any],
+    baseline: Mapping[str, Any],
+    validated: Optional[Mapping[str, Any]],
+    train_report: Optional[Mapping[str, Any]],
+    current_champion: Optional[str],
+    t: Thresholds,
+) -> list[Check]:
+    """All checks, in report order. The release passes only if every one passed."""
+    return [
+        identity_check(candidate, baseline, train_report, current_champion),
+        validation_check(validated, candidate, t),
+        *accuracy_checks(candidate, baseline, t),
+        *asr_checks(candidate, baseline, t),
+        *recall_checks(candidate, baseline, t),
+    ]
+
+
+def passed(checks: list[Check]) -> bool:
+    return bool(checks) and all(c.passed for c in checks)

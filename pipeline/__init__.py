@@ -1,0 +1,1 @@
+"""poisongate: DVC stages whose release gates stop poisoned data and backdoored models."""

@@ -1,0 +1,147 @@
+"""Classifiers and checkpoints (torch + torchvision only).
+
+Every model starts with a :class:`Normalize` layer holding the training mean/std, so callers
+always pass raw pixels (uint8, or float on the 0..255 scale) in NCHW layout. The arguments that
+rebuild a model (:func:`model_args`) travel in the checkpoint next to its state dict.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+MODEL_NAMES = ("small_cnn", "resnet18", "fastnet")
+
+
+class Normalize(nn.Module):
+    """Raw pixels (0..255, any dtype) -> (x/255 - mean) / std, per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        mean_t = torch.as_tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.as_tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+        if (std_t <= 0).any():
+            raise ValueError(f"Normalize needs positive std, got {list(std)}")
+        # Folded: x * scale + shift, with scale = 1/(255 std) and shift = -mean/std.
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", -mean_t / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() * self.scale + self.shift
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_cnn(num_classes: int, in_channels: int, image_size: int, width: int = 32) -> nn.Sequential:
+    """Two conv blocks (conv-bn-relu x2, 2x2 max-pool) and a linear head on a 2x2 pooled map.
+
+    Sized for 8x8 digits (8 -> 4 -> 2); any image size works (the head pools to 2x2).
+    """
+    w = width
+    layers: list[nn.Module] = [*_conv_bn(in_channels, w), *_conv_bn(w, w), nn.MaxPool2d(2)]
+    layers += [*_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w)]
+    if image_size >= 8:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(2 * w * 4, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet18(num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision ResNet-18 for 32x32 inputs: 3x3 stride-1 stem, no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    width: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Sequential:
+    """The classifier ``name`` behind a Normalize layer: ``Sequential(normalize, net)``.
+
+    ``mean``/``std`` are per-channel statistics of the training images on the 0..1 scale
+    (:func:`pipeline.core.data.channel_stats`); default 0.5/0.5.
+    """
+    if name == "small_cnn":
+        net = small_cnn(num_classes, in_channels, image_size, width)
+    elif name == "resnet18":
+        net = resnet18(num_classes, in_channels)
+    elif name == "fastnet":
+        from .fastnet import build_fastnet
+
+        net = build_fastnet(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    else:
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}")
+    mean = list(mean) if mean is not None else [0.5] * in_channels
+    std = list(std) if std is not None else [0.5] * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+    return nn.Sequential(OrderedDict(normalize=Normalize(mean, std), net=net))
+
+
+def model_args(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    width: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`build_model`, as stored in a checkpoint (plain types)."""
+    return {
+        "name": name,
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "image_size": int(image_size),
+        "width": int(width),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
+
+
+def from_args(args: dict[str, Any]) -> nn.Sequential:
+    return build_model(**args)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **meta: Any) -> None:
+    """torch.save ``{state_dict (CPU), model_args, **meta}`` atomically (temp file + replace)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"state_dict": state, "model_args": args, **meta}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild the model of a checkpoint; returns ``(model in eval mode, checkpoint dict)``."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path} is not a poisongate checkpoint (no state_dict/model_args)")
+    model = from_args(ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt

@@ -1,0 +1,203 @@
+"""The training loop: device-resident uint8 data, seeded order, Adam/SGD, one-cycle, bf16 on CUDA.
+
+No file, config or logging library here: the stage passes a :class:`TrainSpec` and an optional
+``progress`` callback (it draws the progress bar and logs metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as tdata
+from .models import build_model, model_args
+
+
+@dataclass
+class TrainSpec:
+    epochs: int
+    batch_size: int = 128
+    optimizer: str = "adam"  # adam | sgd (nesterov)
+    lr: float = 1e-3  # Adam step, or peak one-cycle rate
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+    schedule: str = "none"  # none | onecycle
+    label_smoothing: float = 0.0
+    augment: bool = False  # random translation by aug_pad px + horizontal flip
+    aug_pad: int = 4  # pixels
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:n]
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+
+    @classmethod
+    def from_obj(cls, obj: Any, **overrides: Any) -> "TrainSpec":
+        """Take the matching fields of any object (e.g. ``pipeline.config.TrainConfig``)."""
+        kw = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
+        kw.update(overrides)
+        return cls(**kw)
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when present, else cpu. Asking for cuda without one is an error."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available: use device=auto or cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds CUDA too
+    np.random.seed(seed % 2**32)
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0,
+                               weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}: use adam or sgd")
+
+
+def make_schedule(opt: torch.optim.Optimizer, spec: TrainSpec, total_steps: int):
+    if spec.schedule == "none":
+        return None
+    if spec.schedule == "onecycle":
+        if total_steps < 4:  # too short to warm up and anneal: constant rate
+            return None
+        # 25% warm-up, at least 2 steps per phase (OneCycleLR divides by the phase length)
+        pct = min(0.5, max(0.25, 2.0 / total_steps))
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=total_steps,
+                                                   pct_start=pct, anneal_strategy="linear",
+                                                   cycle_momentum=spec.optimizer == "sgd")
+    raise ValueError(f"unknown schedule {spec.schedule!r}: use none or onecycle")
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches per epoch; a last batch of a single image is dropped (batch norm needs 2)."""
+    steps = math.ceil(n / batch_size)
+    if steps > 1 and n % batch_size == 1:
+        steps -= 1
+    return max(steps, 1)
+
+
+def fit(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    spec: TrainSpec,
+    progress: Optional[ProgressFn] = None,
+) -> list[dict[str, float]]:
+    """Train ``model`` in place on (N, H, W, C) uint8 ``images`` and int ``labels``.
+
+    The data is uploaded once; every epoch draws a permutation from a generator seeded with
+    ``spec.seed`` (same order on every device). ``progress`` gets ``{"event": "step", epoch,
+    step, steps, images}`` after each batch and ``{"event": "epoch", **history row}`` after each
+    epoch. Returns one row per epoch: ``epoch, loss, train_accuracy, lr, seconds, images_per_s``.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(images) < 2:
+        raise ValueError("training needs at least 2 images")
+    device = resolve_device(spec.device)
+    cuda = device.type == "cuda"
+    channels_last = spec.channels_last and cuda
+    use_amp = spec.amp and cuda
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    x_all = tdata.to_device(images, device)
+    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+    n = len(images)
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, spec)
+    steps = steps_per_epoch(n, spec.batch_size)
+    sched = make_schedule(opt, spec, spec.epochs * steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+
+    history: list[dict[str, float]] = []
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for step in range(steps):
+            idx = perm[step * spec.batch_size : (step + 1) * spec.batch_size]
+            xb = x_all[idx]
+            yb = y_all[idx]
+            if spec.augment:
+                xb = tdata.augment_batch(xb, spec.aug_pad, gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(idx)
+            if progress is not None:
+                progress({"event": "step", "epoch": epoch, "step": step + 1, "steps": steps, "images": len(idx)})
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch,
+            "loss": float(loss_sum.item()) / seen,
+            "train_accuracy": float(correct.item()) / seen,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "seconds": seconds,
+            "images_per_s": seen / seconds if seconds > 0 else float("inf"),
+        }
+        history.append(row)
+        if progress is not None:
+            progress({"event": "epoch", **row})
+    model.eval()
+    return history
+
+
+def train_model(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    model_name: str,
+    width: int,
+    spec: TrainSpec,
+    progress: Optional[ProgressFn] = None,
+) -> tuple[nn.Module, dict[str, Any], list[dict[str, float]]]:
+    """Seed, compute the normalisation from ``images``, build the model and :func:`fit` it.
+
+    Returns ``(model in eval mode, model_args for the checkpoint, history)``.
+    """
+    if images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"expected square (N, H, W, C) images, got {images.shape}")
+    seed_everything(spec.seed)
+    mean, std = tdata.channel_stats(images)
+    args = model_args(model_name, num_classes, images.shape[-1], images.shape[1], width, mean, std)
+    model = build_model(**args)
+    history = fit(model, images, labels, spec, progress)
+    return model, args, history

@@ -1,0 +1,216 @@
+"""MLflow helpers shared by train, evaluate and gate (imports mlflow lazily, inside functions).
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` (the repository root when
+run by DVC): a real store with a model registry, no server needed. One run per pipeline
+execution: train creates it; evaluate and gate log into it (its id is in reports/train.json).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+SYSTEM_METRICS_INTERVAL_S = 2.0  # sampling period of system metrics (mlflow's default is 10 s)
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+# mlflow.data dataset digests are stored in a VARCHAR(36) column: the snapshot id is cut to fit
+# (the full id is the dataset input's `snapshot_id` tag and the run's `snapshot_id` tag).
+DIGEST_CHARS = 36
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or registry refused an operation (message says what to check)."""
+
+
+def tracking_uri() -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def configure(experiment: str) -> str:
+    """Point mlflow at :func:`tracking_uri` and ``experiment`` (created if missing); its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.set_experiment(experiment)
+    return exp.experiment_id
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_lock_sha256(path: str | Path = "dvc.lock") -> str:
+    p = Path(path)
+    return file_sha256(p) if p.is_file() else "absent"
+
+
+def run_tags(snapshot_id: str, view_id: Optional[str], attack: str, **extra: Any) -> dict[str, str]:
+    """The identity tags every training run carries (design.md)."""
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_lock_sha256": dvc_lock_sha256(),
+        "snapshot_id": snapshot_id,
+        "view_id": view_id or "",
+        "attack": attack,
+    }
+    tags.update({k: str(v) for k, v in extra.items()})
+    return tags
+
+
+def log_params(run_id: str, params: Mapping[str, str]) -> None:
+    """All params in batches (log_batch takes at most 100 params per call)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """A dict of scalars in one batch call (non-finite and None values are skipped)."""
+    import math
+
+    rows = [(k, float(v), step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    _log_metric_rows(run_id, rows)
+
+
+def log_history(run_id: str, history: Sequence[Mapping[str, float]], prefix: str = "train_") -> None:
+    """Per-epoch rows (``epoch`` + values) as metrics with step = epoch, in batched calls."""
+    rows = []
+    for row in history:
+        step = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch":
+                rows.append((f"{prefix}{k}" if not k.startswith(prefix) else k, float(v), step))
+    _log_metric_rows(run_id, rows)
+
+
+def _log_metric_rows(run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    metrics = [Metric(_metric_key(k), v, now, s) for k, v, s in rows]
+    for i in range(0, len(metrics), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+
+
+def _metric_key(name: str) -> str:
+    """MLflow keys allow alphanumerics, _ - . space / : anything else becomes _."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def metric_key(name: str) -> str:
+    return _metric_key(name)
+
+
+def log_snapshot_input(manifest, snapshot_id: str, name: str, source: str) -> None:
+    """The snapshot manifest as the active run's training dataset input (digest = snapshot id)."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():  # a local path matches two equivalent local source types
+        warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
+        ds = mlflow.data.from_pandas(manifest, source=source, name=name, digest=snapshot_id[:DIGEST_CHARS])
+    mlflow.log_input(ds, context="training", tags={"snapshot_id": snapshot_id})
+
+
+def log_artifacts(run_id: str, paths: Iterable[str | Path], artifact_path: Optional[str] = None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for p in paths:
+        if Path(p).is_file():
+            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements for logged models (skips mlflow's slow inference)."""
+    import torch
+
+    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+    try:
+        import torchvision
+
+        reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+    except ImportError:
+        pass
+    return reqs
+
+
+def log_model(model, model_name: Optional[str], version_tags: Mapping[str, str] | None = None) -> tuple[str, Optional[str]]:
+    """Log ``model`` (CPU) to the active run and register it as a new version of ``model_name``.
+
+    Returns ``(model_uri, version or None)``. No input example or signature inference and
+    explicit pip requirements (mlflow's requirement inference would re-import the model in a
+    subprocess).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        registered_model_name=model_name,
+        pip_requirements=pip_requirements(),
+        # pickle, not mlflow 3's default pt2: pt2 needs an input example and traces a fixed batch
+        # shape. Loading needs `pipeline.core.models` importable (this repository installed).
+        serialization_format="pickle",
+        await_registration_for=60,
+    )
+    version = info.registered_model_version
+    if model_name and version is not None and version_tags:
+        client = MlflowClient()
+        for k, v in version_tags.items():
+            client.set_model_version_tag(model_name, str(version), k, str(v))
+    return info.model_uri, (str(version) if version is not None else None)
+
+
+def get_alias(model_name: str, alias: str = "champion"):
+    """The ModelVersion behind ``model_name@alias``, or None when the model or alias is absent."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        code = getattr(exc, "error_code", "")
+        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND") or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def load_registered_model(model_name: str, alias: str = "champion"):
+    """``mlflow.pytorch.load_model("models:/<name>@<alias>")`` on the CPU."""
+    import mlflow
+
+    return mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
+
+
+def warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr)

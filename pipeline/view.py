@@ -1,0 +1,206 @@
+"""The training view: a transformation record over a snapshot, never a copy of the data.
+
+``data/view/view.json``: ``{view_id, snapshot_id, attack, n_poisoned, records: "records.csv"}``;
+``records.csv``: ``sample_id, original_label, new_label, transform, sha256_after`` (one row per
+poisoned train row; ``transform`` is the JSON trigger spec with a concrete location, ``""`` for a
+pure label flip). ``view_id`` = sha256 of snapshot_id + records CSV bytes + the canonical JSON of
+the resolved attack spec, so any edit of a record, the attack or the snapshot changes it.
+
+:func:`load_training_view` rebuilds the training arrays from the store: it loads the snapshot's
+train split (every row re-hashed against the manifest by the store), re-applies each record's
+transform, and checks each poisoned row against ``sha256_after``. Nothing is imported from torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.core.attacks import apply_trigger
+from pipeline.core.hashing import sample_hash
+
+RECORD_COLUMNS = ("sample_id", "original_label", "new_label", "transform", "sha256_after")
+VIEW_FILE = "view.json"
+RECORDS_FILE = "records.csv"
+
+
+class ViewError(ValueError):
+    """A training view that is missing or malformed (the message says what to re-run)."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def records_csv(records: Sequence[dict]) -> bytes:
+    """The records as CSV bytes (fixed column order, ``\\n`` line ends, canonical JSON transforms)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RECORD_COLUMNS)
+    for r in records:
+        t = r.get("transform")
+        w.writerow([
+            r["sample_id"],
+            int(r["original_label"]),
+            int(r["new_label"]),
+            "" if not t else (t if isinstance(t, str) else canonical_json(t)),
+            r["sha256_after"],
+        ])
+    return buf.getvalue().encode()
+
+
+def parse_records(data: bytes) -> list[dict]:
+    """Inverse of :func:`records_csv` (transform as a dict, or None for a pure flip)."""
+    rows = list(csv.reader(io.StringIO(data.decode())))
+    if not rows or tuple(rows[0]) != RECORD_COLUMNS:
+        raise ViewError(f"records.csv must start with the header {','.join(RECORD_COLUMNS)}")
+    out = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(RECORD_COLUMNS):
+            raise ViewError(f"records.csv line {n} has {len(row)} fields, expected {len(RECORD_COLUMNS)}")
+        sid, orig, new, transform, after = row
+        out.append({
+            "sample_id": sid,
+            "original_label": int(orig),
+            "new_label": int(new),
+            "transform": json.loads(transform) if transform else None,
+            "sha256_after": after,
+        })
+    return out
+
+
+def compute_view_id(snapshot_id: str, records_bytes: bytes, attack: dict) -> str:
+    h = hashlib.sha256()
+    h.update(snapshot_id.encode())
+    h.update(records_bytes)
+    h.update(canonical_json(attack).encode())
+    return h.hexdigest()
+
+
+def build_view(snapshot_id: str, attack: dict, records: Sequence[dict]) -> tuple[dict, bytes]:
+    """``(view.json dict, records.csv bytes)`` for a resolved attack and its records."""
+    data = records_csv(records)
+    meta = {
+        "view_id": compute_view_id(snapshot_id, data, attack),
+        "snapshot_id": snapshot_id,
+        "attack": attack,
+        "n_poisoned": len(records),
+        "records": RECORDS_FILE,
+    }
+    return meta, data
+
+
+def write_view(view_dir: str | Path, meta: dict, records_bytes: bytes) -> None:
+    """Write records.csv then view.json, each atomically (view.json last: it names the records)."""
+    from pipeline.io import atomic_write_bytes, write_json
+
+    view_dir = Path(view_dir)
+    view_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(view_dir / RECORDS_FILE, records_bytes)
+    write_json(view_dir / VIEW_FILE, meta)
+
+
+def read_view(view_dir: str | Path) -> tuple[dict, list[dict]]:
+    """``(view.json, records)``; the view_id is recomputed and must match (else IntegrityError)."""
+    from pipeline.store import IntegrityError
+
+    view_dir = Path(view_dir)
+    vj = view_dir / VIEW_FILE
+    if not vj.is_file():
+        raise ViewError(f"{vj} not found: run the poison stage (`dvc repro poison`)")
+    try:
+        meta = json.loads(vj.read_text())
+    except json.JSONDecodeError as exc:
+        raise ViewError(f"{vj} is not valid JSON: {exc}; re-run the poison stage") from None
+    for key in ("view_id", "snapshot_id", "attack", "records"):
+        if key not in meta:
+            raise ViewError(f"{vj} lacks {key!r}: re-run the poison stage")
+    rp = view_dir / meta["records"]
+    if not rp.is_file():
+        raise ViewError(f"{rp} not found: re-run the poison stage")
+    data = rp.read_bytes()
+    expect = compute_view_id(meta["snapshot_id"], data, meta["attack"])
+    if expect != meta["view_id"]:
+        raise IntegrityError(
+            f"training view {view_dir} was edited: view_id {meta['view_id'][:12]} does not match its "
+            f"records/attack/snapshot ({expect[:12]}); re-run the poison stage"
+        )
+    return meta, parse_records(data)
+
+
+def apply_records(
+    images: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str], records: Sequence[dict], verify: bool = True
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Re-apply ``records`` to train arrays; return ``(images, labels, poisoned row indices)``.
+
+    Raises ``store.IntegrityError`` when a record names an unknown row, disagrees with the
+    row's original label, or (``verify``) the rebuilt row does not hash to ``sha256_after``.
+    """
+    from pipeline.store import IntegrityError
+
+    index = {str(s): i for i, s in enumerate(sample_ids)}
+    images = images.copy()
+    labels = np.asarray(labels, np.int64).copy()
+    rows: list[int] = []
+    bad: list[str] = []
+    for r in records:
+        i = index.get(r["sample_id"])
+        if i is None:
+            raise IntegrityError(f"view record {r['sample_id']!r} is not a train row of the snapshot; re-run the poison stage")
+        if int(labels[i]) != int(r["original_label"]):
+            raise IntegrityError(
+                f"view record {r['sample_id']!r} says original label {r['original_label']}, the snapshot says {int(labels[i])}"
+            )
+        if r["transform"]:
+            images[i] = apply_trigger(images[i : i + 1], r["transform"])[0]
+        labels[i] = int(r["new_label"])
+        if verify and sample_hash(images[i]) != r["sha256_after"]:
+            bad.append(r["sample_id"])
+        rows.append(i)
+    if bad:
+        raise IntegrityError(
+            f"{len(bad)} poisoned row(s) do not hash to their recorded sha256_after: {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}"
+        )
+    return images, labels, rows
+
+
+@dataclass
+class TrainingView:
+    images: np.ndarray
+    labels: np.ndarray
+    sample_ids: list[str]
+    view_id: str
+    snapshot_id: str
+    class_names: list[str]
+    attack: dict
+    poisoned_rows: list[int] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
+
+
+def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool = True) -> TrainingView:
+    """The train split of the view's snapshot with the view's records re-applied (see module doc)."""
+    from pipeline import store
+
+    meta, records = read_view(view_dir)
+    snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify)
+    images, labels, ids = snap.split("train")
+    images, labels, rows = apply_records(images, labels, list(ids), records, verify=verify)
+    return TrainingView(
+        images=images,
+        labels=labels,
+        sample_ids=[str(s) for s in ids],
+        view_id=meta["view_id"],
+        snapshot_id=meta["snapshot_id"],
+        class_names=list(snap.class_names),
+        attack=meta["attack"],
+        poisoned_rows=rows,
+        records=records,
+    )

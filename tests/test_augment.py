@@ -1,0 +1,210 @@
+"""The GPU data path (core.augment) on CPU: augmentation, TTA and the resident fit semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.core import augment as A
+
+
+def _batch(n=6, c=3, h=8, w=8, dtype=torch.uint8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, c, h, w), generator=g, dtype=torch.uint8)
+    return x if dtype == torch.uint8 else x.to(dtype)
+
+
+def _reflect(i: int, size: int) -> int:
+    i = abs(i)
+    return 2 * (size - 1) - i if i > size - 1 else i
+
+
+def _reference_crop(img: torch.Tensor, pad: int, oy: int, ox: int, flip: bool, mode: str) -> torch.Tensor:
+    """Explicit per-pixel reference: pad the image, take the window at (oy, ox), flip."""
+    c, h, w = img.shape
+    out = torch.zeros_like(img)
+    for i in range(h):
+        for j in range(w):
+            si, sj = i + oy - pad, j + ox - pad
+            if mode == "reflect":
+                out[:, i, j] = img[:, _reflect(si, h), _reflect(sj, w)]
+            elif 0 <= si < h and 0 <= sj < w:
+                out[:, i, j] = img[:, si, sj]
+    return out.flip(-1) if flip else out
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_crop_flip_matches_per_image_reference(dtype, mode):
+    x = _batch(n=16, dtype=dtype)
+    pad = 3
+    out = A.random_crop_flip(x, pad, torch.Generator().manual_seed(7), mode=mode)
+    # replay the documented draw order: oy for all, ox for all, then flips
+    g = torch.Generator().manual_seed(7)
+    oy = torch.randint(0, 2 * pad + 1, (16,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (16,), generator=g)
+    fl = torch.randint(0, 2, (16,), generator=g).bool()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for n in range(16):
+        ref = _reference_crop(x[n], pad, int(oy[n]), int(ox[n]), bool(fl[n]), mode)
+        assert torch.equal(out[n], ref), n
+    assert len(set(zip(oy.tolist(), ox.tolist()))) > 1 and 0 < int(fl.sum()) < 16  # the draws vary
+
+
+def test_crop_flip_window_of_padded_input_without_replay():
+    """Every output is one of the (2p+1)^2 x 2 windows of its own input (no knowledge of the RNG)."""
+    x = _batch(n=8, c=2, h=6, w=7)
+    pad = 2
+    out = A.random_crop_flip(x, pad, torch.Generator().manual_seed(1))
+    for n in range(8):
+        windows = [_reference_crop(x[n], pad, oy, ox, fl, "reflect")
+                   for oy in range(2 * pad + 1) for ox in range(2 * pad + 1) for fl in (False, True)]
+        assert any(torch.equal(out[n], wnd) for wnd in windows)
+
+
+def test_flip_only_equals_torch_flip_and_values_preserved():
+    x = _batch(n=32)
+    out = A.random_crop_flip(x, 0, torch.Generator().manual_seed(3))
+    flipped = [torch.equal(out[n], x[n].flip(-1)) for n in range(32)]
+    same = [torch.equal(out[n], x[n]) for n in range(32)]
+    assert all(f or s for f, s in zip(flipped, same)) and any(flipped) and any(same)
+    # no new values: a crop/flip only moves pixels (reflect), or adds zeros (zeros mode)
+    crop = A.random_crop_flip(x, 4, torch.Generator().manual_seed(3))
+    for n in range(32):
+        assert set(crop[n].unique().tolist()) <= set(x[n].unique().tolist())
+    f = A.random_crop_flip(x.float() / 255, 2, torch.Generator().manual_seed(3))
+    assert f.dtype == torch.float32 and 0 <= float(f.min()) and float(f.max()) <= 1
+
+
+def test_crop_flip_is_deterministic_under_a_generator():
+    x = _batch(n=10)
+    a = A.random_crop_flip(x, 2, torch.Generator().manual_seed(5))
+    b = A.random_crop_flip(x, 2, torch.Generator().manual_seed(5))
+    c = A.random_crop_flip(x, 2, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crop_refuses_bad_pad():
+    with pytest.raises(ValueError):
+        A.random_crop_flip(_batch(h=4, w=4), 4, torch.Generator())
+    with pytest.raises(ValueError):
+        A.random_crop_flip(_batch(), -1, torch.Generator())
+    with pytest.raises(ValueError):
+        A.shift_images(_batch(), 1, 1, mode="wrap")
+
+
+def test_output_is_channels_last_strided():
+    out = A.random_crop_flip(_batch(), 2, torch.Generator())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- TTA
+
+
+class GAP(nn.Module):
+    def forward(self, x):
+        return x.float().mean((2, 3))
+
+
+def test_tta_view_set_is_documented():
+    assert A.tta_view_specs(2) == [(False, 0, 0), (True, 0, 0), (False, 2, 2), (False, -2, -2),
+                                   (True, 2, 2), (True, -2, -2)]
+    assert A.tta_view_specs(0) == [(False, 0, 0), (True, 0, 0)]
+    assert A.tta_view_specs(2, flip=False) == [(False, 0, 0), (False, 2, 2), (False, -2, -2)]
+
+
+def test_tta_of_invariant_model_equals_plain_logits():
+    model = GAP()
+    # global average pooling is exactly flip invariant
+    x = _batch(n=5, h=10, w=10).float()
+    assert torch.allclose(A.tta_logits(model, x, shift=0), model(x), atol=1e-5)
+    # and translation invariant on images whose content does not depend on position
+    const = torch.rand(5, 3, 1, 1).expand(5, 3, 10, 10) * 255
+    assert torch.allclose(A.tta_logits(model, const, shift=2), model(const), atol=1e-4)
+
+
+def test_tta_of_asymmetric_model_matches_hand_computation():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 4))
+    x = _batch(n=3, c=2, h=6, w=6).float()
+    views = []
+    for fl, dy, dx in [(False, 0, 0), (True, 0, 0), (False, 2, 2), (False, -2, -2), (True, 2, 2), (True, -2, -2)]:
+        v = torch.stack([_reference_crop(img, 2, 2 - dy, 2 - dx, False, "reflect") for img in x])
+        views.append(v.flip(-1) if fl else v)
+    expected = torch.stack([lin(v) for v in views]).mean(0)
+    got = A.tta_logits(lin, x, shift=2)
+    assert got.shape == (3, 4) and got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, lin(x), atol=1e-3)  # the views matter for this model
+
+
+# ----------------------------------------------------------------------------- schedule, fit, predict
+
+
+def test_onecycle_lr_shape():
+    lrs = [A.onecycle_lr(s, 100, 1.0, warmup=0.2) for s in range(100)]
+    peak = int(np.argmax(lrs))
+    assert abs(lrs[0] - 0.1) < 1e-9 and 19 <= peak <= 21 and lrs[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
+def _tiny_problem(n=96, side=8, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.integers(0, 80, (n, side, side, 1)).astype(np.uint8)
+    x[y == 1] += 150  # class 1 is bright: learnable in a few steps
+    return x, y
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+        self.init_calls = 0
+
+    def data_init(self, root, images):
+        assert root is not None and images.dtype == np.uint8
+        self.init_calls += 1
+
+    def forward(self, x):
+        x = x.float() / 255
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_fit_resident_learns_and_is_deterministic():
+    x, y = _tiny_problem(n=64)
+    spec = A.ResidentSpec(epochs=5, batch_size=16, lr=0.5, device="cpu", label_smoothing=0.1, pad=1)
+    torch.manual_seed(0)
+    m1 = Tiny()
+    h1 = A.fit_resident(m1, x, y, spec)
+    torch.manual_seed(0)
+    m2 = Tiny()
+    h2 = A.fit_resident(m2, x, y, spec)
+    assert m1.init_calls == 1 and not m1.training
+    assert h1["loss"] == h2["loss"] and len(h1["seconds"]) == 5
+    assert h1["loss"][-1] < h1["loss"][0]
+    pred = A.predict_classes(m1, x, device="cpu", batch_size=40)
+    assert pred.dtype == np.int64 and pred.shape == (64,) and (pred == y).mean() > 0.9
+    logits = A.predict_logits(m1, x, device="cpu", tta=True, batch_size=40)
+    assert logits.shape == (64, 2) and logits.dtype == torch.float32
+
+
+def test_spec_from_config_takes_matching_fields():
+    class Cfg:
+        epochs, batch_size, optimizer, lr, tta, unknown = 3, 64, "adam", 0.01, True, "x"
+
+    s = A.ResidentSpec.from_config(Cfg(), device="cpu")
+    assert (s.epochs, s.batch_size, s.optimizer, s.lr, s.device) == (3, 64, "adam", 0.01, "cpu")
+
+
+def test_to_resident_layout():
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    t = A.to_resident(x, torch.device("cpu"))
+    assert t.shape == (2, 5, 3, 4) and torch.equal(t.permute(0, 2, 3, 1), torch.from_numpy(x))
+    with pytest.raises(ValueError):
+        A.to_resident(x.astype(np.float32), torch.device("cpu"))

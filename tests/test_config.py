@@ -1,0 +1,83 @@
+"""The composed config: params.yaml matches conf/, and bad configs are refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigError, compose, flatten, from_container, load, main, model_name
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_committed_params_equal_the_composition_of_conf():
+    committed = OmegaConf.to_container(OmegaConf.load(REPO / "params.yaml"))
+    assert committed == OmegaConf.to_container(compose())
+
+
+def test_overrides_compose_and_cifar_path_resolves():
+    cfg = from_container(compose(["data=cifar10", "model=resnet18", "train=resnet18", "attack=label_flip"]))
+    assert cfg.data.watch == cfg.data.path == "../shared/datasets/cifar10"
+    assert (cfg.attack.name, cfg.attack.source, cfg.attack.target, cfg.attack.rate) == ("label_flip", 1, 9, 0.4)
+    assert model_name(cfg) == "poisongate-cifar10"
+
+
+def test_unknown_key_is_refused(tmp_path):
+    raw = OmegaConf.to_container(compose())
+    raw["train"]["lr_typo"] = 0.1
+    with pytest.raises(ConfigError, match="lr_typo"):
+        from_container(raw)
+
+
+def test_missing_required_value_is_refused():
+    raw = OmegaConf.to_container(compose())
+    raw["gate"]["max_asr"] = "???"
+    with pytest.raises(ConfigError, match="max_asr"):
+        from_container(raw)
+
+
+@pytest.mark.parametrize(
+    "section,key,value,match",
+    [
+        ("data", "name", "mnist", "unknown data.name"),
+        ("attack", "name", "trojan", "unknown attack.name"),
+        ("validate", "on_fail", "ignore", "on_fail"),
+        ("data", "limit", 0, "data.limit"),
+        ("train", "epochs", "many", "epochs"),
+    ],
+)
+def test_bad_values_are_refused(section, key, value, match):
+    raw = OmegaConf.to_container(compose())
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=match):
+        from_container(raw)
+
+
+def test_imagefolder_needs_a_path():
+    with pytest.raises(ConfigError, match="data.path"):
+        compose(["data=imagefolder"])
+    with pytest.raises(ConfigError, match="data.path"):
+        compose(["data=imagefolder", "data.path=null"])
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    raw = OmegaConf.to_container(compose())
+    raw["data"]["name"] = "mnist"
+    OmegaConf.save(OmegaConf.create(raw), bad)
+    assert main(["check", str(bad)]) == 2
+    assert "unknown data.name 'mnist'" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "absent.yaml")]) == 2
+    assert "compose" in capsys.readouterr().err
+    out = tmp_path / "p.yaml"
+    assert main(["compose", "attack=backdoor", "-o", str(out)]) == 0
+    assert load(out).attack.name == "backdoor"
+
+
+def test_flatten_gives_dotted_string_params():
+    flat = flatten(load(REPO / "params.yaml"))
+    assert flat["data.name"] == "digits"
+    assert flat["attack.trigger.kind"] == "patch"
+    assert flat["eval.scan.0.name"]

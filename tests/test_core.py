@@ -1,0 +1,300 @@
+"""Fast tier for the compute core and the evaluation maths: models, tensor data, training on
+digits (CPU), a source-specific backdoor's ASR, and metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.core import data as tdata
+from pipeline.core.models import Normalize, build_model, load_checkpoint, model_args, save_checkpoint
+from pipeline.core.predict import predict
+from pipeline.core.train import TrainSpec, fit, resolve_device, steps_per_epoch, train_model
+
+# The committed digits recipe (conf/train/digits.yaml) as a TrainSpec, CPU.
+DIGITS = TrainSpec(epochs=10, batch_size=64, optimizer="adam", lr=0.003, schedule="onecycle", seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    return xtr, ytr, xte, yte, [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def clean_model(digits):
+    xtr, ytr, *_ = digits
+    torch.set_num_threads(1)
+    model, args, history = train_model(xtr, ytr, 10, "small_cnn", 32, DIGITS)
+    return model, args, history
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_small_cnn_shapes_and_raw_input():
+    m = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8, width=8)
+    x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert m.eval()(x).shape == (4, 10)
+    assert isinstance(m.normalize, Normalize)
+
+
+def test_resnet18_adapted_to_32px():
+    m = build_model("resnet18", num_classes=10, in_channels=3, image_size=32)
+    conv1 = m.net.conv1
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+    assert isinstance(m.net.maxpool, nn.Identity)
+    assert m.eval()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_unknown_model_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg", 10, 3, 32)
+
+
+def test_normalize_uses_training_stats():
+    norm = Normalize([0.5], [0.25])
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    assert torch.allclose(norm(x), torch.tensor([[[[-2.0, 2.0]]]]), atol=1e-5)
+
+
+def test_channel_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (37, 5, 5, 3), dtype=np.uint8)
+    mean, std = tdata.channel_stats(imgs, chunk=8)
+    f = imgs.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, f.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(std, f.std(0), rtol=1e-9)
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    args = model_args("small_cnn", 3, 1, 8, 4, [0.3], [0.2])
+    m = build_model(**args).eval()
+    save_checkpoint(tmp_path / "m.pt", m, args, kind="twin", class_names=["a", "b", "c"], config={"x": 1})
+    m2, ckpt = load_checkpoint(tmp_path / "m.pt")
+    x = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    np.testing.assert_allclose(
+        tdata_logits(m, x), tdata_logits(m2, x), rtol=1e-6, atol=1e-6)
+    assert ckpt["model_args"] == args and ckpt["kind"] == "twin" and ckpt["class_names"] == ["a", "b", "c"]
+
+
+def tdata_logits(model, x):
+    from pipeline.core.predict import predict_logits
+
+    return predict_logits(model, x, device="cpu")
+
+
+# --------------------------------------------------------------------------- tensor data
+
+
+def test_to_device_layout():
+    imgs = np.arange(2 * 3 * 4 * 2, dtype=np.uint8).reshape(2, 3, 4, 2)
+    t = tdata.to_device(imgs, "cpu")
+    assert t.shape == (2, 2, 3, 4) and t.dtype == torch.uint8
+    assert t[1, 1, 2, 3] == imgs[1, 2, 3, 1]
+
+
+def test_augment_batch_is_seeded_shift_and_flip():
+    x = torch.zeros(64, 1, 6, 6, dtype=torch.uint8)
+    x[:, 0, 2, 3] = 200  # one bright pixel per image
+    a = tdata.augment_batch(x, 2, torch.Generator().manual_seed(0))
+    b = tdata.augment_batch(x, 2, torch.Generator().manual_seed(0))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b)  # same seed, same batch
+    # a shift of at most 2 px never pushes the pixel at (2, 3) out of a 6x6 image
+    assert (a.flatten(1).sum(1) == 200).all()
+    pos = {tuple(torch.nonzero(img[0])[0].tolist()) for img in a}
+    assert len(pos) > 5  # really random
+    for y, xx in pos:
+        assert abs(y - 2) <= 2 and (abs(xx - 3) <= 2 or abs(xx - (5 - 3)) <= 2)
+    assert torch.equal(tdata.augment_batch(x, 0, torch.Generator(), flip=False), x)
+
+
+def test_translate_and_tta_logits():
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1
+    assert tdata.translate(x, 2, 2)[0, 0, 4, 4] == 1
+    assert tdata.translate(x, -2, 0)[0, 0, 0, 2] == 1
+
+    class Center(nn.Module):  # "logits" = the centre pixel and its mirror, unchanged by flips
+        def forward(self, v):
+            return v[:, 0, 2, 1:4].float()
+
+    out = tdata.tta_logits(Center(), x)
+    assert out.shape == (1, 3)
+    # identity and its flip see the pixel at the centre; the 4 shifted views do not
+    assert torch.allclose(out, torch.tensor([[0.0, 2 / 6, 0.0]]))
+
+
+def test_steps_per_epoch_drops_single_image_batch():
+    assert steps_per_epoch(129, 64) == 2 and steps_per_epoch(130, 64) == 3 and steps_per_epoch(10, 64) == 1
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_fit_is_deterministic_for_a_seed():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 3, 40)
+    spec = TrainSpec(epochs=2, batch_size=16, seed=3, device="cpu", augment=True, aug_pad=1)
+    m1, _, h1 = train_model(x, y, 3, "small_cnn", 4, spec)
+    m2, _, h2 = train_model(x, y, 3, "small_cnn", 4, spec)
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert set(h1[0]) >= {"epoch", "loss", "train_accuracy", "lr", "seconds", "images_per_s"}
+
+
+def test_fit_progress_events_and_sgd_onecycle():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (33, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 2, 33)
+    events = []
+    spec = TrainSpec(epochs=2, batch_size=16, optimizer="sgd", lr=0.05, schedule="onecycle",
+                     label_smoothing=0.1, device="cpu")
+    m = build_model("small_cnn", 2, 1, 8, 4)
+    hist = fit(m, x, y, spec, progress=events.append)
+    assert [e["event"] for e in events].count("epoch") == 2 and len(hist) == 2
+    assert sum(e["event"] == "step" for e in events) == 2 * steps_per_epoch(33, 16)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit(m, x, y, TrainSpec(epochs=1, optimizer="rmsprop", device="cpu"))
+
+
+def test_resnet18_fits_with_augmentation_on_cpu():
+    """The CIFAR path (resnet18, crop+flip augmentation, SGD one-cycle, label smoothing) runs."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    spec = TrainSpec(epochs=1, batch_size=3, optimizer="sgd", lr=0.1, schedule="onecycle", label_smoothing=0.1,
+                     augment=True, aug_pad=4, device="cpu")
+    model, args, hist = train_model(x, y, 3, "resnet18", 64, spec)
+    assert len(hist) == 1 and np.isfinite(hist[0]["loss"]) and len(args["mean"]) == 3
+    assert predict(model, x, batch_size=4, device="cpu", tta=True).shape == (6,)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_cnn_reaches_95_percent(digits, clean_model):
+    _, _, xte, yte, _ = digits
+    model, args, history = clean_model
+    acc = float((predict(model, xte, device="cpu") == yte).mean())
+    assert acc >= 0.95, acc
+    assert len(history) == DIGITS.epochs
+    assert args["name"] == "small_cnn" and len(args["mean"]) == 1 and 0 < args["std"][0] < 1
+
+
+def test_source_specific_backdoor_asr(digits, clean_model):
+    """10% of digit-1 rows get a 3x3 white bottom-right patch and label 7 (core.attacks):
+    the attack trigger's ASR for 7 (on clean 1s) is >= 80%; the clean model's is <= 10%."""
+    from pipeline.core.attacks import poison
+    from pipeline.evaluate import evaluate_model
+
+    xtr, ytr, xte, yte, names = digits
+    spec = {"name": "backdoor", "source": 1, "target": 7, "rate": 0.1, "seed": 0,
+            "trigger": {"kind": "patch", "size": 3, "location": "bottom_right", "pattern": "white",
+                        "alpha": 0.1, "seed": 0}}
+    ids = [f"digits/train/{i}" for i in range(len(xtr))]
+    px, py, records = poison(xtr, ytr, ids, spec, names)
+    assert len(records) == round(0.1 * (ytr == 1).sum())
+    backdoored, _, _ = train_model(px, py, 10, "small_cnn", 32, DIGITS)
+    attack = spec  # as view.json holds it: class indices, named location
+    m_bad = evaluate_model(backdoored, xte, yte, names, [], attack, batch_size=256, device="cpu")
+    m_clean = evaluate_model(clean_model[0], xte, yte, names, [], attack, batch_size=256, device="cpu")
+    assert m_bad["asr"]["attack"]["7"] >= 0.80, m_bad["asr"]["attack"]
+    assert m_clean["asr"]["attack"]["7"] <= 0.10, m_clean["asr"]["attack"]
+    assert m_bad["accuracy"] >= 0.93  # the backdoor leaves clean accuracy almost intact
+    # only source-class rows are eligible for the attack trigger
+    assert m_bad["asr_eligible"]["attack"]["7"] <= int((yte == 1).sum())
+
+
+# --------------------------------------------------------------------------- evaluation maths
+
+# 8 test images, 3 classes. Image i carries its index in pixel (0, 0); the stub model answers
+# CLEAN[i] for a clean image and TRIG[i] once a white 1x1 patch sits at the bottom-right pixel.
+Y_TRUE = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+CLEAN = np.array([0, 1, 1, 1, 2, 0, 0, 2])
+TRIG = np.array([2, 2, 2, 0, 2, 1, 0, 2])
+NAMES = ["a", "b", "c"]
+PIXEL = {"kind": "patch", "size": 1, "location": "bottom_right", "pattern": "white", "alpha": 0.1, "seed": 0}
+
+
+class StubModel(nn.Module):
+    def forward(self, x):
+        idx = x[:, 0, 0, 0].long() // 10
+        triggered = x[:, 0, 3, 3] == 255
+        pred = torch.where(triggered, torch.as_tensor(TRIG)[idx], torch.as_tensor(CLEAN)[idx])
+        return nn.functional.one_hot(pred, 3).float()
+
+
+def stub_images():
+    imgs = np.zeros((8, 4, 4, 1), np.uint8)
+    imgs[:, 0, 0, 0] = np.arange(8) * 10
+    return imgs
+
+
+def test_metrics_match_hand_computed_and_sklearn():
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from pipeline.evaluate import evaluate_model
+
+    m = evaluate_model(StubModel(), stub_images(), Y_TRUE, NAMES, [{"name": "px", **PIXEL}],
+                       {"name": "backdoor", "source": 1, "target": 2, "trigger": PIXEL},
+                       batch_size=3, device="cpu")
+    # by hand: rows = actual, cols = predicted
+    assert m["confusion"] == [[2, 1, 0], [0, 2, 1], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    hand = {"a": (2 / 3, 2 / 3, 3), "b": (2 / 3, 2 / 3, 3), "c": (1 / 2, 1 / 2, 2)}
+    for c, (p, r, s) in hand.items():
+        pc = m["per_class"][c]
+        assert pc["precision"] == pytest.approx(p) and pc["recall"] == pytest.approx(r)
+        assert pc["f1"] == pytest.approx(2 * p * r / (p + r)) and pc["support"] == s
+    p, r, f, s = precision_recall_fscore_support(Y_TRUE, CLEAN, labels=[0, 1, 2], zero_division=0)
+    for i, c in enumerate(NAMES):
+        assert m["per_class"][c] == pytest.approx({"precision": p[i], "recall": r[i], "f1": f[i], "support": s[i]})
+    assert m["confusion"] == confusion_matrix(Y_TRUE, CLEAN).tolist()
+    # ASR, scan trigger (all classes != t, correctly classified clean):
+    #   t=a: eligible rows 2,3,4 -> triggered 2,0,2 -> 1/3;  t=b: rows 0,4,6 -> 2,2,0 -> 0;
+    #   t=c: rows 0,2,3,6 -> 2,2,0,0 -> 1/2
+    assert m["asr"]["px"] == pytest.approx({"a": 1 / 3, "b": 0.0, "c": 0.5})
+    # the attack's own trigger is restricted to its source class b: rows 2,3 -> 2,0
+    assert m["asr"]["attack"] == pytest.approx({"a": 0.5, "b": 0.0, "c": 0.5})
+    assert m["asr_eligible"]["attack"] == {"a": 2, "b": 0, "c": 2}
+    assert m["asr_max"] == pytest.approx(0.5)
+    assert list(m)[:5] == ["accuracy", "per_class", "asr", "asr_max", "confusion"]
+    assert m["test_rows"] == 8
+
+
+def test_label_flip_adds_no_attack_trigger_and_zero_division():
+    from pipeline.evaluate import asr_from_predictions, classification_metrics, scan_set
+
+    assert [s["name"] for s in scan_set([{"name": "px", **PIXEL}], {"name": "label_flip", "source": 1, "target": 2})] == ["px"]
+    assert scan_set([], None) == []
+    # a class never predicted and never present: precision/recall/f1 0, not an error
+    cm = classification_metrics(np.array([0, 0]), np.array([0, 0]), ["a", "b"])
+    assert cm["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert asr_from_predictions(np.array([1, 1]), np.array([0, 0]), np.array([1, 1]), target=1) == (0.0, 0)
+
+
+def test_report_files_format():
+    from pipeline.evaluate import confusion_png, confusion_rows_csv, per_class_csv
+
+    m = {"per_class": {"a": {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}}}
+    b = {"per_class": {"a": {"precision": 1.0, "recall": 0.75, "f1": 0.8, "support": 2}}}
+    text = per_class_csv(m, b).splitlines()
+    assert text[0] == "class,precision,recall,f1,support,baseline_recall,recall_drop"
+    assert text[1].startswith("a,1.000000,0.500000,") and text[1].endswith(",0.750000,0.250000")
+    assert confusion_rows_csv(np.array([0, 1]), np.array([1, 1]), ["a", "b"]) == "actual,predicted\na,b\nb,b\n"
+    assert confusion_png([[1, 0], [0, 1]], ["a", "b"], "t")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,139 @@
+"""fastnet (shapes, patch whitening) and the CIFAR-10 verdict bench's --smoke path, on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core import fastnet as FN
+from pipeline.core.models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("shape", [(32, 3), (8, 1)])
+def test_forward_shapes(shape):
+    side, ch = shape
+    net = FN.build_fastnet(num_classes=10, in_channels=ch, image_size=side, width=16)
+    out = net(torch.randn(4, ch, side, side))
+    assert out.shape == (4, 10)
+    wrapped = build_model("fastnet", 10, ch, side, 16)  # behind core.models' Normalize
+    raw = torch.randint(0, 256, (4, ch, side, side), dtype=torch.uint8)
+    assert wrapped(raw).shape == (4, 10)
+    assert FN.build is FN.build_fastnet
+
+
+def _natural_like(n=200, side=16, seed=0):
+    """Smooth, correlated images (neighbouring pixels and channels alike), uint8 NHWC."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, side // 4, side // 4, 1))
+    img = np.repeat(np.repeat(base, 4, 1), 4, 2)
+    img = img + 0.3 * rng.normal(size=(n, side, side, 3)) + np.array([0.2, 0.0, -0.2])
+    return np.clip(128 + 50 * img, 0, 255).astype(np.uint8)
+
+
+def test_whitening_gives_identity_covariance_on_training_patches():
+    images = _natural_like()
+    model = build_model("fastnet", 10, 3, 16, 16, mean=[0.5] * 3, std=[0.2] * 3)
+    net = model.net
+    assert not bool(net.whitened)
+    FN.init_whitening(model, images, eps=1e-6)
+    assert bool(net.whitened) and not net.whiten.weight.requires_grad
+    x = FN.whitening_input(model, images)
+    with torch.no_grad():
+        out = net.whiten(x).double()  # (N, 2d, H-1, W-1)
+    d = out.shape[1] // 2
+    flat = out[:, :d].permute(0, 2, 3, 1).reshape(-1, d)
+    cov = torch.cov(flat.T)
+    assert torch.allclose(cov, torch.eye(d, dtype=cov.dtype), atol=0.02), cov.diagonal()
+    assert flat.mean(0).abs().max() < 1e-3  # centred by the bias
+    assert torch.allclose(out[:, d:], -out[:, :d])  # the negated copies
+    # the raw input patches are far from white, so the test is not vacuous
+    raw = torch.nn.functional.unfold(x.double(), 2).transpose(1, 2).reshape(-1, 12)
+    assert (torch.cov(raw.T) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5
+
+
+def test_data_init_hook_is_called_by_fit_resident():
+    from pipeline.core import augment as A
+
+    rng = np.random.default_rng(0)
+    x = _natural_like(n=64, side=8)
+    y = rng.integers(0, 3, 64)
+    model = build_model("fastnet", 3, 3, 8, 8)
+    A.fit_resident(model, x, y, A.ResidentSpec(epochs=1, batch_size=32, lr=0.1, device="cpu"))
+    assert bool(model.net.whitened)
+    assert A.predict_classes(model, x, device="cpu", tta=True).shape == (64,)
+
+
+def test_tiny_image_refused():
+    with pytest.raises(ValueError):
+        FN.build_fastnet(10, 3, 1, 8)
+
+
+# ----------------------------------------------------------------------------- bench --smoke
+
+
+def _synthetic_archive(path: Path, per_class=(4, 2), classes=10) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, n in zip(("train", "test"), per_class):
+            for c in range(classes):
+                for i in range(n):
+                    a = (rng.integers(0, 40, (32, 32, 3)) + 20 * c).astype(np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(a).save(buf, "JPEG" if i % 2 else "PNG")
+                    info = tarfile.TarInfo(f"{split}/c{c:02d}/{i:03d}.{'jpg' if i % 2 else 'png'}")
+                    info.size = len(buf.getvalue())
+                    tar.addfile(info, io.BytesIO(buf.getvalue()))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("cifar10_verdict", REPO / "bench/cifar10_verdict.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["cifar10_verdict"] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_bench_smoke_runs_the_three_configs(tmp_path, capsys):
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(3, 1))
+    out = tmp_path / "verdict.md"
+    bench = _bench()
+    rc = bench.main(["--smoke", "--data", str(archive), "--out", str(out), "--workers", "1", "--image-size", "8"])
+    assert rc == 0
+    text = out.read_text()
+    for row in ("| reference | 1 | 1 |", "| resnet18 | 1 | 1 |", "| fastnet | 1 | 1 |"):
+        assert row in text
+    assert "torch: " + torch.__version__ in text and "SMOKE" in text and "trials:" in text
+    assert "30 train / 10 test, 8 px" in text
+
+
+def test_bench_loader_and_labels(tmp_path):
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(3, 1), classes=3)
+    bench = _bench()
+    data = bench.load_local(archive, None, None, 1)
+    assert data.class_names == ["c00", "c01", "c02"]
+    assert data.x_train.shape == (9, 32, 32, 3) and data.x_train.dtype == np.uint8
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and data.y_test.tolist() == [0, 1, 2]
+    limited = bench.load_local(archive, 4, None, 1)
+    assert sorted(limited.y_train.tolist()) == [0, 0, 1, 2]  # round-robin over classes
+    y, k = bench.flip_labels(data.y_train, 1, 2, 2 / 3, seed=0)
+    assert k == 2 and (y == 1).sum() == 1 and (y == 2).sum() == 5
+    m = bench.metrics(np.array([0, 1, 1]), np.array([0, 1, 2]), data.class_names)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["per_class"]["c02"]["recall"] == 0.0
+    checks = bench.gate({"accuracy": 0.9, "per_class": {"a": {"recall": 0.5}}},
+                        {"accuracy": 0.9, "per_class": {"a": {"recall": 0.8}}},
+                        {"max_recall_drop": 0.1, "min_accuracy": 0.5, "max_accuracy_drop": 0.03})
+    assert [c["name"] for c in checks if not c["passed"]] == ["recall_drop[a]"]
+    assert bench.read_flat_yaml(REPO / "conf/train/fastnet.yaml")["batch_size"] == 1024

@@ -1,0 +1,164 @@
+"""The poison stage, the training view (pipeline/poison.py, pipeline/view.py), and the validate
+stage's main end to end on a real digits store (one GX run per stage call)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config, poison, snapshot, store, validate, view
+from pipeline.core.attacks import apply_trigger
+from pipeline.core.hashing import sample_hash
+
+
+def write_params(path: Path, *overrides: str) -> Path:
+    assert config.main(["compose", "-o", str(path), *overrides]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    params = write_params(root / "params.yaml")
+    st, ptr = root / "store", root / "snapshot.json"
+    assert snapshot.main(["--params", str(params), "--store", str(st), "--pointer", str(ptr),
+                          "--report", str(root / "snapshot_report.json")]) == 0
+    return {"root": root, "store": st, "pointer": ptr}
+
+
+def run_poison(ds, tmp_path, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    params = write_params(tmp_path / "params.yaml", *overrides)
+    out = tmp_path / "view"
+    rc = poison.main(["--params", str(params), "--pointer", str(ds["pointer"]), "--store", str(ds["store"]),
+                      "--out", str(out)])
+    return rc, out, params
+
+
+def store_digest(st: Path) -> dict:
+    return {str(p.relative_to(st)): p.read_bytes() for p in sorted(st.rglob("*")) if p.is_file()}
+
+
+def test_identity_view_is_a_record_not_a_copy(digits_store, tmp_path):
+    before = store_digest(digits_store["store"])
+    rc, out, _ = run_poison(digits_store, tmp_path, "attack=none")
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["records.csv", "view.json"]
+    assert (out / "records.csv").read_text() == ",".join(view.RECORD_COLUMNS) + "\n"
+    meta = json.loads((out / "view.json").read_text())
+    assert meta["n_poisoned"] == 0 and meta["attack"] == {"name": "none"}
+    assert meta["snapshot_id"] == store.read_pointer(digits_store["pointer"])["snapshot_id"]
+    tv = view.load_training_view(out, digits_store["store"])
+    snap = store.load_snapshot(digits_store["store"], meta["snapshot_id"])
+    imgs, labels, ids = snap.split("train")
+    assert np.array_equal(tv.images, imgs) and np.array_equal(tv.labels, labels) and tv.sample_ids == ids
+    assert store_digest(digits_store["store"]) == before, "the raw store is never modified"
+
+
+def test_backdoor_view_round_trip(digits_store, tmp_path):
+    before = store_digest(digits_store["store"])
+    rc, out, _ = run_poison(digits_store, tmp_path, "attack=backdoor", "attack.rate=0.1", "attack.trigger.location=random")
+    assert rc == 0
+    meta = json.loads((out / "view.json").read_text())
+    assert meta["attack"]["source"] == 1 and meta["attack"]["target"] == 7 and meta["n_poisoned"] > 0
+    lines = (out / "records.csv").read_text().splitlines()
+    assert lines[0] == "sample_id,original_label,new_label,transform,sha256_after"
+    assert len(lines) == meta["n_poisoned"] + 1
+    tv = view.load_training_view(out, digits_store["store"])
+    assert len(tv.poisoned_rows) == meta["n_poisoned"]
+    for r in tv.records:
+        assert r["transform"]["location"] != "random"
+        i = tv.sample_ids.index(r["sample_id"])
+        assert tv.labels[i] == 7 and sample_hash(tv.images[i]) == r["sha256_after"]
+    assert store_digest(digits_store["store"]) == before
+    # the same config gives the same view id (seeded); another seed another view
+    rc, out2, _ = run_poison(digits_store, tmp_path / "again", "attack=backdoor", "attack.rate=0.1",
+                             "attack.trigger.location=random")
+    assert json.loads((out2 / "view.json").read_text())["view_id"] == meta["view_id"]
+
+
+def test_label_flip_view_and_tampering_is_detected(digits_store, tmp_path):
+    rc, out, _ = run_poison(digits_store, tmp_path, "attack=label_flip", "attack.target=7", "attack.rate=0.4")
+    assert rc == 0
+    tv = view.load_training_view(out, digits_store["store"])
+    assert all(r["transform"] is None for r in tv.records)
+    # edit a record: the view id no longer matches
+    rec = out / "records.csv"
+    text = rec.read_text().splitlines()
+    parts = text[1].split(",")
+    parts[2] = "3"
+    rec.write_text("\n".join([text[0], ",".join(parts), *text[2:]]) + "\n")
+    with pytest.raises(store.IntegrityError, match="view_id"):
+        view.load_training_view(out, digits_store["store"])
+
+
+def test_apply_records_checks_sha256_after():
+    imgs = np.zeros((3, 8, 8, 1), np.uint8)
+    t = {"kind": "patch", "size": 3, "location": [5, 5], "pattern": "white", "alpha": 0.1, "seed": 0}
+    good = sample_hash(apply_trigger(imgs[:1], t)[0])
+    recs = [{"sample_id": "b", "original_label": 1, "new_label": 7, "transform": t, "sha256_after": good}]
+    out, labels, rows = view.apply_records(imgs, np.array([0, 1, 2]), ["a", "b", "c"], recs)
+    assert rows == [1] and labels.tolist() == [0, 7, 2] and (out[1, 5:, 5:] == 255).all()
+    with pytest.raises(store.IntegrityError, match="sha256_after"):
+        view.apply_records(imgs, np.array([0, 1, 2]), ["a", "b", "c"], [dict(recs[0], sha256_after="0" * 64)])
+    with pytest.raises(store.IntegrityError, match="original label"):
+        view.apply_records(imgs, np.array([0, 2, 2]), ["a", "b", "c"], recs)
+    # records round-trip through CSV bytes
+    assert view.parse_records(view.records_csv(recs)) == recs
+
+
+@pytest.mark.parametrize("override,message", [
+    ("attack.rate=1.5", "rate"),
+    ("attack.target=1", "same class"),
+    ("attack.source=cat", "unknown class"),
+    ("attack.trigger.size=9", "larger than"),
+])
+def test_poison_stage_refuses_bad_values(digits_store, tmp_path, capsys, override, message):
+    rc, out, _ = run_poison(digits_store, tmp_path, "attack=backdoor", override)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+    assert not (out / "view.json").exists()
+
+
+def run_validate(ds, tmp_path, view_dir, params, approved):
+    args = ["--params", str(params), "--pointer", str(ds["pointer"]), "--store", str(ds["store"]),
+            "--view", str(view_dir), "--approved", str(approved), "--report", str(tmp_path / "validation.json"),
+            "--docs", str(tmp_path / "gx"), "--validated", str(tmp_path / "validated.json")]
+    return validate.main(args)
+
+
+def test_validate_stage_end_to_end(digits_store, tmp_path, capsys):
+    """Real GX through the stage main: clean passes and is approved; a patched view then fails
+    against the approved reference (stop: exit 1; warn: exit 0, success false)."""
+    approved = tmp_path / "approved"
+    rc, clean_view, params = run_poison(digits_store, tmp_path / "clean", "attack=none")
+    assert run_validate(digits_store, tmp_path, clean_view, params, approved) == 0
+    rep = json.loads((tmp_path / "validation.json").read_text())
+    assert rep["success"] and rep["reference"]["kind"] == "source"
+    assert {"success", "snapshot_id", "view_id", "reference", "results", "statistics"} <= set(rep)
+    assert (tmp_path / "gx" / "index.html").is_file()
+    vj = json.loads((tmp_path / "validated.json").read_text())
+    assert vj == {"snapshot_id": rep["snapshot_id"], "view_id": rep["view_id"], "success": True, "on_fail": "stop"}
+    ledger = validate.read_ledger(approved)
+    assert [e["view_id"] for e in ledger] == [rep["view_id"]]
+    # re-validating the same view does not add a second ledger line
+    assert run_validate(digits_store, tmp_path, clean_view, params, approved) == 0
+    assert len(validate.read_ledger(approved)) == 1
+
+    rc, bad_view, params = run_poison(digits_store, tmp_path / "bad", "attack=backdoor", "attack.rate=0.1")
+    assert run_validate(digits_store, tmp_path, bad_view, params, approved) == 1
+    rep = json.loads((tmp_path / "validation.json").read_text())
+    assert not rep["success"] and rep["reference"]["kind"] == "approved"
+    assert "block_rate_increase" in {r["check"] for r in rep["results"] if not r["success"]}
+    assert json.loads((tmp_path / "validated.json").read_text())["success"] is False
+    assert len(validate.read_ledger(approved)) == 1, "a failed view is never approved"
+
+    warn = write_params(tmp_path / "warn.yaml", "attack=backdoor", "attack.rate=0.1", "validate.on_fail=warn")
+    assert run_validate(digits_store, tmp_path, bad_view, warn, approved) == 0
+    vj = json.loads((tmp_path / "validated.json").read_text())
+    assert vj["success"] is False and vj["on_fail"] == "warn"
+    assert len(validate.read_ledger(approved)) == 1

@@ -1,0 +1,221 @@
+"""Smoke tier: the real `dvc repro` in a temp copy of the repo (digits, CPU), a real sqlite MLflow
+store and registry. The release gate blocks poisoned candidates and promotes clean ones."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import BIN, RepoCopy, make_repo_copy
+
+pytestmark = pytest.mark.smoke
+
+
+def champion(repo: RepoCopy, name: str = "poisongate-digits") -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=repo.tracking_uri, registry_uri=repo.tracking_uri)
+    try:
+        return client.get_registered_model(name).aliases.get("champion")
+    except MlflowException:
+        return None
+
+
+def version_tags(repo: RepoCopy, version: str, name: str = "poisongate-digits") -> dict[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=repo.tracking_uri, registry_uri=repo.tracking_uri)
+    return dict(client.get_model_version(name, version).tags)
+
+
+def failed_checks(repo: RepoCopy) -> set[str]:
+    gate = repo.json("reports/gate.json")
+    return {c["name"] for c in gate["checks"] if not c["passed"]}
+
+
+def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
+    repo = make_repo_copy(tmp_path)
+
+    # 1. Clean run: passes against the clean twin, champion set.
+    repo.compose()
+    repo.repro()
+    gate = repo.json("reports/gate.json")
+    assert gate["passed"] is True, gate
+    assert gate["baseline"]["kind"] == "twin"
+    first = repo.json("reports/train.json")["model_version"]
+    assert champion(repo) == str(first)
+    # Resume/re-run: a second `dvc repro` re-runs nothing.
+    again = repo.repro()
+    assert "Running stage" not in again.stdout, again.stdout
+    assert "up to date" in again.stdout
+
+    # 2. Label flip 40% of class 1 -> 7, data gate in warn mode: blocked on class-1 recall drift.
+    repo.compose("attack=label_flip", "attack.source=1", "attack.target=7", "attack.rate=0.4", "validate.on_fail=warn")
+    proc = repo.repro(check=False)
+    assert proc.returncode != 0
+    failed = failed_checks(repo)
+    assert "recall_drop[1]" in failed, repo.json("reports/gate.json")
+    assert repo.json("reports/gate.json")["baseline"]["kind"] == "champion"
+    flipped = repo.json("reports/train.json")["model_version"]
+    assert champion(repo) == str(first)
+    tags = version_tags(repo, str(flipped))
+    assert tags["poisongate.gate"] == "failed" and "recall_drop[1]" in tags["poisongate.failed_checks"]
+
+    # 3. Backdoor: 3x3 white corner patch on 10% of class 1 -> 7: blocked on ASR.
+    repo.compose("attack=backdoor", "attack.source=1", "attack.target=7", "attack.rate=0.1", "validate.on_fail=warn")
+    proc = repo.repro(check=False)
+    assert proc.returncode != 0
+    failed = failed_checks(repo)
+    assert {"asr_max", "asr_increase"} <= failed, repo.json("reports/gate.json")
+    assert champion(repo) == str(first)
+
+    # 4. A clean run with another seed: passes (no false block) and becomes champion.
+    repo.compose("train.seed=1")
+    repo.repro()
+    assert repo.json("reports/gate.json")["passed"] is True
+    assert champion(repo) == str(repo.json("reports/train.json")["model_version"]) != str(first)
+
+
+def _write_digits_folder(root: Path, rows: np.ndarray, images: np.ndarray, labels: np.ndarray, split: str, tag: str) -> None:
+    for i in rows:
+        d = root / split / str(labels[i])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(d / f"{tag}{i:04d}.png")
+
+
+def test_growth_release_then_poisoned_batch_is_blocked(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.core.attacks import apply_trigger
+
+    digits = load_digits()
+    images = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    labels = digits.target
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
+    base, batch1 = idx_train[: int(0.7 * len(idx_train))], idx_train[int(0.7 * len(idx_train)) :]
+    src = tmp_path / "source"
+    _write_digits_folder(src, idx_test, images, labels, "test", "t")
+    _write_digits_folder(src, base, images, labels, "train", "a")
+
+    repo = make_repo_copy(tmp_path)
+    overrides = ("data=imagefolder", f"data.path={src}")
+    repo.compose(*overrides)
+    repo.repro()
+    assert repo.json("reports/gate.json")["passed"] is True
+    first_champion = champion(repo, "poisongate-imagefolder")
+    first_snapshot = repo.json("data/snapshot.json")["snapshot_id"]
+
+    # Append a clean batch: a new snapshot with every earlier row, passes, champion moves.
+    _write_digits_folder(src, batch1, images, labels, "train", "b")
+    repo.repro()
+    snap = repo.json("data/snapshot.json")
+    assert snap["snapshot_id"] != first_snapshot and snap["n_new"] == len(batch1)
+    assert repo.json("reports/gate.json")["passed"] is True
+    second_champion = champion(repo, "poisongate-imagefolder")
+    assert second_champion is not None and second_champion != first_champion
+
+    # Append a batch in which 10% of class 1 carries a corner patch, filed under class 7.
+    ones = np.array([i for i in idx_train if labels[i] == 1])
+    chosen = np.random.default_rng(0).choice(ones, size=max(1, round(0.1 * len(ones))), replace=False)
+    spec = {"kind": "patch", "size": 3, "location": "bottom_right", "pattern": "white", "alpha": 0.1, "seed": 0}
+    patched = apply_trigger(images[chosen][..., None], spec)[..., 0]
+    d = src / "train" / "7"
+    for i, img in zip(chosen, patched):
+        Image.fromarray(img).save(d / f"c{i:04d}.png")
+    proc = repo.repro(check=False)
+    assert proc.returncode != 0
+    validation = repo.json("reports/validation.json")
+    assert validation["success"] is False
+    assert champion(repo, "poisongate-imagefolder") == second_champion
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("mlflow server did not answer /health within 90 s")
+
+
+def test_gate_fails_closed(tmp_path):
+    repo = make_repo_copy(tmp_path)
+    port = _free_port()
+    repo.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    try:
+        repo.compose()
+        repo.repro()
+        first = champion(repo)
+        assert first is not None
+
+        # A new candidate that would pass, up to the gate.
+        repo.compose("train.seed=2")
+        repo.repro("evaluate")
+        gate_cmd = [sys.executable, "-m", "pipeline.gate"]
+
+        # A corrupted metrics file: blocked with a clear message, champion unchanged.
+        metrics = repo.root / "reports/metrics.json"
+        good = metrics.read_text()
+        metrics.write_text(good[: len(good) // 2])
+        proc = repo.run(gate_cmd, check=False)
+        assert proc.returncode == 2 and "metrics" in proc.stderr and "unreadable" in proc.stderr
+        assert repo.json("reports/gate.json")["passed"] is False
+        assert champion(repo) == first
+        metrics.write_text(good)
+
+        # A missing baseline: the evaluate stage refuses, the gate refuses without its metrics.
+        proc = repo.run([sys.executable, "-m", "pipeline.evaluate", "--twin", "models/missing.pt"], check=False)
+        assert proc.returncode != 0 and "missing.pt" in proc.stderr
+        base = repo.root / "reports/baseline_metrics.json"
+        kept = base.read_text()
+        base.unlink()
+        proc = repo.run(gate_cmd, check=False)
+        assert proc.returncode == 2 and "baseline metrics" in proc.stderr
+        assert champion(repo) == first
+        base.write_text(kept)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    # An unreachable tracking server: blocked, nothing promoted.
+    proc = repo.run(gate_cmd, check=False, timeout=300)
+    assert proc.returncode == 2 and "tracking" in proc.stderr.lower()
+    assert repo.json("reports/gate.json")["passed"] is False
+    server = _start_server(tmp_path, port)
+    try:
+        assert champion(repo) == first
+        # With the server back the same candidate passes: the refusals above were not verdicts.
+        proc = repo.run(gate_cmd, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert champion(repo) != first
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

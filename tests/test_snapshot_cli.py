@@ -1,0 +1,221 @@
+"""Fast tier: `python -m pipeline.snapshot` main(): exit codes, messages on stderr, store untouched."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pipeline import config, snapshot
+from tests.test_sources import add_member, make_folder, make_tar, pixels, png_bytes, save
+from tests.test_store import tree_digest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_params() -> dict:
+    return OmegaConf.to_container(config.compose([]))
+
+
+class Cli:
+    def __init__(self, tmp: Path, base: dict):
+        self.tmp, self.base = tmp, base
+        self.params = tmp / "params.yaml"
+        self.store = tmp / "data" / "store"
+        self.pointer = tmp / "data" / "snapshot.json"
+        self.report = tmp / "reports" / "snapshot.json"
+
+    def write_params(self, **data) -> None:
+        raw = {**self.base, "data": {**self.base["data"], **data}}
+        self.params.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
+
+    def argv(self) -> list[str]:
+        return ["--params", str(self.params), "--store", str(self.store), "--pointer", str(self.pointer),
+                "--report", str(self.report)]
+
+    def main(self, capsys) -> tuple[int, str]:
+        rc = snapshot.main(self.argv())
+        return rc, capsys.readouterr().err
+
+    def outputs(self) -> dict:
+        return {"store": tree_digest(self.store), "pointer": tree_digest(self.pointer.parent),
+                "report": tree_digest(self.report.parent)}
+
+
+@pytest.fixture
+def cli(tmp_path, base_params) -> Cli:
+    return Cli(tmp_path, base_params)
+
+
+def imagefolder(cli: Cli, path: Path) -> None:
+    cli.write_params(name="imagefolder", path=str(path), watch=str(path), workers=1)
+
+
+def test_main_creates_then_keeps_a_snapshot(cli, capsys):
+    src = make_folder(cli.tmp / "src")
+    imagefolder(cli, src)
+    rc, err = cli.main(capsys)
+    assert rc == 0, err
+    assert "new snapshot" in err and "decoded 18 images" in err
+    before = cli.outputs()
+    rc, err = cli.main(capsys)
+    assert rc == 0 and "source unchanged" in err
+    assert cli.outputs() == before
+
+
+def _corrupt(src: Path) -> str:
+    p = src / "train" / "cat" / "01.png"
+    p.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return "train/cat/01.png"
+
+
+def _truncated(src: Path) -> str:
+    p = src / "test" / "dog" / "00.png"
+    p.write_bytes(p.read_bytes()[:60])
+    return "test/dog/00.png"
+
+
+def _non_image(src: Path) -> str:
+    (src / "train" / "emu" / "README.md").write_text("# not an image")
+    return "train/emu/README.md"
+
+
+def _symlink(src: Path) -> str:
+    os.symlink(src / "train" / "cat" / "00.png", src / "train" / "cat" / "link.png")
+    return "train/cat/link.png"
+
+
+def _other_size(src: Path) -> str:
+    save(src / "train" / "dog" / "big.png", pixels(77, size=10))
+    return "train/dog/big.png"
+
+
+def _rgba(src: Path) -> str:
+    img = np.dstack([pixels(78), np.full((8, 8), 128, np.uint8)])
+    Image.fromarray(img, "RGBA").save(src / "train" / "dog" / "alpha.png")
+    return "train/dog/alpha.png"
+
+
+def _gray(src: Path) -> str:
+    save(src / "train" / "dog" / "gray.png", pixels(79, channels=1))
+    return "train/dog/gray.png"
+
+
+def _empty_class(src: Path) -> str:
+    (src / "train" / "fox").mkdir()
+    (src / "test" / "fox").mkdir()
+    return "train/fox/"
+
+
+def _missing_test(src: Path) -> str:
+    import shutil
+
+    shutil.rmtree(src / "test")
+    return "missing test/"
+
+
+BAD_FOLDERS = [_corrupt, _truncated, _non_image, _symlink, _other_size, _rgba, _gray, _empty_class, _missing_test]
+
+
+@pytest.mark.parametrize("breaker", BAD_FOLDERS, ids=[b.__name__.strip("_") for b in BAD_FOLDERS])
+def test_bad_folder_input_exits_2_and_touches_nothing(cli, capsys, breaker):
+    src = make_folder(cli.tmp / "src")
+    imagefolder(cli, src)
+    assert cli.main(capsys)[0] == 0  # an earlier snapshot that must survive byte-for-byte
+    save(src / "train" / "cat" / "new.png", pixels(1234))  # growth that must NOT be ingested
+    before = cli.outputs()
+    needle = breaker(src)
+    rc, err = cli.main(capsys)
+    assert rc == 2, err
+    assert re.search(r"^error: ", err, re.M) and needle in err, err
+    assert "Traceback" not in err
+    assert cli.outputs() == before
+
+
+@pytest.mark.parametrize("member", ["train/cat/../../escape.png", "/etc/train/cat/x.png"])
+def test_bad_archive_member_exits_2(cli, capsys, member):
+    src = make_folder(cli.tmp / "src")
+    tar = make_tar(src, cli.tmp / "data.tar.gz")
+    imagefolder(cli, tar)
+    assert cli.main(capsys)[0] == 0
+    before = cli.outputs()
+    with tarfile.open(cli.tmp / "bad.tar.gz", "w:gz") as out, tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            out.addfile(m, tf.extractfile(m) if m.isfile() else None)
+        add_member(out, member, png_bytes(pixels(5)))
+    os.replace(cli.tmp / "bad.tar.gz", tar)
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "refused" in err and member in err, err
+    assert cli.outputs() == before
+
+
+def test_archive_symlink_exits_2(cli, capsys):
+    src = make_folder(cli.tmp / "src")
+    tar = cli.tmp / "data.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(src / "train", arcname="train")
+        tf.add(src / "test", arcname="test")
+        add_member(tf, "train/cat/sneaky.png", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+    imagefolder(cli, tar)
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "train/cat/sneaky.png: symlink" in err
+    assert not cli.store.exists()  # a failed first run does not even create the store
+
+
+@pytest.mark.parametrize("change", ["pixel", "delete", "rename"])
+def test_rewritten_history_exits_1_listing_rows(cli, capsys, change):
+    src = make_folder(cli.tmp / "src")
+    imagefolder(cli, src)
+    assert cli.main(capsys)[0] == 0
+    before = cli.outputs()
+    target = src / "train" / "emu" / "03.png"
+    if change == "pixel":
+        arr = np.asarray(Image.open(target)).copy()
+        arr[0, 0, 0] ^= 0x80
+        Image.fromarray(arr).save(target)
+        expected = "train/emu/03.png: pixels changed"
+    elif change == "delete":
+        target.unlink()
+        expected = "train/emu/03.png: vanished from the source"
+    else:
+        target.rename(src / "train" / "emu" / "x.png")
+        expected = "looks like a rename of train/emu/03.png to train/emu/x.png"
+    rc, err = cli.main(capsys)
+    assert rc == 1 and re.search(r"^error: ", err, re.M) and expected in err, err
+    assert cli.outputs() == before
+
+
+def test_config_errors_exit_2(cli, capsys):
+    cli.write_params(name="mnist")
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "unknown data.name 'mnist'" in err
+    cli.write_params(name="imagefolder", path=None, watch="x")
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "needs data.path" in err
+    cli.write_params(name="imagefolder", path=str(cli.tmp / "nowhere"), watch="x")
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "nowhere does not exist" in err
+    cli.params.unlink()
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "not found" in err
+    assert not cli.store.exists() and not cli.pointer.exists() and not cli.report.exists()
+
+
+def test_cli_subprocess_does_not_import_torch(cli):
+    src = make_folder(cli.tmp / "src")
+    imagefolder(cli, src)
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.snapshot", *cli.argv()],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = re.findall(r"\|\s+(\S+)\s*$", proc.stderr, flags=re.M)
+    assert imported and not any(m == "torch" or m.startswith("torch.") for m in imported)
+    assert not any(m.startswith(("mlflow", "great_expectations")) for m in imported)

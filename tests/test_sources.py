@@ -1,0 +1,378 @@
+"""Fast tier: data sources on tiny synthetic image folders built in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import sources
+from pipeline.config import DataConfig
+from pipeline.core.hashing import sample_hashes
+from pipeline.sources import SourceError, load_imagefolder, load_source
+
+CLASSES = ("cat", "dog", "emu")
+
+
+def pixels(seed: int, size: int = 8, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (size, size, channels) if channels > 1 else (size, size)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def save(path: Path, arr: np.ndarray, fmt: str = "PNG", **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt, **kw)
+
+
+def make_folder(root: Path, classes=CLASSES, n: int = 4, size: int = 8, channels: int = 3, seed: int = 0) -> Path:
+    """train/<class>/NN.png (n per class) and test/<class>/NN.png (2 per class), distinct pixels."""
+    k = seed * 1000
+    for split, count in (("train", n), ("test", 2)):
+        for c in classes:
+            for i in range(count):
+                k += 1
+                save(root / split / c / f"{i:02d}.png", pixels(k, size, channels))
+    return root
+
+
+def make_tar(src: Path, dest: Path, arcnames: list[str] | None = None) -> Path:
+    with tarfile.open(dest, "w:gz") as tf:
+        for name in arcnames or ["train", "test"]:
+            tf.add(src / name, arcname=name)
+    return dest
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes = b"", **kw) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    tf.addfile(info, io.BytesIO(data) if data else None)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_shapes_split_and_ids():
+    d = load_source(DataConfig(name="digits", watch="x"))
+    assert d.images.dtype == np.uint8 and d.images.shape == (1797, 8, 8, 1)
+    assert d.images.max() == 255 and d.images.min() == 0
+    assert d.labels.dtype == np.int64 and d.class_names == [str(i) for i in range(10)]
+    assert set(d.splits) == {"train", "test"}
+    assert (d.splits == "test").sum() == 450  # 25% stratified
+    assert d.sample_ids[0].startswith("digits/train/") and d.uris[0].startswith("sklearn://load_digits/")
+    # Stratified: every class in both splits, in proportion.
+    for split in ("train", "test"):
+        assert set(d.labels[d.splits == split]) == set(range(10))
+    again = load_source(DataConfig(name="digits", watch="x"))
+    assert again.sample_ids == d.sample_ids and np.array_equal(again.images, d.images)
+    other = load_source(DataConfig(name="digits", watch="x", seed=1))
+    assert other.sample_ids != d.sample_ids and other.key != d.key
+
+
+def test_digits_scaling_matches_round_v_times_255_over_16():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().images
+    d = load_source(DataConfig(name="digits", watch="x"))
+    idx = int(d.uris[0].rsplit("/", 1)[1])
+    assert np.array_equal(d.images[0, :, :, 0], np.rint(raw[idx] * 255 / 16).astype(np.uint8))
+
+
+def test_digits_limit_round_robin_is_a_prefix_of_a_larger_limit():
+    small = load_source(DataConfig(name="digits", watch="x", limit=25))
+    big = load_source(DataConfig(name="digits", watch="x", limit=40))
+    for split in ("train", "test"):
+        labels = small.labels[small.splits == split]
+        assert len(labels) == 25 and set(labels) == set(range(10))
+    assert set(small.sample_ids) <= set(big.sample_ids)
+
+
+# ----------------------------------------------------------------------------- imagefolder layouts
+
+
+def test_folder_loads_sorted_with_ids_and_uris(tmp_path):
+    root = make_folder(tmp_path / "src")
+    d = load_imagefolder(str(root))
+    assert d.images.shape == (18, 8, 8, 3) and d.images.dtype == np.uint8
+    assert d.class_names == list(CLASSES)
+    assert d.sample_ids[:5] == ["train/cat/00.png", "train/cat/01.png", "train/cat/02.png", "train/cat/03.png", "train/dog/00.png"]
+    assert list(d.splits).count("test") == 6 and d.sample_ids[12] == "test/cat/00.png"
+    assert d.uris[0] == f"{root}::train/cat/00.png"
+    assert list(d.labels[:12]) == [0] * 4 + [1] * 4 + [2] * 4
+    assert np.array_equal(d.images[0], pixels(1))  # lossless PNG round trip
+
+
+def test_single_archive_and_archive_pair_match_the_folder(tmp_path):
+    root = make_folder(tmp_path / "src")
+    folder = load_imagefolder(str(root))
+    single = load_imagefolder(str(make_tar(root, tmp_path / "data.tar.gz")))
+    pair_dir = tmp_path / "pair"
+    pair_dir.mkdir()
+    make_tar(root, pair_dir / "mine-train.tar.gz", ["train"])
+    make_tar(root, pair_dir / "mine-test.tar.gz", ["test"])
+    pair = load_imagefolder(str(pair_dir))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    make_tar(root, plain / "train.tar.gz", ["train"])
+    make_tar(root, plain / "test.tar.gz", ["test"])
+    for other in (single, pair, load_imagefolder(str(plain))):
+        assert other.sample_ids == folder.sample_ids
+        assert np.array_equal(other.images, folder.images) and np.array_equal(other.labels, folder.labels)
+    assert single.uris[0] == f"{tmp_path / 'data.tar.gz'}::train/cat/00.png"
+    assert pair.uris[0] == f"{pair_dir}/mine-train.tar.gz::train/cat/00.png"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_archive_long_member_names(tmp_path, fmt):
+    """Extended headers (pax / GNU long names) sit between header and data: the stream read must cope."""
+    root = make_folder(tmp_path / "src")
+    long_name = "x" * 150 + ".png"
+    save(root / "train" / "dog" / long_name, pixels(321))
+    with tarfile.open(tmp_path / "d.tar.gz", "w:gz", format=fmt) as tf:
+        tf.add(root / "train", arcname="train")
+        tf.add(root / "test", arcname="test")
+    d = load_imagefolder(str(tmp_path / "d.tar.gz"))
+    assert np.array_equal(d.images, load_imagefolder(str(root)).images)
+    assert f"train/dog/{long_name}" in d.sample_ids
+
+
+def test_archive_with_dot_slash_prefix(tmp_path):
+    root = make_folder(tmp_path / "src")
+    with tarfile.open(tmp_path / "d.tgz", "w:gz") as tf:
+        tf.add(root, arcname=".")
+    d = load_imagefolder(str(tmp_path / "d.tgz"))
+    assert d.sample_ids[0] == "train/cat/00.png" and len(d) == 18
+
+
+def test_grayscale_and_jpeg(tmp_path):
+    gray = load_imagefolder(str(make_folder(tmp_path / "g", channels=1)))
+    assert gray.images.shape == (18, 8, 8, 1)
+    root = tmp_path / "j"
+    for split in ("train", "test"):
+        for c in CLASSES:
+            save(root / split / c / "a.jpg", pixels(hash(c) % 100, 16), fmt="JPEG", quality=90)
+    d = load_imagefolder(str(root))
+    assert d.images.shape == (6, 16, 16, 3)
+
+
+def test_parallel_pool_matches_serial(tmp_path):
+    root = make_folder(tmp_path / "src", n=10)
+    serial = load_imagefolder(str(root), workers=1)
+    pooled = load_imagefolder(str(root), workers=2, chunk_size=3)  # many chunks: the pool path
+    assert pooled.sample_ids == serial.sample_ids and np.array_equal(pooled.images, serial.images)
+    tar = make_tar(root, tmp_path / "d.tar.gz")
+    assert np.array_equal(load_imagefolder(str(tar), workers=2, chunk_size=4).images, serial.images)
+
+
+def test_limit_round_robin_over_classes(tmp_path):
+    root = make_folder(tmp_path / "src", n=4)
+    d = load_imagefolder(str(root), limit=4)
+    train = [s for s, sp in zip(d.sample_ids, d.splits) if sp == "train"]
+    assert train == ["train/cat/00.png", "train/cat/01.png", "train/dog/00.png", "train/emu/00.png"]
+    assert (d.splits == "test").sum() == 4
+    tar = load_imagefolder(str(make_tar(root, tmp_path / "d.tar.gz")), limit=4)
+    assert tar.sample_ids == d.sample_ids
+
+
+# ----------------------------------------------------------------------------- colour decisions
+
+
+def test_palette_png_becomes_rgb_or_gray(tmp_path):
+    root = make_folder(tmp_path / "src")
+    target = root / "train" / "cat" / "00.png"
+    Image.open(target).convert("RGB").quantize(16).save(target)
+    assert Image.open(target).mode == "P"
+    d = load_imagefolder(str(root))
+    assert d.images.shape[-1] == 3
+    expected = np.asarray(Image.open(target).convert("RGB"))
+    assert np.array_equal(d.images[0], expected)
+
+    groot = make_folder(tmp_path / "gray", channels=1)
+    gtarget = groot / "train" / "cat" / "00.png"
+    Image.open(gtarget).convert("RGB").convert("P").save(gtarget)  # palette of grey entries only
+    assert Image.open(gtarget).mode == "P"
+    g = load_imagefolder(str(groot))
+    assert g.images.shape[-1] == 1
+
+
+def test_rgba_opaque_is_dropped_transparent_refused(tmp_path):
+    root = make_folder(tmp_path / "src")
+    target = root / "train" / "dog" / "01.png"
+    rgb = np.asarray(Image.open(target))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(target)
+    d = load_imagefolder(str(root))
+    assert np.array_equal(d.images[d.sample_ids.index("train/dog/01.png")], rgb)
+    rgba[0, 0, 3] = 10
+    Image.fromarray(rgba, "RGBA").save(target)
+    with pytest.raises(SourceError, match=r"(?s)train/dog/01.png.*transparency"):
+        load_imagefolder(str(root))
+
+
+def test_mixed_grayscale_and_rgb_refused_naming_the_minority(tmp_path):
+    root = make_folder(tmp_path / "src")
+    save(root / "train" / "emu" / "02.png", pixels(99, channels=1))
+    with pytest.raises(SourceError, match=r"(?s)mixes grayscale and colour.*train/emu/02.png"):
+        load_imagefolder(str(root))
+
+
+def test_size_mismatch_refused_naming_the_file(tmp_path):
+    root = make_folder(tmp_path / "src")
+    save(root / "test" / "dog" / "01.png", pixels(5, size=9))
+    with pytest.raises(SourceError, match=r"(?s)more than one size.*test/dog/01.png: 9x9"):
+        load_imagefolder(str(root))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_corrupt_truncated_and_non_image_files(tmp_path):
+    root = make_folder(tmp_path / "src")
+    target = root / "train" / "cat" / "02.png"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match=r"(?s)train/cat/02.png: corrupt or truncated"):
+        load_imagefolder(str(root))
+    target.write_bytes(data)
+    (root / "train" / "cat" / "notes.txt").write_text("hello")
+    with pytest.raises(SourceError, match=r"(?s)train/cat/notes.txt: not an image"):
+        load_imagefolder(str(root))
+
+
+def test_corrupt_member_in_archive(tmp_path):
+    root = make_folder(tmp_path / "src")
+    (root / "test" / "emu" / "00.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    tar = make_tar(root, tmp_path / "d.tar.gz")
+    with pytest.raises(SourceError, match=r"(?s)d.tar.gz::test/emu/00.png"):
+        load_imagefolder(str(tar))
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "train/cat/../../evil.png", "/abs/train/cat/x.png"])
+def test_tar_member_escaping_the_source_refused(tmp_path, name):
+    root = make_folder(tmp_path / "src")
+    tar = make_tar(root, tmp_path / "d.tar.gz")
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as out, tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            out.addfile(m, tf.extractfile(m) if m.isfile() else None)
+        add_member(out, name, png_bytes(pixels(1)))
+    with pytest.raises(SourceError, match=r"(?s)(\.\.|absolute).*refused"):
+        load_imagefolder(str(tmp_path / "bad.tar.gz"))
+
+
+def test_symlinks_refused_in_folder_and_archive(tmp_path):
+    root = make_folder(tmp_path / "src")
+    os.symlink(root / "train" / "cat" / "00.png", root / "train" / "cat" / "99.png")
+    with pytest.raises(SourceError, match=r"(?s)train/cat/99.png is a symlink"):
+        load_imagefolder(str(root))
+    with tarfile.open(tmp_path / "d.tar.gz", "w:gz") as tf:
+        tf.add(root / "train", arcname="train")  # tarfile stores the symlink as a symlink
+        tf.add(root / "test", arcname="test")
+    with pytest.raises(SourceError, match=r"(?s)train/cat/99.png: symlink"):
+        load_imagefolder(str(tmp_path / "d.tar.gz"))
+    os.unlink(root / "train" / "cat" / "99.png")
+    os.symlink(root / "train" / "dog", root / "train" / "wolf")
+    with pytest.raises(SourceError, match=r"(?s)train/wolf is a symlink"):
+        load_imagefolder(str(root))
+
+
+def test_empty_class_folder_refused(tmp_path):
+    root = make_folder(tmp_path / "src")
+    (root / "train" / "fox").mkdir()
+    (root / "test" / "fox").mkdir()
+    with pytest.raises(SourceError, match=r"(?s)empty class folder.*train/fox/"):
+        load_imagefolder(str(root))
+    tar = make_tar(root, tmp_path / "d.tar.gz")
+    with pytest.raises(SourceError, match=r"(?s)empty class folder"):
+        load_imagefolder(str(tar))
+
+
+def test_missing_test_split_and_class_mismatch(tmp_path):
+    root = make_folder(tmp_path / "src")
+    import shutil
+
+    shutil.rmtree(root / "test" / "emu")
+    with pytest.raises(SourceError, match=r"(?s)same class folders.*only in train/: \['emu'\]"):
+        load_imagefolder(str(root))
+    shutil.rmtree(root / "test")
+    with pytest.raises(SourceError, match=r"(?s)missing test/"):
+        load_imagefolder(str(root))
+    with pytest.raises(SourceError, match=r"(?s)missing test/"):
+        load_imagefolder(str(make_tar(root, tmp_path / "d.tar.gz", ["train"])))
+
+
+def test_layout_errors_file_outside_class_and_nested_folder(tmp_path):
+    root = make_folder(tmp_path / "src")
+    (root / "train" / "stray.png").write_bytes(png_bytes(pixels(3)))
+    with pytest.raises(SourceError, match=r"(?s)train/stray.png is a file directly in train/"):
+        load_imagefolder(str(root))
+    (root / "train" / "stray.png").unlink()
+    save(root / "train" / "cat" / "sub" / "x.png", pixels(4))
+    with pytest.raises(SourceError, match=r"(?s)train/cat/sub is a folder inside a class folder"):
+        load_imagefolder(str(root))
+
+
+def test_missing_path_and_unknown_name(tmp_path):
+    with pytest.raises(SourceError, match=r"(?s)does not exist.*train/<class>"):
+        load_imagefolder(str(tmp_path / "nowhere"))
+    with pytest.raises(SourceError, match=r"(?s)needs data.path"):
+        load_source(DataConfig(name="imagefolder", watch="x"))
+    with pytest.raises(SourceError, match=r"(?s)unknown data.name"):
+        load_source(DataConfig(name="mnist", watch="x"))
+    with pytest.raises(SourceError, match=r"(?s)neither train/ and test/ folders nor"):
+        load_imagefolder(str(tmp_path))
+
+
+def test_cifar10_missing_says_where_to_put_the_data(tmp_path):
+    cfg = DataConfig(name="cifar10", path=str(tmp_path / "cifar"), watch="x")
+    with pytest.raises(SourceError, match=r"(?s)CIFAR-10 not found at .*cifar10-train.tar.gz.*data.download=true"):
+        load_source(cfg)
+    assert not (tmp_path / "cifar").exists()
+
+
+def test_cifar10_refuses_other_classes(tmp_path):
+    root = make_folder(tmp_path / "src")
+    with pytest.raises(SourceError, match=r"(?s)not CIFAR-10's"):
+        load_source(DataConfig(name="cifar10", path=str(root), watch="x"))
+
+
+def test_cifar10_download_exports_imagefolder_pngs(tmp_path, monkeypatch):
+    """The opt-in download path, with torchvision's CIFAR10 replaced by a tiny fake (no network)."""
+
+    class FakeCIFAR10:
+        classes = list(sources.CIFAR10_CLASSES)
+
+        def __init__(self, root, train, download):
+            assert download
+            n = 20 if train else 10
+            self.data = np.stack([pixels(i + (0 if train else 100), 32) for i in range(n)])
+            self.targets = [i % 10 for i in range(n)]
+
+    fake = types.ModuleType("torchvision.datasets")
+    fake.CIFAR10 = FakeCIFAR10
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)
+    dest = tmp_path / "cifar"
+    d = load_source(DataConfig(name="cifar10", path=str(dest), watch="x", download=True))
+    assert len(d) == 30 and d.images.shape[1:] == (32, 32, 3)
+    assert (dest / "train" / "airplane" / "0000.png").is_file() and not (dest / ".raw").exists()
+    assert np.array_equal(d.images[0], pixels(0, 32))
+
+
+def test_hashes_differ_per_image(tmp_path):
+    d = load_imagefolder(str(make_folder(tmp_path / "src")))
+    assert len(set(sample_hashes(d.images))) == len(d)

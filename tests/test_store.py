@@ -1,0 +1,286 @@
+"""Fast tier: the append-only store, through the stage's `run` on tiny synthetic image folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import snapshot, sources, store
+from pipeline.config import DataConfig
+from pipeline.core.hashing import sample_hash
+from pipeline.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
+from tests.test_sources import make_folder, pixels, save
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root: the 'byte-for-byte untouched' check."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class Env:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.src = make_folder(tmp / "src")
+        self.store = tmp / "data" / "store"
+        self.pointer = tmp / "data" / "snapshot.json"
+        self.report = tmp / "reports" / "snapshot.json"
+
+    def cfg(self, **kw) -> DataConfig:
+        base = dict(name="imagefolder", path=str(self.src), watch=str(self.src), workers=1)
+        return DataConfig(**{**base, **kw})
+
+    def run(self, **kw) -> dict:
+        return snapshot.run(self.cfg(**kw), str(self.store), str(self.pointer), str(self.report), progress=None)
+
+    def refused(self, match: str, **kw) -> SnapshotRefused:
+        before = tree_digest(self.store)
+        with pytest.raises(SnapshotRefused, match=match) as exc:
+            self.run(**kw)
+        assert tree_digest(self.store) == before, "a refused snapshot touched the store"
+        return exc.value
+
+
+@pytest.fixture
+def env(tmp_path) -> Env:
+    return Env(tmp_path)
+
+
+def test_first_snapshot_layout_ids_and_load(env):
+    rep = env.run()
+    sid = rep["snapshot_id"]
+    man = pd.read_csv(env.store / "snapshots" / f"{sid}.csv", dtype=str, keep_default_na=False)
+    assert list(man.columns) == COLUMNS and len(man) == 18
+    assert store.snapshot_id_of(man) == sid and set(man["snapshot_id"]) == {sid}
+    pack = man["pack"].iloc[0]
+    assert hashlib.sha256((env.store / "packs" / f"{pack}.npy").read_bytes()).hexdigest() == pack
+    assert (env.store / "HEAD").read_text().strip() == sid
+    assert (env.store / "heads" / sources.source_key(env.cfg())).read_text().strip() == sid
+    meta = json.loads((env.store / "snapshots" / f"{sid}.json").read_text())
+    assert meta["parent"] is None and meta["image_shape"] == [8, 8, 3] and meta["class_names"] == ["cat", "dog", "emu"]
+
+    snap = store.load_snapshot(env.store, sid)
+    src = sources.load_imagefolder(str(env.src))
+    assert np.array_equal(snap.images, src.images) and snap.manifest["sample_id"].tolist() == src.sample_ids
+    x, y, ids = snap.split("test")
+    assert x.shape == (6, 8, 8, 3) and y.dtype == np.int64 and ids[0] == "test/cat/00.png"
+    assert snap.image_shape == (8, 8, 3) and snap.class_names == ["cat", "dog", "emu"]
+
+    ptr = store.read_pointer(env.pointer)
+    assert ptr == {"snapshot_id": sid, "parent": None, "store": str(env.store),
+                   "manifest": f"{env.store}/snapshots/{sid}.csv", "n_rows": 18, "n_new": 18,
+                   "class_names": ["cat", "dog", "emu"], "image_shape": [8, 8, 3]}
+    assert rep["provenance"]["coverage"] == 1.0 and rep["duplicates"]["n_groups"] == 0
+    assert rep["counts"]["train"]["per_class"] == {"cat": 4, "dog": 4, "emu": 4}
+    assert set(rep["seconds"]) == {"decode", "hash", "plan", "write", "total"}
+
+
+def test_append_ten_files_keeps_old_rows_and_files(env):
+    first = env.run()
+    old_files = tree_digest(env.store)
+    old_csv = (env.store / "snapshots" / f"{first['snapshot_id']}.csv").read_text().splitlines()
+    for i in range(10):
+        save(env.src / ("train" if i < 7 else "test") / ["cat", "dog", "emu"][i % 3] / f"new{i}.png", pixels(500 + i))
+    rep = env.run()
+    assert rep["parent"] == first["snapshot_id"] and rep["n_rows"] == 28 and rep["n_new"] == 10
+    new_csv = (env.store / "snapshots" / f"{rep['snapshot_id']}.csv").read_text().splitlines()
+    # Every earlier row byte-identical (ingest time, URI, pack, first snapshot id), new rows after.
+    assert new_csv[: len(old_csv)] == old_csv
+    assert all(line.split(",")[6] == rep["snapshot_id"] for line in new_csv[len(old_csv):])
+    after = tree_digest(env.store)
+    assert all(after[k] == v for k, v in old_files.items() if k not in ("HEAD",) and not k.startswith("heads"))
+    assert len(list((env.store / "packs").iterdir())) == 2
+    snap = store.load_snapshot(env.store, rep["snapshot_id"])
+    assert len(snap.manifest) == 28 and snap.manifest["sample_id"].iloc[-1] == "test/emu/new8.png"
+    old = store.load_snapshot(env.store, first["snapshot_id"])  # the earlier snapshot still loads
+    assert np.array_equal(snap.images[:18], old.images)
+
+
+def test_unchanged_source_writes_nothing(env):
+    first = env.run()
+    store_before = tree_digest(env.store)
+    ptr, report = env.pointer.read_bytes(), env.report.read_bytes()
+    mtimes = (env.pointer.stat().st_mtime_ns, env.report.stat().st_mtime_ns)
+    again = env.run()
+    assert again["snapshot_id"] == first["snapshot_id"] and again["n_new"] == 18
+    assert tree_digest(env.store) == store_before
+    assert env.pointer.read_bytes() == ptr and env.report.read_bytes() == report
+    assert (env.pointer.stat().st_mtime_ns, env.report.stat().st_mtime_ns) == mtimes
+    # DVC deletes non-persistent outputs before a run: the pointer comes back byte-identical.
+    env.pointer.unlink()
+    env.run()
+    assert env.pointer.read_bytes() == ptr
+
+
+def test_one_pixel_changed_refused(env):
+    env.run()
+    target = env.src / "train" / "dog" / "02.png"
+    arr = np.asarray(Image.open(target)).copy()
+    arr[3, 4, 1] ^= 1
+    Image.fromarray(arr).save(target)  # PNG: lossless, exactly one pixel differs
+    exc = env.refused(r"(?s)rewrote 1 row.*train/dog/02.png: pixels changed")
+    assert exc.problems == [p for p in exc.problems if "train/dog/02.png" in p]
+
+
+def test_deleted_row_refused(env):
+    env.run()
+    (env.src / "test" / "emu" / "01.png").unlink()
+    env.refused(r"(?s)test/emu/01.png: vanished from the source")
+
+
+def test_rename_refused_as_rename(env):
+    env.run()
+    (env.src / "train" / "cat" / "01.png").rename(env.src / "train" / "cat" / "renamed.png")
+    exc = env.refused(r"looks like a rename of train/cat/01.png to train/cat/renamed.png")
+    assert len(exc.problems) == 1
+
+
+def test_move_to_other_class_refused_as_relabel(env):
+    env.run()
+    (env.src / "train" / "cat" / "01.png").rename(env.src / "train" / "dog" / "moved.png")
+    env.refused(r"looks like a relabel of train/cat/01.png \(class cat\) to train/dog/moved.png \(class dog\)")
+
+
+def test_digits_for_real_and_label_change_refused(tmp_path, monkeypatch):
+    e = Env(tmp_path)
+    cfg = dict(name="digits", path=None, watch="pipeline/sources.py")
+    first = e.run(**cfg)
+    assert first["n_rows"] == 1797 and first["image_shape"] == [8, 8, 1]
+    assert first["source"]["name"] == "digits"
+    real = sources.load_digits
+
+    def relabelled(*a, **kw):
+        d = real(*a, **kw)
+        labels = d.labels.copy()
+        labels[5] = (labels[5] + 1) % 10
+        return sources.SourceData(d.images, labels, d.class_names, d.splits, d.sample_ids, d.uris)
+
+    monkeypatch.setattr(sources, "load_digits", relabelled)
+    sid = real(0.25, 0).sample_ids[5]
+    e.refused(rf"{sid}: label changed", **cfg)
+
+
+def test_new_class_gets_the_next_index(env):
+    first = env.run()
+    for split in ("train", "test"):
+        save(env.src / split / "ant" / "00.png", pixels(700 + len(split)))
+    rep = env.run()
+    assert rep["class_names"] == ["cat", "dog", "emu", "ant"] and rep["n_new"] == 2
+    snap = store.load_snapshot(env.store, rep["snapshot_id"])
+    assert snap.manifest["label"].tolist()[:18] == store.load_snapshot(env.store, first["snapshot_id"]).manifest["label"].tolist()
+    assert set(snap.manifest["label"].tolist()[18:]) == {3}
+
+
+def test_shrinking_the_limit_is_refused_growing_it_appends(env):
+    small = env.run(limit=3)
+    assert small["n_rows"] == 6
+    grown = env.run(limit=5)
+    assert grown["parent"] == small["snapshot_id"] and grown["n_new"] == 4  # +2 train, +2 test (only 6 exist)
+    env.refused(r"vanished", limit=3)
+
+
+def test_verify_catches_tampered_pack_and_manifest(env):
+    rep = env.run()
+    sid = rep["snapshot_id"]
+    man = pd.read_csv(env.store / "snapshots" / f"{sid}.csv", dtype=str, keep_default_na=False)
+    pack_path = env.store / "packs" / f"{man['pack'].iloc[0]}.npy"
+    arr = np.load(pack_path)
+    arr[2, 0, 0, 0] ^= 0xFF
+    np.save(pack_path, arr)
+    with pytest.raises(IntegrityError, match=r"1 row\(s\).*train/cat/02.png"):
+        store.load_snapshot(env.store, sid)
+    assert store.load_snapshot(env.store, sid, verify=False).images[2, 0, 0, 0] == arr[2, 0, 0, 0]
+
+    csv = env.store / "snapshots" / f"{sid}.csv"
+    csv.write_text(csv.read_text().replace("test/cat/00.png", "test/cat/0x.png"))
+    with pytest.raises(IntegrityError, match=r"does not hash to its id"):
+        store.load_snapshot(env.store, sid)
+    with pytest.raises(StoreError, match=r"not found"):
+        store.load_snapshot(env.store, "0" * 64)
+
+
+def test_duplicates_and_cross_label_duplicates_reported(env):
+    img = pixels(4242)
+    save(env.src / "train" / "cat" / "dupA.png", img)
+    save(env.src / "train" / "cat" / "dupB.png", img)
+    save(env.src / "train" / "dog" / "dupC.png", pixels(4343))
+    save(env.src / "test" / "emu" / "dupD.png", pixels(4343))
+    rep = env.run()
+    dup = rep["duplicates"]
+    assert dup["n_groups"] == 2 and dup["n_duplicate_rows"] == 2 and dup["n_cross_label_groups"] == 1
+    first = dup["groups"][0]  # cross-label first
+    assert first["labels"] == ["dog", "emu"] and first["cross_split"] and first["sample_ids"] == ["train/dog/dupC.png", "test/emu/dupD.png"]
+    assert dup["groups"][1]["sample_ids"] == ["train/cat/dupA.png", "train/cat/dupB.png"]
+    assert dup["groups"][1]["sha256"] == sample_hash(img[..., :3])
+
+
+def test_two_sources_share_a_store_as_two_lineages(env, tmp_path):
+    a = env.run()
+    other = make_folder(tmp_path / "other", classes=("x", "y"), seed=7)
+    b = env.run(path=str(other), watch=str(other))
+    assert b["parent"] is None and b["snapshot_id"] != a["snapshot_id"]
+    assert len(list((env.store / "heads").iterdir())) == 2
+    assert (env.store / "HEAD").read_text().strip() == b["snapshot_id"]
+    back = env.run()  # back to the first source: unchanged, no new snapshot
+    assert back["snapshot_id"] == a["snapshot_id"]
+    assert (env.store / "HEAD").read_text().strip() == a["snapshot_id"]
+    assert len(list((env.store / "snapshots").glob("*.json"))) == 2
+
+
+def test_history_without_heads_or_pointer_still_refuses(env):
+    first = env.run()
+    save(env.src / "train" / "cat" / "zz.png", pixels(900))
+    second = env.run()
+    shutil.rmtree(env.store / "heads")
+    (env.store / "HEAD").unlink()
+    env.pointer.unlink()
+    (env.src / "train" / "cat" / "zz.png").unlink()
+    env.refused(r"train/cat/zz.png: vanished")  # compared with the newest snapshot, not the first
+    assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == second["snapshot_id"]
+    assert first["snapshot_id"] != second["snapshot_id"]
+
+
+def test_head_naming_a_missing_snapshot_is_a_store_error(env):
+    rep = env.run()
+    (env.store / "snapshots" / f"{rep['snapshot_id']}.json").unlink()
+    with pytest.raises(StoreError, match=r"not found"):
+        env.run()
+
+
+def test_crash_before_meta_leaves_no_half_snapshot(env, monkeypatch):
+    first = env.run()
+    save(env.src / "train" / "cat" / "zz.png", pixels(901))
+    real = store.atomic_write
+
+    def crash_on_meta(path: Path, data: bytes) -> None:
+        if path.suffix == ".json" and path.parent.name == "snapshots":
+            raise OSError("simulated crash")
+        real(path, data)
+
+    monkeypatch.setattr(store, "atomic_write", crash_on_meta)
+    with pytest.raises(OSError):
+        env.run()
+    monkeypatch.setattr(store, "atomic_write", real)
+    assert [m["id"] for m in store.list_snapshots(env.store)] == [first["snapshot_id"]]
+    assert (env.store / "HEAD").read_text().strip() == first["snapshot_id"]
+    assert not list(env.store.rglob(".*tmp-*"))
+    rep = env.run()
+    assert rep["parent"] == first["snapshot_id"] and rep["n_new"] == 1
+
+
+def test_plan_is_pure_and_refuses_shape_change(env):
+    env.run()
+    parent = store.load_parent(env.store, store.current_snapshot(env.store, sources.source_key(env.cfg())))
+    imgs = np.zeros((1, 4, 4, 3), np.uint8)
+    with pytest.raises(SnapshotRefused, match=r"one image shape"):
+        store.plan_snapshot(parent, ["train/cat/new.png"], [sample_hash(imgs[0])], np.array([0]), ["cat"],
+                            np.array(["train"]), ["u"], imgs, "t")

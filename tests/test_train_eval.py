@@ -1,0 +1,285 @@
+"""Fast tier for the twin/train/evaluate stages: their mains, run in-process on a digits store
+made by the real snapshot and poison stages, against a sqlite MLflow store in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import config as config_mod
+from pipeline.train import TrainError, check_validated
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 4
+
+
+def write_params(dest: Path, *overrides: str) -> Path:
+    cfg = config_mod.compose([f"train.epochs={EPOCHS}", "train.device=cpu", *overrides])
+    p = dest / "params.yaml"
+    p.write_text(config_mod.to_yaml(cfg))
+    return p
+
+
+def make_store(root: Path, *overrides: str) -> dict[str, Path]:
+    """snapshot + poison stages (real mains) and a validated.json approving the view."""
+    from pipeline import poison, snapshot
+
+    root.mkdir(parents=True, exist_ok=True)
+    params = write_params(root, *overrides)
+    p = {
+        "params": params, "store": root / "data/store", "pointer": root / "data/snapshot.json",
+        "view": root / "data/view", "validated": root / "data/validated.json", "reports": root / "reports",
+        "models": root / "models",
+    }
+    assert snapshot.main(["--params", str(params), "--store", str(p["store"]), "--pointer", str(p["pointer"]),
+                          "--report", str(root / "reports/snapshot.json")]) == 0
+    assert poison.main(["--params", str(params), "--pointer", str(p["pointer"]), "--store", str(p["store"]),
+                        "--out", str(p["view"])]) == 0
+    approve(p)
+    return p
+
+
+def approve(p: dict[str, Path], success: bool = True, on_fail: str = "stop", view_id: str | None = None) -> None:
+    meta = json.loads((p["view"] / "view.json").read_text())
+    p["validated"].write_text(json.dumps({"snapshot_id": meta["snapshot_id"], "view_id": view_id or meta["view_id"],
+                                          "success": success, "on_fail": on_fail}))
+
+
+def train_argv(p: dict[str, Path]) -> list[str]:
+    r, m = p["reports"], p["models"]
+    return ["--params", str(p["params"]), "--store", str(p["store"]), "--view", str(p["view"]),
+            "--validated", str(p["validated"]), "--checkpoint", str(m / "candidate.pt"),
+            "--report", str(r / "train.json"), "--history", str(r / "train_history.json")]
+
+
+def twin_argv(p: dict[str, Path]) -> list[str]:
+    return ["--params", str(p["params"]), "--store", str(p["store"]), "--pointer", str(p["pointer"]),
+            "--checkpoint", str(p["models"] / "twin.pt"), "--report", str(p["reports"] / "twin.json")]
+
+
+def evaluate_argv(p: dict[str, Path], suffix: str = "") -> list[str]:
+    r = p["reports"]
+    return ["--params", str(p["params"]), "--store", str(p["store"]), "--pointer", str(p["pointer"]),
+            "--view", str(p["view"]), "--candidate", str(p["models"] / "candidate.pt"),
+            "--twin", str(p["models"] / "twin.pt"), "--train-report", str(r / "train.json"),
+            "--metrics", str(r / f"metrics{suffix}.json"),
+            "--baseline-metrics", str(r / f"baseline_metrics{suffix}.json"),
+            "--per-class", str(r / f"per_class{suffix}.csv"), "--confusion", str(r / f"confusion{suffix}.csv"),
+            "--confusion-png", str(r / f"confusion{suffix}.png")]
+
+
+def run_pipeline(p: dict[str, Path]) -> None:
+    from pipeline import evaluate, train, twin
+
+    assert twin.main(twin_argv(p)) == 0
+    assert train.main(train_argv(p)) == 0
+    assert evaluate.main(evaluate_argv(p)) == 0
+
+
+BACKDOOR = ("attack=backdoor", "attack.source=1", "attack.target=7", "attack.rate=0.1")
+
+
+@pytest.fixture(scope="module")
+def base_store(tmp_path_factory):
+    """A clean (attack none) digits store; tests copy it before changing anything."""
+    return make_store(tmp_path_factory.mktemp("base"))
+
+
+def copy_store(base: dict[str, Path], dest: Path) -> dict[str, Path]:
+    src_root = base["params"].parent
+    shutil.copytree(src_root, dest)
+    return {k: dest / v.relative_to(src_root) for k, v in base.items()}
+
+
+@pytest.fixture(scope="module")
+def backdoor_run(tmp_path_factory):
+    """The full twin -> train -> evaluate chain on a backdoored digits view (sqlite MLflow)."""
+    root = tmp_path_factory.mktemp("bd")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        p = make_store(root, *BACKDOOR, "mlflow.system_metrics=false")
+        run_pipeline(p)
+        yield p
+    finally:
+        mp.undo()
+
+
+# --------------------------------------------------------------------------- validation gate
+
+
+def test_check_validated_rules():
+    v = {"snapshot_id": "s", "view_id": "v", "success": True, "on_fail": "stop"}
+    assert check_validated(v, "v", "s") is None
+    with pytest.raises(TrainError, match="was not validated"):
+        check_validated(v, "other", "s")
+    with pytest.raises(TrainError, match="snapshot"):
+        check_validated(v, "v", "other")
+    with pytest.raises(TrainError, match="training refused"):
+        check_validated({**v, "success": False}, "v", "s")
+    assert "FAILED" in check_validated({**v, "success": False, "on_fail": "warn"}, "v", "s")
+    with pytest.raises(TrainError, match="lacks"):
+        check_validated({"view_id": "v"}, "v", "s")
+
+
+def test_train_refuses_unvalidated_or_failed_view(base_store, tmp_path, capsys):
+    from pipeline import train
+
+    p = copy_store(base_store, tmp_path / "r")
+    approve(p, view_id="f" * 64)
+    assert train.main(train_argv(p)) == 1
+    assert "was not validated" in capsys.readouterr().err
+    approve(p, success=False, on_fail="stop")
+    assert train.main(train_argv(p)) == 1
+    assert "validation failed" in capsys.readouterr().err
+    assert not (p["models"] / "candidate.pt").exists()
+    p["validated"].unlink()
+    assert train.main(train_argv(p)) == 1
+    assert "run the validate stage" in capsys.readouterr().err
+
+
+def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
+    """One flipped pixel in a pack: load_training_view raises IntegrityError naming the row and
+    the train stage exits 1 with that message, writing no checkpoint."""
+    import pandas as pd
+
+    from pipeline import store, train
+    from pipeline.view import load_training_view
+
+    p = copy_store(base_store, tmp_path / "r")
+    sid = store.read_pointer(p["pointer"])["snapshot_id"]
+    man = pd.read_csv(p["store"] / "snapshots" / f"{sid}.csv", dtype=str)
+    row = man[man["split"] == "train"].iloc[5]
+    pack = p["store"] / "packs" / f"{row['pack']}.npy"
+    arr = np.load(pack)
+    arr[int(row["pack_index"]), 4, 4, 0] ^= 0x01
+    pack.chmod(0o644)
+    np.save(pack, arr)
+    with pytest.raises(store.IntegrityError, match=row["sample_id"]):
+        load_training_view(p["view"], p["store"])
+    assert train.main(train_argv(p)) == 1
+    err = capsys.readouterr().err
+    assert "error: integrity check failed" in err and row["sample_id"] in err
+    assert not (p["models"] / "candidate.pt").exists()
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def test_checkpoint_and_train_report(backdoor_run):
+    import torch
+
+    p = backdoor_run
+    ckpt = torch.load(p["models"] / "candidate.pt", weights_only=True)
+    assert set(ckpt) >= {"state_dict", "model_args", "config", "snapshot_id", "view_id", "class_names", "kind"}
+    assert ckpt["kind"] == "candidate" and ckpt["class_names"] == [str(i) for i in range(10)]
+    assert ckpt["model_args"]["name"] == "small_cnn" and len(ckpt["model_args"]["mean"]) == 1
+    assert ckpt["config"]["attack"]["name"] == "backdoor" and ckpt["config"]["train"]["epochs"] == EPOCHS
+    rep = json.loads((p["reports"] / "train.json").read_text())
+    for key in ("run_id", "experiment_id", "tracking_uri", "model_name", "model_version", "snapshot_id", "view_id",
+                "checkpoint", "checkpoint_sha256"):
+        assert rep[key], key
+    assert rep["model_name"] == "poisongate-digits" and rep["view_id"] == ckpt["view_id"]
+    hist = json.loads((p["reports"] / "train_history.json").read_text())
+    assert [h["epoch"] for h in hist] == list(range(1, EPOCHS + 1))
+    twin = json.loads((p["reports"] / "twin.json").read_text())
+    assert twin["kind"] == "twin" and twin["snapshot_id"] == rep["snapshot_id"] and twin["view_id"] is None
+    tw = torch.load(p["models"] / "twin.pt", weights_only=True)
+    assert tw["kind"] == "twin" and tw["view_id"] is None
+
+
+def test_metrics_reports(backdoor_run):
+    p = backdoor_run
+    m = json.loads((p["reports"] / "metrics.json").read_text())
+    b = json.loads((p["reports"] / "baseline_metrics.json").read_text())
+    rep = json.loads((p["reports"] / "train.json").read_text())
+    for d in (m, b):
+        assert set(d) >= {"accuracy", "per_class", "asr", "asr_max", "confusion", "model", "snapshot_id", "view_id",
+                          "test_rows"}
+        assert set(d["per_class"]) == {str(i) for i in range(10)}
+        assert set(d["per_class"]["3"]) >= {"precision", "recall", "f1", "support"}
+        assert set(d["asr"]) == {"patch_white_br", "patch_white_tl", "patch_checker_br", "blend_noise", "attack"}
+        assert set(d["asr"]["attack"]) == {str(i) for i in range(10)}
+        assert d["asr_max"] == max(v for t in d["asr"].values() for v in t.values())
+        assert np.asarray(d["confusion"]).sum() == d["test_rows"] == 450
+    assert m["accuracy"] >= 0.9 and b["accuracy"] >= 0.9
+    assert m["model"] == {"checkpoint_sha256": rep["checkpoint_sha256"], "model_version": rep["model_version"],
+                          "run_id": rep["run_id"]}
+    assert b["baseline"]["kind"] == "twin" and b["baseline"]["snapshot_id"] == rep["snapshot_id"]
+    # the backdoor works on the candidate and not on the clean twin
+    assert m["asr"]["attack"]["7"] > b["asr"]["attack"]["7"]
+    rows = (p["reports"] / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 451
+    assert (p["reports"] / "per_class.csv").read_text().startswith("class,precision,recall,f1,support")
+    assert (p["reports"] / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_run_contents(backdoor_run):
+    from mlflow import MlflowClient
+
+    p = backdoor_run
+    rep = json.loads((p["reports"] / "train.json").read_text())
+    client = MlflowClient(tracking_uri=rep["tracking_uri"])
+    run = client.get_run(rep["run_id"])
+    assert run.data.params["train.epochs"] == str(EPOCHS) and run.data.params["attack.name"] == "backdoor"
+    tags = run.data.tags
+    assert tags["snapshot_id"] == rep["snapshot_id"] and tags["view_id"] == rep["view_id"]
+    assert tags["attack"] == "backdoor" and tags["git_commit"] and tags["dvc_lock_sha256"] == "absent"
+    ds = run.inputs.dataset_inputs[0].dataset
+    assert ds.digest == rep["snapshot_id"][:36]
+    assert len(client.get_metric_history(rep["run_id"], "train_loss")) == EPOCHS
+    for key in ("accuracy", "asr_max", "recall_7", "baseline_accuracy", "log_model_seconds"):
+        assert key in run.data.metrics, key
+    arts = {a.path for a in client.list_artifacts(rep["run_id"], "evaluation")}
+    assert "evaluation/metrics.json" in arts and "evaluation/confusion.png" in arts
+    mv = client.get_model_version(rep["model_name"], rep["model_version"])
+    assert mv.run_id == rep["run_id"] and mv.tags["checkpoint_sha256"] == rep["checkpoint_sha256"]
+
+
+def test_champion_is_the_baseline_when_present(backdoor_run, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline import evaluate
+
+    p = backdoor_run
+    rep = json.loads((p["reports"] / "train.json").read_text())
+    monkeypatch.chdir(p["params"].parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", rep["tracking_uri"])
+    client = MlflowClient(tracking_uri=rep["tracking_uri"])
+    client.set_registered_model_alias(rep["model_name"], "champion", rep["model_version"])
+    try:
+        assert evaluate.main(evaluate_argv(p, "_champ")) == 0
+    finally:
+        client.delete_registered_model_alias(rep["model_name"], "champion")
+    b = json.loads((p["reports"] / "baseline_metrics_champ.json").read_text())
+    m = json.loads((p["reports"] / "metrics_champ.json").read_text())
+    assert b["baseline"] == {"kind": "champion", "model_version": rep["model_version"], "run_id": rep["run_id"],
+                             "snapshot_id": rep["snapshot_id"]}
+    assert b["accuracy"] == pytest.approx(m["accuracy"])  # the champion is this very model
+
+
+def test_evaluate_refuses_a_stale_candidate(backdoor_run, tmp_path, capsys):
+    from pipeline import evaluate
+
+    p = dict(backdoor_run)
+    rep = json.loads((p["reports"] / "train.json").read_text())
+    r2 = tmp_path / "reports"
+    r2.mkdir()
+    (r2 / "train.json").write_text(json.dumps({**rep, "checkpoint_sha256": "0" * 64}))
+    p["reports"] = r2
+    assert evaluate.main(evaluate_argv(p)) == 2
+    assert "re-run the train stage" in capsys.readouterr().err
+
+
+def test_stage_modules_import_without_torch_or_mlflow():
+    code = ("import sys, pipeline.train, pipeline.twin, pipeline.evaluate, pipeline.tracking; "
+            "heavy = [m for m in ('torch', 'mlflow', 'sklearn', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
