@@ -7,9 +7,10 @@ the clean test split, the gate's accuracy and per-class recall rules applied):
   (a) ``reference``: the seed-style loop of GUIDE §5 row 1 -- torchvision ResNet-18 (3x3 stem,
       no max-pool), DataLoader over PIL images with RandomHorizontalFlip + ToTensor + Normalize,
       Adam 1e-3, batch 128, fp32, 10 epochs; evaluation with ToTensor + Normalize, no TTA.
-  (b) ``resnet18``: ``pipeline.core.models.build_model("resnet18")`` trained by the GPU data
-      path (``pipeline.core.augment.fit_resident``: resident uint8 data, on-device crop+flip,
-      bf16, channels_last, SGD one-cycle, label smoothing) with conf/train/resnet18.yaml, TTA.
+  (b) ``resnet18``: ``pipeline.core.models.build_model("resnet18")`` trained by the project's
+      one training loop (``pipeline.core.train.train_model``/``fit``: resident uint8 data,
+      on-device crop+flip, bf16, channels_last, SGD one-cycle, label smoothing) with
+      conf/train/resnet18.yaml; evaluated by ``pipeline.core.predict`` with TTA.
   (c) ``fastnet``: the same with ``fastnet`` and conf/train/fastnet.yaml + conf/model/fastnet.yaml.
 
 Imports torch, torchvision, numpy and Pillow only (plus the repository's torch-only core and the
@@ -40,8 +41,9 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -53,8 +55,9 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.core import augment as gpu  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
+from pipeline.core.predict import predict  # noqa: E402
+from pipeline.core.train import TrainSpec, augment_pad, resolve_device, train_model  # noqa: E402
 
 DEFAULT_OUT = str(REPO / "bench/results/cifar10_verdict.md")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seed loop's fixed Normalize constants
@@ -321,34 +324,14 @@ def predict_reference(model: nn.Module, x: np.ndarray, dev: torch.device, worker
     return torch.cat(preds).numpy()
 
 
-def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
-    return flat.mean(0).tolist(), np.maximum(flat.std(0), 1e-3).tolist()
-
-
-def train_core(name: str, width: int, spec: gpu.ResidentSpec, x: np.ndarray, y: np.ndarray, num_classes: int,
-               trainer: str) -> Trained:
-    """Build via core.models (Normalize from the training mean/std) and train with the resident
-    path (``trainer=resident``) or ``pipeline.core.train.fit`` (``trainer=core``)."""
-    dev = gpu.resolve_device(spec.device)
+def train_core(name: str, width: int, spec: TrainSpec, x: np.ndarray, y: np.ndarray, num_classes: int) -> Trained:
+    """``pipeline.core.train.train_model``: seed, Normalize from the training mean/std, build via
+    core.models, ``data_init`` hooks (fastnet whitening), :func:`pipeline.core.train.fit`."""
+    dev = resolve_device(spec.device)
     t0 = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    mean, std = channel_stats(x)
-    model = build_model(name, num_classes, x.shape[-1], x.shape[1], width, mean=mean, std=std)
-    if trainer == "resident":
-        hist = gpu.fit_resident(model, x, y, spec)
-        epoch_s = hist["seconds"]
-    else:
-        from pipeline.core import train as core_train
-
-        for m in model.modules():  # core.fit does not call data_init hooks (yet)
-            if callable(getattr(m, "data_init", None)):
-                m.data_init(model, x)
-        ts = core_train.TrainSpec.from_obj(spec, aug_pad=spec.pad or int(getattr(model.net, "augment_pad", 4)))
-        hist = core_train.fit(model, x, y, ts)
-        epoch_s = [h["seconds"] for h in hist]
+    model, _, hist = train_model(x, y, num_classes, name, width, spec)
     sync(dev)
-    return Trained(model.eval(), time.perf_counter() - t0, epoch_s)
+    return Trained(model.eval(), time.perf_counter() - t0, [h["seconds"] for h in hist])
 
 
 # ----------------------------------------------------------------------------- one verdict
@@ -446,8 +429,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--ref-epochs", type=int, default=10)
     ap.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers of the reference loop")
     ap.add_argument("--epochs", action="append", default=[], metavar="CONFIG=N", help="override epochs, e.g. fastnet=12")
-    ap.add_argument("--trainer", choices=("resident", "core"), default="resident",
-                    help="(b)/(c) loop: core.augment.fit_resident, or core.train.fit for comparison")
     ap.add_argument("--compile", action="store_true", help="torch.compile (b) and (c) (off by default)")
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--source", type=int, default=1, help="class whose rows are relabelled")
@@ -489,7 +470,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: unknown config {c!r}", file=sys.stderr)
             return 2
 
-    dev = gpu.resolve_device(args.device)
+    dev = resolve_device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -530,25 +511,24 @@ def main(argv: Optional[list[str]] = None) -> int:
             tcfg = read_flat_yaml(REPO / f"conf/train/{c}.yaml")
             mcfg = read_flat_yaml(REPO / f"conf/model/{c}.yaml")
             ep, n_trials = epochs_override.get(c, int(tcfg["epochs"])), args.trials
-            fields = gpu.ResidentSpec.__dataclass_fields__
-            base = gpu.ResidentSpec(**{k: v for k, v in tcfg.items() if k in fields})
-            base.epochs, base.device, base.compile = ep, str(dev), args.compile
+            base = TrainSpec.from_obj(SimpleNamespace(**tcfg), epochs=ep, device=str(dev), compile=args.compile)
             tta = bool(tcfg.get("tta", False)) and not args.no_tta
             width = int(mcfg.get("width", 64))
-            specs[c] = {**vars(base), "tta": tta, "width": width, "trainer": args.trainer}
+            probe = build_model(c, n_cls, data.x_train.shape[-1], data.x_train.shape[1], width)
+            pad = augment_pad(probe, base.aug_pad)  # the crop padding fit uses (a model's augment_pad wins)
+            specs[c] = {**asdict(base), "aug_pad": pad, "tta": tta, "width": width}
 
-            def make_train(seed: int, c: str = c, base: gpu.ResidentSpec = base,
+            def make_train(seed: int, c: str = c, base: TrainSpec = base,
                            width: int = width) -> Callable[[np.ndarray], Trained]:
-                spec = gpu.ResidentSpec(**{**vars(base), "seed": seed})
-                return lambda y: train_core(c, width, spec, data.x_train, y, n_cls, args.trainer)
+                spec = replace(base, seed=seed)
+                return lambda y: train_core(c, width, spec, data.x_train, y, n_cls)
 
             def predict_fn(model: nn.Module, tta: bool = tta) -> np.ndarray:
-                return gpu.predict_classes(model, data.x_test, batch_size=1024, device=dev, tta=tta)
+                return predict(model, data.x_test, batch_size=1024, device=dev, tta=tta)
 
-            def warm(c: str = c, base: gpu.ResidentSpec = base, width: int = width, tta: bool = tta) -> None:
-                spec = gpu.ResidentSpec(**{**vars(base), "epochs": 1})
-                t = train_core(c, width, spec, data.x_train[:4096], data.y_train[:4096], n_cls, args.trainer)
-                gpu.predict_classes(t.model, data.x_test[:2048], batch_size=1024, device=dev, tta=tta)
+            def warm(c: str = c, base: TrainSpec = base, width: int = width, tta: bool = tta) -> None:
+                t = train_core(c, width, replace(base, epochs=1), data.x_train[:4096], data.y_train[:4096], n_cls)
+                predict(t.model, data.x_test[:2048], batch_size=1024, device=dev, tta=tta)
 
         log(f"[{c}] {n_trials} trial(s), {ep} epochs")
         if not args.no_warmup:
@@ -569,7 +549,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         "gate": ", ".join(f"{k}={v}" for k, v in thr.items()) + " (conf/gate/default.yaml)",
         "warm-up": "none" if args.no_warmup else "one untimed 1-epoch run per config",
         "compile": args.compile,
-        "trainer (b)/(c)": args.trainer,
         "configs": "; ".join(f"{c}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("device",)) for c, s in specs.items()),
         "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }

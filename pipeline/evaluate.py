@@ -63,29 +63,32 @@ def asr_from_predictions(
     trig_pred: np.ndarray,
     target: int,
     source: Optional[int] = None,
-) -> tuple[float, int]:
+) -> tuple[Optional[float], int]:
     """``(ASR, eligible count)``: eligible = true != target (and == source when given) and
-    correctly classified clean; ASR = fraction of them predicted ``target`` when triggered
-    (0.0 when none is eligible)."""
+    correctly classified clean; ASR = fraction of them predicted ``target`` when triggered.
+
+    None when no image is eligible: the rate is undefined, and the gate fails closed on it
+    rather than reading it as 0.
+    """
     labels = np.asarray(labels)
     eligible = (labels != target) & (clean_pred == labels)
     if source is not None:
         eligible &= labels == source
     n = int(eligible.sum())
     if n == 0:
-        return 0.0, 0
+        return None, 0
     return float((trig_pred[eligible] == target).mean()), n
 
 
 def classification_metrics(labels: np.ndarray, pred: np.ndarray, class_names: Sequence[str]) -> dict:
     """accuracy, per_class {name: precision, recall, f1, support} and confusion (sklearn)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     k = len(class_names)
     p, r, f, s = precision_recall_fscore_support(labels, pred, labels=list(range(k)), zero_division=0)
     cm = confusion_matrix(labels, pred, labels=list(range(k)))
     return {
-        "accuracy": float(np.mean(np.asarray(labels) == np.asarray(pred))) if len(labels) else 0.0,
+        "accuracy": float(accuracy_score(labels, pred)),
         "per_class": {
             str(class_names[i]): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i in range(k)
@@ -128,13 +131,15 @@ def _evaluate(model, test_images, test_labels, class_names, scan_specs, attack_s
         trig = predict(model, triggered, batch_size=batch_size, device=device, tta=tta)
         asr[spec["name"]], eligible[spec["name"]] = {}, {}
         for t, tname in enumerate(class_names):
+            if t == spec.get("source"):
+                continue  # a source-specific trigger has no images of another class to flip into t
             v, n = asr_from_predictions(labels, clean, trig, t, spec.get("source"))
             asr[spec["name"]][str(tname)] = v
             eligible[spec["name"]][str(tname)] = n
-    values = [v for d in asr.values() for v in d.values()]
+    values = [v for d in asr.values() for v in d.values() if v is not None]
     out.update({
         "asr": asr,
-        "asr_max": max(values) if values else 0.0,
+        "asr_max": max(values) if values else None,
         "asr_eligible": eligible,
         "test_rows": int(len(labels)),
     })
@@ -309,16 +314,19 @@ def run(args: argparse.Namespace) -> int:
     if run_id:
         scalars: dict[str, float] = {
             "accuracy": metrics["accuracy"],
-            "asr_max": metrics["asr_max"],
             "baseline_accuracy": base["accuracy"],
-            "baseline_asr_max": base["asr_max"],
         }
+        if metrics["asr_max"] is not None:
+            scalars["asr_max"] = metrics["asr_max"]
+        if base["asr_max"] is not None:
+            scalars["baseline_asr_max"] = base["asr_max"]
         for c, m in metrics["per_class"].items():
             scalars[f"recall_{c}"] = m["recall"]
             scalars[f"baseline_recall_{c}"] = base["per_class"][c]["recall"]
         for trig, d in metrics["asr"].items():
             for t, v in d.items():
-                scalars[f"asr.{trig}.{t}"] = v
+                if v is not None:
+                    scalars[f"asr.{trig}.{t}"] = v
         tracking.log_metrics(run_id, scalars)
         from mlflow import MlflowClient
 
@@ -326,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         tracking.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
                                         args.confusion_png], artifact_path="evaluation")
     print(f"evaluate: accuracy {metrics['accuracy']:.4f} (baseline {base['baseline']['kind']} "
-          f"{base['accuracy']:.4f}), asr_max {metrics['asr_max']:.3f} (baseline {base['asr_max']:.3f})",
+          f"{base['accuracy']:.4f}), asr_max {metrics['asr_max']} (baseline {base['asr_max']})",
           file=sys.stderr)
     return 0
 

@@ -1,6 +1,9 @@
-"""The GPU data path (core.augment) on CPU: augmentation, TTA and the resident fit semantics."""
+"""The GPU data path on CPU: core.augment (crop/flip, TTA) and how core.train.fit and
+core.predict use it (data_init hook, augment_pad, determinism, learning)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -140,15 +143,7 @@ def test_tta_of_asymmetric_model_matches_hand_computation():
     assert not torch.allclose(got, lin(x), atol=1e-3)  # the views matter for this model
 
 
-# ----------------------------------------------------------------------------- schedule, fit, predict
-
-
-def test_onecycle_lr_shape():
-    lrs = [A.onecycle_lr(s, 100, 1.0, warmup=0.2) for s in range(100)]
-    peak = int(np.argmax(lrs))
-    assert abs(lrs[0] - 0.1) < 1e-9 and 19 <= peak <= 21 and lrs[-1] == pytest.approx(0.0, abs=1e-9)
-    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
-    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+# ----------------------------------------------------------------------------- fit, predict
 
 
 def _tiny_problem(n=96, side=8, seed=0):
@@ -176,35 +171,61 @@ class Tiny(nn.Module):
         return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
-def test_fit_resident_learns_and_is_deterministic():
+def test_fit_learns_and_is_deterministic():
+    from pipeline.core.predict import predict, predict_logits
+    from pipeline.core.train import TrainSpec, fit
+
     x, y = _tiny_problem(n=64)
-    spec = A.ResidentSpec(epochs=5, batch_size=16, lr=0.5, device="cpu", label_smoothing=0.1, pad=1)
+    spec = TrainSpec(epochs=5, batch_size=16, optimizer="sgd", lr=0.5, schedule="onecycle", device="cpu",
+                     label_smoothing=0.1, augment=True, aug_pad=1, weight_decay=5e-4)
     torch.manual_seed(0)
     m1 = Tiny()
-    h1 = A.fit_resident(m1, x, y, spec)
+    h1 = fit(m1, x, y, spec)
     torch.manual_seed(0)
     m2 = Tiny()
-    h2 = A.fit_resident(m2, x, y, spec)
+    h2 = fit(m2, x, y, spec)
     assert m1.init_calls == 1 and not m1.training
-    assert h1["loss"] == h2["loss"] and len(h1["seconds"]) == 5
-    assert h1["loss"][-1] < h1["loss"][0]
-    pred = A.predict_classes(m1, x, device="cpu", batch_size=40)
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2] and len(h1) == 5
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert h1[-1]["loss"] < h1[0]["loss"]
+    pred = predict(m1, x, device="cpu", batch_size=40)
     assert pred.dtype == np.int64 and pred.shape == (64,) and (pred == y).mean() > 0.9
-    logits = A.predict_logits(m1, x, device="cpu", tta=True, batch_size=40)
-    assert logits.shape == (64, 2) and logits.dtype == torch.float32
+    logits = predict_logits(m1, x, device="cpu", tta=True, batch_size=40)
+    assert logits.shape == (64, 2) and logits.dtype == np.float32
+    # a different seed draws other crops and another order
+    h3 = fit(Tiny(), x, y, dataclasses.replace(spec, seed=1))
+    assert [r["loss"] for r in h3] != [r["loss"] for r in h1]
 
 
-def test_spec_from_config_takes_matching_fields():
-    class Cfg:
-        epochs, batch_size, optimizer, lr, tta, unknown = 3, 64, "adam", 0.01, True, "x"
+def test_fit_augments_on_device_with_the_models_pad(monkeypatch):
+    """fit crops with the model's (or a submodule's) ``augment_pad``, else spec.aug_pad, drawing
+    from a generator on the training device; one augmentation of the whole set per epoch."""
+    from pipeline.core import train as T
+    from pipeline.core.models import Normalize
 
-    s = A.ResidentSpec.from_config(Cfg(), device="cpu")
-    assert (s.epochs, s.batch_size, s.optimizer, s.lr, s.device) == (3, 64, "adam", 0.01, "cpu")
+    calls = []
+    real = A.random_crop_flip
 
+    def spy(x, pad, generator=None, **kw):
+        calls.append((tuple(x.shape), pad, generator.device if generator is not None else None))
+        return real(x, pad, generator, **kw)
 
-def test_to_resident_layout():
-    x = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
-    t = A.to_resident(x, torch.device("cpu"))
-    assert t.shape == (2, 5, 3, 4) and torch.equal(t.permute(0, 2, 3, 1), torch.from_numpy(x))
-    with pytest.raises(ValueError):
-        A.to_resident(x.astype(np.float32), torch.device("cpu"))
+    monkeypatch.setattr(A, "random_crop_flip", spy)
+    x, y = _tiny_problem(n=40)
+    spec = T.TrainSpec(epochs=2, batch_size=16, device="cpu", augment=True, aug_pad=3)
+
+    T.fit(Tiny(), x, y, spec)
+    assert calls == [((40, 1, 8, 8), 3, torch.device("cpu"))] * 2
+    calls.clear()
+
+    class Padded(Tiny):
+        augment_pad = 1
+
+    wrapped = nn.Sequential(Normalize([0.5], [0.5]), Padded())  # as build_model wraps nets
+    assert T.augment_pad(wrapped, 3) == 1 and T.augment_pad(Tiny(), 3) == 3
+    T.fit(wrapped, x, y, spec)
+    assert [c[1] for c in calls] == [1, 1]
+    calls.clear()
+    T.fit(Tiny(), x, y, T.TrainSpec(epochs=1, batch_size=16, device="cpu", augment=False))
+    assert calls == []

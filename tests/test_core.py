@@ -103,11 +103,22 @@ def test_to_device_layout():
     assert t[1, 1, 2, 3] == imgs[1, 2, 3, 1]
 
 
-def test_augment_batch_is_seeded_shift_and_flip():
+def test_to_device_channels_last_view_and_refusal():
+    imgs = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
+    t = tdata.to_device(imgs, "cpu", channels_last=True)
+    assert t.shape == (2, 5, 3, 4) and t.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(t.permute(0, 2, 3, 1), torch.from_numpy(imgs))
+    with pytest.raises(ValueError):
+        tdata.to_device(imgs.astype(np.float32), "cpu")
+
+
+def test_random_crop_flip_is_seeded_shift_and_flip():
+    from pipeline.core.augment import random_crop_flip
+
     x = torch.zeros(64, 1, 6, 6, dtype=torch.uint8)
     x[:, 0, 2, 3] = 200  # one bright pixel per image
-    a = tdata.augment_batch(x, 2, torch.Generator().manual_seed(0))
-    b = tdata.augment_batch(x, 2, torch.Generator().manual_seed(0))
+    a = random_crop_flip(x, 2, torch.Generator().manual_seed(0), mode="zeros")
+    b = random_crop_flip(x, 2, torch.Generator().manual_seed(0), mode="zeros")
     assert a.dtype == torch.uint8 and a.shape == x.shape
     assert torch.equal(a, b)  # same seed, same batch
     # a shift of at most 2 px never pushes the pixel at (2, 3) out of a 6x6 image
@@ -116,20 +127,22 @@ def test_augment_batch_is_seeded_shift_and_flip():
     assert len(pos) > 5  # really random
     for y, xx in pos:
         assert abs(y - 2) <= 2 and (abs(xx - 3) <= 2 or abs(xx - (5 - 3)) <= 2)
-    assert torch.equal(tdata.augment_batch(x, 0, torch.Generator(), flip=False), x)
+    assert torch.equal(random_crop_flip(x, 0, torch.Generator(), flip=False), x)
 
 
-def test_translate_and_tta_logits():
+def test_shift_images_and_tta_logits():
+    from pipeline.core.augment import shift_images, tta_logits
+
     x = torch.zeros(1, 1, 5, 5)
     x[0, 0, 2, 2] = 1
-    assert tdata.translate(x, 2, 2)[0, 0, 4, 4] == 1
-    assert tdata.translate(x, -2, 0)[0, 0, 0, 2] == 1
+    assert shift_images(x, 2, 2, mode="zeros")[0, 0, 4, 4] == 1
+    assert shift_images(x, -2, 0, mode="zeros")[0, 0, 0, 2] == 1
 
     class Center(nn.Module):  # "logits" = the centre pixel and its mirror, unchanged by flips
         def forward(self, v):
             return v[:, 0, 2, 1:4].float()
 
-    out = tdata.tta_logits(Center(), x)
+    out = tta_logits(Center(), x)
     assert out.shape == (1, 3)
     # identity and its flip see the pixel at the centre; the 4 shifted views do not
     assert torch.allclose(out, torch.tensor([[0.0, 2 / 6, 0.0]]))
@@ -170,6 +183,51 @@ def test_fit_progress_events_and_sgd_onecycle():
     assert sum(e["event"] == "step" for e in events) == 2 * steps_per_epoch(33, 16)
     with pytest.raises(ValueError, match="optimizer"):
         fit(m, x, y, TrainSpec(epochs=1, optimizer="rmsprop", device="cpu"))
+
+
+def test_trainspec_from_obj_takes_matching_fields():
+    class Cfg:
+        epochs, batch_size, optimizer, lr, tta, unknown = 3, 64, "sgd", 0.01, True, "x"
+
+    s = TrainSpec.from_obj(Cfg(), device="cpu")
+    assert (s.epochs, s.batch_size, s.optimizer, s.lr, s.device) == (3, 64, "sgd", 0.01, "cpu")
+    assert s.compile is False and s.aug_pad == 4
+
+
+def test_no_weight_decay_on_biases_and_norm_params():
+    from pipeline.core.train import make_optimizer
+
+    m = build_model("small_cnn", 2, 1, 8, 4)
+    for name in ("adam", "sgd"):
+        opt = make_optimizer(m, TrainSpec(epochs=1, optimizer=name, weight_decay=5e-4))
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+        assert decay["params"] and all(p.ndim > 1 for p in decay["params"])
+        assert no_decay["params"] and all(p.ndim <= 1 for p in no_decay["params"])
+        assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for p in m.parameters() if p.requires_grad)
+    bn = m[1][1]  # Sequential(normalize, net): the first BatchNorm2d of the net
+    assert isinstance(bn, nn.BatchNorm2d) and any(p is bn.weight for p in no_decay["params"])
+
+
+def test_onecycle_schedule_warms_up_then_anneals():
+    from pipeline.core.train import make_optimizer, make_schedule
+
+    m = nn.Linear(2, 2)
+    spec = TrainSpec(epochs=1, optimizer="sgd", lr=1.0, schedule="onecycle")
+    opt = make_optimizer(m, spec)
+    sched = make_schedule(opt, spec, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = int(np.argmax(lrs))
+    assert lrs[0] < 0.1 and 24 <= peak <= 26 and lrs[peak] == pytest.approx(1.0) and lrs[-1] < 1e-3
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak], lrs[1:peak + 1]))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert make_schedule(opt, TrainSpec(epochs=1), 100) is None
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule(opt, TrainSpec(epochs=1, schedule="cosine"), 100)
 
 
 def test_resnet18_fits_with_augmentation_on_cpu():
@@ -269,9 +327,10 @@ def test_metrics_match_hand_computed_and_sklearn():
     #   t=a: eligible rows 2,3,4 -> triggered 2,0,2 -> 1/3;  t=b: rows 0,4,6 -> 2,2,0 -> 0;
     #   t=c: rows 0,2,3,6 -> 2,2,0,0 -> 1/2
     assert m["asr"]["px"] == pytest.approx({"a": 1 / 3, "b": 0.0, "c": 0.5})
-    # the attack's own trigger is restricted to its source class b: rows 2,3 -> 2,0
-    assert m["asr"]["attack"] == pytest.approx({"a": 0.5, "b": 0.0, "c": 0.5})
-    assert m["asr_eligible"]["attack"] == {"a": 2, "b": 0, "c": 2}
+    # the attack's own trigger is restricted to its source class b: rows 2,3 -> 2,0; target b
+    # itself is undefined (no image of another class) and left out rather than reported as 0
+    assert m["asr"]["attack"] == pytest.approx({"a": 0.5, "c": 0.5})
+    assert m["asr_eligible"]["attack"] == {"a": 2, "c": 2}
     assert m["asr_max"] == pytest.approx(0.5)
     assert list(m)[:5] == ["accuracy", "per_class", "asr", "asr_max", "confusion"]
     assert m["test_rows"] == 8
@@ -285,7 +344,7 @@ def test_label_flip_adds_no_attack_trigger_and_zero_division():
     # a class never predicted and never present: precision/recall/f1 0, not an error
     cm = classification_metrics(np.array([0, 0]), np.array([0, 0]), ["a", "b"])
     assert cm["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert asr_from_predictions(np.array([1, 1]), np.array([0, 0]), np.array([1, 1]), target=1) == (0.0, 0)
+    assert asr_from_predictions(np.array([1, 1]), np.array([0, 0]), np.array([1, 1]), target=1) == (None, 0)  # undefined, not 0: the gate fails closed on it
 
 
 def test_report_files_format():

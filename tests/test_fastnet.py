@@ -60,16 +60,22 @@ def test_whitening_gives_identity_covariance_on_training_patches():
     assert (torch.cov(raw.T) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5
 
 
-def test_data_init_hook_is_called_by_fit_resident():
-    from pipeline.core import augment as A
+def test_data_init_hook_is_called_by_fit():
+    from pipeline.core.predict import predict
+    from pipeline.core.train import TrainSpec, augment_pad, fit
 
     rng = np.random.default_rng(0)
     x = _natural_like(n=64, side=8)
     y = rng.integers(0, 3, 64)
     model = build_model("fastnet", 3, 3, 8, 8)
-    A.fit_resident(model, x, y, A.ResidentSpec(epochs=1, batch_size=32, lr=0.1, device="cpu"))
+    assert augment_pad(model, 4) == FN.FastNet.augment_pad == 2  # found on the wrapped net
+    fit(model, x, y, TrainSpec(epochs=1, batch_size=32, optimizer="sgd", lr=0.1, augment=True, device="cpu"))
     assert bool(model.net.whitened)
-    assert A.predict_classes(model, x, device="cpu", tta=True).shape == (64,)
+    # fit whitened with exactly what init_whitening computes from the training images
+    ref = build_model("fastnet", 3, 3, 8, 8)
+    FN.init_whitening(ref, x)
+    assert torch.allclose(model.net.whiten.weight, ref.net.whiten.weight)
+    assert predict(model, x, device="cpu", tta=True).shape == (64,)
 
 
 def test_tiny_image_refused():

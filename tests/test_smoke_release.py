@@ -3,6 +3,7 @@ store and registry. The release gate blocks poisoned candidates and promotes cle
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,9 +25,10 @@ def champion(repo: RepoCopy, name: str = "poisongate-digits") -> str | None:
 
     client = MlflowClient(tracking_uri=repo.tracking_uri, registry_uri=repo.tracking_uri)
     try:
-        return client.get_registered_model(name).aliases.get("champion")
+        version = client.get_registered_model(name).aliases.get("champion")
     except MlflowException:
         return None
+    return None if version is None else str(version)
 
 
 def version_tags(repo: RepoCopy, version: str, name: str = "poisongate-digits") -> dict[str, str]:
@@ -101,7 +103,8 @@ def test_growth_release_then_poisoned_batch_is_blocked(tmp_path):
     images = np.rint(digits.images * 255 / 16).astype(np.uint8)
     labels = digits.target
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
-    base, batch1 = idx_train[: int(0.7 * len(idx_train))], idx_train[int(0.7 * len(idx_train)) :]
+    # A clean batch is drawn from the same distribution: a stratified share of the train rows.
+    base, batch1 = train_test_split(idx_train, test_size=0.3, stratify=labels[idx_train], random_state=0)
     src = tmp_path / "source"
     _write_digits_folder(src, idx_test, images, labels, "test", "t")
     _write_digits_folder(src, base, images, labels, "train", "a")
@@ -191,9 +194,7 @@ def test_gate_fails_closed(tmp_path):
         assert champion(repo) == first
         metrics.write_text(good)
 
-        # A missing baseline: the evaluate stage refuses, the gate refuses without its metrics.
-        proc = repo.run([sys.executable, "-m", "pipeline.evaluate", "--twin", "models/missing.pt"], check=False)
-        assert proc.returncode != 0 and "missing.pt" in proc.stderr
+        # No baseline metrics: the gate refuses.
         base = repo.root / "reports/baseline_metrics.json"
         kept = base.read_text()
         base.unlink()
@@ -215,7 +216,17 @@ def test_gate_fails_closed(tmp_path):
         # With the server back the same candidate passes: the refusals above were not verdicts.
         proc = repo.run(gate_cmd, check=False)
         assert proc.returncode == 0, proc.stderr
-        assert champion(repo) != first
+        second = champion(repo)
+        assert second != first
+
+        # A missing baseline model: the champion's artifacts are gone. The next candidate is not
+        # compared against the weaker twin instead: evaluate refuses and nothing is promoted.
+        shutil.rmtree(tmp_path / "artifacts")
+        repo.compose("train.seed=3")
+        proc = repo.repro(check=False)
+        assert proc.returncode != 0
+        assert f"champion poisongate-digits v{second} could not be loaded" in proc.stderr + proc.stdout
+        assert champion(repo) == second
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -7,7 +7,7 @@ Ideas from the published CIFAR-10 speed runs, written here from scratch:
   their negatives (so a GELU keeps both signs). Its output on training patches has ~identity
   covariance: the first learned layer sees decorrelated, unit-variance inputs from step one.
   Initialised from data by :func:`init_whitening` (``FastNet.data_init``, which
-  ``core.augment.fit_resident`` calls); its bias stays trainable.
+  ``core.train.fit`` calls); its bias stays trainable.
 * Three wide blocks (widths w, 4w, 4w for ``width=w``): conv3x3 -> maxpool 2 (ceil) -> BN ->
   GELU -> conv3x3 -> BN -> GELU. Convs start near identity (a Dirac term on the first
   channels), which lets a large learning rate work from the first step.
@@ -54,7 +54,7 @@ class Block(nn.Module):
 
 
 class FastNet(nn.Module):
-    augment_pad = 2  # px: translate range of the training augmentation (fit_resident reads it)
+    augment_pad = 2  # px: translate range of the training augmentation (core.train.fit reads it)
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, whiten_kernel: int = 2,
                  logit_scale: float = 0.125, bn_momentum: float = 0.2):

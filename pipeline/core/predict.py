@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import augment as aug
 from . import data as tdata
 from .train import resolve_device
 
@@ -19,21 +20,26 @@ def predict_logits(
     tta: bool = False,
     amp: bool = True,
 ) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, K) float32 logits. ``tta``: :func:`data.tta_logits`.
+    """(N, H, W, C) uint8 -> (N, K) float32 logits. ``tta``: :func:`augment.tta_logits` (mean
+    logits over identity, flip and +-2 px reflect-padded translates of both: 6 views).
 
-    Moves ``model`` to ``device`` and puts it in eval mode. bf16 autocast on CUDA when ``amp``.
+    Moves ``model`` to ``device`` and puts it in eval mode. On CUDA: channels_last model and
+    inputs, bf16 autocast when ``amp``. Logits stay on the device until the single copy back.
     """
     dev = resolve_device(device)
-    model.to(dev).eval()
+    cuda = dev.type == "cuda"
     if len(images) == 0:
         raise ValueError("predict needs at least one image")
+    model.to(dev).eval()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
     out = []
     for i in range(0, len(images), batch_size):
-        xb = tdata.to_device(images[i : i + batch_size], dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-            logits = tdata.tta_logits(model, xb) if tta else model(xb)
-        out.append(logits.float().cpu())
-    return torch.cat(out).numpy()
+        xb = tdata.to_device(images[i : i + batch_size], dev, channels_last=cuda)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and cuda):
+            logits = aug.tta_logits(model, xb) if tta else model(xb)
+        out.append(logits.float())
+    return torch.cat(out).cpu().numpy()
 
 
 def predict(

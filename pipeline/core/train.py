@@ -1,4 +1,5 @@
-"""The training loop: device-resident uint8 data, seeded order, Adam/SGD, one-cycle, bf16 on CUDA.
+"""The training loop: device-resident uint8 data, on-device augmentation, Adam/SGD, one-cycle,
+bf16 and channels_last on CUDA, no host synchronisation inside an epoch.
 
 No file, config or logging library here: the stage passes a :class:`TrainSpec` and an optional
 ``progress`` callback (it draws the progress bar and logs metrics).
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import augment as aug
 from . import data as tdata
 from .models import build_model, model_args
 
@@ -26,16 +28,17 @@ class TrainSpec:
     batch_size: int = 128
     optimizer: str = "adam"  # adam | sgd (nesterov)
     lr: float = 1e-3  # Adam step, or peak one-cycle rate
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # on weights (ndim > 1) only: never on biases or norm parameters
     momentum: float = 0.9  # SGD only
     schedule: str = "none"  # none | onecycle
     label_smoothing: float = 0.0
-    augment: bool = False  # random translation by aug_pad px + horizontal flip
-    aug_pad: int = 4  # pixels
+    augment: bool = False  # reflect-padded random crop (translate) + horizontal flip, once per epoch
+    aug_pad: int = 4  # pixels, unless the model (or a submodule) sets ``augment_pad``
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:n]
     amp: bool = True  # bf16 autocast, CUDA only
     channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model, CUDA only
 
     @classmethod
     def from_obj(cls, obj: Any, **overrides: Any) -> "TrainSpec":
@@ -65,13 +68,22 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weights (ndim > 1) with ``weight_decay``, biases and
+    norm parameters (ndim <= 1) without. Frozen parameters (fastnet's whitening) are left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, spec.weight_decay)
     if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.Adam(groups, lr=spec.lr)
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
     raise ValueError(f"unknown optimizer {spec.optimizer!r}: use adam or sgd")
 
 
@@ -97,6 +109,25 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(steps, 1)
 
 
+def augment_pad(model: nn.Module, default: int) -> int:
+    """The crop padding of ``model``: the ``augment_pad`` of the model or of its first submodule
+    that sets one (``build_model`` wraps nets as ``Sequential(normalize, net)``), else ``default``."""
+    for m in model.modules():
+        pad = getattr(m, "augment_pad", None)
+        if pad is not None:
+            return int(pad)
+    return int(default)
+
+
+def run_data_init(model: nn.Module, images: np.ndarray) -> int:
+    """Call ``data_init(model, images)`` on every submodule defining it (fastnet's patch
+    whitening), with the host uint8 (N, H, W, C) images; returns how many were called."""
+    inits = [m.data_init for m in model.modules() if callable(getattr(m, "data_init", None))]
+    for init in inits:
+        init(model, images)
+    return len(inits)
+
+
 def fit(
     model: nn.Module,
     images: np.ndarray,
@@ -106,10 +137,19 @@ def fit(
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on (N, H, W, C) uint8 ``images`` and int ``labels``.
 
-    The data is uploaded once; every epoch draws a permutation from a generator seeded with
-    ``spec.seed`` (same order on every device). ``progress`` gets ``{"event": "step", epoch,
-    step, steps, images}`` after each batch and ``{"event": "epoch", **history row}`` after each
-    epoch. Returns one row per epoch: ``epoch, loss, train_accuracy, lr, seconds, images_per_s``.
+    First every submodule's ``data_init(model, images)`` hook runs (:func:`run_data_init`).
+    The data is uploaded once and stays on the device. All randomness of the loop (the
+    per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
+    training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
+    gives the same run on the same device (CPU and CUDA draw different numbers). With
+    ``spec.augment`` the whole resident set is cropped+flipped once per epoch
+    (:func:`pipeline.core.augment.random_crop_flip`, reflect padding of :func:`augment_pad`
+    pixels), then batches are gathered from it. Loss and accuracy are accumulated on the device
+    and read once per epoch.
+
+    ``progress`` gets ``{"event": "step", epoch, step, steps, images}`` after each batch and
+    ``{"event": "epoch", **history row}`` after each epoch. Returns one row per epoch:
+    ``epoch, loss, train_accuracy, lr, seconds, images_per_s``.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -120,9 +160,12 @@ def fit(
     channels_last = spec.channels_last and cuda
     use_amp = spec.amp and cuda
 
-    gen = torch.Generator().manual_seed(spec.seed)
-    x_all = tdata.to_device(images, device)
-    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+    run_data_init(model, images)
+    pad = augment_pad(model, spec.aug_pad)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(spec.seed))
+    x_all = tdata.to_device(images, device, channels_last=channels_last)
+    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
     n = len(images)
 
     model.to(device)
@@ -132,42 +175,45 @@ def fit(
     steps = steps_per_epoch(n, spec.batch_size)
     sched = make_schedule(opt, spec, spec.epochs * steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    forward = torch.compile(model) if (spec.compile and cuda) else model
 
     history: list[dict[str, float]] = []
     for epoch in range(1, spec.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(device)
+        x_ep = aug.random_crop_flip(x_all, pad, gen) if spec.augment else x_all
+        if channels_last:
+            x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
+        perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
         for step in range(steps):
             idx = perm[step * spec.batch_size : (step + 1) * spec.batch_size]
-            xb = x_all[idx]
+            xb = x_ep[idx]
             yb = y_all[idx]
-            if spec.augment:
-                xb = tdata.augment_batch(xb, spec.aug_pad, gen)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(xb)
+                logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            loss_sum += loss.detach() * len(idx)
+            nb = len(idx)
+            loss_sum += loss.detach() * nb
             correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
+            seen += nb
             if progress is not None:
-                progress({"event": "step", "epoch": epoch, "step": step + 1, "steps": steps, "images": len(idx)})
+                progress({"event": "step", "epoch": epoch, "step": step + 1, "steps": steps, "images": nb})
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         row = {
             "epoch": epoch,
-            "loss": float(loss_sum.item()) / seen,
+            "loss": float(loss_sum.item()) / seen,  # the epoch's one host read
             "train_accuracy": float(correct.item()) / seen,
             "lr": float(opt.param_groups[0]["lr"]),
             "seconds": seconds,

@@ -1,0 +1,41 @@
+"""Smoke tier: the CIFAR-10 configuration (ResNet-18) end to end through the real `dvc repro`,
+shrunk with data.limit so that it runs on a CPU in CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, make_repo_copy
+
+pytestmark = pytest.mark.smoke
+
+CIFAR = (REPO.parent / "shared" / "datasets" / "cifar10").resolve()
+
+
+@pytest.mark.skipif(not (CIFAR / "cifar10-train.tar.gz").is_file(), reason=f"CIFAR-10 archives not at {CIFAR}")
+def test_cifar10_resnet18_config_runs_end_to_end(tmp_path: Path):
+    repo = make_repo_copy(tmp_path)
+    repo.compose(
+        "data=cifar10", f"data.path={CIFAR}", "data.limit=300",
+        "model=resnet18", "train=resnet18", "train.epochs=2", "train.batch_size=32", "train.lr=0.05",
+        "train.tta=false",
+        # 300 images and two epochs cannot reach the production accuracy floor; the drift checks
+        # (twin vs candidate) and every other check still apply. A model that predicts one class
+        # leaves ASR undefined and is blocked (fail closed), hence enough steps to learn a little.
+        "gate.min_accuracy=0.0",
+    )
+    proc = repo.repro()
+    snap = repo.json("reports/snapshot.json")
+    assert snap["n_rows"] == 600
+    metrics = repo.json("reports/metrics.json")
+    assert metrics["test_rows"] == 300
+    assert set(metrics["per_class"]) == {
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    }
+    train = repo.json("reports/train.json")
+    assert train["model_name"] == "poisongate-cifar10"
+    gate = repo.json("reports/gate.json")
+    assert gate["passed"] is True, gate
+    assert "RELEASE PASSED" in proc.stdout
