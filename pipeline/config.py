@@ -93,7 +93,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "none"  # none | onecycle
     label_smoothing: float = 0.0
-    augment: bool = False  # random crop (pad 4 px... see core.data) + horizontal flip
+    augment: bool = False  # padded random crop (reflect; pad = the model's augment_pad, else 4 px) + flip, see core.augment
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA

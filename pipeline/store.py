@@ -49,6 +49,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from pipeline.io import atomic_write_bytes as atomic_write
 from pipeline.core.hashing import sample_hash
 
 COLUMNS = ["sample_id", "sha256", "label", "split", "source_uri", "ingest_time", "snapshot_id", "pack", "pack_index"]
@@ -397,21 +398,6 @@ def _few(ids, k: int = MAX_LISTED) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:

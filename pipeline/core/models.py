@@ -120,20 +120,14 @@ def from_args(args: dict[str, Any]) -> nn.Sequential:
 
 def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **meta: Any) -> None:
     """torch.save ``{state_dict (CPU), model_args, **meta}`` atomically (temp file + replace)."""
-    import os
-    import tempfile
+    import io
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.io import atomic_write_bytes  # stdlib only: keeps the core free of other deps
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"state_dict": state, "model_args": args, **meta}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "model_args": args, **meta}, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
