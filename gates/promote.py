@@ -35,7 +35,21 @@ def current_champion(client: Any, model_name: str) -> Optional[str]:
     return None if version is None else str(version)
 
 
+class PromotionConflict(RuntimeError):
+    """The champion moved while this gate ran (another pipeline promoted)."""
+
+
+def registered_version(client: Any, model_name: str, version: str) -> Any:
+    """The registry's ModelVersion (raises MlflowException when it does not exist)."""
+    return client.get_model_version(model_name, version)
+
+
 def promote(client: Any, model_name: str, version: str, previous: Optional[str]) -> None:
+    # Compare-and-set as far as the registry allows: a champion that moved since the baseline
+    # was read means this candidate was never compared with it.
+    now = current_champion(client, model_name)
+    if now != previous:
+        raise PromotionConflict(f"champion moved from v{previous or 'none'} to v{now} during this gate run: re-run `dvc repro --force evaluate`")
     client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
     client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
     client.set_registered_model_alias(model_name, CHAMPION, version)

@@ -174,7 +174,11 @@ def identity_check(
     current_champion: Optional[str],
 ) -> Check:
     """Metrics must belong to the candidate just trained, on the same test split as the baseline,
-    and the baseline must be the registry's current champion (or the twin when there is none)."""
+    and the baseline must be the registry's current champion (or the twin when there is none).
+
+    A candidate that is itself the champion (the gate re-run after its promotion) keeps the
+    baseline it was promoted against.
+    """
     name = "metrics_identity"
     problems = []
     if not train_report:
@@ -189,19 +193,31 @@ def identity_check(
         problems.append("candidate and baseline were not evaluated on the same test split")
     info = baseline.get("baseline") or {}
     kind = info.get("kind")
-    if kind == "champion":
+    is_champion = train_report is not None and current_champion is not None and \
+        str(train_report.get("model_version")) == str(current_champion)
+    if kind not in ("champion", "twin"):
+        problems.append("baseline kind is missing")
+    elif is_champion:
+        pass
+    elif kind == "champion":
         if current_champion is None:
             problems.append("baseline is a champion but the registry has none now")
         elif str(info.get("model_version")) != str(current_champion):
             problems.append(f"baseline is champion v{info.get('model_version')} but the champion is now v{current_champion}")
-    elif kind == "twin":
-        if current_champion is not None:
-            problems.append(f"baseline is the clean twin but champion v{current_champion} exists")
-    else:
-        problems.append("baseline kind is missing")
+    elif current_champion is not None:
+        problems.append(f"baseline is the clean twin but champion v{current_champion} exists")
     if problems:
         return Check(name, None, None, False, "; ".join(problems) + ": stale metrics, re-run `dvc repro --force evaluate`")
     return Check(name, None, None, True, "metrics belong to the candidate and the current baseline")
+
+
+def prior_verdict_check(prior_verdict: Optional[str]) -> Check:
+    """A version the gate once blocked stays blocked: relaxing thresholds afterwards must not
+    promote it; the fix is a new training run (a new version)."""
+    if prior_verdict == "failed":
+        return Check("not_previously_blocked", None, None, False,
+                     "this model version was blocked by an earlier gate run; train a new version")
+    return Check("not_previously_blocked", None, None, True, "no earlier block of this version")
 
 
 def evaluate_gate(
@@ -211,10 +227,12 @@ def evaluate_gate(
     train_report: Optional[Mapping[str, Any]],
     current_champion: Optional[str],
     t: Thresholds,
+    prior_verdict: Optional[str] = None,
 ) -> list[Check]:
     """All checks, in report order. The release passes only if every one passed."""
     return [
         identity_check(candidate, baseline, train_report, current_champion),
+        prior_verdict_check(prior_verdict),
         validation_check(validated, candidate, t),
         *accuracy_checks(candidate, baseline, t),
         *asr_checks(candidate, baseline, t),

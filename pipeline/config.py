@@ -98,7 +98,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
-    tta: bool = False  # flip + translate test-time augmentation in evaluation
+    tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
 
 
 @dataclass
@@ -162,6 +162,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"unknown attack.name {cfg.attack.name!r}: use one of {', '.join(ATTACK_NAMES)}")
     if cfg.validate.on_fail not in ("stop", "warn"):
         raise ConfigError(f"validate.on_fail must be 'stop' or 'warn', not {cfg.validate.on_fail!r}")
+    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop"):
+        value = getattr(cfg.gate, key)
+        if not 0.0 <= value <= 1.0:  # also refuses NaN and inf: a threshold that cannot fail is no gate
+            raise ConfigError(f"gate.{key} must be a fraction in [0, 1], not {value}")
+    for key in ("min_provenance_coverage", "max_kl", "max_class_share_delta", "max_duplicate_rate",
+                "max_block_rate_increase"):
+        value = getattr(cfg.validate, key)
+        if not 0.0 <= value < float("inf"):
+            raise ConfigError(f"validate.{key} must be a finite non-negative number, not {value}")
     if cfg.data.limit is not None and cfg.data.limit <= 0:
         raise ConfigError(f"data.limit must be a positive row count or null, not {cfg.data.limit}")
 

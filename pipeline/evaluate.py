@@ -12,7 +12,9 @@ For the configured backdoor's own trigger (scan name ``attack``) a source-specif
 restricts the images to the source class; the scan set's triggers use every class != t.
 
 Baseline: the registry's ``<model_name>@champion`` re-evaluated on the current test split, or,
-without a champion, the clean twin checkpoint. Everything is logged into the training run.
+without a champion, the clean twin checkpoint (refused when trained on another snapshot).
+Gated metrics come from a plain forward pass, the model as registered; with ``train.tta`` the
+TTA accuracy is reported beside as ``accuracy_tta``. Everything is logged into the training run.
 """
 
 from __future__ import annotations
@@ -207,16 +209,32 @@ def confusion_png(confusion: list[list[int]], class_names: Sequence[str], title:
 # --------------------------------------------------------------------------- stage
 
 
-def _baseline(cfg, name: str, args, test_images, test_labels, class_names, scan, attack, device) -> dict:
+def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device) -> tuple[dict, np.ndarray]:
+    """Gate metrics of the model as registered and served: a plain forward pass. TTA would average
+    a location-specific trigger away and flatter accuracy, so with ``train.tta`` its accuracy is
+    only reported beside (``accuracy_tta``), never gated."""
+    metrics, pred = _evaluate(model, test_images, test_labels, class_names, scan, attack,
+                              cfg.eval.batch_size, device, tta=False)
+    if cfg.train.tta:
+        from sklearn.metrics import accuracy_score
+
+        from pipeline.core.predict import predict
+
+        tta_pred = predict(model, test_images, batch_size=cfg.eval.batch_size, device=device, tta=True)
+        metrics["accuracy_tta"] = float(accuracy_score(test_labels, tta_pred))
+    return metrics, pred
+
+
+def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, class_names, scan, attack,
+              device) -> dict:
     """Champion of the registry (re-evaluated) or, without one, the clean twin checkpoint."""
     from pipeline import tracking
 
-    common = dict(batch_size=cfg.eval.batch_size, device=device, tta=cfg.train.tta)
     mv = tracking.get_alias(name, "champion")
     if mv is not None:
         try:
             model = tracking.load_registered_model(name, "champion")
-            m = evaluate_model(model, test_images, test_labels, class_names, scan, attack, **common)
+            m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
             snap = (mv.tags or {}).get("snapshot_id")
             if snap is None and mv.run_id:
                 from mlflow import MlflowClient
@@ -239,8 +257,16 @@ def _baseline(cfg, name: str, args, test_images, test_labels, class_names, scan,
     tp = Path(args.twin)
     if not tp.is_file():
         raise EvaluateError(f"no champion for {name} and {tp} not found: run the twin stage")
-    model, ckpt = load_checkpoint(tp)
-    m = evaluate_model(model, test_images, test_labels, class_names, scan, attack, **common)
+    try:
+        model, ckpt = load_checkpoint(tp)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise EvaluateError(f"the twin checkpoint {tp} is unreadable ({type(exc).__name__}: {exc}): "
+                            "re-run `dvc repro --force twin`") from exc
+    # A twin of an older snapshot is a weaker baseline: refuse it rather than compare against it.
+    if ckpt.get("snapshot_id") != snapshot_id or [str(c) for c in ckpt.get("class_names") or []] != list(class_names):
+        raise EvaluateError(f"the twin {tp} was trained on snapshot {str(ckpt.get('snapshot_id'))[:12]}, the current "
+                            f"snapshot is {snapshot_id[:12]}: re-run `dvc repro twin`")
+    m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
     from pipeline.tracking import file_sha256
 
     m["model"] = {"checkpoint_sha256": file_sha256(tp), "model_version": None, "run_id": None}
@@ -254,7 +280,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline import view as view_mod
     from pipeline.tracking import file_sha256
 
-    report = read_json(Path(args.train_report))
+    try:
+        report = read_json(Path(args.train_report))
+    except FileNotFoundError:
+        raise EvaluateError(f"{args.train_report} not found: run the train stage") from None
+    except ValueError as exc:
+        raise EvaluateError(f"{args.train_report} is unreadable ({exc}): re-run `dvc repro --force train`") from exc
     cand = Path(args.candidate)
     if not cand.is_file():
         raise EvaluateError(f"{cand} not found: run the train stage")
@@ -291,15 +322,14 @@ def run(args: argparse.Namespace) -> int:
     device = cfg.train.device
     model, _ckpt = load_checkpoint(cand)
     scan = list(cfg.eval.scan)
-    metrics, pred = _evaluate(model, test_images, test_labels, class_names, scan, attack,
-                              cfg.eval.batch_size, device, cfg.train.tta)
+    metrics, pred = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
     metrics["model"] = {"checkpoint_sha256": sha, "model_version": report.get("model_version"),
                         "run_id": report.get("run_id")}
     metrics["snapshot_id"] = snapshot_id
     metrics["view_id"] = meta["view_id"]
 
     name = report.get("model_name") or config_mod.model_name(cfg)
-    base = _baseline(cfg, name, args, test_images, test_labels, class_names, scan, attack, device)
+    base = _baseline(cfg, name, args, snapshot_id, test_images, test_labels, class_names, scan, attack, device)
     base["snapshot_id"] = snapshot_id
     base["view_id"] = meta["view_id"]
 
@@ -333,8 +363,11 @@ def run(args: argparse.Namespace) -> int:
         MlflowClient().set_tag(run_id, "baseline", base["baseline"]["kind"])
         tracking.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
                                         args.confusion_png], artifact_path="evaluation")
+    def fmt(x: Optional[float]) -> str:
+        return "undefined" if x is None else f"{x:.3f}"
+
     print(f"evaluate: accuracy {metrics['accuracy']:.4f} (baseline {base['baseline']['kind']} "
-          f"{base['accuracy']:.4f}), asr_max {metrics['asr_max']} (baseline {base['asr_max']})",
+          f"{base['accuracy']:.4f}), asr_max {fmt(metrics['asr_max'])} (baseline {fmt(base['asr_max'])})",
           file=sys.stderr)
     return 0
 

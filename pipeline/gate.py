@@ -113,8 +113,12 @@ def _client(train_report: dict[str, Any]):
 def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     cfg = load(args.params)
     thresholds = Thresholds.from_config(cfg.gate)
-    name = model_name(cfg)
     train_report = read_report(Path(args.train_report), "train report")
+    name = train_report.get("model_name")
+    if name != model_name(cfg):
+        raise GateError(
+            f"the train report registered model {name!r} but the config names {model_name(cfg)!r}: "
+            "re-run `dvc repro` so train, evaluate and gate agree")
     candidate = read_report(Path(args.metrics), "candidate metrics")
     baseline = read_report(Path(args.baseline_metrics), "baseline metrics")
     try:
@@ -134,12 +138,22 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     try:
         client = _client(train_report)
         champion = promote.current_champion(client, name)
+        registered = promote.registered_version(client, name, str(version))
     except MlflowException as exc:
         raise GateError(f"cannot read the registry ({exc.message.splitlines()[0]}): is the tracking server up? Not promoted") from exc
     except Exception as exc:  # connection errors surface as several types
         raise GateError(f"cannot reach the tracking store ({type(exc).__name__}: {exc}): not promoted") from exc
 
-    checks = evaluate_gate(candidate, baseline, validated, train_report, champion, thresholds)
+    # The version to promote must be the one trained in this run and measured in these metrics.
+    tags = dict(registered.tags or {})
+    sha = (candidate.get("model") or {}).get("checkpoint_sha256")
+    if registered.run_id != run_id or tags.get("checkpoint_sha256") != sha:
+        raise GateError(
+            f"{name} v{version} in the registry was not produced by run {run_id} with the evaluated "
+            "checkpoint: re-run `dvc repro --force train`")
+
+    checks = evaluate_gate(candidate, baseline, validated, train_report, champion, thresholds,
+                           prior_verdict=tags.get(promote.TAG_VERDICT))
     report = verdict(checks, baseline.get("baseline") or {}, model)
     try:
         # The verdict reaches the run before the alias moves: a promotion must never be left
@@ -151,6 +165,10 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             else:
                 promote.promote(client, name, str(version), champion)
                 report["promotion"] = f"champion: v{champion or 'none'} -> v{version}"
+        elif champion == str(version):
+            # Re-judged after its promotion (e.g. thresholds tightened): report it, but the live
+            # champion is neither demoted nor tagged as blocked here; a person decides.
+            report["promotion"] = f"v{version} is the champion and fails these checks now; alias left in place"
         else:
             promote.block(client, name, str(version), [f"{c.name}: {c.reason}" for c in checks if not c.passed])
             report["promotion"] = f"not promoted; champion stays v{champion or 'none'}"
@@ -179,7 +197,11 @@ def show(path: Path, since: Optional[float], repro_rc: int) -> int:
     if stale:
         print("RELEASE BLOCKED: the pipeline stopped before the gate (see the error above); nothing was promoted.")
         return 1
-    report = read_json(path)
+    try:
+        report = read_json(path)
+    except (OSError, ValueError) as exc:
+        print(f"RELEASE BLOCKED: {path} is unreadable ({exc}); nothing is known to be promoted.")
+        return 1
     print(verdict_table(report))
     return 0 if report.get("passed") else 1
 

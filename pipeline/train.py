@@ -36,6 +36,8 @@ def check_validated(validated: dict, view_id: str, snapshot_id: str, on_fail_def
     Raises :class:`TrainError` when ``validated`` names another view or snapshot, or when
     validation failed and ``on_fail`` is ``stop``.
     """
+    if not isinstance(validated, dict):
+        raise TrainError("validated.json is not a JSON object: re-run the validate stage")
     for key in ("view_id", "success"):
         if key not in validated:
             raise TrainError(f"validated.json lacks {key!r}: re-run the validate stage")
@@ -49,7 +51,7 @@ def check_validated(validated: dict, view_id: str, snapshot_id: str, on_fail_def
             f"data/validated.json names snapshot {str(validated['snapshot_id'])[:12]}, the view is over "
             f"{snapshot_id[:12]}: re-run the validate stage"
         )
-    if validated["success"]:
+    if validated["success"] is True:
         return None
     on_fail = validated.get("on_fail") or on_fail_default
     if on_fail == "warn":
@@ -253,7 +255,7 @@ def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -
     try:
         return fn(args)
     except IntegrityError as exc:
-        print(f"error: integrity check failed, training aborted: {exc}", file=sys.stderr)
+        print(f"error: integrity check failed, stage aborted: {exc}", file=sys.stderr)
         return 1
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)

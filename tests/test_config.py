@@ -46,6 +46,10 @@ def test_missing_required_value_is_refused():
         ("validate", "on_fail", "ignore", "on_fail"),
         ("data", "limit", 0, "data.limit"),
         ("train", "epochs", "many", "epochs"),
+        ("gate", "max_asr", float("inf"), "gate.max_asr"),
+        ("gate", "min_accuracy", -0.1, "gate.min_accuracy"),
+        ("gate", "max_recall_drop", float("nan"), "gate.max_recall_drop"),
+        ("validate", "max_kl", -1.0, "validate.max_kl"),
     ],
 )
 def test_bad_values_are_refused(section, key, value, match):

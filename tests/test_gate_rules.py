@@ -143,3 +143,18 @@ def test_inputs_are_not_mutated():
 
 def test_no_checks_is_not_a_pass():
     assert not passed([])
+
+
+def test_a_blocked_version_stays_blocked():
+    checks = by_name(evaluate_gate(metrics(), baseline(), VALID, TRAIN, None, T, prior_verdict="failed"))
+    assert not checks["not_previously_blocked"].passed
+    assert not passed(list(checks.values()))
+    assert by_name(evaluate_gate(metrics(), baseline(), VALID, TRAIN, None, T, prior_verdict="passed"))["not_previously_blocked"].passed
+
+
+def test_gate_rerun_after_promotion_keeps_its_baseline():
+    # TRAIN's version 2 was promoted against the twin; re-running the gate must not call that stale.
+    assert identity_check(metrics(), baseline("twin"), TRAIN, "2").passed
+    assert identity_check(metrics(), baseline("champion", "1"), TRAIN, "2").passed
+    # ...but another version's champion still makes a twin baseline stale.
+    assert not identity_check(metrics(), baseline("twin"), TRAIN, "3").passed

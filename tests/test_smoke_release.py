@@ -54,6 +54,9 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
     assert gate["baseline"]["kind"] == "twin"
     first = repo.json("reports/train.json")["model_version"]
     assert champion(repo) == str(first)
+    # No stage is recorded in DVC's run cache: an old verdict can never be restored from it.
+    runs = repo.root / ".dvc" / "cache" / "runs"
+    assert not runs.exists() or not any(p.is_file() for p in runs.rglob("*"))
     # Resume/re-run: a second `dvc repro` re-runs nothing.
     again = repo.repro()
     assert "Running stage" not in again.stdout, again.stdout
