@@ -180,12 +180,13 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
+    from pipeline.tracking import metric_key
+
     now = int(time.time() * 1000)
     metrics = [Metric("gate_passed", 1.0 if report["passed"] else 0.0, now, 0)]
     for c in report["checks"]:
         if c["value"] is not None:
-            key = "gate." + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in c["name"])
-            metrics.append(Metric(key, float(c["value"]), now, 0))
+            metrics.append(Metric(metric_key(f"gate.{c['name']}"), float(c["value"]), now, 0))
     client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, "gate.verdict", "passed" if report["passed"] else "blocked")
     client.set_tag(run_id, "gate.failed_checks", ", ".join(report["failed"])[:4900] or "none")

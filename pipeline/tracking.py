@@ -113,18 +113,14 @@ def _log_metric_rows(run_id: str, rows: Iterable[tuple[str, float, int]]) -> Non
 
     client = MlflowClient()
     now = int(time.time() * 1000)
-    metrics = [Metric(_metric_key(k), v, now, s) for k, v, s in rows]
+    metrics = [Metric(metric_key(k), v, now, s) for k, v, s in rows]
     for i in range(0, len(metrics), METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
 
 
-def _metric_key(name: str) -> str:
+def metric_key(name: str) -> str:
     """MLflow keys allow alphanumerics, _ - . space / : anything else becomes _."""
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
-
-
-def metric_key(name: str) -> str:
-    return _metric_key(name)
 
 
 def log_snapshot_input(manifest, snapshot_id: str, name: str, source: str) -> None:
