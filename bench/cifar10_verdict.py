@@ -10,7 +10,8 @@ the clean test split, the gate's accuracy and per-class recall rules applied):
   (b) ``resnet18``: ``pipeline.core.models.build_model("resnet18")`` trained by the project's
       one training loop (``pipeline.core.train.train_model``/``fit``: resident uint8 data,
       on-device crop+flip, bf16, channels_last, SGD one-cycle, label smoothing) with
-      conf/train/resnet18.yaml; evaluated by ``pipeline.core.predict`` with TTA.
+      conf/train/resnet18.yaml; evaluated by ``pipeline.core.predict``: plain forward (gated, as in
+      the pipeline) and, when the train config says ``tta``, with TTA (reported).
   (c) ``fastnet``: the same with ``fastnet`` and conf/train/fastnet.yaml + conf/model/fastnet.yaml.
 
 Imports torch, torchvision, numpy and Pillow only (plus the repository's torch-only core and the
@@ -25,13 +26,15 @@ Timing: ``s/model`` = training wall time of one model (data upload, whitening in
 synchronised), ``s/epoch`` = mean epoch time, ``to verdict`` = wall time from the start of the twin's
 training to the gate verdict (both trainings, both evaluations, the gate). JPEG decoding is shared
 by all configurations and reported once. Before timing, each configuration runs one untimed
-warm-up (1 epoch on a small subset: cuDNN autotuning, allocator; ``--no-warmup`` to skip).
+warm-up (1 epoch on a subset ending in a batch of the real last-batch size, then one evaluation:
+cuDNN autotuning of every batch shape, allocator; ``--no-warmup`` to skip).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import os
 import platform
@@ -334,6 +337,12 @@ def train_core(name: str, width: int, spec: TrainSpec, x: np.ndarray, y: np.ndar
     return Trained(model.eval(), time.perf_counter() - t0, [h["seconds"] for h in hist])
 
 
+def warm_size(n: int, batch: int, full_batches: int = 4) -> int:
+    """Rows of a warm-up subset: a few full batches plus one of the size the full set's last
+    batch has (``n % batch``), so every batch shape of the timed run is autotuned beforehand."""
+    return min(n, full_batches * batch + n % batch)
+
+
 # ----------------------------------------------------------------------------- one verdict
 
 
@@ -353,14 +362,25 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+Predictions = tuple[np.ndarray, Optional[np.ndarray]]  # plain forward (gated), TTA (reported) or None
+
+
+def evaluate(predict_fn: Callable[[nn.Module], Predictions], model: nn.Module, data: Data) -> dict[str, Any]:
+    """Metrics of the plain forward pass (what the pipeline's gate uses) plus ``accuracy_tta``."""
+    plain, tta = predict_fn(model)
+    m = metrics(plain, data.y_test, data.class_names)
+    m["accuracy_tta"] = float(np.mean(tta == data.y_test)) if tta is not None else None
+    return m
+
+
 def verdict(config: str, trial: int, epochs: int, train_fn: Callable[[np.ndarray], Trained],
-            predict_fn: Callable[[nn.Module], np.ndarray], data: Data, y_poison: np.ndarray,
+            predict_fn: Callable[[nn.Module], Predictions], data: Data, y_poison: np.ndarray,
             thr: dict[str, float], dev: torch.device, log: Callable[[str], None]) -> Result:
     t0 = time.perf_counter()
     twin = train_fn(data.y_train)
-    m_twin = metrics(predict_fn(twin.model), data.y_test, data.class_names)
+    m_twin = evaluate(predict_fn, twin.model, data)
     cand = train_fn(y_poison)
-    m_cand = metrics(predict_fn(cand.model), data.y_test, data.class_names)
+    m_cand = evaluate(predict_fn, cand.model, data)
     checks = gate(m_cand, m_twin, thr)
     sync(dev)
     total = time.perf_counter() - t0
@@ -371,7 +391,7 @@ def verdict(config: str, trial: int, epochs: int, train_fn: Callable[[np.ndarray
                blocked, recall_blocked)
     failed = [c["name"] for c in checks if not c["passed"]]
     log(f"  {config} trial {trial}: {r.epoch_s:.3f} s/epoch, {r.model_s:.2f} s/model, verdict in {total:.2f} s; "
-        f"acc twin {m_twin['accuracy']:.4f} cand {m_cand['accuracy']:.4f}; "
+        f"acc twin {m_twin['accuracy']:.4f} (TTA {m_twin['accuracy_tta']}) cand {m_cand['accuracy']:.4f}; "
         f"{'BLOCKED (' + ', '.join(failed) + ')' if blocked else 'passed'}")
     return r
 
@@ -385,34 +405,64 @@ def _ms(vals: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
 
 
-def table(results: list[Result], source_name: str, header: dict[str, Any]) -> str:
+def clean_pairs(rs: list[Result], thr: dict[str, float]) -> dict[str, Any]:
+    """The gate's false alarms on clean models: every ordered pair of two trials' clean twins
+    (different seeds, same data), one as candidate, the other as baseline, under the drop rules
+    (accuracy_drop and recall_drop; the absolute accuracy floor is left out)."""
+    pairs = [(a, b) for a in rs for b in rs if a is not b]
+    blocked, rec, acc = 0, [], []
+    for base, cand in pairs:
+        checks = [c for c in gate(cand.twin, base.twin, thr) if c["name"] != "accuracy"]
+        blocked += not all(c["passed"] for c in checks)
+        rec.append(max(c["value"] for c in checks if c["name"].startswith("recall_drop")))
+        acc.append(base.twin["accuracy"] - cand.twin["accuracy"])
+    return {"pairs": len(pairs), "blocked": blocked, "max_recall_drop": max(rec, default=None),
+            "max_accuracy_drop": max(acc, default=None)}
+
+
+def table(results: list[Result], source_name: str, header: dict[str, Any], thr: dict[str, float]) -> str:
     configs = list(dict.fromkeys(r.config for r in results))
-    ref = [r for r in results if r.config == configs[0]] if configs and configs[0] == "reference" else []
-    ref_t = statistics.mean(r.verdict_s for r in ref) if ref else None
+    refs = [c for c in configs if c.startswith("reference")]
+    ref_t = {c: statistics.mean(r.verdict_s for r in results if r.config == c) for c in refs}
+    ref = [r for r in results if refs and r.config == refs[0]]
     ref_acc = statistics.mean(r.twin["accuracy"] for r in ref) if ref else None
     lines = [f"# CIFAR-10 two-model verdict ({header['mode']})", ""]
     for k, v in header.items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "| config | trials | epochs | s/epoch | s/model | s to verdict | speed-up vs (a) | clean acc (twin) "
-              "| candidate acc | class-1 recall twin → cand | Δ acc vs (a), pt | verdict (blocked / trials) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    speed_head = "speed-up vs " + " / ".join(refs) if refs else "speed-up"
+    lines += ["", f"| config | trials | epochs | s/epoch | s/model | s to verdict | {speed_head} | clean acc (twin) "
+              "| twin acc with TTA | candidate acc | class-1 recall twin → cand | Δ acc vs (a), pt (TTA) "
+              "| verdict (blocked / trials) | clean-pair false alarms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         rs = [r for r in results if r.config == c]
         twin_acc = [r.twin["accuracy"] for r in rs]
         rec_t = [r.twin["per_class"][source_name]["recall"] for r in rs]
         rec_c = [r.cand["per_class"][source_name]["recall"] for r in rs]
-        speed = f"{ref_t / statistics.mean(r.verdict_s for r in rs):.1f}×" if ref_t else "—"
+        mine = statistics.mean(r.verdict_s for r in rs)
+        speed = " / ".join(f"{t / mine:.1f}×" for t in ref_t.values()) if ref_t else "—"
+        cp = clean_pairs(rs, thr)
+        fa = (f"{cp['blocked']}/{cp['pairs']} (max recall drop {100 * cp['max_recall_drop']:.1f} pt)"
+              if cp["pairs"] else "— (1 trial)")
+        tta_acc = [r.twin["accuracy_tta"] for r in rs if r.twin.get("accuracy_tta") is not None]
         dacc = f"{100 * (statistics.mean(twin_acc) - ref_acc):+.1f}" if ref_acc is not None else "—"
+        if ref_acc is not None and tta_acc:
+            dacc += f" ({100 * (statistics.mean(tta_acc) - ref_acc):+.1f})"
+        tta_cell = f"{_ms([100 * a for a in tta_acc], '.2f')}%" if tta_acc else "—"
         nb = sum(r.blocked for r in rs)
         nr = sum(r.recall_blocked for r in rs)
         lines.append(
             f"| {c} | {len(rs)} | {rs[0].epochs} | {_ms([r.epoch_s for r in rs], '.3f')} | {_ms([r.model_s for r in rs], '.2f')} "
             f"| {_ms([r.verdict_s for r in rs], '.2f')} | {speed} | {_ms([100 * a for a in twin_acc], '.2f')}% "
-            f"| {_ms([100 * r.cand['accuracy'] for r in rs], '.2f')}% | {_ms([100 * v for v in rec_t], '.1f')}% → "
-            f"{_ms([100 * v for v in rec_c], '.1f')}% | {dacc} | {nb}/{len(rs)} (recall rule {nr}/{len(rs)}) |")
-    lines += ["", "Verdict: candidate (40% of class `" + source_name + "` relabelled) vs its clean twin under the gate's "
+            f"| {tta_cell} | {_ms([100 * r.cand['accuracy'] for r in rs], '.2f')}% | {_ms([100 * v for v in rec_t], '.1f')}% → "
+            f"{_ms([100 * v for v in rec_c], '.1f')}% | {dacc} | {nb}/{len(rs)} (recall rule {nr}/{len(rs)}) | {fa} |")
+    lines += ["", "Accuracies are of the plain forward pass, which the pipeline's gate uses; `twin acc with TTA` "
+              "(flip + ±2 px translates, 6 views) is what `evaluate` reports as `accuracy_tta`; (a) has no TTA.",
+              "", "Verdict: candidate (40% of class `" + source_name + "` relabelled) vs its clean twin under the gate's "
               "accuracy and per-class recall rules; `recall rule` counts trials where a per-class recall drop alone "
-              "blocks it (the detection that matters; `min_accuracy` also blocks any model under the floor).", ""]
+              "blocks it (the detection that matters; `min_accuracy` also blocks any model under the floor). "
+              "`clean-pair false alarms`: ordered pairs of two trials' clean twins (different seeds) that the drop "
+              "rules (accuracy_drop, recall_drop) would block, and the largest per-class recall drop between them.", ""]
     return "\n".join(lines)
 
 
@@ -427,7 +477,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--trials", type=int, default=3, help="trials of (b) and (c)")
     ap.add_argument("--ref-trials", type=int, default=1, help="trials of (a), the slow reference")
     ap.add_argument("--ref-epochs", type=int, default=10)
-    ap.add_argument("--ref-workers", type=int, default=4, help="DataLoader workers of the reference loop")
+    ap.add_argument("--ref-workers", default="4",
+                    help="DataLoader workers of the reference loop; a comma list (4,2) times one reference per "
+                         "value, the first named `reference`, the others `reference-w<N>`")
     ap.add_argument("--epochs", action="append", default=[], metavar="CONFIG=N", help="override epochs, e.g. fastnet=12")
     ap.add_argument("--compile", action="store_true", help="torch.compile (b) and (c) (off by default)")
     ap.add_argument("--no-tta", action="store_true")
@@ -460,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.out == DEFAULT_OUT:
             args.out = str(REPO / "bench/results/cifar10_verdict_smoke.md")
         args.image_size = args.image_size or 16
-        args.trials, args.ref_trials, args.ref_workers, args.no_warmup = 1, 1, 0, True
+        args.trials, args.ref_trials, args.ref_workers, args.no_warmup = 1, 1, "0", True
         args.ref_epochs = 1
         for c in ("resnet18", "fastnet"):
             epochs_override.setdefault(c, 1)
@@ -469,6 +521,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         if c not in ("reference", "resnet18", "fastnet"):
             print(f"error: unknown config {c!r}", file=sys.stderr)
             return 2
+    try:
+        ref_workers = [int(w) for w in str(args.ref_workers).split(",") if w.strip()]
+    except ValueError:
+        ref_workers = []
+    if not ref_workers or min(ref_workers) < 0:
+        print(f"error: --ref-workers must be a comma list of integers >= 0, got {args.ref_workers!r}", file=sys.stderr)
+        return 2
+    loader_workers: dict[str, int] = {}
+    if "reference" in configs:
+        names = ["reference"] + [f"reference-w{w}" for w in ref_workers[1:]]
+        loader_workers = dict(zip(names, ref_workers))
+        i = configs.index("reference")
+        configs[i:i + 1] = names
 
     dev = resolve_device(args.device)
     if dev.type == "cuda":
@@ -494,19 +559,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     specs: dict[str, dict] = {}
 
     for c in configs:
-        if c == "reference":
-            ep, n_trials = args.ref_epochs, args.ref_trials
+        if c.startswith("reference"):
+            ep, n_trials, nw = args.ref_epochs, args.ref_trials, loader_workers[c]
             specs[c] = {"optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": ep, "amp": False,
-                        "loader_workers": args.ref_workers}
+                        "loader_workers": nw}
 
-            def make_train(seed: int, ep: int = ep) -> Callable[[np.ndarray], Trained]:
-                return lambda y: train_reference(data.x_train, y, n_cls, ep, dev, args.ref_workers, seed)
+            def make_train(seed: int, ep: int = ep, nw: int = nw) -> Callable[[np.ndarray], Trained]:
+                return lambda y: train_reference(data.x_train, y, n_cls, ep, dev, nw, seed)
 
-            def predict_fn(model: nn.Module) -> np.ndarray:
-                return predict_reference(model, data.x_test, dev, args.ref_workers)
+            def predict_fn(model: nn.Module, nw: int = nw) -> Predictions:
+                return predict_reference(model, data.x_test, dev, nw), None
 
             def warm() -> None:
-                train_reference(data.x_train[:2048], data.y_train[:2048], n_cls, 1, dev, 0, 0)
+                # a subset that ends in a batch of the full set's last-batch size: those shapes get
+                # their cuDNN autotuning here, not in the first timed trial
+                n_tr, n_te = warm_size(len(data.x_train), 128), warm_size(len(data.x_test), 512)
+                t = train_reference(data.x_train[:n_tr], data.y_train[:n_tr], n_cls, 1, dev, 0, 0)
+                predict_reference(t.model, data.x_test[:n_te], dev, 0)
         else:
             tcfg = read_flat_yaml(REPO / f"conf/train/{c}.yaml")
             mcfg = read_flat_yaml(REPO / f"conf/model/{c}.yaml")
@@ -523,12 +592,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 spec = replace(base, seed=seed)
                 return lambda y: train_core(c, width, spec, data.x_train, y, n_cls)
 
-            def predict_fn(model: nn.Module, tta: bool = tta) -> np.ndarray:
-                return predict(model, data.x_test, batch_size=1024, device=dev, tta=tta)
+            def predict_fn(model: nn.Module, tta: bool = tta) -> Predictions:
+                plain = predict(model, data.x_test, batch_size=1024, device=dev)
+                return plain, (predict(model, data.x_test, batch_size=1024, device=dev, tta=True) if tta else None)
 
-            def warm(c: str = c, base: TrainSpec = base, width: int = width, tta: bool = tta) -> None:
-                t = train_core(c, width, replace(base, epochs=1), data.x_train[:4096], data.y_train[:4096], n_cls)
-                predict(t.model, data.x_test[:2048], batch_size=1024, device=dev, tta=tta)
+            def warm(c: str = c, base: TrainSpec = base, width: int = width) -> None:
+                n_tr = warm_size(len(data.x_train), base.batch_size)
+                t = train_core(c, width, replace(base, epochs=1), data.x_train[:n_tr], data.y_train[:n_tr], n_cls)
+                predict_fn(t.model)
 
         log(f"[{c}] {n_trials} trial(s), {ep} epochs")
         if not args.no_warmup:
@@ -547,20 +618,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         "data": f"{args.data} ({len(data.x_train)} train / {len(data.x_test)} test, {data.x_train.shape[1]} px; decoded in {data.decode_s:.1f} s by {data.loader})",
         "poison": f"{n_flipped} of class {data.class_names[args.source]} → {data.class_names[args.target]} (rate {args.rate})",
         "gate": ", ".join(f"{k}={v}" for k, v in thr.items()) + " (conf/gate/default.yaml)",
-        "warm-up": "none" if args.no_warmup else "one untimed 1-epoch run per config",
+        "warm-up": "none" if args.no_warmup else "one untimed 1-epoch run per config (4 batches + one of the last batch's size) and one evaluation",
         "compile": args.compile,
         "configs": "; ".join(f"{c}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("device",)) for c, s in specs.items()),
         "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
-    text = table(results, data.class_names[args.source], header)
+    text = table(results, data.class_names[args.source], header, thr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    raw = json.dumps({"header": header, "thresholds": thr, "results": [asdict(r) for r in results]}, indent=1)
+    for path, body in ((out, text), (out.with_suffix(".json"), raw)):  # every trial, per-class, for re-analysis
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, path)
     print()
     print(text)
-    print(f"saved {out}")
+    print(f"saved {out} and {out.with_suffix('.json')}")
     return 0
 
 

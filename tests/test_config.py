@@ -24,6 +24,35 @@ def test_overrides_compose_and_cifar_path_resolves():
     assert model_name(cfg) == "poisongate-cifar10"
 
 
+def test_cifar10_gate_preset_changes_only_its_two_measured_thresholds():
+    base = from_container(compose()).gate
+    cifar = from_container(compose(["data=cifar10", "model=fastnet", "train=fastnet", "gate=cifar10"])).gate
+    assert (cifar.min_accuracy, cifar.max_recall_drop) == (0.85, 0.07)
+    for key in ("max_asr", "max_asr_increase", "max_accuracy_drop", "require_validation"):
+        assert getattr(cifar, key) == getattr(base, key), key
+
+
+
+def test_cifar10_gate_preset_agrees_with_the_committed_gpu_measurement():
+    """conf/gate/cifar10.yaml cites bench/results/cifar10_verdict.json: every measured model
+    clears the floor, no pair of clean twins trips the recall rule, every 40%-flip candidate does."""
+    import itertools
+    import json
+
+    gate = from_container(compose(["gate=cifar10"])).gate
+    runs = json.loads((REPO / "bench/results/cifar10_verdict.json").read_text())["results"]
+    ours = [r for r in runs if r["config"] in ("resnet18", "fastnet")]
+    assert len(ours) >= 6
+    for r in ours:
+        assert min(r["twin"]["accuracy"], r["cand"]["accuracy"]) > gate.min_accuracy
+        drops = {c: r["twin"]["per_class"][c]["recall"] - r["cand"]["per_class"][c]["recall"] for c in r["twin"]["per_class"]}
+        assert drops["automobile"] > gate.max_recall_drop, (r["config"], r["trial"])
+    for cfg in ("resnet18", "fastnet"):
+        twins = [r["twin"]["per_class"] for r in ours if r["config"] == cfg]
+        for a, b in itertools.permutations(twins, 2):
+            assert max(a[c]["recall"] - b[c]["recall"] for c in a) < gate.max_recall_drop
+
+
 def test_unknown_key_is_refused(tmp_path):
     raw = OmegaConf.to_container(compose())
     raw["train"]["lr_typo"] = 0.1

@@ -69,10 +69,16 @@ def test_normalize_uses_training_stats():
 def test_channel_stats_match_numpy():
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (37, 5, 5, 3), dtype=np.uint8)
-    mean, std = tdata.channel_stats(imgs, chunk=8)
+    imgs[..., 2] = 7  # a constant channel is left unscaled (std 1) instead of dividing by 0
+    mean, std = tdata.channel_stats(imgs)
     f = imgs.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, f.mean(0), rtol=1e-9)
-    np.testing.assert_allclose(std, f.std(0), rtol=1e-9)
+    np.testing.assert_allclose(std[:2], f.std(0)[:2], rtol=1e-9)
+    assert std[2] == 1.0
+    # a tensor input gives the same numbers; float input is refused
+    assert tdata.channel_stats(torch.from_numpy(imgs)) == (mean, std)
+    with pytest.raises(ValueError, match="uint8"):
+        tdata.channel_stats(imgs.astype(np.float32))
 
 
 def test_checkpoint_roundtrip(tmp_path):

