@@ -414,7 +414,9 @@ def clean_pairs(rs: list[Result], thr: dict[str, float]) -> dict[str, Any]:
     for base, cand in pairs:
         checks = [c for c in gate(cand.twin, base.twin, thr) if c["name"] != "accuracy"]
         blocked += not all(c["passed"] for c in checks)
-        rec.append(max(c["value"] for c in checks if c["name"].startswith("recall_drop")))
+        drops = [c["value"] for c in checks if c["name"].startswith("recall_drop") and c["value"] is not None]
+        if drops:
+            rec.append(max(drops))
         acc.append(base.twin["accuracy"] - cand.twin["accuracy"])
     return {"pairs": len(pairs), "blocked": blocked, "max_recall_drop": max(rec, default=None),
             "max_accuracy_drop": max(acc, default=None)}
@@ -442,8 +444,9 @@ def table(results: list[Result], source_name: str, header: dict[str, Any], thr: 
         mine = statistics.mean(r.verdict_s for r in rs)
         speed = " / ".join(f"{t / mine:.1f}×" for t in ref_t.values()) if ref_t else "—"
         cp = clean_pairs(rs, thr)
-        fa = (f"{cp['blocked']}/{cp['pairs']} (max recall drop {100 * cp['max_recall_drop']:.1f} pt)"
-              if cp["pairs"] else "— (1 trial)")
+        fa = f"{cp['blocked']}/{cp['pairs']}" if cp["pairs"] else "— (1 trial)"
+        if cp["max_recall_drop"] is not None:
+            fa += f" (max recall drop {100 * cp['max_recall_drop']:.1f} pt)"
         tta_acc = [r.twin["accuracy_tta"] for r in rs if r.twin.get("accuracy_tta") is not None]
         dacc = f"{100 * (statistics.mean(twin_acc) - ref_acc):+.1f}" if ref_acc is not None else "—"
         if ref_acc is not None and tta_acc:

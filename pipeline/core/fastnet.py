@@ -135,7 +135,7 @@ def patch_covariance(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     patch vectors ordered like a conv weight's (C, k, k) flattening. Computed on ``x``'s device;
     the patches come from strided views (``Tensor.unfold``), not ``F.unfold``, whose CUDA
     im2col launches one kernel per image."""
-    n, c = x.shape[:2]
+    c = x.shape[1]
     p = x.double().unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H', W', k, k) view
     p = p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
     mean = p.mean(0)
@@ -159,8 +159,7 @@ def init_whitening(model: nn.Module, images: np.ndarray | torch.Tensor, max_imag
     k = conv.kernel_size[0]
     x = whitening_input(model, _sample(images, max_images))
     mean, cov = patch_covariance(x, k)
-    # a d x d eigenproblem (d = 12): on the CPU, so CUDA and CPU runs get the same filters and
-    # no cuSOLVER context is created for it
+    # a d x d eigenproblem (d = 12): solved on the CPU, which spares creating a cuSOLVER context
     mean, cov = mean.cpu(), cov.cpu()
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
