@@ -26,7 +26,6 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-from cifar10_verdict import load_data, read_flat_yaml, resize  # noqa: E402
+from cifar10_verdict import core_config, load_data, parse_scalar, resize  # noqa: E402
 from pipeline.core.predict import predict  # noqa: E402
 from pipeline.core.train import TrainSpec, fit, resolve_device, train_model  # noqa: E402
 
@@ -54,32 +53,18 @@ def parse_run(text: str) -> tuple[str, dict[str, Any]]:
         k, sep, v = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --run {text!r}: expected key=value, got {item!r}")
-        kw[k] = read_flat_yaml_value(v)
+        kw[k] = parse_scalar(v)
+    try:  # refuse unknown keys before any data is loaded
+        core_config(name, "cpu", **kw)
+    except ValueError as e:
+        raise SystemExit(f"error: --run {text!r}: {e}") from None
     return name, kw
 
 
-def read_flat_yaml_value(v: str) -> Any:
-    if v in ("true", "false"):
-        return v == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 def make_spec(name: str, kw: dict[str, Any], device: str) -> tuple[TrainSpec, int, dict[str, Any]]:
-    tcfg = read_flat_yaml(REPO / f"conf/train/{name}.yaml")
-    mcfg = read_flat_yaml(REPO / f"conf/model/{name}.yaml")
-    changed = dict(kw)
-    kw = dict(kw)
-    width = int(kw.pop("width", mcfg.get("width", 64)))
-    unknown = set(kw) - set(TrainSpec.__dataclass_fields__)
-    if unknown:
-        raise SystemExit(f"error: unknown key(s) {sorted(unknown)} for {name}")
-    spec = TrainSpec.from_obj(SimpleNamespace(**tcfg), device=device, **kw)
-    return spec, width, changed
+    """The TrainSpec and width of a variant, and the overrides that made it (for the table)."""
+    spec, width, _ = core_config(name, device, **kw)
+    return spec, width, dict(kw)
 
 
 def run_one(name: str, kw: dict[str, Any], data, device: str, log) -> dict[str, Any]:

@@ -197,27 +197,42 @@ def flip_labels(labels: np.ndarray, source: int, target: int, rate: float, seed:
 # ----------------------------------------------------------------------------- config files
 
 
+def parse_scalar(v: str) -> Any:
+    """A YAML scalar as written in conf/ or on a command line: bool, null, int, float, else str."""
+    if v in ("true", "false"):
+        return v == "true"
+    if v in ("null", "~"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
 def read_flat_yaml(path: Path) -> dict[str, Any]:
     """``key: value  # comment`` lines of a flat conf/ file (no PyYAML on the GPU box)."""
     out: dict[str, Any] = {}
     for line in path.read_text().splitlines():
         m = re.match(r"^([A-Za-z_]\w*):\s*([^#]*?)\s*(#.*)?$", line)
-        if not m or not m.group(2):
-            continue
-        v: Any = m.group(2)
-        if v in ("true", "false"):
-            v = v == "true"
-        elif v in ("null", "~"):
-            v = None
-        else:
-            for cast in (int, float):
-                try:
-                    v = cast(v)
-                    break
-                except ValueError:
-                    pass
-        out[m.group(1)] = v
+        if m and m.group(2):
+            out[m.group(1)] = parse_scalar(m.group(2))
     return out
+
+
+def core_config(name: str, device: str, **overrides: Any) -> tuple[TrainSpec, int, bool]:
+    """``(TrainSpec, width, tta)`` of conf/train/NAME.yaml + conf/model/NAME.yaml, with
+    ``overrides`` (TrainSpec fields, or ``width``) on top; unknown keys are a ValueError."""
+    tcfg = read_flat_yaml(REPO / f"conf/train/{name}.yaml")
+    mcfg = read_flat_yaml(REPO / f"conf/model/{name}.yaml")
+    overrides = dict(overrides)
+    width = int(overrides.pop("width", mcfg.get("width", 64)))
+    unknown = set(overrides) - set(TrainSpec.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for {name}: use TrainSpec fields or width")
+    spec = TrainSpec.from_obj(SimpleNamespace(**tcfg), device=device, **overrides)
+    return spec, width, bool(tcfg.get("tta", False))
 
 
 # ----------------------------------------------------------------------------- metrics and gate
@@ -580,12 +595,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 t = train_reference(data.x_train[:n_tr], data.y_train[:n_tr], n_cls, 1, dev, 0, 0)
                 predict_reference(t.model, data.x_test[:n_te], dev, 0)
         else:
-            tcfg = read_flat_yaml(REPO / f"conf/train/{c}.yaml")
-            mcfg = read_flat_yaml(REPO / f"conf/model/{c}.yaml")
-            ep, n_trials = epochs_override.get(c, int(tcfg["epochs"])), args.trials
-            base = TrainSpec.from_obj(SimpleNamespace(**tcfg), epochs=ep, device=str(dev), compile=args.compile)
-            tta = bool(tcfg.get("tta", False)) and not args.no_tta
-            width = int(mcfg.get("width", 64))
+            over = {"epochs": epochs_override[c]} if c in epochs_override else {}
+            base, width, tta = core_config(c, str(dev), compile=args.compile, **over)
+            ep, n_trials, tta = base.epochs, args.trials, tta and not args.no_tta
             probe = build_model(c, n_cls, data.x_train.shape[-1], data.x_train.shape[1], width)
             pad = augment_pad(probe, base.aug_pad)  # the crop padding fit uses (a model's augment_pad wins)
             specs[c] = {**asdict(base), "aug_pad": pad, "tta": tta, "width": width}

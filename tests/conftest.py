@@ -76,3 +76,19 @@ def make_repo_copy(dest: Path) -> RepoCopy:
 @pytest.fixture
 def repo_copy(tmp_path: Path) -> RepoCopy:
     return make_repo_copy(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """sklearn digits as uint8 (N, 8, 8, 1) (0..16 -> round(v * 255 / 16)), stratified 75/25
+    split with random_state 0: ``(x_train, y_train, x_test, y_test)``. Needs only numpy and
+    scikit-learn (the GPU box has no omegaconf, so not ``pipeline.sources``)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    return xtr, ytr, xte, yte

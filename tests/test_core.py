@@ -18,15 +18,8 @@ DIGITS = TrainSpec(epochs=10, batch_size=64, optimizer="adam", lr=0.003, schedul
 
 
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
-    y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
-    return xtr, ytr, xte, yte, [str(i) for i in range(10)]
+def digits(digits_split):
+    return (*digits_split, [str(i) for i in range(10)])
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,17 @@ def _synthetic_archive(path: Path, per_class=(4, 2), classes=10) -> None:
                     tar.addfile(info, io.BytesIO(buf.getvalue()))
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("cifar10_verdict", REPO / "bench/cifar10_verdict.py")
+def _load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / f"bench/{name}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["cifar10_verdict"] = mod  # dataclasses resolve annotations through sys.modules
+    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
+
+
+def _bench():
+    return _load_bench("cifar10_verdict")
 
 
 def test_bench_smoke_runs_the_three_configs(tmp_path, capsys):
@@ -183,9 +188,7 @@ def test_tune_script_runs_and_profiles_on_cpu(tmp_path):
 
     archive = tmp_path / "synth.tar.gz"
     _synthetic_archive(archive, per_class=(3, 1))
-    spec = importlib.util.spec_from_file_location("cifar10_tune", REPO / "bench/cifar10_tune.py")
-    tune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune)  # type: ignore[union-attr]
+    tune = _load_bench("cifar10_tune")
     out = tmp_path / "tune.jsonl"
     rc = tune.main(["--data", str(archive), "--image-size", "8", "--device", "cpu", "--out", str(out),
                     "--run", "fastnet:epochs=1,width=8", "--profile", "fastnet:epochs=1,width=8", "--profile-rows", "3"])
@@ -196,3 +199,15 @@ def test_tune_script_runs_and_profiles_on_cpu(tmp_path):
     assert "profile fastnet" in (tmp_path / "profile_fastnet.txt").read_text()
     with pytest.raises(SystemExit):
         tune.main(["--data", str(archive), "--run", "vgg"])
+    with pytest.raises(SystemExit, match="unknown key"):
+        tune.main(["--data", str(archive), "--run", "fastnet:bogus=1"])
+
+
+def test_setup_cost_bench_runs_and_checks_agreement(tmp_path):
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(3, 1))
+    mod = _load_bench("train_setup_cost")
+    out = tmp_path / "cost.md"
+    assert mod.main(["--data", str(archive), "--trials", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "256-bin histogram (now)" in text and "float64 chunked sums (before)" in text and "trials: 2" in text

@@ -16,20 +16,11 @@ pytestmark = [
 ]
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = np.rint(d.images * 255 / 16).astype(np.uint8)[..., None]
-    return train_test_split(x, d.target, test_size=0.25, stratify=d.target, random_state=0)
-
-
-def test_digits_cnn_trains_on_cuda_with_bf16_and_channels_last():
+def test_digits_cnn_trains_on_cuda_with_bf16_and_channels_last(digits_split):
     from pipeline.core.predict import predict
     from pipeline.core.train import TrainSpec, train_model
 
-    x_tr, x_te, y_tr, y_te = _digits()
+    x_tr, y_tr, x_te, y_te = digits_split
     spec = TrainSpec(epochs=10, batch_size=64, optimizer="adam", lr=0.003, schedule="onecycle", seed=0,
                      device="cuda", amp=True, channels_last=True)
     model, _, history = train_model(x_tr, y_tr, 10, "small_cnn", 32, spec)
@@ -88,11 +79,11 @@ def test_batch_gather_keeps_channels_last_on_cuda():
     assert ep[idx].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fastnet_trains_on_cuda():
+def test_fastnet_trains_on_cuda(digits_split):
     from pipeline.core.predict import predict
     from pipeline.core.train import TrainSpec, train_model
 
-    x_tr, x_te, y_tr, y_te = _digits()
+    x_tr, y_tr, x_te, y_te = digits_split
     spec = TrainSpec(epochs=8, batch_size=128, optimizer="sgd", lr=0.2, weight_decay=5e-4, schedule="onecycle",
                      label_smoothing=0.2, augment=True, seed=0, device="cuda")
     model, _, history = train_model(x_tr, y_tr, 10, "fastnet", 32, spec)
