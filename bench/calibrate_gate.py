@@ -18,6 +18,7 @@ Prints a table and writes bench/results/gate_calibration.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import platform
@@ -71,7 +72,7 @@ def main() -> int:
         return evaluate_model(model, x_te, y_te, names, scan, attack, cfg.eval.batch_size, cfg.train.device, cfg.train.tta)
 
     def fit(images: np.ndarray, labels: np.ndarray, seed: int):
-        spec = TrainSpec.from_obj(cfg.train, seed=seed)
+        spec = dataclasses.replace(cfg.train, seed=seed)
         t0 = time.perf_counter()
         model, _, _ = train_model(images, labels, len(names), cfg.model.name, cfg.model.width, spec)
         return model, time.perf_counter() - t0

@@ -231,7 +231,8 @@ def core_config(name: str, device: str, **overrides: Any) -> tuple[TrainSpec, in
     unknown = set(overrides) - set(TrainSpec.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} for {name}: use TrainSpec fields or width")
-    spec = TrainSpec.from_obj(SimpleNamespace(**tcfg), device=device, **overrides)
+    known = set(TrainSpec.__dataclass_fields__)
+    spec = TrainSpec(**{**{k: v for k, v in tcfg.items() if k in known}, "device": device, **overrides})
     return spec, width, bool(tcfg.get("tta", False))
 
 

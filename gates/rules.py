@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
+from pipeline.schema import GateConfig
+
 
 @dataclass(frozen=True)
 class Check:
@@ -24,25 +26,8 @@ class Check:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    max_asr: float
-    max_asr_increase: float
-    max_recall_drop: float
-    min_accuracy: float
-    max_accuracy_drop: float
-    require_validation: bool = True
-
-    @classmethod
-    def from_config(cls, gate_cfg: Any) -> "Thresholds":
-        return cls(
-            max_asr=gate_cfg.max_asr,
-            max_asr_increase=gate_cfg.max_asr_increase,
-            max_recall_drop=gate_cfg.max_recall_drop,
-            min_accuracy=gate_cfg.min_accuracy,
-            max_accuracy_drop=gate_cfg.max_accuracy_drop,
-            require_validation=gate_cfg.require_validation,
-        )
+# The thresholds are the config schema's own type (conf/gate), not a mirrored copy.
+Thresholds = GateConfig
 
 
 def _number(value: Any) -> Optional[float]:

@@ -11,8 +11,9 @@ the model classifies correctly without the trigger, the fraction predicted t wit
 For the configured backdoor's own trigger (scan name ``attack``) a source-specific attack
 restricts the images to the source class; the scan set's triggers use every class != t.
 
-Baseline: the registry's ``<model_name>@champion`` re-evaluated on the current test split, or,
-without a champion, the clean twin checkpoint (refused when trained on another snapshot).
+Baseline: the registry's champion (``pipeline.tracking.registry.champion``) re-evaluated on the
+current test split, or, without a champion, the clean twin checkpoint (refused when trained on
+another snapshot). Every input is checked against the train stage's lineage record.
 Gated metrics come from a plain forward pass, the model as registered; with ``train.tta`` the
 TTA accuracy is reported beside as ``accuracy_tta``. Everything is logged into the training run.
 """
@@ -22,20 +23,34 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline import config as config_mod
-from pipeline.io import atomic_write_bytes, atomic_write_text, read_json, write_json
+from pipeline import stage
+from pipeline.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json, write_json
+from pipeline.lineage import Lineage, require_lineage
+from pipeline.schema import Config, as_dict, model_name
 
 ATTACK_TRIGGER_NAME = "attack"
+PATHS = tuple(stage.PathArg(name, help) for name, help in (
+    ("store", "the snapshot store (data/store)"),
+    ("pointer", "the current snapshot's pointer (data/snapshot.json)"),
+    ("view", "the training view (data/view)"),
+    ("candidate", "the candidate checkpoint (models/candidate.pt)"),
+    ("twin", "the clean twin checkpoint (models/twin.pt), the baseline without a champion"),
+    ("train_report", "the train stage's report and lineage record (reports/train.json)"),
+    ("metrics", "the candidate's metrics (reports/metrics.json)"),
+    ("baseline_metrics", "the baseline's metrics (reports/baseline_metrics.json)"),
+    ("per_class", "per-class precision/recall/F1 with the baseline's recall (reports/per_class.csv)"),
+    ("confusion", "one row per test image for `dvc plots` (reports/confusion.csv)"),
+    ("confusion_png", "the confusion matrix picture (reports/confusion.png)"),
+))
 
 
-class EvaluateError(ValueError):
-    """Evaluation refused (stale or missing inputs); the message says what to re-run."""
+class EvaluateError(stage.UserError):
+    """Evaluation refused (missing inputs, an unusable baseline); the message says what to re-run."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -49,8 +64,7 @@ def scan_set(scan: Sequence[Any], attack: Optional[Mapping[str, Any]]) -> list[d
     """
     out = []
     for s in scan:
-        d = dict(s) if isinstance(s, Mapping) else {k: getattr(s, k) for k in
-                                                    ("name", "kind", "size", "location", "pattern", "alpha", "seed")}
+        d = dict(s) if isinstance(s, Mapping) else as_dict(s)
         d["source"] = None
         out.append(d)
     if attack and attack.get("name") == "backdoor" and attack.get("trigger"):
@@ -177,28 +191,21 @@ def confusion_rows_csv(labels: np.ndarray, pred: np.ndarray, class_names: Sequen
 
 
 def confusion_png(confusion: list[list[int]], class_names: Sequence[str], title: str) -> bytes:
+    """The confusion matrix as a PNG: rows = actual class, columns = predicted (sklearn's display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
 
-    cm = np.asarray(confusion)
     k = len(class_names)
     size = max(4.0, 0.45 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
-    im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), [str(c) for c in class_names], rotation=45, ha="right")
-    ax.set_yticks(range(k), [str(c) for c in class_names])
+    disp = ConfusionMatrixDisplay(np.asarray(confusion), display_labels=[str(c) for c in class_names])
+    disp.plot(ax=ax, cmap="Blues", colorbar=True, include_values=k <= 20, xticks_rotation=45)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     ax.set_title(title)
-    if k <= 20:
-        thr = cm.max() / 2 if cm.size else 0
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > thr else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -228,18 +235,17 @@ def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, de
 def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, class_names, scan, attack,
               device) -> dict:
     """Champion of the registry (re-evaluated) or, without one, the clean twin checkpoint."""
-    from pipeline import tracking
+    from pipeline.tracking import registry, runs
 
-    mv = tracking.get_alias(name, "champion")
+    client = runs.client()
+    mv = registry.champion(client, name)
     if mv is not None:
         try:
-            model = tracking.load_registered_model(name, "champion")
+            model = registry.load_model(name, str(mv.version))
             m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
             snap = (mv.tags or {}).get("snapshot_id")
             if snap is None and mv.run_id:
-                from mlflow import MlflowClient
-
-                snap = MlflowClient().get_run(mv.run_id).data.tags.get("snapshot_id")
+                snap = client.get_run(mv.run_id).data.tags.get("snapshot_id")
             m["model"] = {"checkpoint_sha256": (mv.tags or {}).get("checkpoint_sha256"),
                           "model_version": str(mv.version), "run_id": mv.run_id}
             m["baseline"] = {"kind": "champion", "model_version": str(mv.version), "run_id": mv.run_id,
@@ -263,22 +269,20 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
         raise EvaluateError(f"the twin checkpoint {tp} is unreadable ({type(exc).__name__}: {exc}): "
                             "re-run `dvc repro --force twin`") from exc
     # A twin of an older snapshot is a weaker baseline: refuse it rather than compare against it.
-    if ckpt.get("snapshot_id") != snapshot_id or [str(c) for c in ckpt.get("class_names") or []] != list(class_names):
-        raise EvaluateError(f"the twin {tp} was trained on snapshot {str(ckpt.get('snapshot_id'))[:12]}, the current "
-                            f"snapshot is {snapshot_id[:12]}: re-run `dvc repro twin`")
+    require_lineage(ckpt, {"snapshot_id": snapshot_id}, what=f"the twin {tp}", against="the current snapshot",
+                    fix="re-run `dvc repro twin`")
+    if [str(c) for c in ckpt.get("class_names") or []] != list(class_names):
+        raise EvaluateError(f"the twin {tp} has classes {ckpt.get('class_names')}, the snapshot {list(class_names)}: "
+                            "re-run `dvc repro twin`")
     m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
-    from pipeline.tracking import file_sha256
-
     m["model"] = {"checkpoint_sha256": file_sha256(tp), "model_version": None, "run_id": None}
     m["baseline"] = {"kind": "twin", "model_version": None, "run_id": None, "snapshot_id": ckpt.get("snapshot_id")}
     return m
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.params)
-    from pipeline import store as store_mod
-    from pipeline import view as view_mod
-    from pipeline.tracking import file_sha256
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    from pipeline.data import store as store_mod
+    from pipeline.data import view as view_mod
 
     try:
         report = read_json(Path(args.train_report))
@@ -286,21 +290,20 @@ def run(args: argparse.Namespace) -> int:
         raise EvaluateError(f"{args.train_report} not found: run the train stage") from None
     except ValueError as exc:
         raise EvaluateError(f"{args.train_report} is unreadable ({exc}): re-run `dvc repro --force train`") from exc
+    lineage = Lineage.of(report)
     cand = Path(args.candidate)
     if not cand.is_file():
         raise EvaluateError(f"{cand} not found: run the train stage")
     sha = file_sha256(cand)
-    if report.get("checkpoint_sha256") != sha:
-        raise EvaluateError(f"{cand} does not match {args.train_report} (sha256 differs): re-run the train stage")
-    pointer = store_mod.read_pointer(args.pointer)
-    snapshot_id = pointer["snapshot_id"]
+    snapshot_id = store_mod.read_pointer(args.pointer)["snapshot_id"]
     meta, _ = view_mod.read_view(args.view)
-    if meta["view_id"] != report.get("view_id"):
-        raise EvaluateError(f"the candidate was trained on view {str(report.get('view_id'))[:12]}, "
-                            f"{args.view} is {meta['view_id'][:12]}: re-run the train stage")
-    if report.get("snapshot_id") != snapshot_id:
-        raise EvaluateError(f"the candidate was trained on snapshot {str(report.get('snapshot_id'))[:12]}, "
-                            f"the current snapshot is {snapshot_id[:12]}: re-run the pipeline")
+    fix = "re-run the train stage (`dvc repro train`)"
+    require_lineage({"checkpoint_sha256": sha}, lineage, what=f"{cand}", against=f"{args.train_report}",
+                    fix=fix, fields=("checkpoint_sha256",))
+    require_lineage(meta, lineage, what=f"the view {args.view}", against=f"the candidate ({args.train_report})",
+                    fix=fix, fields=("view_id",))
+    require_lineage({"snapshot_id": snapshot_id}, lineage, what="the current snapshot",
+                    against=f"the candidate ({args.train_report})", fix=fix, fields=("snapshot_id",))
     attack = meta.get("attack") or None
 
     snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True)
@@ -310,15 +313,12 @@ def run(args: argparse.Namespace) -> int:
     if len(test_labels) == 0:
         raise EvaluateError(f"snapshot {snapshot_id[:12]} has no test rows: check data.* (test split)")
 
-    from pipeline import tracking
     from pipeline.core.models import load_checkpoint
+    from pipeline.tracking import runs
 
-    import mlflow
-
-    uri = tracking.tracking_uri()
+    uri = stage.redact(runs.tracking_uri())
     if report.get("tracking_uri") and report["tracking_uri"] != uri:
-        tracking.warn(f"{args.train_report} was written against {report['tracking_uri']}; logging to {uri}")
-    mlflow.set_tracking_uri(uri)
+        runs.warn(f"{args.train_report} was written against {report['tracking_uri']}; logging to {uri}")
     device = cfg.train.device
     model, _ckpt = load_checkpoint(cand)
     scan = list(cfg.eval.scan)
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     metrics["snapshot_id"] = snapshot_id
     metrics["view_id"] = meta["view_id"]
 
-    name = report.get("model_name") or config_mod.model_name(cfg)
+    name = report.get("model_name") or model_name(cfg)
     base = _baseline(cfg, name, args, snapshot_id, test_images, test_labels, class_names, scan, attack, device)
     base["snapshot_id"] = snapshot_id
     base["view_id"] = meta["view_id"]
@@ -357,45 +357,21 @@ def run(args: argparse.Namespace) -> int:
             for t, v in d.items():
                 if v is not None:
                     scalars[f"asr.{trig}.{t}"] = v
-        tracking.log_metrics(run_id, scalars)
-        from mlflow import MlflowClient
-
-        MlflowClient().set_tag(run_id, "baseline", base["baseline"]["kind"])
-        tracking.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
+        runs.log_metrics(run_id, scalars)
+        runs.client().set_tag(run_id, "baseline", base["baseline"]["kind"])
+        runs.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
                                         args.confusion_png], artifact_path="evaluation")
     def fmt(x: Optional[float]) -> str:
         return "undefined" if x is None else f"{x:.3f}"
 
-    print(f"evaluate: accuracy {metrics['accuracy']:.4f} (baseline {base['baseline']['kind']} "
-          f"{base['accuracy']:.4f}), asr_max {fmt(metrics['asr_max'])} (baseline {fmt(base['asr_max'])})",
-          file=sys.stderr)
-    return 0
+    stage.say("evaluate", f"accuracy {metrics['accuracy']:.4f} (baseline {base['baseline']['kind']} "
+              f"{base['accuracy']:.4f}), asr_max {fmt(metrics['asr_max'])} (baseline {fmt(base['asr_max'])})")
+    return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    for opt in ("--store", "--pointer", "--view", "--candidate", "--twin", "--train-report", "--metrics",
-                "--baseline-metrics", "--per-class", "--confusion", "--confusion-png"):
-        ap.add_argument(opt, required=True)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.train import guarded
-
-    args = build_parser().parse_args(argv)
-
-    def body(a: argparse.Namespace) -> int:
-        try:
-            return run(a)
-        except EvaluateError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return guarded(body, args)
+def main(argv: Optional[list[str]] = None) -> int:
+    return stage.main("evaluate", run, PATHS, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -14,19 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from gates.rules import Check, Thresholds, evaluate_gate, passed
-from pipeline.config import ConfigError, load, model_name
+from gates.rules import Check, evaluate_gate, passed
+from pipeline import stage
 from pipeline.io import atomic_write_text, read_json
+from pipeline.lineage import require_lineage
+from pipeline.schema import Config, model_name
+
+PATHS = (
+    stage.PathArg("metrics", "the candidate's metrics", default="reports/metrics.json"),
+    stage.PathArg("baseline_metrics", "the baseline's metrics", default="reports/baseline_metrics.json"),
+    stage.PathArg("validated", "the data gate's record", default="data/validated.json"),
+    stage.PathArg("train_report", "the train report and lineage record", default="reports/train.json"),
+    stage.PathArg("report", "the verdict to write", default="reports/gate.json"),
+    stage.PathArg("summary", "the verdict as markdown", default="reports/gate.md"),
+)
 
 
-class GateError(RuntimeError):
-    """An error on the way to the verdict; the release fails closed."""
+class GateError(stage.UserError):
+    """An error on the way to the verdict; the release fails closed (exit 2)."""
+
+
+class ReleaseBlocked(stage.CheckFailed):
+    """The release gate failed at least one check (exit 1)."""
 
 
 def read_report(path: Path, what: str) -> dict[str, Any]:
@@ -50,69 +64,54 @@ def verdict(checks: list[Check], baseline: dict[str, Any], model: dict[str, Any]
     }
 
 
-def summary_markdown(report: dict[str, Any]) -> str:
-    head = "PASSED" if report["passed"] else "BLOCKED"
-    lines = [f"# Release gate: {head}", ""]
-    if report.get("error"):
-        lines += [f"**Error:** {report['error']}", ""]
+def _cells(c: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    return (c["name"], "-" if c["value"] is None else f"{c['value']:.4f}",
+            "-" if c["threshold"] is None else f"{c['threshold']:.4f}", "pass" if c["passed"] else "FAIL", c["reason"])
+
+
+def render_verdict(report: dict[str, Any], markdown: bool = False) -> str:
+    """The verdict as text for the terminal, or as markdown for reports/gate.md (one renderer)."""
+    head = "PASSED" if report.get("passed") else "BLOCKED"
+    checks = report.get("checks", [])
+    rows = [_cells(c) for c in checks]
     base = report.get("baseline") or {}
     model = report.get("model") or {}
-    lines += [
-        f"- candidate: {model.get('model_name', '?')} v{model.get('model_version', '?')} (run {model.get('run_id', '?')})",
-        f"- baseline: {base.get('kind', '?')} v{base.get('model_version', '-')} on snapshot {str(base.get('snapshot_id', '?'))[:12]}",
-    ]
-    promo = report.get("promotion")
-    if promo:
-        lines.append(f"- promotion: {promo}")
-    lines += ["", "| check | value | threshold | passed | reason |", "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        val = "" if c["value"] is None else f"{c['value']:.4f}"
-        thr = "" if c["threshold"] is None else f"{c['threshold']:.4f}"
-        lines.append(f"| {c['name']} | {val} | {thr} | {'yes' if c['passed'] else '**no**'} | {c['reason']} |")
-    return "\n".join(lines) + "\n"
-
-
-def verdict_table(report: dict[str, Any]) -> str:
-    rows = [("check", "value", "threshold", "ok", "reason")]
-    for c in report.get("checks", []):
-        rows.append((
-            c["name"],
-            "-" if c["value"] is None else f"{c['value']:.4f}",
-            "-" if c["threshold"] is None else f"{c['threshold']:.4f}",
-            "yes" if c["passed"] else "NO",
-            c["reason"],
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
-    head = "RELEASE PASSED" if report.get("passed") else "RELEASE BLOCKED"
-    if report.get("error"):
-        head += f": {report['error']}"
-    promo = report.get("promotion")
-    if promo:
-        head += f"\n{promo}"
-    return head + "\n" + "\n".join(out)
+    if markdown:
+        lines = [f"# Release gate: {head}", ""]
+        if report.get("error"):
+            lines += [f"**Error:** {report['error']}", ""]
+        lines += [
+            f"- candidate: {model.get('model_name', '?')} v{model.get('model_version', '?')} (run {model.get('run_id', '?')})",
+            f"- baseline: {base.get('kind', '?')} v{base.get('model_version', '-')} on snapshot {str(base.get('snapshot_id', '?'))[:12]}",
+        ]
+        if report.get("promotion"):
+            lines.append(f"- promotion: {report['promotion']}")
+        lines += ["", "| check | value | threshold | passed | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {r[0]} | {r[1]} | {r[2]} | {'yes' if r[3] == 'pass' else '**no**'} | {r[4]} |" for r in rows]
+        return "\n".join(lines) + "\n"
+    out = [f"RELEASE {head}" + (f": {report['error']}" if report.get("error") else "")]
+    if report.get("promotion"):
+        out.append(report["promotion"])
+    table = [("check", "value", "threshold", "ok", "reason"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    out += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in table]
+    return "\n".join(out)
 
 
 def _client(train_report: dict[str, Any]):
-    # An outage must fail within seconds, not after MLflow's default minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    from mlflow.tracking import MlflowClient
+    from pipeline.tracking import runs
 
-    from pipeline.tracking import tracking_uri
-
-    uri = tracking_uri()
+    uri = stage.redact(runs.tracking_uri())
     if train_report.get("tracking_uri") and train_report["tracking_uri"] != uri:
         raise GateError(
             f"the candidate was registered in {train_report['tracking_uri']} but MLFLOW_TRACKING_URI is {uri}: "
             "run the gate against the same store as train"
         )
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return runs.client()
 
 
-def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    cfg = load(args.params)
-    thresholds = Thresholds.from_config(cfg.gate)
+def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    thresholds = cfg.gate
     train_report = read_report(Path(args.train_report), "train report")
     name = train_report.get("model_name")
     if name != model_name(cfg):
@@ -133,11 +132,11 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
     from mlflow.exceptions import MlflowException
 
-    from gates import promote
+    from pipeline.tracking import registry as promote
 
     try:
         client = _client(train_report)
-        champion = promote.current_champion(client, name)
+        champion = promote.champion_version(client, name)
         registered = promote.registered_version(client, name, str(version))
     except MlflowException as exc:
         raise GateError(f"cannot read the registry ({exc.message.splitlines()[0]}): is the tracking server up? Not promoted") from exc
@@ -147,10 +146,13 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     # The version to promote must be the one trained in this run and measured in these metrics.
     tags = dict(registered.tags or {})
     sha = (candidate.get("model") or {}).get("checkpoint_sha256")
-    if registered.run_id != run_id or tags.get("checkpoint_sha256") != sha:
-        raise GateError(
-            f"{name} v{version} in the registry was not produced by run {run_id} with the evaluated "
-            "checkpoint: re-run `dvc repro --force train`")
+    require_lineage({"run_id": registered.run_id, "checkpoint_sha256": tags.get("checkpoint_sha256")},
+                    {"run_id": run_id, "checkpoint_sha256": sha}, what=f"{name} v{version} in the registry",
+                    against=f"run {run_id} and the evaluated checkpoint", fix="re-run `dvc repro --force train`",
+                    fields=("checkpoint_sha256",))
+    if registered.run_id != run_id:
+        raise GateError(f"{name} v{version} in the registry was not produced by run {run_id}: "
+                        "re-run `dvc repro --force train`")
 
     checks = evaluate_gate(candidate, baseline, validated, train_report, champion, thresholds,
                            prior_verdict=tags.get(promote.TAG_VERDICT))
@@ -180,7 +182,7 @@ def run_gate(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
     from mlflow.entities import Metric
 
-    from pipeline.tracking import metric_key
+    from pipeline.tracking.runs import metric_key
 
     now = int(time.time() * 1000)
     metrics = [Metric("gate_passed", 1.0 if report["passed"] else 0.0, now, 0)]
@@ -203,39 +205,42 @@ def show(path: Path, since: Optional[float], repro_rc: int) -> int:
     except (OSError, ValueError) as exc:
         print(f"RELEASE BLOCKED: {path} is unreadable ({exc}); nothing is known to be promoted.")
         return 1
-    print(verdict_table(report))
+    print(render_verdict(report))
     return 0 if report.get("passed") else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.gate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--metrics", default="reports/metrics.json")
-    ap.add_argument("--baseline-metrics", default="reports/baseline_metrics.json")
-    ap.add_argument("--validated", default="data/validated.json")
-    ap.add_argument("--train-report", default="reports/train.json")
-    ap.add_argument("--report", default="reports/gate.json")
-    ap.add_argument("--summary", default="reports/gate.md")
+def run(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """Judge, write the verdict (also when judging failed: fail closed), then raise on a block."""
+    try:
+        report, rc = run_gate(cfg, args)
+    except stage.UserError as exc:
+        report, rc = verdict([], {}, {}, error=stage.redact(str(exc))), 2
+    except Exception as exc:  # fail closed on anything unexpected, but say what it was
+        report, rc = verdict([], {}, {}, error=stage.redact(f"unexpected {type(exc).__name__}: {exc}")), 2
+    atomic_write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.summary), render_verdict(report, markdown=True))
+    print(render_verdict(report), file=sys.stderr if rc else sys.stdout)
+    if rc == 2:
+        raise GateError(report["error"])
+    if rc == 1:
+        raise ReleaseBlocked(f"{len(report['failed'])} check(s) failed: {', '.join(report['failed'])}; "
+                             f"see {args.summary}")
+    return report
+
+
+def _show_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--show", metavar="GATE_JSON", help="only print the verdict table of an existing report")
     ap.add_argument("--since", type=float, help="with --show: epoch seconds the pipeline run started")
     ap.add_argument("--repro-rc", type=int, default=0, help="with --show: exit code of `dvc repro`")
-    args = ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    doc = __doc__.split("\n\n")[0]
+    args, _ = stage.build_parser("gate", doc, PATHS, _show_options).parse_known_args(argv)
     if args.show:
         return show(Path(args.show), args.since, args.repro_rc)
-
-    try:
-        report, rc = run_gate(args)
-    except (GateError, ConfigError) as exc:
-        report, rc = verdict([], {}, {}, error=str(exc)), 2
-    except Exception as exc:  # fail closed on anything unexpected, but say what it was
-        report, rc = verdict([], {}, {}, error=f"unexpected {type(exc).__name__}: {exc}"), 2
-    atomic_write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
-    atomic_write_text(Path(args.summary), summary_markdown(report))
-    print(verdict_table(report), file=sys.stderr if rc else sys.stdout)
-    if rc == 2:
-        print(f"error: {report['error']}", file=sys.stderr)
-    return rc
+    return stage.main("gate", run, PATHS, argv, doc, _show_options)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
-"""Small file helpers shared by the stages: atomic writes and JSON reads."""
+"""Small file helpers shared by the stages: atomic writes, JSON reads, file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -36,3 +37,8 @@ def write_json(path: Path, obj: Any) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as fh:
         return json.load(fh)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -13,6 +13,8 @@ lineage per source key, append-only, refusals). Outcomes:
 - an earlier row changed or vanished: exit 1, every offending row on stderr, nothing written;
 - bad input (config, unreadable/odd images, layout, damaged store): exit 2, nothing written.
 
+Exit codes and error messages come from the one stage runner (``pipeline.stage``).
+
 Setting ``SOURCE_DATE_EPOCH`` fixes the ingest time (and so the snapshot id) for reproducible runs.
 No torch here: the stage must start fast.
 """
@@ -22,19 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipeline import sources, store
-from pipeline.config import ConfigError, DataConfig, load
+from pipeline import stage
 from pipeline.core.hashing import sample_hashes
+from pipeline.data import sources, stats, store
+from pipeline.schema import Config, DataConfig
 
-
-def _say(msg: str) -> None:
-    print(f"snapshot: {msg}", file=sys.stderr, flush=True)
+PATHS = (
+    stage.PathArg("store", "store folder (data/store)"),
+    stage.PathArg("pointer", "pointer file naming the current snapshot (data/snapshot.json)"),
+    stage.PathArg("report", "report file (reports/snapshot.json)"),
+)
+_say = partial(stage.say, "snapshot")
 
 
 def ingest_time() -> str:
@@ -43,14 +49,14 @@ def ingest_time() -> str:
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def run(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: str,
-        progress: Optional[Callable[[str], None]] = _say) -> dict:
+def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: str,
+             progress: Optional[Callable[[str], None]] = _say) -> dict:
     """Snapshot the configured source; returns the report. Raises the project's errors."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     key = sources.source_key(cfg)
     # The store is read before the (long) decode so a damaged store fails fast.
-    parent_id = store.current_snapshot(store_dir, key, pointer_path)
+    parent_id = store.current_snapshot(store_dir, key)
     parent = store.load_parent(store_dir, parent_id) if parent_id else None
     src = sources.load_source(cfg, progress)
     t_decode = time.perf_counter()
@@ -92,9 +98,9 @@ def run(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: str,
         "n_new": int(meta["n_new"]),
         "class_names": class_names,
         "image_shape": meta["image_shape"],
-        "counts": store.counts(manifest, class_names),
-        "provenance": store.provenance(manifest),
-        "duplicates": store.duplicates(manifest, class_names),
+        "counts": stats.counts(manifest, class_names),
+        "provenance": stats.provenance(manifest),
+        "duplicates": stats.duplicates(manifest, class_names),
         "seconds": {
             "decode": round(t_decode - t0, 3),
             "hash": round(t_hash - t_decode, 3),
@@ -125,32 +131,18 @@ def _write_report(path: Path, report: dict) -> None:
     store.atomic_write(path, _json(report))
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.snapshot", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--store", required=True, help="store folder (data/store)")
-    ap.add_argument("--pointer", required=True, help="pointer file naming the current snapshot (data/snapshot.json)")
-    ap.add_argument("--report", required=True, help="report file (reports/snapshot.json)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load(args.params)
-        report = run(cfg.data, args.store, args.pointer, args.report)
-    except store.SnapshotRefused as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (ConfigError, sources.SourceError, store.StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # permissions, full disk: the user can fix these too
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+def run(cfg: Config, args: argparse.Namespace) -> dict:
+    report = snapshot(cfg.data, args.store, args.pointer, args.report)
     dup = report["duplicates"]
     _say(f"snapshot {report['snapshot_id'][:12]}: {report['n_rows']} rows, provenance coverage "
          f"{report['provenance']['coverage']:.3f}, {dup['n_groups']} duplicate group(s) "
          f"({dup['n_cross_label_groups']} across labels), {report['seconds']['total']:.1f} s")
-    return 0
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return stage.main("snapshot", run, PATHS, argv, __doc__)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

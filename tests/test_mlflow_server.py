@@ -103,7 +103,7 @@ def test_train_and_evaluate_against_a_real_server(mlflow_server, tmp_path, monke
     assert mv.run_id == rep["run_id"] and mv.tags["snapshot_id"] == rep["snapshot_id"]
     import mlflow
 
-    from pipeline import store
+    from pipeline.data import store
     from pipeline.core.predict import predict
 
     mlflow.set_tracking_uri(mlflow_server)

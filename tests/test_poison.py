@@ -1,4 +1,4 @@
-"""The poison stage, the training view (pipeline/poison.py, pipeline/view.py), and the validate
+"""The poison stage, the training view (pipeline/poison.py, pipeline/data/view.py), and the validate
 stage's main end to end on a real digits store (one GX run per stage call)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import config, poison, snapshot, store, validate, view
+from pipeline import config, poison, snapshot, validate
+from pipeline.data import store, view
 from pipeline.core.attacks import apply_trigger
 from pipeline.core.hashing import sample_hash
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import sources
+from pipeline.data import sources
 from pipeline.config import DataConfig
 from pipeline.core.hashing import sample_hashes
-from pipeline.sources import SourceError, load_imagefolder, load_source
+from pipeline.data.sources import SourceError, load_imagefolder, load_source
 
 CLASSES = ("cat", "dog", "emu")
 

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import snapshot, sources, store
+from pipeline import snapshot
+from pipeline.data import sources, store
 from pipeline.config import DataConfig
 from pipeline.core.hashing import sample_hash
-from pipeline.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
+from pipeline.data.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
 from tests.test_sources import make_folder, pixels, save
 
 
@@ -40,7 +41,7 @@ class Env:
         return DataConfig(**{**base, **kw})
 
     def run(self, **kw) -> dict:
-        return snapshot.run(self.cfg(**kw), str(self.store), str(self.pointer), str(self.report), progress=None)
+        return snapshot.snapshot(self.cfg(**kw), str(self.store), str(self.pointer), str(self.report), progress=None)
 
     def refused(self, match: str, **kw) -> SnapshotRefused:
         before = tree_digest(self.store)
@@ -63,7 +64,7 @@ def test_first_snapshot_layout_ids_and_load(env):
     assert store.snapshot_id_of(man) == sid and set(man["snapshot_id"]) == {sid}
     pack = man["pack"].iloc[0]
     assert hashlib.sha256((env.store / "packs" / f"{pack}.npy").read_bytes()).hexdigest() == pack
-    assert (env.store / "HEAD").read_text().strip() == sid
+    assert not (env.store / "HEAD").exists()  # one ref for "current": heads/<key>
     assert (env.store / "heads" / sources.source_key(env.cfg())).read_text().strip() == sid
     meta = json.loads((env.store / "snapshots" / f"{sid}.json").read_text())
     assert meta["parent"] is None and meta["image_shape"] == [8, 8, 3] and meta["class_names"] == ["cat", "dog", "emu"]
@@ -152,7 +153,7 @@ def test_move_to_other_class_refused_as_relabel(env):
 
 def test_digits_for_real_and_label_change_refused(tmp_path, monkeypatch):
     e = Env(tmp_path)
-    cfg = dict(name="digits", path=None, watch="pipeline/sources.py")
+    cfg = dict(name="digits", path=None, watch="pipeline/data/sources.py")
     first = e.run(**cfg)
     assert first["n_rows"] == 1797 and first["image_shape"] == [8, 8, 1]
     assert first["source"]["name"] == "digits"
@@ -229,10 +230,10 @@ def test_two_sources_share_a_store_as_two_lineages(env, tmp_path):
     b = env.run(path=str(other), watch=str(other))
     assert b["parent"] is None and b["snapshot_id"] != a["snapshot_id"]
     assert len(list((env.store / "heads").iterdir())) == 2
-    assert (env.store / "HEAD").read_text().strip() == b["snapshot_id"]
+    assert json.loads(env.pointer.read_text())["snapshot_id"] == b["snapshot_id"]
     back = env.run()  # back to the first source: unchanged, no new snapshot
     assert back["snapshot_id"] == a["snapshot_id"]
-    assert (env.store / "HEAD").read_text().strip() == a["snapshot_id"]
+    assert json.loads(env.pointer.read_text())["snapshot_id"] == a["snapshot_id"]
     assert len(list((env.store / "snapshots").glob("*.json"))) == 2
 
 
@@ -241,7 +242,6 @@ def test_history_without_heads_or_pointer_still_refuses(env):
     save(env.src / "train" / "cat" / "zz.png", pixels(900))
     second = env.run()
     shutil.rmtree(env.store / "heads")
-    (env.store / "HEAD").unlink()
     env.pointer.unlink()
     (env.src / "train" / "cat" / "zz.png").unlink()
     env.refused(r"train/cat/zz.png: vanished")  # compared with the newest snapshot, not the first
@@ -271,7 +271,7 @@ def test_crash_before_meta_leaves_no_half_snapshot(env, monkeypatch):
         env.run()
     monkeypatch.setattr(store, "atomic_write", real)
     assert [m["id"] for m in store.list_snapshots(env.store)] == [first["snapshot_id"]]
-    assert (env.store / "HEAD").read_text().strip() == first["snapshot_id"]
+    assert (env.store / "heads" / sources.source_key(env.cfg())).read_text().strip() == first["snapshot_id"]
     assert not list(env.store.rglob(".*tmp-*"))
     rep = env.run()
     assert rep["parent"] == first["snapshot_id"] and rep["n_new"] == 1

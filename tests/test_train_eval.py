@@ -150,8 +150,9 @@ def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
     the train stage exits 1 with that message, writing no checkpoint."""
     import pandas as pd
 
-    from pipeline import store, train
-    from pipeline.view import load_training_view
+    from pipeline import train
+    from pipeline.data import store
+    from pipeline.data.view import load_training_view
 
     p = copy_store(base_store, tmp_path / "r")
     sid = store.read_pointer(p["pointer"])["snapshot_id"]

@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline import validate as V
+from pipeline.data import stats as S
 from pipeline.config import ValidateConfig
 from pipeline.core.attacks import poison
 from pipeline.core.hashing import sample_hashes
@@ -64,15 +65,15 @@ CASES = {
 }
 
 
-def tables_for(spec: dict, v: ValidateConfig, man=None, images=None) -> V.Tables:
+def tables_for(spec: dict, v: ValidateConfig, man=None, images=None) -> S.Tables:
     if man is None:
         man, images = digits_snapshot()
     train = (man["split"] == "train").to_numpy()
     tr_img, tr_lab = images[train], man["label"].to_numpy()[train]
     tr_ids = man["sample_id"][train].tolist()
     new_img, new_lab, recs = poison(tr_img, tr_lab, tr_ids, spec, NAMES)
-    ref = V.source_reference("snap0", tr_img, tr_lab, 10, v)
-    return V.build_tables(man, images, new_img, new_lab, tr_ids, {r["sample_id"] for r in recs}, NAMES, ref, v)
+    ref = S.source_reference("snap0", tr_img, tr_lab, 10, v)
+    return S.build_tables(man, images, new_img, new_lab, tr_ids, {r["sample_id"] for r in recs}, NAMES, ref, v)
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +165,12 @@ def test_gx_flags_bad_labels_and_missing_provenance():
 def test_block_flags_find_bright_patch_on_dark_digit_not_dark_corners():
     v = default_vcfg()
     _, images = digits_snapshot()
-    clean = V.block_flags_cfg(images, v)["abnormal_block"].mean()
+    clean = S.block_flags_cfg(images, v)["abnormal_block"].mean()
     assert clean < 0.01  # dark digits corners are not abnormal
     img = np.zeros((1, 8, 8, 1), np.uint8)
     img[0, 2:6, 3:5] = 200  # a stroke
     img[0, 5:, 5:] = 255
-    f = V.block_flags_cfg(img, v)
+    f = S.block_flags_cfg(img, v)
     assert f.loc[0, "abnormal_block"] and f.loc[0, "abnormal_block_at"] == "bottom_right"
 
 
@@ -177,31 +178,31 @@ def test_block_flags_ignore_uniform_bright_background_corner():
     v = default_vcfg()
     img = np.full((1, 32, 32, 3), 250, np.uint8)  # white background product photo
     img[0, 8:24, 8:24] = 90
-    assert not V.block_flags_cfg(img, v)["abnormal_block"].any()
+    assert not S.block_flags_cfg(img, v)["abnormal_block"].any()
     img[0, 13:16, 13:16] = 255  # a white patch in the centre of dark content
-    f = V.block_flags_cfg(img, v)
+    f = S.block_flags_cfg(img, v)
     assert not f.loc[0, "abnormal_block"] or f.loc[0, "abnormal_block_at"] == "center"
 
 
 def test_statistics_match_check_decisions():
     v = default_vcfg()
     t = tables_for(CASES["flip40"], v)
-    checks = V.check_statistics(t.statistics, v)
+    checks = V.check_statistics(t, v)
     assert not checks["class_share_delta"]
     assert checks["block_rate_increase"] and checks["duplicate_rate"] and checks["no_conflicting_labels"]
     assert t.statistics["n_poisoned_rows"] == round(0.4 * 136) or t.statistics["n_poisoned_rows"] > 0
 
 
 def test_kl_and_shares():
-    p = V.label_shares(np.array([0, 0, 1, 1]), 3)
+    p = S.label_shares(np.array([0, 0, 1, 1]), 3)
     assert np.allclose(p, [0.5, 0.5, 0])
-    assert V.kl_divergence(p, p) == 0
-    assert V.kl_divergence(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == float("inf")
-    assert np.isclose(V.kl_divergence(np.array([0.3, 0.2, 0.5]), np.array([0.3, 0.3, 0.4])), 0.0304787, atol=1e-6)
+    assert S.kl_divergence(p, p) == 0
+    assert S.kl_divergence(np.array([0.5, 0.5]), np.array([1.0, 0.0])) == float("inf")
+    assert np.isclose(S.kl_divergence(np.array([0.3, 0.2, 0.5]), np.array([0.3, 0.3, 0.4])), 0.0304787, atol=1e-6)
 
 
 def test_duplicate_stats():
-    rate, conflicts, per_row = V.duplicate_stats(["a", "a", "b", "c"], [1, 2, 3, 3])
+    rate, conflicts, per_row = S.duplicate_stats(["a", "a", "b", "c"], [1, 2, 3, 3])
     assert rate == 0.5 and conflicts == 1 and per_row.tolist() == [2, 2, 1, 1]
 
 
@@ -214,19 +215,19 @@ def test_ledger_append_is_deduplicated_and_gives_the_reference(tmp_path):
     assert V.append_ledger(tmp_path, e2)
     ledger = V.read_ledger(tmp_path)
     assert [e["view_id"] for e in ledger] == ["v1", "v2"]
-    ref = V.approved_reference(ledger, ["0", "1"], "v3")
+    ref = S.approved_reference(ledger, ["0", "1"], "v3")
     assert ref.kind == "approved" and ref.snapshot_id == "s2" and np.allclose(ref.label_shares, [0.4, 0.6])
     # re-validating an approved view compares it with the one approved before it, not itself
-    assert V.approved_reference(ledger, ["0", "1"], "v2").snapshot_id == "s1"
+    assert S.approved_reference(ledger, ["0", "1"], "v2").snapshot_id == "s1"
     # another class set (another data set) is not a reference
-    assert V.approved_reference(ledger, ["a", "b"], "v3") is None
+    assert S.approved_reference(ledger, ["a", "b"], "v3") is None
 
 
 def test_stage_modules_import_neither_torch_nor_gx():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.validate, pipeline.poison, pipeline.view; "
+    code = ("import sys, pipeline.validate, pipeline.poison, pipeline.data.view; "
             "bad = [m for m in ('torch', 'great_expectations', 'mlflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -30,12 +30,11 @@ import numpy as np
 
 from pipeline.core.hashing import sample_hash
 
-ATTACK_NAMES = ("none", "label_flip", "backdoor")
-TRIGGER_KINDS = ("patch", "blend")
-NAMED_LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
-LOCATIONS = NAMED_LOCATIONS + ("random",)
-PATCH_PATTERNS = ("white", "black", "checker", "noise")
-BLEND_PATTERNS = ("noise", "checker")
+# The names are the config schema's (one list each; the schema is standard library only).
+from pipeline.schema import (  # noqa: E402,F401
+    ATTACK_NAMES, BLEND_PATTERNS, LOCATIONS, NAMED_LOCATIONS, PATCH_PATTERNS, TRIGGER_KINDS,
+)
+
 TRIGGER_KEYS = ("kind", "size", "location", "pattern", "alpha", "seed")
 
 

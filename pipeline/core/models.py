@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-MODEL_NAMES = ("small_cnn", "resnet18", "fastnet")
+from pipeline.schema import MODEL_NAMES  # noqa: F401 - one list of model names, in the schema
 
 
 class Normalize(nn.Module):
@@ -118,16 +118,31 @@ def from_args(args: dict[str, Any]) -> nn.Sequential:
     return build_model(**args)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **meta: Any) -> None:
-    """torch.save ``{state_dict (CPU), model_args, **meta}`` atomically (temp file + replace)."""
+def checkpoint_bytes(model: nn.Module, args: dict[str, Any], **meta: Any) -> bytes:
+    """The checkpoint ``{state_dict (CPU), model_args, **meta}`` as bytes (the caller writes it)."""
     import io
-
-    from pipeline.io import atomic_write_bytes  # stdlib only: keeps the core free of other deps
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     buf = io.BytesIO()
     torch.save({"state_dict": state, "model_args": args, **meta}, buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    return buf.getvalue()
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **meta: Any) -> None:
+    """Write :func:`checkpoint_bytes` atomically (temp file in the same folder, then rename)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(checkpoint_bytes(model, args, **meta))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:

@@ -1,52 +1,29 @@
 """The training loop: device-resident uint8 data, on-device augmentation, Adam/SGD, one-cycle,
 bf16 and channels_last on CUDA, no host synchronisation inside an epoch.
 
-No file, config or logging library here: the stage passes a :class:`TrainSpec` and an optional
-``progress`` callback (it draws the progress bar and logs metrics).
+No file, config or logging library here: the stage passes the schema's ``TrainConfig`` (named
+``TrainSpec`` here) and an optional ``progress`` callback (it draws the progress bar and logs metrics).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.schema import TrainConfig
+
 from . import augment as aug
 from . import data as tdata
 from .models import build_model, model_args
 
 
-@dataclass
-class TrainSpec:
-    epochs: int
-    batch_size: int = 128
-    optimizer: str = "adam"  # adam | sgd (nesterov)
-    lr: float = 1e-3  # Adam step, or peak one-cycle rate
-    weight_decay: float = 0.0  # on weights (ndim > 1) only: never on biases or norm parameters
-    momentum: float = 0.9  # SGD only
-    schedule: str = "none"  # none | onecycle
-    label_smoothing: float = 0.0
-    augment: bool = False  # reflect-padded random crop (translate) + horizontal flip, once per epoch
-    aug_pad: int = 4  # pixels, unless the model (or a submodule) sets ``augment_pad``
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda[:n]
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
-    compile: bool = False  # torch.compile the model, CUDA only
-
-    @classmethod
-    def from_obj(cls, obj: Any, **overrides: Any) -> "TrainSpec":
-        """Take the matching fields of any object (e.g. ``pipeline.config.TrainConfig``)."""
-        kw = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}
-        kw.update(overrides)
-        return cls(**kw)
-
+# The training hyper-parameters are the config schema's own type: no mirrored copy to keep in step.
+TrainSpec = TrainConfig
 
 ProgressFn = Callable[[dict[str, Any]], None]
 

@@ -25,13 +25,16 @@ import numpy as np
 
 from pipeline.core.attacks import apply_trigger
 from pipeline.core.hashing import sample_hash
+from pipeline.data.store import IntegrityError
+from pipeline.io import atomic_write_bytes, write_json
+from pipeline.errors import UserError
 
 RECORD_COLUMNS = ("sample_id", "original_label", "new_label", "transform", "sha256_after")
 VIEW_FILE = "view.json"
 RECORDS_FILE = "records.csv"
 
 
-class ViewError(ValueError):
+class ViewError(UserError):
     """A training view that is missing or malformed (the message says what to re-run)."""
 
 
@@ -99,8 +102,6 @@ def build_view(snapshot_id: str, attack: dict, records: Sequence[dict]) -> tuple
 
 def write_view(view_dir: str | Path, meta: dict, records_bytes: bytes) -> None:
     """Write records.csv then view.json, each atomically (view.json last: it names the records)."""
-    from pipeline.io import atomic_write_bytes, write_json
-
     view_dir = Path(view_dir)
     view_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(view_dir / RECORDS_FILE, records_bytes)
@@ -109,8 +110,6 @@ def write_view(view_dir: str | Path, meta: dict, records_bytes: bytes) -> None:
 
 def read_view(view_dir: str | Path) -> tuple[dict, list[dict]]:
     """``(view.json, records)``; the view_id is recomputed and must match (else IntegrityError)."""
-    from pipeline.store import IntegrityError
-
     view_dir = Path(view_dir)
     vj = view_dir / VIEW_FILE
     if not vj.is_file():
@@ -143,8 +142,6 @@ def apply_records(
     Raises ``store.IntegrityError`` when a record names an unknown row, disagrees with the
     row's original label, or (``verify``) the rebuilt row does not hash to ``sha256_after``.
     """
-    from pipeline.store import IntegrityError
-
     index = {str(s): i for i, s in enumerate(sample_ids)}
     images = images.copy()
     labels = np.asarray(labels, np.int64).copy()
@@ -187,7 +184,7 @@ class TrainingView:
 
 def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool = True) -> TrainingView:
     """The train split of the view's snapshot with the view's records re-applied (see module doc)."""
-    from pipeline import store
+    from pipeline.data import store
 
     meta, records = read_view(view_dir)
     snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify)

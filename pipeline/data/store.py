@@ -5,8 +5,7 @@ Layout (docs/design.md)::
     data/store/packs/<sha256-of-file>.npy     uint8 (n, H, W, C): the rows one snapshot ingested
     data/store/snapshots/<snapshot_id>.csv    manifest, one row per sample
     data/store/snapshots/<snapshot_id>.json   meta: id, parent, created, source, class_names, ...
-    data/store/heads/<source-key>             the latest snapshot of one source lineage
-    data/store/HEAD                           the snapshot the last run made current (any source)
+    data/store/heads/<source-key>             the current snapshot of one source lineage (the only ref)
 
 Manifest columns, in order: ``sample_id, sha256, label, split, source_uri, ingest_time,
 snapshot_id, pack, pack_index`` (``pack`` = the pack's file hash, ``snapshot_id`` = the snapshot
@@ -26,12 +25,13 @@ Rules
   integer labels of earlier rows never change (class_names are then no longer sorted).
 - One lineage per source key (``sources.source_key``: data.name + data.path, or the digits split
   settings): a digits store and a cifar10 store can share ``data/store`` without refusing each
-  other, each growing its own history from ``heads/<key>``. The parent of a new snapshot is
-  ``heads/<key>``; when that is missing, ``HEAD`` or the pointer if they name a snapshot of the same
-  key; else the newest snapshot of that key in ``snapshots/`` (by creation time), so the store
-  alone knows its history even when DVC deleted the pointer.
+  other, each growing its own history from ``heads/<key>``. ``heads/<key>`` is the one ref that says
+  which snapshot is current; ``data/snapshot.json`` is only the DVC output derived from it. When the
+  ref is missing it is recovered from the history itself: the tip of the chain of that key (the one
+  snapshot no other snapshot names as parent), never by guessing from times; several tips is a
+  damaged store and is refused.
 - Writes are atomic (temp file in the same folder + ``os.replace``) and ordered pack -> manifest
-  -> meta -> heads/<key> -> HEAD: a snapshot exists once its meta exists, and a crash leaves at most
+  -> meta -> heads/<key>: a snapshot exists once its meta exists, and a crash leaves at most
   unreferenced files, never half a snapshot.
 """
 
@@ -48,24 +48,27 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline.io import atomic_write_bytes as atomic_write
 from pipeline.core.hashing import sample_hash
+from pipeline.data import stats
+from pipeline.io import atomic_write_bytes as atomic_write
+from pipeline.errors import CheckFailed, UserError
 
 COLUMNS = ["sample_id", "sha256", "label", "split", "source_uri", "ingest_time", "snapshot_id", "pack", "pack_index"]
 MAX_LISTED = 20  # rows named in one error message
-MAX_DUPLICATE_GROUPS = 50  # duplicate groups listed in the report
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """The store cannot be used as asked (missing snapshot, damaged layout); the message says why."""
 
 
-class IntegrityError(StoreError):
-    """Stored bytes do not match their recorded hashes."""
+class IntegrityError(StoreError, CheckFailed):
+    """Stored bytes do not match their recorded hashes (exit 1)."""
+
+    prefix = "integrity check failed, stage aborted: "
 
 
-class SnapshotRefused(StoreError):
+class SnapshotRefused(StoreError, CheckFailed):
     """The source rewrote history: earlier rows changed or vanished. `problems` lists them all."""
 
     def __init__(self, message: str, problems: list[str]):
@@ -218,55 +221,6 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
         )
 
 
-def duplicates(manifest: pd.DataFrame, class_names: list[str], cap: int = MAX_DUPLICATE_GROUPS) -> dict:
-    """Exact duplicates: one pixel hash under several ids, worst first (several labels, then splits)."""
-    dup = manifest[manifest.duplicated("sha256", keep=False)]
-    groups = []
-    for h, g in dup.groupby("sha256", sort=True):
-        labels = sorted({class_names[int(x)] for x in g["label"]})
-        splits = sorted(set(g["split"]))
-        groups.append({"sha256": h, "sample_ids": g["sample_id"].tolist()[:10], "n": int(len(g)),
-                       "labels": labels, "cross_label": len(labels) > 1, "splits": splits,
-                       "cross_split": len(splits) > 1})
-    groups.sort(key=lambda g: (not g["cross_label"], not g["cross_split"], -g["n"], g["sha256"]))
-    n_rows = int(sum(g["n"] - 1 for g in groups))
-    return {
-        "n_groups": len(groups),
-        "n_duplicate_rows": n_rows,  # rows beyond the first of each group
-        "rate": n_rows / len(manifest) if len(manifest) else 0.0,
-        "n_cross_label_groups": sum(g["cross_label"] for g in groups),
-        "n_cross_split_groups": sum(g["cross_split"] for g in groups),
-        "groups": groups[:cap],
-        "capped": len(groups) > cap,
-    }
-
-
-def provenance(manifest: pd.DataFrame) -> dict:
-    """Fraction of rows that say where they came from, what they are and when they were ingested."""
-    n = len(manifest)
-    has_uri = manifest["source_uri"].astype(str).str.len() > 0
-    has_hash = manifest["sha256"].astype(str).str.fullmatch(_HEX64.pattern)
-    has_ingest = (manifest["ingest_time"].astype(str).str.len() > 0) & manifest["snapshot_id"].astype(str).str.fullmatch(_HEX64.pattern)
-    full = has_uri & has_hash & has_ingest
-    return {
-        "coverage": float(full.sum() / n) if n else 0.0,
-        "rows": n,
-        "with_source_uri": int(has_uri.sum()),
-        "with_sha256": int(has_hash.sum()),
-        "with_ingest_record": int(has_ingest.sum()),
-    }
-
-
-def counts(manifest: pd.DataFrame, class_names: list[str]) -> dict:
-    out: dict = {}
-    for split in sorted(set(manifest["split"]), key=lambda s: (s != "train", s)):
-        part = manifest[manifest["split"] == split]
-        by_label = part["label"].astype(int).value_counts()
-        out[split] = {"n": int(len(part)),
-                      "per_class": {c: int(by_label.get(i, 0)) for i, c in enumerate(class_names)}}
-    return out
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -331,25 +285,21 @@ def read_pointer(path: str | Path) -> dict:
     return ptr
 
 
-def current_snapshot(store_dir: str | Path, key: str, pointer: Optional[str | Path] = None) -> Optional[str]:
-    """The snapshot a new one of lineage `key` is compared with (see the module docstring)."""
+def current_snapshot(store_dir: str | Path, key: str) -> Optional[str]:
+    """The current snapshot of lineage ``key``: ``heads/<key>``, else the tip of its chain."""
     store = Path(store_dir)
     head = _read_ref(store / "heads" / key)
     if head is not None:
         read_meta(store, head)  # a head naming a missing snapshot is a damaged store: say so
         return head
-    candidates = [_read_ref(store / "HEAD")]
-    if pointer is not None and Path(pointer).is_file():
-        try:
-            candidates.append(read_pointer(pointer)["snapshot_id"])
-        except StoreError:
-            pass
-    for cand in candidates:
-        if cand and (_snap_dir(store) / f"{cand}.json").is_file():
-            if read_meta(store, cand).get("source", {}).get("key") == key:
-                return cand
     same = [m for m in list_snapshots(store) if m.get("source", {}).get("key") == key]
-    return same[-1]["id"] if same else None
+    parents = {m.get("parent") for m in same}
+    tips = [m["id"] for m in same if m["id"] not in parents]
+    if len(tips) > 1:
+        raise StoreError(f"{store / 'heads' / key} is missing and the history of {key} has {len(tips)} tips "
+                         f"({', '.join(t[:12] for t in tips)}): restore heads/{key} from a backup "
+                         f"(`dvc pull data/store`) or write the id of the snapshot to continue from into it")
+    return tips[0] if tips else None
 
 
 def load_parent(store_dir: str | Path, snapshot_id: str) -> Parent:
@@ -369,17 +319,22 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True) 
     manifest["pack_index"] = manifest["pack_index"].astype(np.int64)
     shape = tuple(int(x) for x in meta["image_shape"])
     images = np.empty((len(manifest), *shape), dtype=np.uint8)
-    packs = manifest["pack"].to_numpy()
+    # Group the rows by pack once (O(N) whatever the number of packs; a mask per pack was
+    # N x packs and dominated loading at 1,000 packs).
+    codes, pack_names = pd.factorize(manifest["pack"])
     index = manifest["pack_index"].to_numpy()
-    for pack in pd.unique(packs):
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(pack_names) + 1))
+    for k, pack in enumerate(pack_names):
+        rows = order[bounds[k]:bounds[k + 1]]
         path = store / "packs" / f"{pack}.npy"
         if not path.is_file():
-            raise IntegrityError(f"pack {path} is missing (rows {_few(manifest['sample_id'][packs == pack])}): restore the store")
+            raise IntegrityError(f"pack {path} is missing (rows {_few(manifest['sample_id'].to_numpy()[rows])}): "
+                                 "restore the store")
         try:
-            arr = np.load(path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
         except (ValueError, OSError) as exc:
             raise IntegrityError(f"pack {path} is unreadable ({exc}): restore the store") from exc
-        rows = packs == pack
         if arr.dtype != np.uint8 or arr.shape[1:] != shape or index[rows].max() >= len(arr):
             raise IntegrityError(f"pack {path} holds {arr.dtype} {arr.shape}, not the rows the manifest expects: restore the store")
         images[rows] = arr[index[rows]]
@@ -433,7 +388,7 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         "image_shape": list(plan.image_shape),
         "n_rows": int(len(manifest)),
         "n_new": plan.n_new,
-        "counts": counts(manifest, plan.class_names),
+        "counts": stats.counts(manifest, plan.class_names),
     }
     atomic_write(_snap_dir(store) / f"{sid}.json", (json.dumps(meta, indent=2) + "\n").encode())
     set_head(store, source["key"], sid)
@@ -441,6 +396,4 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
 
 
 def set_head(store_dir: str | Path, key: str, snapshot_id: str) -> None:
-    store = Path(store_dir)
-    write_if_changed(store / "heads" / key, (snapshot_id + "\n").encode())
-    write_if_changed(store / "HEAD", (snapshot_id + "\n").encode())
+    write_if_changed(Path(store_dir) / "heads" / key, (snapshot_id + "\n").encode())

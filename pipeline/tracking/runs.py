@@ -1,4 +1,4 @@
-"""MLflow helpers shared by train, evaluate and gate (imports mlflow lazily, inside functions).
+"""MLflow runs: tracking URI, one client, run tags, params, metrics, artifacts (mlflow imported lazily).
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` (the repository root when
 run by DVC): a real store with a model registry, no server needed. One run per pipeline
@@ -7,12 +7,14 @@ execution: train creates it; evaluate and gate log into it (its id is in reports
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from pipeline.io import file_sha256
+from pipeline.errors import UserError
 
 SYSTEM_METRICS_INTERVAL_S = 2.0  # sampling period of system metrics (mlflow's default is 10 s)
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -21,7 +23,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 DIGEST_CHARS = 36
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """The tracking server or registry refused an operation (message says what to check)."""
 
 
@@ -32,8 +34,25 @@ def tracking_uri() -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def cap_retries() -> None:
+    """An unreachable tracking server must fail within seconds, not after MLflow's default minutes
+    of retries (set before mlflow talks to a server; the user's own settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
+def client():
+    """The one MlflowClient of a stage, on :func:`tracking_uri` for tracking and registry."""
+    cap_retries()
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def configure(experiment: str) -> str:
     """Point mlflow at :func:`tracking_uri` and ``experiment`` (created if missing); its id."""
+    cap_retries()
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -47,14 +66,6 @@ def git_commit(cwd: str | Path = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dvc_lock_sha256(path: str | Path = "dvc.lock") -> str:
@@ -77,13 +88,12 @@ def run_tags(snapshot_id: str, view_id: Optional[str], attack: str, **extra: Any
 
 def log_params(run_id: str, params: Mapping[str, str]) -> None:
     """All params in batches (log_batch takes at most 100 params per call)."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    client = MlflowClient()
+    c = client()
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
+        c.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -108,14 +118,13 @@ def log_history(run_id: str, history: Sequence[Mapping[str, float]], prefix: str
 def _log_metric_rows(run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
     import time
 
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient()
+    c = client()
     now = int(time.time() * 1000)
     metrics = [Metric(metric_key(k), v, now, s) for k, v, s in rows]
     for i in range(0, len(metrics), METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+        c.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
 
 
 def metric_key(name: str) -> str:
@@ -136,76 +145,10 @@ def log_snapshot_input(manifest, snapshot_id: str, name: str, source: str) -> No
 
 
 def log_artifacts(run_id: str, paths: Iterable[str | Path], artifact_path: Optional[str] = None) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
+    c = client()
     for p in paths:
         if Path(p).is_file():
-            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
-
-
-def pip_requirements() -> list[str]:
-    """Explicit requirements for logged models (skips mlflow's slow inference)."""
-    import torch
-
-    reqs = [f"torch=={torch.__version__.split('+')[0]}"]
-    try:
-        import torchvision
-
-        reqs.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
-    except ImportError:
-        pass
-    return reqs
-
-
-def log_model(model, model_name: Optional[str], version_tags: Mapping[str, str] | None = None) -> tuple[str, Optional[str]]:
-    """Log ``model`` (CPU) to the active run and register it as a new version of ``model_name``.
-
-    Returns ``(model_uri, version or None)``. No input example or signature inference and
-    explicit pip requirements (mlflow's requirement inference would re-import the model in a
-    subprocess).
-    """
-    import mlflow
-    from mlflow import MlflowClient
-
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        registered_model_name=model_name,
-        pip_requirements=pip_requirements(),
-        # pickle, not mlflow 3's default pt2: pt2 needs an input example and traces a fixed batch
-        # shape. Loading needs `pipeline.core.models` importable (this repository installed).
-        serialization_format="pickle",
-        await_registration_for=60,
-    )
-    version = info.registered_model_version
-    if model_name and version is not None and version_tags:
-        client = MlflowClient()
-        for k, v in version_tags.items():
-            client.set_model_version_tag(model_name, str(version), k, str(v))
-    return info.model_uri, (str(version) if version is not None else None)
-
-
-def get_alias(model_name: str, alias: str = "champion"):
-    """The ModelVersion behind ``model_name@alias``, or None when the model or alias is absent."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException as exc:
-        code = getattr(exc, "error_code", "")
-        if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND") or "not found" in str(exc).lower():
-            return None
-        raise
-
-
-def load_registered_model(model_name: str, alias: str = "champion"):
-    """``mlflow.pytorch.load_model("models:/<name>@<alias>")`` on the CPU."""
-    import mlflow
-
-    return mlflow.pytorch.load_model(f"models:/{model_name}@{alias}", map_location="cpu")
+            c.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
 
 def warn(msg: str) -> None:

@@ -1,0 +1,299 @@
+"""The configuration schema: plain dataclasses and their checks, standard library only.
+
+One definition serves everything: ``pipeline.config`` reads params.yaml into these types with
+OmegaConf (the only module that imports it), and the compute core, the gate rules and the data
+sources take them directly. Nothing here imports a third-party package, so the schema loads on a
+GPU machine that has torch and numpy but no omegaconf, dvc or mlflow.
+
+Required values are ``MISSING`` (``???``, OmegaConf's marker). :func:`check` refuses every
+invalid value with the key, the value and the allowed range, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from pipeline.errors import UserError
+
+MISSING: Any = "???"
+
+DATA_NAMES = ("digits", "cifar10", "imagefolder")
+ATTACK_NAMES = ("none", "label_flip", "backdoor")
+MODEL_NAMES = ("small_cnn", "resnet18", "fastnet")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("none", "onecycle")
+TRIGGER_KINDS = ("patch", "blend")
+NAMED_LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+LOCATIONS = NAMED_LOCATIONS + ("random",)
+PATCH_PATTERNS = ("white", "black", "checker", "noise")
+BLEND_PATTERNS = ("noise", "checker")
+ON_FAIL = ("stop", "warn")
+
+
+class ConfigError(UserError):
+    """A configuration the pipeline refuses to run with (exit 2)."""
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | cifar10 | imagefolder
+    path: Optional[str] = None  # folder or .tar.gz (cifar10, imagefolder)
+    # The path DVC hashes to decide whether the source changed: the data itself for file
+    # sources; the loader module for digits (its data ships inside scikit-learn).
+    watch: Optional[str] = None
+    limit: Optional[int] = None  # keep the first N rows per split and class order (smoke tests)
+    test_fraction: float = 0.25  # digits only: stratified test share
+    seed: int = 0  # digits only: split seed
+    download: bool = False  # cifar10 only: torchvision download when data.path is missing
+    workers: int = 0  # decode processes; 0 = one per core
+
+
+@dataclass
+class TriggerConfig:
+    kind: str = "patch"  # patch | blend
+    size: int = 3  # patch side, pixels
+    location: Any = "bottom_right"  # top_left | top_right | bottom_left | bottom_right | center | random | [y, x]
+    pattern: str = "white"  # white | black | checker | noise (patch); noise | checker (blend)
+    alpha: float = 0.1  # blend weight of the pattern, 0..1
+    seed: int = 0  # seed of noise patterns and random locations
+
+
+@dataclass
+class ScanTrigger(TriggerConfig):
+    """A trigger of the evaluate stage's scan set: a :class:`TriggerConfig` with a name."""
+
+    name: str = MISSING
+
+
+@dataclass
+class AttackConfig:
+    name: str = "none"  # none | label_flip | backdoor
+    source: Optional[Any] = None  # class name or index; null = all non-target classes
+    target: Any = 0  # class name or index
+    rate: float = 0.0  # fraction of the source rows (or of all non-target rows when source is null)
+    seed: int = 0
+    trigger: TriggerConfig = field(default_factory=TriggerConfig)
+
+
+@dataclass
+class ValidateConfig:
+    on_fail: str = "stop"  # stop | warn
+    min_provenance_coverage: float = 1.0
+    max_kl: float = MISSING
+    max_class_share_delta: float = MISSING
+    max_duplicate_rate: float = MISSING
+    block_size: int = 3
+    block_low: int = 16
+    block_high: int = 239
+    block_max_std: float = 4.0
+    block_min_contrast: float = 64.0  # 0..255: a flagged block differs this much from its ring and the image median
+    max_block_rate_increase: float = MISSING
+    docs: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # small_cnn | resnet18 | fastnet
+    width: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; the core's training loop takes this type directly."""
+
+    epochs: int = MISSING
+    batch_size: int = 128
+    optimizer: str = "adam"  # adam | sgd (nesterov)
+    lr: float = 1e-3  # Adam step, or peak one-cycle rate
+    weight_decay: float = 0.0  # on weights (ndim > 1) only: never on biases or norm parameters
+    momentum: float = 0.9  # SGD only
+    schedule: str = "none"  # none | onecycle
+    label_smoothing: float = 0.0
+    augment: bool = False  # padded random crop (reflect) + flip, see core.augment
+    aug_pad: int = 4  # crop padding in pixels, unless the model sets ``augment_pad``
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:n]
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA: pays off only over many models per process
+    tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
+
+
+@dataclass
+class EvalConfig:
+    scan: list[ScanTrigger] = field(default_factory=list)
+    batch_size: int = 512
+
+
+@dataclass
+class GateConfig:
+    max_asr: float = MISSING
+    max_asr_increase: float = MISSING
+    max_recall_drop: float = MISSING
+    min_accuracy: float = MISSING
+    max_accuracy_drop: float = MISSING
+    require_validation: bool = True
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "poisongate"
+    model_name: Optional[str] = None  # default poisongate-<data.name>
+    system_metrics: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def as_dict(obj: Any) -> Any:
+    """A config dataclass (or a list/dict of them) as plain dicts, lists and scalars."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def flatten(cfg: Any) -> dict[str, str]:
+    """Dotted keys -> string values (MLflow params): ``{"train.lr": "0.003", "eval.scan.0.name": ...}``."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = str(node)
+
+    walk("", as_dict(cfg))
+    return out
+
+
+def model_name(cfg: Config) -> str:
+    return cfg.mlflow.model_name or f"poisongate-{cfg.data.name}"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def _one_of(key: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"unknown {key} {value!r}: use one of {', '.join(map(str, options))}")
+
+
+def _number(key: str, value: Any, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+            hi_open: bool = False, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        kind = "an integer" if integer else "a finite number"
+        _fail(key, value, f"must be {kind} in {left}{lo:g}, {hi:g}{right}")
+
+
+def check_trigger(prefix: str, t: TriggerConfig) -> None:
+    _one_of(f"{prefix}.kind", t.kind, TRIGGER_KINDS)
+    _number(f"{prefix}.size", t.size, 1, 4096, integer=True)
+    _number(f"{prefix}.alpha", t.alpha, 0.0, 1.0)
+    _number(f"{prefix}.seed", t.seed, 0, 2**32 - 1, integer=True)
+    patterns = PATCH_PATTERNS if t.kind == "patch" else BLEND_PATTERNS
+    _one_of(f"{prefix}.pattern", t.pattern, patterns)
+    loc = t.location
+    if isinstance(loc, str):
+        _one_of(f"{prefix}.location", loc, LOCATIONS)
+    elif not (isinstance(loc, (list, tuple)) and len(loc) == 2 and all(isinstance(v, int) and v >= 0 for v in loc)):
+        _fail(f"{prefix}.location", loc, f"use one of {', '.join(LOCATIONS)} or [y, x] (non-negative integers)")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check(cfg: Config) -> None:
+    """Refuse every invalid setting, naming the key, the value and the allowed range."""
+    d = cfg.data
+    _one_of("data.name", d.name, DATA_NAMES)
+    if d.name == "imagefolder" and not d.path:
+        raise ConfigError("data.name=imagefolder needs data.path (a folder or .tar.gz with train/<class>/* and test/<class>/*)")
+    if not d.watch:
+        raise ConfigError("data.watch is empty: it must name the path DVC hashes for the source (normally ${data.path})")
+    if d.limit is not None:
+        _number("data.limit", d.limit, 1, math.inf, integer=True)
+    _number("data.test_fraction", d.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+    _number("data.workers", d.workers, 0, 1024, integer=True)
+
+    a = cfg.attack
+    _one_of("attack.name", a.name, ATTACK_NAMES)
+    # attack.rate, the classes and the trigger's fit to the image are checked against the data by
+    # the poison stage (core.attacks.resolve_attack), where the class names and image size are known.
+
+    v = cfg.validate
+    _one_of("validate.on_fail", v.on_fail, ON_FAIL)
+    for key in ("min_provenance_coverage", "max_kl", "max_class_share_delta", "max_duplicate_rate",
+                "max_block_rate_increase"):
+        _number(f"validate.{key}", getattr(v, key), 0.0)
+    _number("validate.min_provenance_coverage", v.min_provenance_coverage, 0.0, 1.0)
+    _number("validate.block_size", v.block_size, 1, 4096, integer=True)
+    _number("validate.block_low", v.block_low, 0, 255)
+    _number("validate.block_high", v.block_high, 0, 255)
+    if v.block_low >= v.block_high:
+        _fail("validate.block_low", v.block_low, f"must be below validate.block_high ({v.block_high})")
+    _number("validate.block_max_std", v.block_max_std, 0.0, 255.0)
+    _number("validate.block_min_contrast", v.block_min_contrast, 0.0, 255.0)
+
+    _one_of("model.name", cfg.model.name, MODEL_NAMES)
+    _number("model.width", cfg.model.width, 1, 4096, integer=True)
+
+    t = cfg.train
+    _number("train.epochs", t.epochs, 1, 100_000, integer=True)
+    _number("train.batch_size", t.batch_size, 2, 1 << 20, integer=True)
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _number("train.lr", t.lr, 0.0, 100.0, lo_open=True)
+    _number("train.weight_decay", t.weight_decay, 0.0, 1.0)
+    _number("train.momentum", t.momentum, 0.0, 1.0, hi_open=True)
+    _one_of("train.schedule", t.schedule, SCHEDULES)
+    _number("train.label_smoothing", t.label_smoothing, 0.0, 1.0, hi_open=True)
+    _number("train.aug_pad", t.aug_pad, 0, 64, integer=True)
+    _number("train.seed", t.seed, 0, 2**32 - 1, integer=True)
+    if not isinstance(t.device, str) or not _DEVICE.match(t.device):
+        _fail("train.device", t.device, "use auto, cpu, cuda or cuda:<index>")
+
+    _number("eval.batch_size", cfg.eval.batch_size, 1, 1 << 20, integer=True)
+    names = [s.name for s in cfg.eval.scan]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        _fail("eval.scan", dup, "every scan trigger needs a unique name")
+    for i, s in enumerate(cfg.eval.scan):
+        if not isinstance(s.name, str) or not s.name or s.name == "attack":
+            _fail(f"eval.scan.{i}.name", s.name, "a non-empty name other than 'attack' (reserved for the attack's own trigger)")
+        check_trigger(f"eval.scan.{i}", s)
+
+    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop"):
+        # also refuses NaN and inf: a threshold that cannot fail is no gate
+        _number(f"gate.{key}", getattr(cfg.gate, key), 0.0, 1.0)
+    if not isinstance(cfg.mlflow.experiment, str) or not cfg.mlflow.experiment.strip():
+        _fail("mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")

@@ -1,0 +1,105 @@
+"""One stage runner: argument parsing, the single config load, and the error -> exit code map.
+
+Every stage module is ``run(cfg, paths) -> report`` plus a two-line ``main`` that calls
+:func:`main` here with its path arguments. The runner parses ``--params`` and the stage's paths,
+loads the config once, calls ``run``, and turns every failure into ``error: <message>``
+on stderr and a non-zero exit:
+
+- 0: the stage did its work (for the gate: the release passed);
+- 1: a check failed or the data/model was refused (integrity, lineage, data gate, release gate);
+- 2: anything else: bad config or input, a missing file, an unreachable tracking server, a bug.
+
+Fail closed: an unexpected exception also exits 2, with its traceback (it is a bug to report).
+The error classes themselves live in ``pipeline.errors`` (standard library only), so the schema,
+the data layer and the core raise them without importing this runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from pipeline.console import progress_bar, progress_enabled, say  # noqa: F401 - the stages' toolkit
+from pipeline.errors import CheckFailed, UserError, redact  # noqa: F401 - defined apart, raised everywhere
+
+EXIT_CODES = """exit codes:
+  0  done (gate: release passed)
+  1  a check failed or the input was refused (integrity, lineage, data gate, release gate)
+  2  bad config or input, missing file, tracking server unreachable, or an unexpected error"""
+
+
+@dataclass(frozen=True)
+class PathArg:
+    """A ``--<name>`` path option of a stage (dvc.yaml passes every one on the cmd line)."""
+
+    name: str
+    help: str
+    required: bool = True
+    default: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def build_parser(stage: str, doc: Optional[str], paths: Sequence[PathArg],
+                 extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=doc, epilog=EXIT_CODES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="the composed config (default: params.yaml)")
+    for p in paths:
+        ap.add_argument(p.flag, dest=p.name, required=p.required and p.default is None, default=p.default,
+                        help=p.help)
+    if extra is not None:
+        extra(ap)
+    return ap
+
+
+def describe_oserror(exc: OSError) -> str:
+    """``<path>: <reason>`` for an OSError, naming the file even when the OS did not (disk full)."""
+    path = exc.filename or getattr(exc, "poisongate_path", None) or "(path unknown)"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = " (free disk space, then re-run)" if getattr(exc, "errno", None) == 28 else ""
+    return f"{path}: {reason}{hint}"
+
+
+def exit_code_of(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one-line message of a failure (see the module docstring)."""
+    if isinstance(exc, UserError):
+        return exc.exit_code, f"{exc.prefix}{exc}"
+    if isinstance(exc, OSError):
+        return 2, describe_oserror(exc)
+    if type(exc).__module__.startswith("pipeline.core"):  # the core's input errors (AttackError, ...)
+        return 2, str(exc)
+    if type(exc).__module__.startswith("mlflow"):
+        return 2, f"MLflow: {exc}: is the tracking server up and MLFLOW_TRACKING_URI right? Nothing was promoted"
+    return 2, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def main(stage: str, run: Callable[[Any, argparse.Namespace], Any], paths: Sequence[PathArg],
+         argv: Optional[Sequence[str]] = None, doc: Optional[str] = None,
+         extra: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+         load_config: bool = True) -> int:
+    """Parse, load the config once, run; map failures to exit codes. ``run(cfg, args)``."""
+    args = build_parser(stage, doc, paths, extra).parse_args(argv)
+    try:
+        cfg = None
+        if load_config:
+            from pipeline import config
+
+            cfg = config.load(args.params)
+        run(cfg, args)
+    except KeyboardInterrupt:
+        print(f"error: {stage} interrupted; nothing was promoted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the runner is the one place that maps every failure
+        code, message = exit_code_of(exc)
+        print(f"error: {redact(message)}", file=sys.stderr, flush=True)
+        if message.startswith("unexpected ") and os.environ.get("POISONGATE_TRACEBACK", "1") != "0":
+            print(redact("".join(traceback.format_exception(exc))), file=sys.stderr)
+        return code
+    return 0

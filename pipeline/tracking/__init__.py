@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs (``runs``) and the model registry with the only promotion to ``champion`` (``registry``)."""
