@@ -9,11 +9,12 @@ each finishes (a killed run keeps what it did) and a table is printed last.
         --run fastnet --run fastnet:lr=0.8,epochs=12 --run resnet18:epochs=2,compile=true \\
         --profile resnet18:batch_size=512
 
-``--run NAME[:key=value,...]``: NAME is resnet18 or fastnet; keys are ``TrainSpec`` fields
-(epochs, lr, batch_size, compile, ...) or ``width``; defaults come from conf/train/NAME.yaml and
-conf/model/NAME.yaml. ``--profile`` runs ``torch.profiler`` over one epoch on a 10k-image subset
+``--run NAME[:key=value,...]``: NAME is resnet18 or fastnet; keys are ``TrainConfig`` fields
+(epochs, lr, batch_size, compile, ...) or ``width``, values YAML scalars; defaults come from
+conf/train/NAME.yaml and conf/model/NAME.yaml through the verdict bench's ``core_config`` (the
+same schema types and checks). ``--profile`` runs ``torch.profiler`` over one epoch on a 10k-image subset
 (after a warm-up epoch) and prints the kernels that take the most GPU time: the limiting factor
-of a missed target. Imports torch, numpy and Pillow only (runs on the bare GPU box).
+of a missed target. Needs torch, numpy, Pillow and PyYAML (no scikit-learn; bench/README.md).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
-from cifar10_verdict import core_config, load_data, parse_scalar, resize  # noqa: E402
+from cifar10_verdict import core_config, load_data, resize  # noqa: E402
 from pipeline.core.predict import predict  # noqa: E402
-from pipeline.core.train import TrainSpec, fit, resolve_device, train_model  # noqa: E402
+from pipeline.core.train import fit, resolve_device, train_model  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.schema import TrainConfig  # noqa: E402
 
 # ResNet-18 (3x3 stem, no max-pool) on 32x32: forward+backward GFLOP per image (GUIDE §5).
 RESNET18_GFLOP_PER_IMAGE = 3.33
@@ -53,18 +57,21 @@ def parse_run(text: str) -> tuple[str, dict[str, Any]]:
         k, sep, v = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --run {text!r}: expected key=value, got {item!r}")
-        kw[k] = parse_scalar(v)
-    try:  # refuse unknown keys before any data is loaded
+        try:
+            kw[k] = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: --run {text!r}: {k}={v!r} is not a YAML scalar ({e})") from None
+    try:  # refuse unknown keys and wrong types before any data is loaded
         core_config(name, "cpu", **kw)
-    except ValueError as e:
+    except UserError as e:
         raise SystemExit(f"error: --run {text!r}: {e}") from None
     return name, kw
 
 
-def make_spec(name: str, kw: dict[str, Any], device: str) -> tuple[TrainSpec, int, dict[str, Any]]:
-    """The TrainSpec and width of a variant, and the overrides that made it (for the table)."""
-    spec, width, _ = core_config(name, device, **kw)
-    return spec, width, dict(kw)
+def make_spec(name: str, kw: dict[str, Any], device: str) -> tuple[TrainConfig, int, dict[str, Any]]:
+    """The TrainConfig and width of a variant, and the overrides that made it (for the table)."""
+    spec, model = core_config(name, device, **kw)
+    return spec, model.width, dict(kw)
 
 
 def run_one(name: str, kw: dict[str, Any], data, device: str, log) -> dict[str, Any]:
@@ -136,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         log(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    data = load_data(Path(args.data), args.limit_train, args.limit_test, os.cpu_count() or 1)
+    try:
+        data = load_data(Path(args.data), args.limit_train, args.limit_test, os.cpu_count() or 1)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.image_size:
         data.x_train, data.x_test = resize(data.x_train, args.image_size), resize(data.x_test, args.image_size)
     log(f"data: {len(data.x_train)} train / {len(data.x_test)} test, decoded in {data.decode_s:.1f} s")

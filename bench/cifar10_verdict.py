@@ -14,12 +14,15 @@ the clean test split, the gate's accuracy and per-class recall rules applied):
       the pipeline) and, when the train config says ``tta``, with TTA (reported).
   (c) ``fastnet``: the same with ``fastnet`` and conf/train/fastnet.yaml + conf/model/fastnet.yaml.
 
-Imports torch, torchvision, numpy and Pillow only (plus the repository's torch-only core and the
-stdlib-only ``gates.rules``), so it runs on a bare GPU box. Gate thresholds are read from
-conf/gate/default.yaml (flat ``key: value`` lines), train/model hyper-parameters from conf/.
+Everything but the two training loops and the timing is the pipeline's own code: the data come
+from ``pipeline.data.sources.load_imagefolder``, the label flip from ``pipeline.core.attacks.poison``,
+the metrics from ``pipeline.evaluate.classification_metrics``, the verdict from ``gates.rules``
+with a conf/gate preset (``--gate``), the hyper-parameters from conf/train + conf/model as
+``pipeline.schema`` types. Needs torch, torchvision, numpy, Pillow, PyYAML and scikit-learn (no
+omegaconf, dvc or mlflow): bench/README.md says which wheels to carry to a box without the last two.
 
     python bench/cifar10_verdict.py --data ../shared/datasets/cifar10            # full, on a GPU
-    python bench/cifar10_verdict.py --data .gpu/cifar10 --trials 5 --ref-trials 1
+    python bench/cifar10_verdict.py --data .gpu/cifar10 --trials 5 --ref-trials 1 --gate cifar10
     python bench/cifar10_verdict.py --smoke                                      # CPU code path
 
 Timing: ``s/model`` = training wall time of one model (data upload, whitening init, all epochs;
@@ -33,21 +36,16 @@ cuDNN autotuning of every batch shape, allocator; ``--no-warmup`` to skip).
 from __future__ import annotations
 
 import argparse
-import io
+import importlib.util
 import json
-import math
 import os
 import platform
-import re
 import statistics
 import sys
-import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, get_type_hints
 
 import numpy as np
 
@@ -58,13 +56,23 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from gates import rules  # noqa: E402
+from pipeline.core.attacks import AttackError, poison, resolve_attack  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
 from pipeline.core.predict import predict  # noqa: E402
-from pipeline.core.train import TrainSpec, augment_pad, resolve_device, train_model  # noqa: E402
+from pipeline.core.train import augment_pad, resolve_device, train_model  # noqa: E402
+from pipeline.data.sources import SPLITS, load_imagefolder  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.evaluate import classification_metrics  # noqa: E402
+from pipeline.schema import MISSING, ConfigError, GateConfig, ModelConfig, TrainConfig  # noqa: E402
 
+CONF = REPO / "conf"
 DEFAULT_OUT = str(REPO / "bench/results/cifar10_verdict.md")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the seed loop's fixed Normalize constants
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Imported by the bench's edge (conf/ reading, metrics) but absent from a bare torch box: checked
+# before any decoding or training, so a missing one costs no GPU time.
+EDGE_PACKAGES = {"yaml": "PyYAML", "sklearn": "scikit-learn"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -77,102 +85,42 @@ class Data:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: list[str]
+    ids_train: list[str] = field(default_factory=list)  # sample ids of the train rows (poison records)
     decode_s: float = 0.0
     loader: str = ""
 
 
-def _decode(blobs: list[bytes]) -> list[np.ndarray]:
-    from PIL import Image
+def first_per_class(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
+    """Sorted indices of ``limit`` rows taken one per class in turn, in row order.
 
-    out = []
-    for b in blobs:
-        with Image.open(io.BytesIO(b)) as im:
-            out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    return out
-
-
-def _members(path: Path, split: str) -> list[tuple[str, str, bytes]]:
-    """(class, file, bytes) of ``split`` from a folder, a .tar.gz with both splits, or a folder
-    holding ``*-<split>.tar.gz`` / ``<split>.tar.gz``."""
-    rows: list[tuple[str, str, bytes]] = []
-    if path.is_dir() and (path / split).is_dir():
-        for cls_dir in sorted(p for p in (path / split).iterdir() if p.is_dir()):
-            for f in sorted(cls_dir.iterdir()):
-                rows.append((cls_dir.name, f.name, f.read_bytes()))
-        return rows
-    if path.is_dir():
-        cands = sorted(path.glob(f"*{split}.tar.gz")) + sorted(path.glob(f"*{split}.tgz"))
-        if not cands:
-            raise SystemExit(f"error: no {split}/ folder or *{split}.tar.gz in {path}")
-        archive = cands[0]
-    else:
-        archive = path
-    with tarfile.open(archive, "r:*") as tar:
-        for m in tar:
-            parts = m.name.lstrip("./").split("/")
-            if m.isfile() and len(parts) == 3 and parts[0] == split:
-                rows.append((parts[1], parts[2], tar.extractfile(m).read()))  # type: ignore[union-attr]
-    rows.sort(key=lambda r: (r[0], r[1]))
-    return rows
+    This is ``load_imagefolder``'s own ``limit`` rule (round-robin over classes, first file first)
+    and that rule only adds rows as the limit grows, so decoding with the larger of two limits and
+    cutting one split down here gives exactly the rows a decode with the smaller limit would.
+    """
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    rank = np.empty(len(labels), np.int64)  # position of each row within its class
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rank[rows] = np.arange(len(rows))
+    return np.sort(np.lexsort((labels, rank))[:limit])
 
 
-def _round_robin(rows: list[tuple[str, str, bytes]], limit: Optional[int]) -> list[tuple[str, str, bytes]]:
-    if not limit or limit >= len(rows):
-        return rows
-    by_cls: dict[str, list] = {}
-    for r in rows:
-        by_cls.setdefault(r[0], []).append(r)
-    out: list = []
-    i = 0
-    while len(out) < limit:
-        for c in sorted(by_cls):
-            if i < len(by_cls[c]) and len(out) < limit:
-                out.append(by_cls[c][i])
-        i += 1
-    return sorted(out, key=lambda r: (r[0], r[1]))
-
-
-def load_local(path: Path, limit_train: Optional[int], limit_test: Optional[int], workers: int) -> Data:
-    """Self-contained ImageFolder decoder (Pillow in a process pool), classes sorted."""
+def load_data(path: Path, limit_train: Optional[int], limit_test: Optional[int], workers: int,
+              progress: Optional[Callable[[str], None]] = None) -> Data:
+    """Decode with ``pipeline.data.sources.load_imagefolder`` (one ``limit`` for both splits: the
+    larger one), then cut each split to its own limit with :func:`first_per_class`."""
     t0 = time.perf_counter()
-    arrays, labels = {}, {}
-    class_names: list[str] = []
-    for split, limit in (("train", limit_train), ("test", limit_test)):
-        rows = _round_robin(_members(path, split), limit)
-        if not rows:
-            raise SystemExit(f"error: no {split} images found in {path}")
-        if split == "train":
-            class_names = sorted({r[0] for r in rows})
-        idx = {c: i for i, c in enumerate(class_names)}
-        blobs = [r[2] for r in rows]
-        chunk = max(1, math.ceil(len(blobs) / (4 * max(1, workers))))
-        chunks = [blobs[i:i + chunk] for i in range(0, len(blobs), chunk)]
-        if workers > 1 and len(chunks) > 1:
-            with ProcessPoolExecutor(workers) as ex:
-                imgs = [a for part in ex.map(_decode, chunks) for a in part]
-        else:
-            imgs = [a for part in map(_decode, chunks) for a in part]
-        arrays[split] = np.stack(imgs)
-        labels[split] = np.array([idx[r[0]] for r in rows], dtype=np.int64)
-    return Data(arrays["train"], labels["train"], arrays["test"], labels["test"], class_names,
-                time.perf_counter() - t0, "bench-local")
-
-
-def load_data(path: Path, limit_train: Optional[int], limit_test: Optional[int], workers: int) -> Data:
-    """Prefer pipeline.sources (needs omegaconf via pipeline.config); else the local decoder.
-    pipeline.sources takes one limit for both splits, so it is used only when they are equal."""
-    if limit_train == limit_test:
-        try:
-            from pipeline.sources import load_imagefolder
-        except ImportError:
-            pass
-        else:
-            t0 = time.perf_counter()
-            src = load_imagefolder(str(path), limit_train, workers)
-            tr, te = src.splits == "train", src.splits == "test"
-            return Data(src.images[tr], src.labels[tr], src.images[te], src.labels[te], list(src.class_names),
-                        time.perf_counter() - t0, "pipeline.sources")
-    return load_local(path, limit_train, limit_test, workers)
+    limits = dict(zip(SPLITS, (limit_train, limit_test)))
+    decode_limit = None if None in limits.values() else max(limits.values())  # type: ignore[type-var]
+    src = load_imagefolder(str(path), decode_limit, workers, progress=progress)
+    rows = {}
+    for split, limit in limits.items():
+        part = np.flatnonzero(src.splits == split)
+        rows[split] = part[first_per_class(src.labels[part], limit)]
+    tr, te = rows["train"], rows["test"]
+    return Data(src.images[tr], src.labels[tr], src.images[te], src.labels[te], list(src.class_names),
+                [src.sample_ids[i] for i in tr], time.perf_counter() - t0, "pipeline.data.sources.load_imagefolder")
 
 
 def resize(images: np.ndarray, side: int) -> np.ndarray:
@@ -184,88 +132,134 @@ def resize(images: np.ndarray, side: int) -> np.ndarray:
     return t.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def flip_labels(labels: np.ndarray, source: int, target: int, rate: float, seed: int) -> tuple[np.ndarray, int]:
-    """Relabel ``round(rate * n_source)`` rows of class ``source`` (chosen with ``seed``) as ``target``."""
-    rows = np.flatnonzero(labels == source)
-    k = int(round(rate * len(rows)))
-    pick = np.random.default_rng(seed).choice(rows, size=k, replace=False)
-    out = labels.copy()
-    out[pick] = target
-    return out, k
+def flip_labels(data: Data, source: Any, target: Any, rate: float, seed: int) -> tuple[np.ndarray, dict, int]:
+    """The poison stage's label flip of the train split: ``(labels, resolved attack, rows flipped)``.
+
+    ``source``/``target`` are class indices or names; a bad class, ``source == target`` or a rate
+    outside [0, 1] is an ``AttackError``.
+    """
+    spec = {"name": "label_flip", "source": source, "target": target, "rate": rate, "seed": seed}
+    attack = resolve_attack(spec, data.class_names)
+    _, labels, records = poison(data.x_train, data.y_train, data.ids_train, spec, data.class_names)
+    return labels, attack, len(records)
 
 
 # ----------------------------------------------------------------------------- config files
 
 
-def parse_scalar(v: str) -> Any:
-    """A YAML scalar as written in conf/ or on a command line: bool, null, int, float, else str."""
-    if v in ("true", "false"):
-        return v == "true"
-    if v in ("null", "~"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+def compose_group(group: str, name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """conf/GROUP/NAME.yaml as a plain mapping, its same-group ``defaults`` list applied.
 
+    Hydra's order: the entries in turn, ``_self_`` where it stands (last when absent). Hydra itself
+    needs omegaconf, which the GPU box lacks, and conf/gate/cifar10.yaml (``defaults: [default,
+    _self_]``) is all the bench meets; an entry naming another group is refused.
+    """
+    path = CONF / group / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
+        raise ConfigError(f"no conf/{group}/{name}.yaml: use one of {options}")
+    import yaml
 
-def read_flat_yaml(path: Path) -> dict[str, Any]:
-    """``key: value  # comment`` lines of a flat conf/ file (no PyYAML on the GPU box)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    defaults = raw.pop("defaults", None) or []
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: defaults must be a list of option names, got {defaults!r}")
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
     out: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"^([A-Za-z_]\w*):\s*([^#]*?)\s*(#.*)?$", line)
-        if m and m.group(2):
-            out[m.group(1)] = parse_scalar(m.group(2))
+    for entry in defaults:
+        if entry == "_self_":
+            out.update(raw)
+        elif isinstance(entry, str) and entry not in (*_seen, name):
+            out.update(compose_group(group, entry, (*_seen, name)))
+        else:
+            raise ConfigError(f"{path}: defaults entry {entry!r} is not an option of conf/{group}/ "
+                              "(or it includes itself); compose it with `python -m pipeline.config compose`")
     return out
 
 
-def core_config(name: str, device: str, **overrides: Any) -> tuple[TrainSpec, int, bool]:
-    """``(TrainSpec, width, tta)`` of conf/train/NAME.yaml + conf/model/NAME.yaml, with
-    ``overrides`` (TrainSpec fields, or ``width``) on top; unknown keys are a ValueError."""
-    tcfg = read_flat_yaml(REPO / f"conf/train/{name}.yaml")
-    mcfg = read_flat_yaml(REPO / f"conf/model/{name}.yaml")
-    overrides = dict(overrides)
-    width = int(overrides.pop("width", mcfg.get("width", 64)))
-    unknown = set(overrides) - set(TrainSpec.__dataclass_fields__)
+def typed(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """A ``pipeline.schema`` dataclass from a plain mapping.
+
+    What OmegaConf's structured merge does in ``pipeline.config`` (not importable on the GPU
+    box): an unknown key, a required value left out, or a value of the wrong type is refused
+    naming the key; ints and numeric strings (YAML 1.1 reads ``1e-3`` as a string) become floats
+    for float fields. Ranges are the caller's (``schema.check`` judges a whole ``Config`` only).
+    """
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} for {name}: use TrainSpec fields or width")
-    known = set(TrainSpec.__dataclass_fields__)
-    spec = TrainSpec(**{**{k: v for k, v in tcfg.items() if k in known}, "device": device, **overrides})
-    return spec, width, bool(tcfg.get("tta", False))
+        raise ConfigError(f"{where}: unknown key(s) {unknown}: use {', '.join(known)}")
+    hints = get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        want = hints[key]
+        if want is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if want in (bool, int, float, str) and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise ConfigError(f"{where}: {key} = {value!r} is {type(value).__name__}, not {want.__name__}")
+        out[key] = value
+    obj = cls(**out)
+    missing = [k for k in known if isinstance(getattr(obj, k), str) and getattr(obj, k) == MISSING]
+    if missing:
+        raise ConfigError(f"{where}: required key(s) {missing} have no value")
+    return obj
 
 
-# ----------------------------------------------------------------------------- metrics and gate
+def core_config(name: str, device: str, **overrides: Any) -> tuple[TrainConfig, ModelConfig]:
+    """conf/train/NAME.yaml and conf/model/NAME.yaml as schema types, ``overrides`` (TrainConfig
+    fields, or ``width``) on top; an unknown key, here or in the files, is a ``ConfigError``."""
+    over = dict(overrides)
+    model_over = {"width": over.pop("width")} if "width" in over else {}
+    unknown = sorted(set(over) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for {name}: use TrainConfig fields or width")
+
+    def where(group: str, keys: Mapping[str, Any]) -> str:
+        return f"conf/{group}/{name}.yaml" + (f" with {', '.join(sorted(keys))} overridden" if keys else "")
+
+    spec = typed(TrainConfig, {**compose_group("train", name), "device": device, **over}, where("train", over))
+    model = typed(ModelConfig, {**compose_group("model", name), **model_over}, where("model", model_over))
+    if model.name != name:
+        raise ConfigError(f"conf/model/{name}.yaml builds model {model.name!r}, not {name!r}")
+    return spec, model
 
 
-def metrics(pred: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    per_class = {}
-    for i, c in enumerate(class_names):
-        sel = truth == i
-        tp = int(np.sum((pred == i) & sel))
-        per_class[c] = {"recall": tp / max(1, int(sel.sum())), "support": int(sel.sum())}
-    return {"accuracy": float(np.mean(pred == truth)), "per_class": per_class}
+def gate_config(preset: str) -> GateConfig:
+    """The release gate's thresholds of conf/gate/PRESET.yaml (``gates.rules.Thresholds``)."""
+    t = typed(GateConfig, compose_group("gate", preset), f"conf/gate/{preset}.yaml")
+    for f in fields(GateConfig):  # schema.check's rule: a fraction in [0, 1] (NaN refused), else no gate
+        v = getattr(t, f.name)
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ConfigError(f"conf/gate/{preset}.yaml: {f.name} = {v!r} is invalid: must be a fraction in [0, 1]")
+    return t
 
 
-def gate(candidate: dict, baseline: dict, thr: dict[str, float]) -> list[dict[str, Any]]:
-    """The gate's accuracy and per-class recall rules (gates.rules when importable)."""
-    try:
-        from gates import rules
+# ----------------------------------------------------------------------------- gate
 
-        t = rules.Thresholds(max_asr=1.0, max_asr_increase=1.0, max_recall_drop=thr["max_recall_drop"],
-                             min_accuracy=thr["min_accuracy"], max_accuracy_drop=thr["max_accuracy_drop"])
-        checks = [*rules.accuracy_checks(candidate, baseline, t), *rules.recall_checks(candidate, baseline, t)]
-        return [c.to_dict() for c in checks]
-    except ImportError:
-        out = []
-        acc, base = candidate["accuracy"], baseline["accuracy"]
-        out.append({"name": "accuracy", "value": acc, "passed": acc >= thr["min_accuracy"]})
-        out.append({"name": "accuracy_drop", "value": base - acc, "passed": base - acc <= thr["max_accuracy_drop"]})
-        for c in candidate["per_class"]:
-            d = baseline["per_class"][c]["recall"] - candidate["per_class"][c]["recall"]
-            out.append({"name": f"recall_drop[{c}]", "value": d, "passed": d <= thr["max_recall_drop"]})
-        return out
+
+def gate(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t: GateConfig) -> list[dict[str, Any]]:
+    """The release gate's accuracy and per-class recall rules (``gates.rules``).
+
+    Not ``rules.evaluate_gate``: its identity, validation and ASR checks judge the pipeline's
+    lineage records and a trigger scan, which a label-flip bench does not make (they would fail
+    closed on every trial and hide the rules measured here).
+    """
+    return [c.to_dict() for c in (*rules.accuracy_checks(candidate, baseline, t),
+                                  *rules.recall_checks(candidate, baseline, t))]
+
+
+def missing_packages() -> list[str]:
+    """pip names of the bench's edge packages that this Python cannot import."""
+    return [pip for mod, pip in EDGE_PACKAGES.items() if importlib.util.find_spec(mod) is None]
 
 
 # ----------------------------------------------------------------------------- trainers
@@ -343,7 +337,7 @@ def predict_reference(model: nn.Module, x: np.ndarray, dev: torch.device, worker
     return torch.cat(preds).numpy()
 
 
-def train_core(name: str, width: int, spec: TrainSpec, x: np.ndarray, y: np.ndarray, num_classes: int) -> Trained:
+def train_core(name: str, width: int, spec: TrainConfig, x: np.ndarray, y: np.ndarray, num_classes: int) -> Trained:
     """``pipeline.core.train.train_model``: seed, Normalize from the training mean/std, build via
     core.models, ``data_init`` hooks (fastnet whitening), :func:`pipeline.core.train.fit`."""
     dev = resolve_device(spec.device)
@@ -384,14 +378,14 @@ Predictions = tuple[np.ndarray, Optional[np.ndarray]]  # plain forward (gated), 
 def evaluate(predict_fn: Callable[[nn.Module], Predictions], model: nn.Module, data: Data) -> dict[str, Any]:
     """Metrics of the plain forward pass (what the pipeline's gate uses) plus ``accuracy_tta``."""
     plain, tta = predict_fn(model)
-    m = metrics(plain, data.y_test, data.class_names)
+    m = classification_metrics(data.y_test, plain, data.class_names)
     m["accuracy_tta"] = float(np.mean(tta == data.y_test)) if tta is not None else None
     return m
 
 
 def verdict(config: str, trial: int, epochs: int, train_fn: Callable[[np.ndarray], Trained],
             predict_fn: Callable[[nn.Module], Predictions], data: Data, y_poison: np.ndarray,
-            thr: dict[str, float], dev: torch.device, log: Callable[[str], None]) -> Result:
+            thr: GateConfig, dev: torch.device, log: Callable[[str], None]) -> Result:
     t0 = time.perf_counter()
     twin = train_fn(data.y_train)
     m_twin = evaluate(predict_fn, twin.model, data)
@@ -421,7 +415,7 @@ def _ms(vals: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(vals), fmt)} ± {format(statistics.stdev(vals), fmt)}"
 
 
-def clean_pairs(rs: list[Result], thr: dict[str, float]) -> dict[str, Any]:
+def clean_pairs(rs: list[Result], thr: GateConfig) -> dict[str, Any]:
     """The gate's false alarms on clean models: every ordered pair of two trials' clean twins
     (different seeds, same data), one as candidate, the other as baseline, under the drop rules
     (accuracy_drop and recall_drop; the absolute accuracy floor is left out)."""
@@ -438,7 +432,8 @@ def clean_pairs(rs: list[Result], thr: dict[str, float]) -> dict[str, Any]:
             "max_accuracy_drop": max(acc, default=None)}
 
 
-def table(results: list[Result], source_name: str, header: dict[str, Any], thr: dict[str, float]) -> str:
+def table(results: list[Result], source_name: str, header: dict[str, Any], thr: GateConfig,
+          preset: str = "default") -> str:
     configs = list(dict.fromkeys(r.config for r in results))
     refs = [c for c in configs if c.startswith("reference")]
     ref_t = {c: statistics.mean(r.verdict_s for r in results if r.config == c) for c in refs}
@@ -449,8 +444,8 @@ def table(results: list[Result], source_name: str, header: dict[str, Any], thr: 
         lines.append(f"- {k}: {v}")
     speed_head = "speed-up vs " + " / ".join(refs) if refs else "speed-up"
     lines += ["", f"| config | trials | epochs | s/epoch | s/model | s to verdict | {speed_head} | clean acc (twin) "
-              "| twin acc with TTA | candidate acc | class-1 recall twin → cand | Δ acc vs (a), pt (TTA) "
-              "| verdict (blocked / trials) | clean-pair false alarms |",
+              f"| twin acc with TTA | candidate acc | `{source_name}` recall twin → cand | Δ acc vs (a), pt (TTA) "
+              f"| verdict, gate={preset} (blocked / trials) | clean-pair false alarms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         rs = [r for r in results if r.config == c]
@@ -502,10 +497,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--epochs", action="append", default=[], metavar="CONFIG=N", help="override epochs, e.g. fastnet=12")
     ap.add_argument("--compile", action="store_true", help="torch.compile (b) and (c) (off by default)")
     ap.add_argument("--no-tta", action="store_true")
-    ap.add_argument("--source", type=int, default=1, help="class whose rows are relabelled")
-    ap.add_argument("--target", type=int, default=9)
+    ap.add_argument("--source", default=1, help="class (index or name) whose rows are relabelled")
+    ap.add_argument("--target", default=9, help="class (index or name) they are relabelled as")
     ap.add_argument("--rate", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gate", default="default", metavar="PRESET",
+                    help="thresholds of conf/gate/PRESET.yaml: " + ", ".join(sorted(p.stem for p in (CONF / "gate").glob("*.yaml"))))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=0, help="decode processes (0 = one per core)")
     ap.add_argument("--limit-train", type=int, default=None)
@@ -554,26 +551,35 @@ def main(argv: Optional[list[str]] = None) -> int:
         i = configs.index("reference")
         configs[i:i + 1] = names
 
+    missing = missing_packages()
+    if missing:
+        print(f"error: this Python cannot import {', '.join(missing)}: pip install them, or carry their wheels to "
+              "the GPU box (bench/README.md names the wheels)", file=sys.stderr)
+        return 2
+    import sklearn.metrics  # noqa: F401 - classification_metrics imports it lazily: once here, not in a timed verdict
     dev = resolve_device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     workers = args.workers or (os.cpu_count() or 1)
-    data = load_data(Path(args.data), args.limit_train, args.limit_test, workers)
+    try:  # every refusal before any training: configs first, then the data
+        thr = gate_config(args.gate)
+        cores = {c: core_config(c, str(dev), compile=args.compile, **({"epochs": epochs_override[c]} if c in epochs_override else {}))
+                 for c in configs if not c.startswith("reference")}
+        data = load_data(Path(args.data), args.limit_train, args.limit_test, workers, progress=log)
+        y_poison, attack, n_flipped = flip_labels(data, args.source, args.target, args.rate, args.seed)
+    except (UserError, AttackError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.image_size:
         data.x_train, data.x_test = resize(data.x_train, args.image_size), resize(data.x_test, args.image_size)
     n_cls = len(data.class_names)
-    if not (0 <= args.source < n_cls and 0 <= args.target < n_cls):
-        print(f"error: --source/--target must be class indices < {n_cls}", file=sys.stderr)
-        return 2
-    y_poison, n_flipped = flip_labels(data.y_train, args.source, args.target, args.rate, args.seed)
+    source_name, target_name = data.class_names[attack["source"]], data.class_names[attack["target"]]
     log(f"data: {len(data.x_train)} train / {len(data.x_test)} test {data.x_train.shape[1:]} decoded in "
         f"{data.decode_s:.1f} s ({data.loader}, {workers} workers); {n_flipped} rows of "
-        f"{data.class_names[args.source]} relabelled {data.class_names[args.target]}; device {dev}")
+        f"{source_name} relabelled {target_name}; device {dev}")
 
-    thr_raw = read_flat_yaml(REPO / "conf/gate/default.yaml")
-    thr = {k: float(thr_raw[k]) for k in ("max_recall_drop", "min_accuracy", "max_accuracy_drop")}
     results: list[Result] = []
     specs: dict[str, dict] = {}
 
@@ -596,14 +602,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 t = train_reference(data.x_train[:n_tr], data.y_train[:n_tr], n_cls, 1, dev, 0, 0)
                 predict_reference(t.model, data.x_test[:n_te], dev, 0)
         else:
-            over = {"epochs": epochs_override[c]} if c in epochs_override else {}
-            base, width, tta = core_config(c, str(dev), compile=args.compile, **over)
-            ep, n_trials, tta = base.epochs, args.trials, tta and not args.no_tta
+            base, width = cores[c][0], cores[c][1].width
+            ep, n_trials, tta = base.epochs, args.trials, base.tta and not args.no_tta
             probe = build_model(c, n_cls, data.x_train.shape[-1], data.x_train.shape[1], width)
             pad = augment_pad(probe, base.aug_pad)  # the crop padding fit uses (a model's augment_pad wins)
             specs[c] = {**asdict(base), "aug_pad": pad, "tta": tta, "width": width}
 
-            def make_train(seed: int, c: str = c, base: TrainSpec = base,
+            def make_train(seed: int, c: str = c, base: TrainConfig = base,
                            width: int = width) -> Callable[[np.ndarray], Trained]:
                 spec = replace(base, seed=seed)
                 return lambda y: train_core(c, width, spec, data.x_train, y, n_cls)
@@ -612,7 +617,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 plain = predict(model, data.x_test, batch_size=1024, device=dev)
                 return plain, (predict(model, data.x_test, batch_size=1024, device=dev, tta=True) if tta else None)
 
-            def warm(c: str = c, base: TrainSpec = base, width: int = width) -> None:
+            def warm(c: str = c, base: TrainConfig = base, width: int = width) -> None:
                 n_tr = warm_size(len(data.x_train), base.batch_size)
                 t = train_core(c, width, replace(base, epochs=1), data.x_train[:n_tr], data.y_train[:n_tr], n_cls)
                 predict_fn(t.model)
@@ -632,17 +637,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torchvision": __import__("torchvision").__version__,
         "trials": ", ".join(f"{c}: {sum(r.config == c for r in results)}" for c in configs),
         "data": f"{args.data} ({len(data.x_train)} train / {len(data.x_test)} test, {data.x_train.shape[1]} px; decoded in {data.decode_s:.1f} s by {data.loader})",
-        "poison": f"{n_flipped} of class {data.class_names[args.source]} → {data.class_names[args.target]} (rate {args.rate})",
-        "gate": ", ".join(f"{k}={v}" for k, v in thr.items()) + " (conf/gate/default.yaml)",
+        "poison": f"{n_flipped} of class {source_name} → {target_name} (rate {args.rate}; pipeline.core.attacks.poison)",
+        "gate": f"preset {args.gate} (conf/gate/{args.gate}.yaml): " + ", ".join(
+            f"{k}={getattr(thr, k)}" for k in ("max_recall_drop", "min_accuracy", "max_accuracy_drop"))
+        + "; rules: gates.rules.accuracy_checks + recall_checks",
         "warm-up": "none" if args.no_warmup else "one untimed 1-epoch run per config (4 batches + one of the last batch's size) and one evaluation",
         "compile": args.compile,
         "configs": "; ".join(f"{c}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("device",)) for c, s in specs.items()),
         "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
-    text = table(results, data.class_names[args.source], header, thr)
+    text = table(results, source_name, header, thr, args.gate)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    raw = json.dumps({"header": header, "thresholds": thr, "results": [asdict(r) for r in results]}, indent=1)
+    raw = json.dumps({"header": header, "gate_preset": args.gate, "thresholds": asdict(thr), "results": [asdict(r) for r in results]}, indent=1)
     for path, body in ((out, text), (out.with_suffix(".json"), raw)):  # every trial, per-class, for re-analysis
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import sys
 import tarfile
 from pathlib import Path
@@ -120,34 +121,90 @@ def test_bench_smoke_runs_the_three_configs(tmp_path, capsys):
     _synthetic_archive(archive, per_class=(3, 1))
     out = tmp_path / "verdict.md"
     bench = _bench()
-    rc = bench.main(["--smoke", "--data", str(archive), "--out", str(out), "--workers", "1", "--image-size", "8"])
+    rc = bench.main(["--smoke", "--data", str(archive), "--out", str(out), "--workers", "1", "--image-size", "8",
+                     "--gate", "cifar10"])
     assert rc == 0
     text = out.read_text()
     for row in ("| reference | 1 | 1 |", "| resnet18 | 1 | 1 |", "| fastnet | 1 | 1 |"):
         assert row in text
     assert "torch: " + torch.__version__ in text and "SMOKE" in text and "trials:" in text
     assert "30 train / 10 test, 8 px" in text
+    # the preset is named in the table and its thresholds judged the trials (gate=cifar10: 0.07, not 0.1)
+    assert "preset cifar10 (conf/gate/cifar10.yaml): max_recall_drop=0.07" in text and "gate=cifar10" in text
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["gate_preset"] == "cifar10" and raw["thresholds"]["min_accuracy"] == 0.85
+    (check,) = [c for c in raw["results"][0]["checks"] if c["name"] == "recall_drop[c01]"]
+    assert check["threshold"] == 0.07
+
+
+def test_bench_refuses_bad_gate_and_classes_before_training(tmp_path, capsys):
+    archive = tmp_path / "synth.tar.gz"
+    _synthetic_archive(archive, per_class=(1, 1), classes=3)
+    bench = _bench()
+    args = ["--smoke", "--data", str(archive), "--out", str(tmp_path / "o.md"), "--workers", "1"]
+    assert bench.main([*args, "--gate", "nope"]) == 2
+    assert "conf/gate/nope.yaml: use one of cifar10, default" in capsys.readouterr().err
+    assert bench.main([*args, "--source", "c02", "--target", "2"]) == 2  # same class, by name and index
+    assert "same class" in capsys.readouterr().err
+    assert bench.main([*args, "--target", "c07"]) == 2
+    assert "unknown class 'c07'" in capsys.readouterr().err
+    assert not (tmp_path / "o.md").exists()
 
 
 def test_bench_loader_and_labels(tmp_path):
+    from pipeline.data.sources import load_imagefolder
+    from pipeline.schema import ConfigError, GateConfig
+
     archive = tmp_path / "synth.tar.gz"
-    _synthetic_archive(archive, per_class=(3, 1), classes=3)
+    _synthetic_archive(archive, per_class=(3, 2), classes=3)
     bench = _bench()
-    data = bench.load_local(archive, None, None, 1)
+    data = bench.load_data(archive, None, None, 1)
     assert data.class_names == ["c00", "c01", "c02"]
     assert data.x_train.shape == (9, 32, 32, 3) and data.x_train.dtype == np.uint8
-    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and data.y_test.tolist() == [0, 1, 2]
-    limited = bench.load_local(archive, 4, None, 1)
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2] and data.y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    limited = bench.load_data(archive, 4, None, 1)
     assert sorted(limited.y_train.tolist()) == [0, 0, 1, 2]  # round-robin over classes
-    y, k = bench.flip_labels(data.y_train, 1, 2, 2 / 3, seed=0)
-    assert k == 2 and (y == 1).sum() == 1 and (y == 2).sum() == 5
-    m = bench.metrics(np.array([0, 1, 1]), np.array([0, 1, 2]), data.class_names)
+    assert len(limited.y_test) == 6  # no test limit
+    # two limits: the very rows load_imagefolder selects for each limit alone
+    both = bench.load_data(archive, 5, 2, 1)
+    for split, x, n in (("train", both.x_train, 5), ("test", both.x_test, 2)):
+        ref = load_imagefolder(str(archive), n, 1)
+        assert np.array_equal(x, ref.images[ref.splits == split])
+    y, attack, k = bench.flip_labels(data, 1, "c02", 2 / 3, seed=0)
+    assert k == 2 and (y == 1).sum() == 1 and (y == 2).sum() == 5 and attack["target"] == 2
+    m = bench.classification_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), data.class_names)
     assert m["accuracy"] == pytest.approx(2 / 3) and m["per_class"]["c02"]["recall"] == 0.0
+    thr = GateConfig(max_asr=1.0, max_asr_increase=1.0, max_recall_drop=0.1, min_accuracy=0.5, max_accuracy_drop=0.03)
     checks = bench.gate({"accuracy": 0.9, "per_class": {"a": {"recall": 0.5}}},
-                        {"accuracy": 0.9, "per_class": {"a": {"recall": 0.8}}},
-                        {"max_recall_drop": 0.1, "min_accuracy": 0.5, "max_accuracy_drop": 0.03})
+                        {"accuracy": 0.9, "per_class": {"a": {"recall": 0.8}}}, thr)
     assert [c["name"] for c in checks if not c["passed"]] == ["recall_drop[a]"]
-    assert bench.read_flat_yaml(REPO / "conf/train/fastnet.yaml")["batch_size"] == 1024
+    spec, model = bench.core_config("fastnet", "cpu", epochs=1, lr="1e-3", width=8)
+    assert (spec.batch_size, spec.epochs, spec.lr, spec.device, spec.tta, model.width) == (1024, 1, 0.001, "cpu", True, 8)
+    assert bench.gate_config("cifar10").max_recall_drop == 0.07  # defaults: [default, _self_] applied
+    assert bench.gate_config("cifar10").max_asr == bench.gate_config("default").max_asr
+    with pytest.raises(ConfigError, match="epochs = 1.5 is float, not int"):
+        bench.core_config("fastnet", "cpu", epochs=1.5)
+
+
+def test_bench_config_refuses_bad_conf_files(tmp_path, monkeypatch):
+    from pipeline.schema import ConfigError
+
+    bench = _bench()
+    files = {"train/fastnet.yaml": "epochs: 1\nlr_typo: 0.1\n", "model/fastnet.yaml": "name: fastnet\n",
+             "gate/part.yaml": "max_recall_drop: 0.1\n", "gate/loop.yaml": "defaults: [loop]\n",
+             "gate/wide.yaml": "defaults: [default]\nmax_recall_drop: 2.0\n"}
+    for rel, body in {**files, "gate/default.yaml": (REPO / "conf/gate/default.yaml").read_text()}.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(body)
+    monkeypatch.setattr(bench, "CONF", tmp_path)
+    with pytest.raises(ConfigError, match=r"conf/train/fastnet.yaml: unknown key\(s\) \['lr_typo'\]"):
+        bench.core_config("fastnet", "cpu")
+    with pytest.raises(ConfigError, match=r"conf/gate/part.yaml: required key\(s\) \['max_asr'"):
+        bench.gate_config("part")
+    with pytest.raises(ConfigError, match="includes itself"):
+        bench.gate_config("loop")
+    with pytest.raises(ConfigError, match=r"max_recall_drop = 2.0 is invalid: must be a fraction in \[0, 1\]"):
+        bench.gate_config("wide")
 
 
 def test_patch_covariance_matches_unfold():
@@ -163,7 +220,9 @@ def test_bench_warm_size_and_clean_pairs():
     bench = _bench()
     assert bench.warm_size(50000, 1024) == 4 * 1024 + 50000 % 1024  # ends in the real last-batch size
     assert bench.warm_size(100, 1024) == 100
-    thr = {"max_recall_drop": 0.1, "min_accuracy": 0.0, "max_accuracy_drop": 0.03}
+    from pipeline.schema import GateConfig
+
+    thr = GateConfig(max_asr=1.0, max_asr_increase=1.0, max_recall_drop=0.1, min_accuracy=0.0, max_accuracy_drop=0.03)
 
     def res(trial, recalls, acc):
         twin = {"accuracy": acc, "per_class": {c: {"recall": r} for c, r in zip("ab", recalls)}}
@@ -184,8 +243,6 @@ def test_bench_refuses_bad_ref_workers(tmp_path, capsys):
 
 
 def test_tune_script_runs_and_profiles_on_cpu(tmp_path):
-    import json
-
     archive = tmp_path / "synth.tar.gz"
     _synthetic_archive(archive, per_class=(3, 1))
     tune = _load_bench("cifar10_tune")
