@@ -25,6 +25,8 @@ ATTACK_NAMES = ("none", "label_flip", "backdoor")
 MODEL_NAMES = ("small_cnn", "resnet18", "fastnet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "onecycle")
+LOSSES = ("ce", "lgm")
+LGM_COVARIANCES = ("identity", "diag")
 TRIGGER_KINDS = ("patch", "blend")
 NAMED_LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 LOCATIONS = NAMED_LOCATIONS + ("random",)
@@ -120,6 +122,12 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA: pays off only over many models per process
     tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
+    # loss (issue 13): ce = softmax cross-entropy; lgm = large-margin Gaussian mixture
+    # (core.losses; the model then gets an LGM head whose likelihood inspect uses as a score)
+    loss: str = "ce"  # ce | lgm
+    lgm_alpha: float = 0.1  # unitless margin: the true class's distance counts (1 + alpha) x in training
+    lgm_lambda: float = 0.1  # unitless weight of the likelihood regulariser
+    lgm_covariance: str = "identity"  # identity | diag (a learned per-class diagonal)
 
 
 @dataclass
@@ -278,6 +286,10 @@ def check(cfg: Config) -> None:
     _one_of("train.schedule", t.schedule, SCHEDULES)
     _number("train.label_smoothing", t.label_smoothing, 0.0, 1.0, hi_open=True)
     _number("train.aug_pad", t.aug_pad, 0, 64, integer=True)
+    _one_of("train.loss", t.loss, LOSSES)
+    _number("train.lgm_alpha", t.lgm_alpha, 0.0, 10.0)
+    _number("train.lgm_lambda", t.lgm_lambda, 0.0, 100.0)
+    _one_of("train.lgm_covariance", t.lgm_covariance, LGM_COVARIANCES)
     _number("train.seed", t.seed, 0, 2**32 - 1, integer=True)
     if not isinstance(t.device, str) or not _DEVICE.match(t.device):
         _fail("train.device", t.device, "use auto, cpu, cuda or cuda:<index>")

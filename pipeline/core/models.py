@@ -16,6 +16,8 @@ from torch import nn
 
 from pipeline.schema import MODEL_NAMES  # noqa: F401 - one list of model names, in the schema
 
+HEADS = ("linear", "lgm")  # lgm: pipeline.core.losses.LGMHead (train.loss=lgm)
+
 
 class Normalize(nn.Module):
     """Raw pixels (0..255, any dtype) -> (x/255 - mean) / std, per channel."""
@@ -70,12 +72,18 @@ def build_model(
     width: int = 32,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    head: str = "linear",
+    lgm_covariance: str = "identity",
 ) -> nn.Sequential:
     """The classifier ``name`` behind a Normalize layer: ``Sequential(normalize, net)``.
 
     ``mean``/``std`` are per-channel statistics of the training images on the 0..1 scale
-    (:func:`pipeline.core.data.channel_stats`); default 0.5/0.5.
+    (:func:`pipeline.core.data.channel_stats`); default 0.5/0.5. ``head="lgm"`` swaps the final
+    linear layer for an LGM head (``identity`` or ``diag`` covariance); checkpoints written
+    before heads existed have no ``head`` key and rebuild the default linear head.
     """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
     if name == "small_cnn":
         net = small_cnn(num_classes, in_channels, image_size, width)
     elif name == "resnet18":
@@ -86,6 +94,10 @@ def build_model(
         net = build_fastnet(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
     else:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)}")
+    if head == "lgm":
+        from .losses import replace_head
+
+        replace_head(net, lgm_covariance)
     mean = list(mean) if mean is not None else [0.5] * in_channels
     std = list(std) if std is not None else [0.5] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
@@ -101,8 +113,14 @@ def model_args(
     width: int,
     mean: Sequence[float],
     std: Sequence[float],
+    head: str = "linear",
+    lgm_covariance: str = "identity",
 ) -> dict[str, Any]:
-    """The keyword arguments of :func:`build_model`, as stored in a checkpoint (plain types)."""
+    """The keyword arguments of :func:`build_model`, as stored in a checkpoint (plain types).
+
+    ``head``/``lgm_covariance`` are stored only for an LGM head, so a linear model's arguments
+    (and every earlier checkpoint) keep their exact keys."""
+    extra: dict[str, Any] = {"head": head, "lgm_covariance": lgm_covariance} if head != "linear" else {}
     return {
         "name": name,
         "num_classes": int(num_classes),
@@ -111,6 +129,7 @@ def model_args(
         "width": int(width),
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
+        **extra,
     }
 
 

@@ -19,6 +19,7 @@ from pipeline.schema import TrainConfig
 
 from . import augment as aug
 from . import data as tdata
+from .losses import make_loss
 from .models import build_model, model_args
 
 
@@ -114,10 +115,14 @@ def fit(
     labels: np.ndarray,
     spec: TrainSpec,
     progress: Optional[ProgressFn] = None,
+    init_from_data: bool = True,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on (N, H, W, C) uint8 ``images`` and int ``labels``.
 
-    First every submodule's ``data_init(model, images)`` hook runs (:func:`run_data_init`).
+    First every submodule's ``data_init(model, images)`` hook runs (:func:`run_data_init`),
+    unless ``init_from_data=False`` (fine-tuning a trained model on a small reserve must keep
+    the layers initialised from the full training set). The criterion is
+    :func:`pipeline.core.losses.make_loss` of ``spec.loss``.
     The data is uploaded once and stays on the device. All randomness of the loop (the
     per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
     training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
@@ -143,7 +148,8 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    run_data_init(model, images)  # on the training device (fastnet's whitening: 1 s on CPU, ms on a GPU)
+    if init_from_data:
+        run_data_init(model, images)  # on the training device (fastnet's whitening: 1 s on CPU, ms on a GPU)
     pad = augment_pad(model, spec.aug_pad)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(spec.seed))
@@ -154,7 +160,7 @@ def fit(
     opt = make_optimizer(model, spec)
     steps = steps_per_epoch(n, spec.batch_size)
     sched = make_schedule(opt, spec, spec.epochs * steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    loss_fn = make_loss(model, spec.loss, spec.lgm_alpha, spec.lgm_lambda, spec.label_smoothing)
     forward = torch.compile(model) if (spec.compile and cuda) else model
 
     history: list[dict[str, float]] = []
@@ -221,7 +227,9 @@ def train_model(
         raise ValueError(f"expected square (N, H, W, C) images, got {images.shape}")
     seed_everything(spec.seed)
     mean, std = tdata.channel_stats(images)
-    args = model_args(model_name, num_classes, images.shape[-1], images.shape[1], width, mean, std)
+    head = "lgm" if spec.loss == "lgm" else "linear"
+    args = model_args(model_name, num_classes, images.shape[-1], images.shape[1], width, mean, std,
+                      head=head, lgm_covariance=spec.lgm_covariance)
     model = build_model(**args)
     history = fit(model, images, labels, spec, progress)
     return model, args, history
