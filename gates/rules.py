@@ -199,10 +199,51 @@ def identity_check(
 def prior_verdict_check(prior_verdict: Optional[str]) -> Check:
     """A version the gate once blocked stays blocked: relaxing thresholds afterwards must not
     promote it; the fix is a new training run (a new version)."""
-    if prior_verdict == "failed":
+    if prior_verdict in ("blocked", "failed"):
         return Check("not_previously_blocked", None, None, False,
                      "this model version was blocked by an earlier gate run; train a new version")
     return Check("not_previously_blocked", None, None, True, "no earlier block of this version")
+
+
+def evidence_check(digests: Mapping[str, Mapping[str, Optional[str]]]) -> Check:
+    """Every input the verdict rests on is bound by digest to what produced it.
+
+    ``digests`` maps what is checked (e.g. ``"metrics.json"``, ``"registered artifact"``) to the
+    sha256 each witness records for it (``{"file": ..., "evaluate record": ..., "mlflow run": ...}``):
+    all witnesses of one item must name the same, non-empty digest. A hand-edited report, a
+    swapped registry artifact or a version registered for another checkpoint fails here.
+    """
+    problems = []
+    for item, witnesses in digests.items():
+        values = {k: v for k, v in witnesses.items()}
+        missing = sorted(k for k, v in values.items() if not v)
+        if missing:
+            problems.append(f"{item}: no digest from {', '.join(missing)}")
+            continue
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{k} {str(v)[:12]}" for k, v in values.items())
+            problems.append(f"{item} differs between witnesses ({shown})")
+    if problems:
+        return Check("evidence_binding", None, None, False,
+                     "; ".join(problems) + ": the verdict's inputs were edited or swapped after they were produced")
+    return Check("evidence_binding", None, None, True, f"{len(digests)} input(s) match the digests their producers recorded")
+
+
+def lineage_check(report: Mapping[str, Any], registry_tags: Mapping[str, Any],
+                  fields: tuple[str, ...] = ("snapshot_id", "view_id", "checkpoint_sha256")) -> Check:
+    """The lineage the reports claim must be the lineage the registry version was registered with."""
+    bad = [f"{k}: reports {str(report.get(k))[:12]}, registry {str(registry_tags.get(k))[:12]}"
+           for k in fields if not report.get(k) or report.get(k) != registry_tags.get(k)]
+    if bad:
+        return Check("registry_lineage", None, None, False, "; ".join(bad) + ": the reports and the registry disagree")
+    return Check("registry_lineage", None, None, True, "reports and registry version name the same snapshot, view and checkpoint")
+
+
+def champion_check(problem: Optional[str]) -> Check:
+    """The current champion must carry a passed verdict (or a recorded waiver) for its own digest."""
+    if problem:
+        return Check("champion_integrity", None, None, False, problem)
+    return Check("champion_integrity", None, None, True, "the champion (if any) was promoted by the gate for its digest")
 
 
 def evaluate_gate(
@@ -213,9 +254,13 @@ def evaluate_gate(
     current_champion: Optional[str],
     t: Thresholds,
     prior_verdict: Optional[str] = None,
+    integrity: Optional[list[Check]] = None,
 ) -> list[Check]:
-    """All checks, in report order. The release passes only if every one passed."""
+    """All checks, in report order. The release passes only if every one passed. ``integrity``:
+    the binding checks the stage computed from its evidence (:func:`evidence_check`,
+    :func:`lineage_check`, :func:`champion_check`)."""
     return [
+        *(integrity or []),
         identity_check(candidate, baseline, train_report, current_champion),
         prior_verdict_check(prior_verdict),
         validation_check(validated, candidate, t),

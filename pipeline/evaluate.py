@@ -46,7 +46,9 @@ PATHS = tuple(stage.PathArg(name, help) for name, help in (
     ("per_class", "per-class precision/recall/F1 with the baseline's recall (reports/per_class.csv)"),
     ("confusion", "one row per test image for `dvc plots` (reports/confusion.csv)"),
     ("confusion_png", "the confusion matrix picture (reports/confusion.png)"),
+    ("record", "the evaluation's lineage record with the digests of both metrics files (reports/evaluate.json)"),
 ))
+
 
 
 class EvaluateError(stage.UserError):
@@ -241,7 +243,7 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
     mv = registry.champion(client, name)
     if mv is not None:
         try:
-            model = registry.load_model(name, str(mv.version))
+            model, _header = registry.load_version(client, name, str(mv.version))
             m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
             snap = (mv.tags or {}).get("snapshot_id")
             if snap is None and mv.run_id:
@@ -258,16 +260,12 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
                 f"champion {name} v{mv.version} could not be loaded or evaluated ({type(exc).__name__}: {exc}). "
                 "Restore its artifacts, or move/delete the `champion` alias deliberately, then re-run `dvc repro`"
             ) from exc
-    from pipeline.core.models import load_checkpoint
+    from pipeline import checkpoints
 
     tp = Path(args.twin)
     if not tp.is_file():
         raise EvaluateError(f"no champion for {name} and {tp} not found: run the twin stage")
-    try:
-        model, ckpt = load_checkpoint(tp)
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise EvaluateError(f"the twin checkpoint {tp} is unreadable ({type(exc).__name__}: {exc}): "
-                            "re-run `dvc repro --force twin`") from exc
+    model, ckpt = checkpoints.load(tp)
     # A twin of an older snapshot is a weaker baseline: refuse it rather than compare against it.
     require_lineage(ckpt, {"snapshot_id": snapshot_id}, what=f"the twin {tp}", against="the current snapshot",
                     fix="re-run `dvc repro twin`")
@@ -313,14 +311,14 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if len(test_labels) == 0:
         raise EvaluateError(f"snapshot {snapshot_id[:12]} has no test rows: check data.* (test split)")
 
-    from pipeline.core.models import load_checkpoint
+    from pipeline import checkpoints
     from pipeline.tracking import runs
 
     uri = stage.redact(runs.tracking_uri())
     if report.get("tracking_uri") and report["tracking_uri"] != uri:
         runs.warn(f"{args.train_report} was written against {report['tracking_uri']}; logging to {uri}")
     device = cfg.train.device
-    model, _ckpt = load_checkpoint(cand)
+    model, _ckpt = checkpoints.load_verified(cand, lineage.checkpoint_sha256, f"{args.train_report}")
     scan = list(cfg.eval.scan)
     metrics, pred = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
     metrics["model"] = {"checkpoint_sha256": sha, "model_version": report.get("model_version"),
@@ -340,7 +338,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     atomic_write_bytes(Path(args.confusion_png), confusion_png(
         metrics["confusion"], class_names, f"{name} v{report.get('model_version')}: acc {metrics['accuracy']:.3f}"))
 
+    digests = {"metrics_sha256": file_sha256(args.metrics), "baseline_metrics_sha256": file_sha256(args.baseline_metrics)}
     run_id = report.get("run_id")
+    write_json(Path(args.record), {**lineage.to_dict(), "run_id": run_id, "baseline": base["baseline"], **digests})
     if run_id:
         scalars: dict[str, float] = {
             "accuracy": metrics["accuracy"],
@@ -358,9 +358,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                 if v is not None:
                     scalars[f"asr.{trig}.{t}"] = v
         runs.log_metrics(run_id, scalars)
-        runs.client().set_tag(run_id, "baseline", base["baseline"]["kind"])
+        c = runs.client()
+        c.set_tag(run_id, "baseline", base["baseline"]["kind"])
+        # The gate reads these back: a metrics file edited after this point no longer matches its run.
+        c.set_tag(run_id, runs.TAG_METRICS_SHA, digests["metrics_sha256"])
+        c.set_tag(run_id, runs.TAG_BASELINE_SHA, digests["baseline_metrics_sha256"])
         runs.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
-                                        args.confusion_png], artifact_path="evaluation")
+                                    args.confusion_png, args.record], artifact_path="evaluation")
     def fmt(x: Optional[float]) -> str:
         return "undefined" if x is None else f"{x:.3f}"
 

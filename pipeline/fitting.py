@@ -73,12 +73,10 @@ def train_arrays(images, labels, num_classes: int, cfg: Config, desc: str):
 
 
 def save_model(path: Path, model, args: dict, cfg: Config, **meta: Any) -> str:
-    """Write the checkpoint (design.md) atomically; its sha256."""
-    from pipeline.core.models import checkpoint_bytes
-    from pipeline.io import atomic_write_bytes, file_sha256
+    """Write the checkpoint (safetensors + JSON header, ``pipeline.checkpoints``) atomically; its sha256."""
+    from pipeline import checkpoints
 
-    atomic_write_bytes(Path(path), checkpoint_bytes(model, args, config=as_dict(cfg), **meta))
-    return file_sha256(path)
+    return checkpoints.save(path, model, args, config=as_dict(cfg), **meta)
 
 
 def history_summary(history: list[dict], seconds: float) -> dict:

@@ -22,7 +22,6 @@ from typing import Any, Optional
 from gates.rules import Check, evaluate_gate, passed
 from pipeline import stage
 from pipeline.io import atomic_write_text, read_json
-from pipeline.lineage import require_lineage
 from pipeline.schema import Config, model_name
 
 PATHS = (
@@ -30,6 +29,7 @@ PATHS = (
     stage.PathArg("baseline_metrics", "the baseline's metrics", default="reports/baseline_metrics.json"),
     stage.PathArg("validated", "the data gate's record", default="data/validated.json"),
     stage.PathArg("train_report", "the train report and lineage record", default="reports/train.json"),
+    stage.PathArg("evaluation", "the evaluate stage's record of the metrics digests", default="reports/evaluate.json"),
     stage.PathArg("report", "the verdict to write", default="reports/gate.json"),
     stage.PathArg("summary", "the verdict as markdown", default="reports/gate.md"),
 )
@@ -111,6 +111,9 @@ def _client(train_report: dict[str, Any]):
 
 
 def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    from gates.rules import champion_check, evidence_check, lineage_check
+    from pipeline.io import file_sha256
+
     thresholds = cfg.gate
     train_report = read_report(Path(args.train_report), "train report")
     name = train_report.get("model_name")
@@ -120,6 +123,7 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
             "re-run `dvc repro` so train, evaluate and gate agree")
     candidate = read_report(Path(args.metrics), "candidate metrics")
     baseline = read_report(Path(args.baseline_metrics), "baseline metrics")
+    record = read_report(Path(args.evaluation), "evaluation record")
     try:
         validated = read_json(Path(args.validated))
     except FileNotFoundError:
@@ -132,31 +136,46 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
 
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import registry as promote
+    from pipeline.tracking import registry
+    from pipeline.tracking.runs import TAG_BASELINE_SHA, TAG_METRICS_SHA
 
     try:
         client = _client(train_report)
-        champion = promote.champion_version(client, name)
-        registered = promote.registered_version(client, name, str(version))
+        current = registry.champion(client, name)
+        champion = None if current is None else str(current.version)
+        registered = registry.registered_version(client, name, str(version))
+        run_tags = client.get_run(run_id).data.tags
+        served = registry.artifact_sha256(client, name, str(version))
     except MlflowException as exc:
-        raise GateError(f"cannot read the registry ({exc.message.splitlines()[0]}): is the tracking server up? Not promoted") from exc
+        raise GateError(f"cannot read the registry ({exc.message.splitlines()[0]}): is the tracking server up? "
+                        "Not promoted") from exc
+    except registry.RegistryError:
+        raise
     except Exception as exc:  # connection errors surface as several types
         raise GateError(f"cannot reach the tracking store ({type(exc).__name__}: {exc}): not promoted") from exc
 
-    # The version to promote must be the one trained in this run and measured in these metrics.
+    # What is promoted must be what was evaluated, and every report must be the one its stage wrote.
     tags = dict(registered.tags or {})
-    sha = (candidate.get("model") or {}).get("checkpoint_sha256")
-    require_lineage({"run_id": registered.run_id, "checkpoint_sha256": tags.get("checkpoint_sha256")},
-                    {"run_id": run_id, "checkpoint_sha256": sha}, what=f"{name} v{version} in the registry",
-                    against=f"run {run_id} and the evaluated checkpoint", fix="re-run `dvc repro --force train`",
-                    fields=("checkpoint_sha256",))
-    if registered.run_id != run_id:
-        raise GateError(f"{name} v{version} in the registry was not produced by run {run_id}: "
-                        "re-run `dvc repro --force train`")
-
+    evaluated = (candidate.get("model") or {}).get("checkpoint_sha256")
+    integrity = [
+        champion_check(registry.champion_problem(current)),
+        evidence_check({
+            "metrics.json": {"file": file_sha256(args.metrics), "evaluate record": record.get("metrics_sha256"),
+                             "mlflow run": run_tags.get(TAG_METRICS_SHA)},
+            "baseline_metrics.json": {"file": file_sha256(args.baseline_metrics),
+                                      "evaluate record": record.get("baseline_metrics_sha256"),
+                                      "mlflow run": run_tags.get(TAG_BASELINE_SHA)},
+            "candidate checkpoint": {"metrics": evaluated, "train report": train_report.get("checkpoint_sha256"),
+                                     "registry tag": tags.get(registry.TAG_SHA), "registered artifact": served},
+        }),
+        lineage_check(train_report, {**tags, "checkpoint_sha256": tags.get(registry.TAG_SHA)}),
+    ]
     checks = evaluate_gate(candidate, baseline, validated, train_report, champion, thresholds,
-                           prior_verdict=tags.get(promote.TAG_VERDICT))
+                           prior_verdict=tags.get(registry.TAG_VERDICT), integrity=integrity)
     report = verdict(checks, baseline.get("baseline") or {}, model)
+    report["champion"] = {"before": champion, "after": champion}
+    if current is not None and registry.champion_problem(current):
+        report["next_step"] = registry.fix_hint(name)
     try:
         # The verdict reaches the run before the alias moves: a promotion must never be left
         # without its record.
@@ -165,18 +184,26 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
             if champion == str(version):
                 report["promotion"] = f"v{version} already champion"
             else:
-                promote.promote(client, name, str(version), champion)
-                report["promotion"] = f"champion: v{champion or 'none'} -> v{version}"
+                registry.promote(client, name, str(version), champion, served)
+                report["champion"]["after"] = str(version)
+                report["promotion"] = f"champion: {_v(champion)} -> v{version}"
         elif champion == str(version):
             # Re-judged after its promotion (e.g. thresholds tightened): report it, but the live
             # champion is neither demoted nor tagged as blocked here; a person decides.
             report["promotion"] = f"v{version} is the champion and fails these checks now; alias left in place"
         else:
-            promote.block(client, name, str(version), [f"{c.name}: {c.reason}" for c in checks if not c.passed])
-            report["promotion"] = f"not promoted; champion stays v{champion or 'none'}"
+            registry.block(client, name, str(version), [f"{c.name}: {c.reason}" for c in checks if not c.passed],
+                           served)
+            report["promotion"] = f"not promoted; champion stays {_v(champion)}"
+    except registry.PromotionConflict:
+        raise
     except Exception as exc:
         raise GateError(f"could not record the verdict in MLflow ({type(exc).__name__}: {exc}): not promoted") from exc
     return report, 0 if report["passed"] else 1
+
+
+def _v(version: Optional[str]) -> str:
+    return "none" if version is None else f"v{version}"
 
 
 def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
@@ -190,8 +217,10 @@ def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
         if c["value"] is not None:
             metrics.append(Metric(metric_key(f"gate.{c['name']}"), float(c["value"]), now, 0))
     client.log_batch(run_id, metrics=metrics)
-    client.set_tag(run_id, "gate.verdict", "passed" if report["passed"] else "blocked")
-    client.set_tag(run_id, "gate.failed_checks", ", ".join(report["failed"])[:4900] or "none")
+    from pipeline.tracking import registry
+
+    client.set_tag(run_id, registry.TAG_VERDICT, "passed" if report["passed"] else "blocked")
+    client.set_tag(run_id, registry.TAG_FAILED, ", ".join(report["failed"])[:4900] or "none")
 
 
 def show(path: Path, since: Optional[float], repro_rc: int) -> int:

@@ -89,6 +89,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if warning:
         print("\n" + "!" * 100 + f"\nWARNING: {warning}\n" + "!" * 100 + "\n", file=sys.stderr)
 
+    from pipeline.tracking import registry, runs
+
+    runs.probe(cfg.mlflow.experiment)  # a dead or corrupt tracking store fails here, before training
     t_load = time.perf_counter()
     tv = view_mod.load_training_view(args.view, args.store, verify=True)  # IntegrityError on tamper
     t_load = time.perf_counter() - t_load
@@ -96,9 +99,6 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                     fix="the view changed while training started: re-run the pipeline")
 
     import mlflow
-
-    from pipeline.data import store as store_mod
-    from pipeline.tracking import registry, runs
 
     experiment_id = runs.configure(cfg.mlflow.experiment)
     if cfg.mlflow.system_metrics:
@@ -113,8 +113,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     with mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=bool(cfg.mlflow.system_metrics)) as run:
         run_id = run.info.run_id
         runs.log_params(run_id, flatten(cfg))
-        runs.log_snapshot_input(store_mod.read_manifest(args.store, tv.snapshot_id), tv.snapshot_id,
-                                name=f"{cfg.data.name}-snapshot", source=str(Path(args.store).resolve()))
+        runs.log_view_input(tv, name=f"{cfg.data.name}-view-{tv.view_id[:8]}", source=str(Path(args.view).resolve()))
 
         model, margs, history, seconds = train_arrays(tv.images, tv.labels, len(tv.class_names), cfg, "train")
         sha = save_model(Path(args.checkpoint), model, margs, cfg, snapshot_id=tv.snapshot_id, view_id=tv.view_id,
@@ -125,11 +124,14 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                                   "poisoned_rows": len(tv.poisoned_rows)})
 
         t_log = time.perf_counter()
-        model_uri, version = registry.log_model(
-            model.cpu(), name,
-            version_tags={"snapshot_id": tv.snapshot_id, "view_id": tv.view_id, "attack": attack_name,
-                          "checkpoint_sha256": sha, "validation": tags["validation"]},
+        version, created = registry.register_checkpoint(
+            runs.client(), run_id, name, args.checkpoint, sha,
+            tags={"snapshot_id": tv.snapshot_id, "view_id": tv.view_id, "attack": attack_name,
+                  "validation": tags["validation"]},
         )
+        model_uri = f"models:/{name}/{version}"
+        if not created:
+            stage.say("train", f"the checkpoint is byte-identical to {name} v{version}: no new version registered")
         t_log = time.perf_counter() - t_log
         runs.log_metrics(run_id, {"log_model_seconds": t_log})
 

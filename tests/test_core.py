@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from pipeline.core import data as tdata
-from pipeline.core.models import Normalize, build_model, load_checkpoint, model_args, save_checkpoint
+from pipeline.checkpoints import load as load_checkpoint
+from pipeline.checkpoints import save as save_checkpoint
+from pipeline.core.models import Normalize, build_model, model_args
 from pipeline.core.predict import predict
 from pipeline.core.train import TrainSpec, fit, resolve_device, steps_per_epoch, train_model
 

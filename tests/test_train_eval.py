@@ -71,7 +71,7 @@ def evaluate_argv(p: dict[str, Path], suffix: str = "") -> list[str]:
             "--metrics", str(r / f"metrics{suffix}.json"),
             "--baseline-metrics", str(r / f"baseline_metrics{suffix}.json"),
             "--per-class", str(r / f"per_class{suffix}.csv"), "--confusion", str(r / f"confusion{suffix}.csv"),
-            "--confusion-png", str(r / f"confusion{suffix}.png")]
+            "--confusion-png", str(r / f"confusion{suffix}.png"), "--record", str(r / f"evaluate{suffix}.json")]
 
 
 def run_pipeline(p: dict[str, Path]) -> None:
@@ -175,10 +175,12 @@ def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
 
 
 def test_checkpoint_and_train_report(backdoor_run):
-    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoints import read_header
 
     p = backdoor_run
-    ckpt = torch.load(p["models"] / "candidate.pt", weights_only=True)
+    ckpt = {**read_header(p["models"] / "candidate.pt"), "state_dict": load_file(p["models"] / "candidate.pt")}
     assert set(ckpt) >= {"state_dict", "model_args", "config", "snapshot_id", "view_id", "class_names", "kind"}
     assert ckpt["kind"] == "candidate" and ckpt["class_names"] == [str(i) for i in range(10)]
     assert ckpt["model_args"]["name"] == "small_cnn" and len(ckpt["model_args"]["mean"]) == 1
@@ -192,7 +194,7 @@ def test_checkpoint_and_train_report(backdoor_run):
     assert [h["epoch"] for h in hist] == list(range(1, EPOCHS + 1))
     twin = json.loads((p["reports"] / "twin.json").read_text())
     assert twin["kind"] == "twin" and twin["snapshot_id"] == rep["snapshot_id"] and twin["view_id"] is None
-    tw = torch.load(p["models"] / "twin.pt", weights_only=True)
+    tw = read_header(p["models"] / "twin.pt")
     assert tw["kind"] == "twin" and tw["view_id"] is None
 
 
@@ -234,7 +236,7 @@ def test_mlflow_run_contents(backdoor_run):
     assert tags["snapshot_id"] == rep["snapshot_id"] and tags["view_id"] == rep["view_id"]
     assert tags["attack"] == "backdoor" and tags["git_commit"] and tags["dvc_lock_sha256"] == "absent"
     ds = run.inputs.dataset_inputs[0].dataset
-    assert ds.digest == rep["snapshot_id"][:36]
+    assert ds.digest == rep["view_id"][:36]  # the training view actually used, not the clean snapshot
     assert len(client.get_metric_history(rep["run_id"], "train_loss")) == EPOCHS
     for key in ("accuracy", "asr_max", "recall_7", "baseline_accuracy", "log_model_seconds"):
         assert key in run.data.metrics, key

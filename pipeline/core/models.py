@@ -2,13 +2,13 @@
 
 Every model starts with a :class:`Normalize` layer holding the training mean/std, so callers
 always pass raw pixels (uint8, or float on the 0..255 scale) in NCHW layout. The arguments that
-rebuild a model (:func:`model_args`) travel in the checkpoint next to its state dict.
+rebuild a model (:func:`model_args`) travel in the checkpoint next to its state dict
+(``pipeline.checkpoints``: safetensors, no pickle; files are the edge's business, not the core's).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -135,41 +135,3 @@ def model_args(
 
 def from_args(args: dict[str, Any]) -> nn.Sequential:
     return build_model(**args)
-
-
-def checkpoint_bytes(model: nn.Module, args: dict[str, Any], **meta: Any) -> bytes:
-    """The checkpoint ``{state_dict (CPU), model_args, **meta}`` as bytes (the caller writes it)."""
-    import io
-
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save({"state_dict": state, "model_args": args, **meta}, buf)
-    return buf.getvalue()
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, args: dict[str, Any], **meta: Any) -> None:
-    """Write :func:`checkpoint_bytes` atomically (temp file in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(checkpoint_bytes(model, args, **meta))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild the model of a checkpoint; returns ``(model in eval mode, checkpoint dict)``."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path} is not a poisongate checkpoint (no state_dict/model_args)")
-    model = from_args(ckpt["model_args"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt

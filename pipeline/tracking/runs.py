@@ -18,9 +18,13 @@ from pipeline.errors import UserError
 
 SYSTEM_METRICS_INTERVAL_S = 2.0  # sampling period of system metrics (mlflow's default is 10 s)
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-# mlflow.data dataset digests are stored in a VARCHAR(36) column: the snapshot id is cut to fit
-# (the full id is the dataset input's `snapshot_id` tag and the run's `snapshot_id` tag).
+# mlflow.data dataset digests are stored in a VARCHAR(36) column: the view id is cut to fit
+# (the full ids are the dataset input's `view_id`/`snapshot_id` tags and the run's tags).
 DIGEST_CHARS = 36
+# The evaluate stage records the digests of the metrics files it wrote on the run; the gate
+# compares them with the files it reads (a hand-edited report no longer matches its run).
+TAG_METRICS_SHA = "poisongate.metrics_sha256"
+TAG_BASELINE_SHA = "poisongate.baseline_metrics_sha256"
 
 
 class TrackingError(UserError):
@@ -36,9 +40,31 @@ def tracking_uri() -> str:
 
 def cap_retries() -> None:
     """An unreachable tracking server must fail within seconds, not after MLflow's default minutes
-    of retries (set before mlflow talks to a server; the user's own settings win)."""
+    of retries (set before mlflow talks to a server; the user's own settings win): at most 2
+    attempts of 10 s each, 1 s apart, so a dead server is reported in about 20 s."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    if not os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        from pipeline.console import progress_enabled
+
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if progress_enabled() else "false"
+
+
+def probe(experiment: str) -> None:
+    """Fail fast, before any long work, when the tracking store cannot be used (dead server,
+    corrupt sqlite file, wrong credentials): one cheap read with the capped retries."""
+    cap_retries()
+    from pipeline.errors import redact
+
+    uri = redact(tracking_uri())
+    try:
+        client().get_experiment_by_name(experiment)
+    except Exception as exc:  # noqa: BLE001 - every failure here means the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"the tracking store {uri} cannot be used ({type(exc).__name__}: {redact(first)[:300]}): "
+                            "start the server or fix MLFLOW_TRACKING_URI (a corrupt mlflow.db: restore or move it "
+                            "aside); nothing was trained") from None
 
 
 def client():
@@ -132,16 +158,21 @@ def metric_key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
-def log_snapshot_input(manifest, snapshot_id: str, name: str, source: str) -> None:
-    """The snapshot manifest as the active run's training dataset input (digest = snapshot id)."""
+def log_view_input(view: Any, name: str, source: str) -> None:
+    """The training view actually used (rows, labels after poisoning, the poisoned flag) as the
+    active run's training dataset input; digest = the view id (cut to MLflow's column size)."""
     import warnings
 
     import mlflow
+    import pandas as pd
 
+    poisoned = set(view.poisoned_rows)
+    df = pd.DataFrame({"sample_id": view.sample_ids, "label": [int(x) for x in view.labels],
+                       "poisoned": [i in poisoned for i in range(len(view.sample_ids))]})
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
-        ds = mlflow.data.from_pandas(manifest, source=source, name=name, digest=snapshot_id[:DIGEST_CHARS])
-    mlflow.log_input(ds, context="training", tags={"snapshot_id": snapshot_id})
+        ds = mlflow.data.from_pandas(df, source=source, name=name, digest=view.view_id[:DIGEST_CHARS])
+    mlflow.log_input(ds, context="training", tags={"snapshot_id": view.snapshot_id, "view_id": view.view_id})
 
 
 def log_artifacts(run_id: str, paths: Iterable[str | Path], artifact_path: Optional[str] = None) -> None:
