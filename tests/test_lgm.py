@@ -10,7 +10,9 @@ import torch
 
 from pipeline.core.features import classifier_head, penultimate_features
 from pipeline.core.losses import LGMError, LGMHead, LGMLoss, lgm_scores, make_loss, margin_logits
-from pipeline.core.models import build_model, load_checkpoint, model_args, save_checkpoint
+from pipeline.checkpoints import load as load_checkpoint
+from pipeline.checkpoints import save as save_checkpoint
+from pipeline.core.models import build_model, model_args
 from pipeline.core.predict import predict, predict_logits
 from pipeline.core.train import TrainSpec, fit, train_model
 
