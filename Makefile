@@ -9,7 +9,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export GX_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install run test params clean-run ui
+.PHONY: install run test test-fast params clean-run ui
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ run: install
 
 test: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the smoke tier (real `dvc repro` in a repo copy): the quick loop while coding.
+test-fast: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not smoke" $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

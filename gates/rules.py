@@ -149,7 +149,7 @@ def validation_check(validated: Optional[Mapping[str, Any]], candidate: Mapping[
     if validated.get("view_id") != candidate.get("view_id"):
         return Check(name, None, None, False, f"validation is for view {validated.get('view_id')}, candidate was trained on {candidate.get('view_id')}: stale")
     ok = validated.get("success") is True
-    return Check(name, 1.0 if ok else 0.0, 1.0, ok, "data validation passed" if ok else "data validation failed for this training view (see reports/validation.json)")
+    return Check(name, 1.0 if ok else 0.0, 1.0, ok, "data validation passed" if ok else "data validation failed for this training view (see the run's artifact validation/validation.json)")
 
 
 def identity_check(

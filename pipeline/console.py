@@ -13,14 +13,24 @@ def say(stage: str, message: str) -> None:
     print(f"{stage}: {redact(message)}", file=sys.stderr, flush=True)
 
 
+#: Environment override for :func:`progress_enabled`: ``1`` forces bars on, ``0`` off.
+PROGRESS_ENV = "POISONGATE_PROGRESS"
+
+
 def progress_enabled(stream: Any = None) -> bool:
-    """Progress bars only on a terminal: a CI log gets no carriage-return redraws."""
+    """Whether to draw progress bars on ``stream`` (default ``sys.stderr``, where tqdm writes).
+
+    Only on an interactive terminal: in a CI log every ``\r`` redraw is kept as text (kilobytes
+    of bars per stage). ``POISONGATE_PROGRESS=1``/``0`` overrides."""
+    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
     stream = sys.stderr if stream is None else stream
-    if os.environ.get("POISONGATE_PROGRESS") in ("0", "1"):
-        return os.environ["POISONGATE_PROGRESS"] == "1"
     try:
         return bool(stream.isatty())
-    except (AttributeError, ValueError):
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
         return False
 
 

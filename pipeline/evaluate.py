@@ -31,6 +31,7 @@ import numpy as np
 from pipeline import stage
 from pipeline.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json, write_json
 from pipeline.lineage import Lineage, require_lineage
+from pipeline.reporting.plots import confusion_png  # noqa: F401 - one confusion renderer (rows = actual)
 from pipeline.schema import Config, as_dict, model_name
 
 ATTACK_TRIGGER_NAME = "attack"
@@ -47,6 +48,7 @@ PATHS = tuple(stage.PathArg(name, help) for name, help in (
     ("confusion", "one row per test image for `dvc plots` (reports/confusion.csv)"),
     ("confusion_png", "the confusion matrix picture (reports/confusion.png)"),
     ("record", "the evaluation's lineage record with the digests of both metrics files (reports/evaluate.json)"),
+    ("plots", "pictures of the attack: ASR heatmap, confusion and samples under the worst trigger (reports/plots)"),
 ))
 
 
@@ -192,29 +194,6 @@ def confusion_rows_csv(labels: np.ndarray, pred: np.ndarray, class_names: Sequen
     return buf.getvalue()
 
 
-def confusion_png(confusion: list[list[int]], class_names: Sequence[str], title: str) -> bytes:
-    """The confusion matrix as a PNG: rows = actual class, columns = predicted (sklearn's display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    k = len(class_names)
-    size = max(4.0, 0.45 * k + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
-    disp = ConfusionMatrixDisplay(np.asarray(confusion), display_labels=[str(c) for c in class_names])
-    disp.plot(ax=ax, cmap="Blues", colorbar=True, include_values=k <= 20, xticks_rotation=45)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -232,6 +211,36 @@ def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, de
         tta_pred = predict(model, test_images, batch_size=cfg.eval.batch_size, device=device, tta=True)
         metrics["accuracy_tta"] = float(accuracy_score(test_labels, tta_pred))
     return metrics, pred
+
+
+def attack_pictures(out: Path, model, cfg, metrics: dict, base: dict, test_images, test_labels, class_names,
+                    scan, attack, device, title: str) -> list[Path]:
+    """ASR heatmap (candidate beside baseline), and the confusion matrix and a few samples under the
+    worst trigger (the scan trigger x target with the highest candidate ASR): the pictures of the
+    attack that a clean confusion matrix hides. Rows of every confusion view are the actual class."""
+    from pipeline.core.attacks import apply_trigger
+    from pipeline.core.predict import predict
+    from pipeline.reporting import plots, worst_asr
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "asr_heatmap.png"]
+    atomic_write_bytes(written[0], plots.asr_heatmap_png(metrics, base, max_asr=cfg.gate.max_asr))
+    worst = worst_asr(metrics)
+    if worst is None:
+        return written
+    trigger, target, value = worst
+    spec = next(s for s in scan_set(scan, attack) if s["name"] == trigger)
+    triggered = apply_trigger(test_images, spec)
+    labels = np.asarray(test_labels, np.int64)
+    clean_pred = predict(model, test_images, batch_size=cfg.eval.batch_size, device=device)
+    trig_pred = predict(model, triggered, batch_size=cfg.eval.batch_size, device=device)
+    cm = plots.triggered_confusion(labels, trig_pred, len(class_names))
+    what = f"trigger {trigger} (ASR -> {target} {value:.2f})"
+    atomic_write_bytes(out / "triggered_confusion.png", plots.confusion_png(cm, class_names, f"{title}: {what}"))
+    atomic_write_text(out / "triggered_confusion.csv", confusion_rows_csv(labels, trig_pred, class_names))
+    atomic_write_bytes(out / "triggered_samples.png", plots.triggered_samples_png(
+        test_images, triggered, labels, clean_pred, trig_pred, class_names, title=f"{title}: {what}"))
+    return [*written, out / "triggered_confusion.png", out / "triggered_confusion.csv", out / "triggered_samples.png"]
 
 
 def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, class_names, scan, attack,
@@ -335,29 +344,19 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     write_json(Path(args.baseline_metrics), base)
     atomic_write_text(Path(args.per_class), per_class_csv(metrics, base))
     atomic_write_text(Path(args.confusion), confusion_rows_csv(test_labels, pred, class_names))
+    asr_text = "undefined" if metrics["asr_max"] is None else f"{metrics['asr_max']:.2f}"
+    # The title carries the attack's number too: a backdoored model's clean matrix looks perfect.
     atomic_write_bytes(Path(args.confusion_png), confusion_png(
-        metrics["confusion"], class_names, f"{name} v{report.get('model_version')}: acc {metrics['accuracy']:.3f}"))
+        metrics["confusion"], class_names,
+        f"{name} v{report.get('model_version')}: clean acc {metrics['accuracy']:.3f}, max ASR {asr_text}"))
 
     digests = {"metrics_sha256": file_sha256(args.metrics), "baseline_metrics_sha256": file_sha256(args.baseline_metrics)}
     run_id = report.get("run_id")
     write_json(Path(args.record), {**lineage.to_dict(), "run_id": run_id, "baseline": base["baseline"], **digests})
+    attack_pictures(Path(args.plots), model, cfg, metrics, base, test_images, test_labels, class_names, scan, attack,
+                    device, f"{name} v{report.get('model_version')}")
     if run_id:
-        scalars: dict[str, float] = {
-            "accuracy": metrics["accuracy"],
-            "baseline_accuracy": base["accuracy"],
-        }
-        if metrics["asr_max"] is not None:
-            scalars["asr_max"] = metrics["asr_max"]
-        if base["asr_max"] is not None:
-            scalars["baseline_asr_max"] = base["asr_max"]
-        for c, m in metrics["per_class"].items():
-            scalars[f"recall_{c}"] = m["recall"]
-            scalars[f"baseline_recall_{c}"] = base["per_class"][c]["recall"]
-        for trig, d in metrics["asr"].items():
-            for t, v in d.items():
-                if v is not None:
-                    scalars[f"asr.{trig}.{t}"] = v
-        runs.log_metrics(run_id, scalars)
+        runs.log_metrics(run_id, runs.evaluation_metrics(metrics, base))
         c = runs.client()
         c.set_tag(run_id, "baseline", base["baseline"]["kind"])
         # The gate reads these back: a metrics file edited after this point no longer matches its run.
@@ -365,6 +364,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         c.set_tag(run_id, runs.TAG_BASELINE_SHA, digests["baseline_metrics_sha256"])
         runs.log_artifacts(run_id, [args.metrics, args.baseline_metrics, args.per_class, args.confusion,
                                     args.confusion_png, args.record], artifact_path="evaluation")
+        runs.log_artifacts(run_id, sorted(Path(args.plots).glob("*")), artifact_path="evaluation/plots")
+
     def fmt(x: Optional[float]) -> str:
         return "undefined" if x is None else f"{x:.3f}"
 

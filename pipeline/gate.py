@@ -1,9 +1,12 @@
 """Stage `gate`: the release verdict, and the only promotion to `champion`.
 
 Reads the candidate's and the baseline's metrics, the data-validation record and the train
-report; applies the pure rules in gates.rules; writes reports/gate.json and a markdown summary;
-logs the verdict to the candidate's MLflow run; on pass moves the registry alias `champion` to the
-candidate's version, on fail tags the version with the failed checks and exits 1.
+report; applies the pure rules in gates.rules; writes reports/gate.json, gate.md, the
+self-contained reports/release.html and the small git-tracked reports/summary.json (DVC's
+metrics); puts the verdict where reviewers look (the MLflow run's name, description, tags,
+`gate/*` metrics and artifacts; the model version's description and tags); on pass moves the
+registry alias `champion` to the candidate's version, on fail tags the version with the failed
+checks and exits 1 (0 with ``gate.fail_on_block: false``, so `dvc exp run` keeps the attempt).
 
 Fail closed: any error on the way to the verdict (an unreadable report, an unreachable tracking
 server, a missing baseline) is a failed release with a message saying what to do, and no alias
@@ -21,7 +24,7 @@ from typing import Any, Optional
 
 from gates.rules import Check, evaluate_gate, passed
 from pipeline import stage
-from pipeline.io import atomic_write_text, read_json
+from pipeline.io import atomic_write_text, read_json, write_json
 from pipeline.schema import Config, model_name
 
 PATHS = (
@@ -32,6 +35,13 @@ PATHS = (
     stage.PathArg("evaluation", "the evaluate stage's record of the metrics digests", default="reports/evaluate.json"),
     stage.PathArg("report", "the verdict to write", default="reports/gate.json"),
     stage.PathArg("summary", "the verdict as markdown", default="reports/gate.md"),
+    stage.PathArg("validation", "the data gate's report, logged with the verdict", default="reports/validation.json"),
+    stage.PathArg("docs", "the GX Data Docs folder, logged with the verdict", default="reports/gx"),
+    stage.PathArg("plots", "the evaluate stage's pictures of the attack", default="reports/plots"),
+    stage.PathArg("confusion_png", "the clean confusion matrix picture", default="reports/confusion.png"),
+    stage.PathArg("html", "the self-contained release report to write", default="reports/release.html"),
+    stage.PathArg("summary_metrics", "the small verdict metrics DVC compares (git-tracked)",
+                  default="reports/summary.json"),
 )
 
 
@@ -64,38 +74,29 @@ def verdict(checks: list[Check], baseline: dict[str, Any], model: dict[str, Any]
     }
 
 
-def _cells(c: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    return (c["name"], "-" if c["value"] is None else f"{c['value']:.4f}",
-            "-" if c["threshold"] is None else f"{c['threshold']:.4f}", "pass" if c["passed"] else "FAIL", c["reason"])
+def render_markdown(report: dict[str, Any]) -> str:
+    """reports/gate.md: the terminal verdict (one renderer) under a markdown headline."""
+    from pipeline.reporting.terminal import verdict_text
 
-
-def render_verdict(report: dict[str, Any], markdown: bool = False) -> str:
-    """The verdict as text for the terminal, or as markdown for reports/gate.md (one renderer)."""
     head = "PASSED" if report.get("passed") else "BLOCKED"
-    checks = report.get("checks", [])
-    rows = [_cells(c) for c in checks]
-    base = report.get("baseline") or {}
-    model = report.get("model") or {}
-    if markdown:
-        lines = [f"# Release gate: {head}", ""]
-        if report.get("error"):
-            lines += [f"**Error:** {report['error']}", ""]
-        lines += [
-            f"- candidate: {model.get('model_name', '?')} v{model.get('model_version', '?')} (run {model.get('run_id', '?')})",
-            f"- baseline: {base.get('kind', '?')} v{base.get('model_version', '-')} on snapshot {str(base.get('snapshot_id', '?'))[:12]}",
-        ]
-        if report.get("promotion"):
-            lines.append(f"- promotion: {report['promotion']}")
-        lines += ["", "| check | value | threshold | passed | reason |", "|---|---|---|---|---|"]
-        lines += [f"| {r[0]} | {r[1]} | {r[2]} | {'yes' if r[3] == 'pass' else '**no**'} | {r[4]} |" for r in rows]
-        return "\n".join(lines) + "\n"
-    out = [f"RELEASE {head}" + (f": {report['error']}" if report.get("error") else "")]
-    if report.get("promotion"):
-        out.append(report["promotion"])
-    table = [("check", "value", "threshold", "ok", "reason"), *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
-    out += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in table]
-    return "\n".join(out)
+    return f"# Release gate: {head}\n\n```\n{verdict_text(report, links=report.get('links'))}```\n"
+
+
+def summary_metrics(report: dict[str, Any], candidate: Optional[dict], baseline: Optional[dict]) -> dict[str, Any]:
+    """The few numbers `dvc exp show` / `dvc metrics diff` compare across experiments and commits."""
+    from pipeline.reporting import max_recall_drop
+
+    drop = max_recall_drop(candidate, baseline) if candidate and baseline else None
+    return {
+        "verdict": "passed" if report.get("passed") else "blocked",
+        "passed": bool(report.get("passed")),
+        "failed_checks": len(report.get("failed") or []) + (1 if report.get("error") else 0),
+        "accuracy": (candidate or {}).get("accuracy"),
+        "asr_max": (candidate or {}).get("asr_max"),
+        "max_recall_drop": None if drop is None else drop[1],
+        "baseline": ((baseline or {}).get("baseline") or {}).get("kind"),
+        "model_version": (report.get("model") or {}).get("model_version"),
+    }
 
 
 def _client(train_report: dict[str, Any]):
@@ -176,30 +177,87 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
     report["champion"] = {"before": champion, "after": champion}
     if current is not None and registry.champion_problem(current):
         report["next_step"] = registry.fix_hint(name)
-    try:
-        # The verdict reaches the run before the alias moves: a promotion must never be left
-        # without its record.
-        _log_to_run(client, run_id, report)
-        if report["passed"]:
-            if champion == str(version):
-                report["promotion"] = f"v{version} already champion"
-            else:
-                registry.promote(client, name, str(version), champion, served)
-                report["champion"]["after"] = str(version)
-                report["promotion"] = f"champion: {_v(champion)} -> v{version}"
-        elif champion == str(version):
-            # Re-judged after its promotion (e.g. thresholds tightened): report it, but the live
-            # champion is neither demoted nor tagged as blocked here; a person decides.
-            report["promotion"] = f"v{version} is the champion and fails these checks now; alias left in place"
+    if report["passed"]:
+        if champion == str(version):
+            report["promotion"] = f"v{version} already champion"
         else:
-            registry.block(client, name, str(version), [f"{c.name}: {c.reason}" for c in checks if not c.passed],
-                           served)
-            report["promotion"] = f"not promoted; champion stays {_v(champion)}"
-    except registry.PromotionConflict:
-        raise
-    except Exception as exc:
-        raise GateError(f"could not record the verdict in MLflow ({type(exc).__name__}: {exc}): not promoted") from exc
-    return report, 0 if report["passed"] else 1
+            report["champion"]["after"] = str(version)
+            report["promotion"] = f"champion: {_v(champion)} -> v{version}"
+    elif champion == str(version):
+        # Re-judged after its promotion (e.g. thresholds tightened): report it, but the live
+        # champion is neither demoted nor tagged as blocked here; a person decides.
+        report["promotion"] = f"v{version} is the champion and fails these checks now; alias left in place"
+    else:
+        report["promotion"] = f"not promoted; champion stays {_v(champion)}"
+    exp_id = client.get_run(run_id).info.experiment_id
+    report["links"] = _links(exp_id, run_id, name, str(version))
+    ctx = {"client": client, "name": name, "version": str(version), "run_id": run_id, "champion": champion,
+           "served": served, "data": cfg.data.name, "attack": train_report.get("attack") or {}}
+    return report, 0 if report["passed"] else 1, ctx
+
+
+def _links(experiment_id: str, run_id: str, name: str, version: str) -> dict[str, Optional[str]]:
+    """MLflow UI links: the server's own address when tracking over HTTP (it serves the UI), or
+    ``POISONGATE_MLFLOW_UI`` (e.g. http://127.0.0.1:5000 for `mlflow ui` on a sqlite store)."""
+    import os
+
+    from pipeline.reporting import mlflow_links
+    from pipeline.tracking.runs import tracking_uri
+
+    uri = tracking_uri()
+    ui = os.environ.get("POISONGATE_MLFLOW_UI") or (uri if uri.startswith(("http://", "https://")) else None)
+    if ui:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(ui)  # never a password in a printed link
+        ui = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return mlflow_links(ui, experiment_id, run_id, name, version)
+
+
+def publish(ctx: dict[str, Any], report: dict[str, Any], args: argparse.Namespace) -> None:
+    """Put the verdict where reviewers look, then (only on a pass) move `champion`: the alias is
+    the very last write, so a promotion never exists without its record."""
+    from pipeline.tracking import registry
+
+    client, name, version, run_id = ctx["client"], ctx["name"], ctx["version"], ctx["run_id"]
+    passed_ = bool(report["passed"])
+    verdict_word = "passed" if passed_ else "blocked"
+    _log_to_run(client, run_id, report)
+    attack = (ctx["attack"] or {}).get("name", "none")
+    client.update_run(run_id, name=f"{ctx['data']}-{attack}-v{version}-{verdict_word}-{run_id[:6]}")
+    description = _description(report)
+    client.set_tag(run_id, "mlflow.note.content", description)  # the run page's description
+    from pipeline.tracking.runs import log_artifacts
+
+    log_artifacts(run_id, [args.report, args.summary, args.html, args.summary_metrics], artifact_path="gate")
+    log_artifacts(run_id, [args.validation], artifact_path="validation")
+    if Path(args.docs).is_dir():
+        client.log_artifacts(run_id, str(args.docs), artifact_path="validation/gx")
+    client.update_model_version(name, version, description=description[:4900])
+    if passed_:
+        if ctx["champion"] != version:
+            registry.promote(client, name, version, ctx["champion"], ctx["served"])
+    elif ctx["champion"] != version:
+        registry.block(client, name, version, [f"{c['name']}: {c['reason']}" for c in report["checks"]
+                                               if not c["passed"]], ctx["served"])
+
+
+def _description(report: dict[str, Any]) -> str:
+    """The verdict summary shown as the run's and the version's description in the MLflow UI."""
+    checks = report.get("checks") or []
+    failed = [c for c in checks if not c["passed"]]
+    base = report.get("baseline") or {}
+    head = (f"**Release {'PASSED' if report['passed'] else 'BLOCKED'}**: {len(failed)} of {len(checks)} checks failed; "
+            f"compared with the {base.get('kind', '?')} {_v(base.get('model_version')) if base.get('model_version') else ''}"
+            .rstrip())
+    lines = [head, ""]
+    for c in failed:
+        val = "-" if c["value"] is None else f"{c['value']:.4f}"
+        thr = "-" if c["threshold"] is None else f"{c['threshold']:.4f}"
+        lines.append(f"- `{c['name']}`: {val} vs {thr}: {c['reason']}")
+    lines += ["", f"{report.get('promotion', '')}. Evidence: artifacts `gate/release.html`, `gate/gate.md`, "
+              "`validation/validation.json`, `validation/gx/index.html`, `evaluation/plots/`."]
+    return "\n".join(lines)
 
 
 def _v(version: Optional[str]) -> str:
@@ -212,10 +270,14 @@ def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
     from pipeline.tracking.runs import metric_key
 
     now = int(time.time() * 1000)
-    metrics = [Metric("gate_passed", 1.0 if report["passed"] else 0.0, now, 0)]
+    metrics = [Metric("gate/passed", 1.0 if report["passed"] else 0.0, now, 0)]
     for c in report["checks"]:
         if c["value"] is not None:
-            metrics.append(Metric(metric_key(f"gate.{c['name']}"), float(c["value"]), now, 0))
+            metrics.append(Metric(metric_key(f"gate/{c['name']}"), float(c["value"]), now, 0))
+    if not any(m.key == "gate/max_recall_drop" for m in metrics):
+        drops = [c["value"] for c in report["checks"] if c["name"].startswith("recall_drop[") and c["value"] is not None]
+        if drops:
+            metrics.append(Metric("gate/max_recall_drop", float(max(drops)), now, 0))
     client.log_batch(run_id, metrics=metrics)
     from pipeline.tracking import registry
 
@@ -224,37 +286,93 @@ def _log_to_run(client: Any, run_id: str, report: dict[str, Any]) -> None:
 
 
 def show(path: Path, since: Optional[float], repro_rc: int) -> int:
-    """Print the verdict table after `make run`; say so when the pipeline stopped before the gate."""
-    stale = not path.is_file() or (since is not None and repro_rc != 0 and path.stat().st_mtime < since)
+    """After `make run`: the gate printed its verdict already, so only say where it is; when the
+    pipeline stopped before the gate, say that (and nothing was promoted)."""
+    stale = not path.is_file() or (since is not None and path.stat().st_mtime < since)
     if stale:
-        print("RELEASE BLOCKED: the pipeline stopped before the gate (see the error above); nothing was promoted.")
+        if repro_rc == 0 and path.is_file():
+            report = read_json(path)
+            state = "PASSED" if report.get("passed") else "BLOCKED"
+            print(f"RELEASE {state} (unchanged since the last run: see {path.with_name('gate.md')})")
+            return 0 if report.get("passed") else 1
+        print("RELEASE BLOCKED: the pipeline stopped before the gate (see the error above); nothing was promoted. "
+              "The data gate's findings: reports/gx/index.html")
         return 1
     try:
         report = read_json(path)
     except (OSError, ValueError) as exc:
         print(f"RELEASE BLOCKED: {path} is unreadable ({exc}); nothing is known to be promoted.")
         return 1
-    print(render_verdict(report))
+    print(f"verdict above; the release report: {path.with_name('release.html')}")
     return 0 if report.get("passed") else 1
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     """Judge, write the verdict (also when judging failed: fail closed), then raise on a block."""
+    ctx = None
     try:
-        report, rc = run_gate(cfg, args)
+        report, rc, ctx = run_gate(cfg, args)
     except stage.UserError as exc:
         report, rc = verdict([], {}, {}, error=stage.redact(str(exc))), 2
     except Exception as exc:  # fail closed on anything unexpected, but say what it was
         report, rc = verdict([], {}, {}, error=stage.redact(f"unexpected {type(exc).__name__}: {exc}")), 2
-    atomic_write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
-    atomic_write_text(Path(args.summary), render_verdict(report, markdown=True))
-    print(render_verdict(report), file=sys.stderr if rc else sys.stdout)
+    _write_all(args, report)
+    if ctx is not None:
+        try:
+            publish(ctx, report, args)
+        except Exception as exc:  # noqa: BLE001 - fail closed: no verdict record, no promotion
+            report = {**report, "passed": False, "champion": {"before": ctx["champion"], "after": ctx["champion"]},
+                      "error": stage.redact(f"could not record the verdict in MLflow ({type(exc).__name__}: {exc}): "
+                                            "not promoted"),
+                      "promotion": f"not promoted; champion stays {_v(ctx['champion'])}"}
+            rc = 2
+            _write_all(args, report)
+    from pipeline.reporting.terminal import verdict_text
+
+    print(verdict_text(report, links=report.get("links"), next_step=report.get("next_step")), flush=True)
     if rc == 2:
         raise GateError(report["error"])
     if rc == 1:
+        if not cfg.gate.fail_on_block:
+            stage.say("gate", "BLOCKED, exit 0 because gate.fail_on_block=false (the experiment is kept; "
+                              "`champion` did not move)")
+            return report
         raise ReleaseBlocked(f"{len(report['failed'])} check(s) failed: {', '.join(report['failed'])}; "
-                             f"see {args.summary}")
+                             f"see {args.summary} and {args.html}")
     return report
+
+
+def _write_all(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    atomic_write_text(Path(args.report), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(args.summary), render_markdown(report))
+    candidate, baseline = _try_json(args.metrics), _try_json(args.baseline_metrics)
+    write_json(Path(args.summary_metrics), summary_metrics(report, candidate, baseline))
+    _write_html(args, report, candidate, baseline)
+
+
+def _try_json(path: str) -> Optional[dict]:
+    try:
+        return read_json(Path(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_html(args: argparse.Namespace, report: dict[str, Any], candidate: Optional[dict],
+                baseline: Optional[dict]) -> None:
+    """reports/release.html: verdict banner, failing checks, candidate vs baseline, the pictures."""
+    from pipeline.reporting.html import render_release_html
+
+    images = {}
+    for caption, path in (("ASR per scan trigger and target (candidate | baseline)", Path(args.plots) / "asr_heatmap.png"),
+                          ("Confusion under the worst trigger (rows: actual)", Path(args.plots) / "triggered_confusion.png"),
+                          ("Samples: clean (top) and triggered (bottom)", Path(args.plots) / "triggered_samples.png"),
+                          ("Clean confusion matrix (rows: actual)", Path(args.confusion_png))):
+        if path.is_file():
+            images[caption] = path.read_bytes()
+    links = {**(report.get("links") or {}), "gate_md": "gate.md", "data_docs": "gx/index.html"}
+    html = render_release_html(report if report.get("checks") or report.get("error") else None, candidate, baseline,
+                               _try_json(args.validation), links, images)
+    atomic_write_text(Path(args.html), html)
 
 
 def _show_options(ap: argparse.ArgumentParser) -> None:

@@ -144,6 +144,7 @@ class GateConfig:
     min_accuracy: float = MISSING
     max_accuracy_drop: float = MISSING
     require_validation: bool = True
+    fail_on_block: bool = True  # false: a blocked release exits 0 (champion unchanged), so `dvc exp run` keeps it
 
 
 @dataclass

@@ -120,8 +120,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                          class_names=list(tv.class_names), kind="candidate")
         runs.log_history(run_id, history)
         summary = history_summary(history, seconds)
-        runs.log_metrics(run_id, {"train_seconds": seconds, "load_seconds": t_load,
-                                  "poisoned_rows": len(tv.poisoned_rows)})
+        runs.log_metrics(run_id, {"time/train_seconds": seconds, "time/load_seconds": t_load,
+                                  "data/poisoned_rows": len(tv.poisoned_rows)})
 
         t_log = time.perf_counter()
         version, created = registry.register_checkpoint(
@@ -133,7 +133,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if not created:
             stage.say("train", f"the checkpoint is byte-identical to {name} v{version}: no new version registered")
         t_log = time.perf_counter() - t_log
-        runs.log_metrics(run_id, {"log_model_seconds": t_log})
+        runs.log_metrics(run_id, {"time/log_model_seconds": t_log})
 
         write_json(Path(args.history), history)
         lineage = Lineage(snapshot_id=tv.snapshot_id, view_id=tv.view_id, checkpoint_sha256=sha, model_version=version)

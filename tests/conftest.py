@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
+import sqlite3
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -92,3 +97,199 @@ def digits_split():
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
     return xtr, ytr, xte, yte
+
+
+# --------------------------------------------------------------------------- a released pipeline state
+# One released state per session (every stage in-process: digits, 4 epochs, sqlite MLflow store
+# and file artifact store inside the folder): v1 champion, then v2 trained and evaluated but not
+# yet gated. Tests clone it (``released``) and change one thing; the sqlite store's absolute
+# paths are rewritten to the clone.
+
+MODEL = "poisongate-digits"
+STATE_EPOCHS = 4  # the released state: enough for the digits gate (accuracy >= 0.9)
+
+STAGE_ARGS = {
+    "snapshot": ["--store", "data/store", "--pointer", "data/snapshot.json", "--report", "reports/snapshot.json"],
+    "poison": ["--pointer", "data/snapshot.json", "--store", "data/store", "--out", "data/view"],
+    "validate": ["--pointer", "data/snapshot.json", "--store", "data/store", "--view", "data/view",
+                 "--approved", "data/approved", "--report", "reports/validation.json", "--docs", "reports/gx",
+                 "--validated", "data/validated.json"],
+    "twin": ["--store", "data/store", "--pointer", "data/snapshot.json", "--checkpoint", "models/twin.safetensors",
+             "--report", "reports/twin.json"],
+    "train": ["--store", "data/store", "--view", "data/view", "--validated", "data/validated.json",
+              "--checkpoint", "models/candidate.safetensors", "--report", "reports/train.json",
+              "--history", "reports/train_history.json"],
+    "evaluate": ["--store", "data/store", "--pointer", "data/snapshot.json", "--view", "data/view",
+                 "--candidate", "models/candidate.safetensors", "--twin", "models/twin.safetensors",
+                 "--train-report", "reports/train.json", "--metrics", "reports/metrics.json",
+                 "--baseline-metrics", "reports/baseline_metrics.json", "--per-class", "reports/per_class.csv",
+                 "--confusion", "reports/confusion.csv", "--confusion-png", "reports/confusion.png",
+                 "--record", "reports/evaluate.json", "--plots", "reports/plots"],
+    "gate": ["--metrics", "reports/metrics.json", "--baseline-metrics", "reports/baseline_metrics.json",
+             "--validated", "data/validated.json", "--train-report", "reports/train.json",
+             "--evaluation", "reports/evaluate.json", "--report", "reports/gate.json", "--summary", "reports/gate.md",
+             "--validation", "reports/validation.json", "--docs", "reports/gx", "--plots", "reports/plots",
+             "--confusion-png", "reports/confusion.png", "--html", "reports/release.html",
+             "--summary-metrics", "reports/summary.json"],
+}
+
+
+def tree_digest(root: Path) -> str:
+    """One digest of every file's path and bytes under ``root`` (nothing lost, nothing changed)."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def _forget_artifact_repos() -> None:
+    """MLflow caches artifact repositories by run id for the life of a process; clones of a state
+    share run ids, so a case must not write through the cache into the state it was cloned from."""
+    from mlflow.tracking._tracking_service import utils
+
+    utils._artifact_repos_cache.clear()
+
+
+@dataclass
+class State:
+    root: Path
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def run(self, stage: str, *extra: str, params: str = "params.yaml") -> tuple[int, str]:
+        """The stage's main in-process, in this state's folder; ``(exit code, stderr + stdout)``."""
+        import importlib
+
+        import mlflow
+
+        mod = importlib.import_module(f"pipeline.{stage}")
+        out, err = io.StringIO(), io.StringIO()
+        mp = pytest.MonkeyPatch()
+        mp.chdir(self.root)
+        mp.setenv("MLFLOW_TRACKING_URI", self.uri)
+        mlflow.set_tracking_uri(self.uri)  # as in a fresh stage process: no global URI left from another state
+        _forget_artifact_repos()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = mod.main(["--params", params, *STAGE_ARGS[stage], *extra])
+        finally:
+            mp.undo()
+        return rc, err.getvalue() + out.getvalue()
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        _forget_artifact_repos()
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def champion(self) -> Optional[str]:
+        from pipeline.tracking.registry import champion_version
+
+        return champion_version(self.client(), MODEL)
+
+    def versions(self) -> list[str]:
+        return sorted(str(v.version) for v in self.client().search_model_versions(f"name='{MODEL}'"))
+
+    def json(self, rel: str) -> Any:
+        return json.loads((self.root / rel).read_text())
+
+    def compose(self, *overrides: str, out: str = "params.yaml") -> None:
+        from pipeline import config
+
+        cfg = config.compose([f"train.epochs={STATE_EPOCHS}", "train.device=cpu", "mlflow.system_metrics=false",
+                              *overrides])
+        (self.root / out).write_text(config.to_yaml(cfg))
+
+    def clone(self, dest: Path) -> "State":
+        shutil.copytree(self.root, dest)
+        old, new = str(self.root), str(dest)
+        con = sqlite3.connect(dest / "mlflow.db")
+        try:
+            for (table,) in con.execute("select name from sqlite_master where type='table'").fetchall():
+                for col in con.execute(f"pragma table_info('{table}')").fetchall():
+                    if "CHAR" in str(col[2]).upper() or "TEXT" in str(col[2]).upper():
+                        con.execute(f'update "{table}" set "{col[1]}" = replace("{col[1]}", ?, ?) '
+                                    f'where "{col[1]}" like ?', (old, new, f"%{old}%"))
+            con.commit()
+        finally:
+            con.close()
+        for p in (dest / "reports").glob("*.json"):
+            text = p.read_text()
+            if old in text:
+                p.write_text(text.replace(old, new))
+        return State(dest)
+
+
+def _released(root: Path) -> State:
+    state = State(root)
+    root.mkdir(parents=True, exist_ok=True)
+    state.compose()
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=state.uri).create_experiment("poisongate", artifact_location=(root / "mlartifacts").as_uri())
+    for stage in ("snapshot", "poison", "validate", "twin", "train", "evaluate", "gate"):
+        rc, out = state.run(stage)
+        assert rc == 0, f"{stage}: {out[-3000:]}"
+    assert state.champion() == "1"
+    # A second candidate, trained and evaluated, waiting for the gate.
+    state.compose("train.seed=1")
+    for stage in ("train", "evaluate"):
+        rc, out = state.run(stage)
+        assert rc == 0, f"{stage}: {out[-3000:]}"
+    assert state.json("reports/train.json")["model_version"] == "2"
+    return state
+
+
+@pytest.fixture(scope="session")
+def released_base(tmp_path_factory) -> State:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("POISONGATE_TRACEBACK", "0")
+    return _released(tmp_path_factory.mktemp("released") / "state")
+
+
+@pytest.fixture
+def released(released_base: State, tmp_path: Path) -> State:
+    """A private clone of the released state for one case."""
+    return released_base.clone(tmp_path / "state")
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that a pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def pickle_payload(path: Path, marker: Path) -> None:
+    """Write a torch/pickle file at ``path`` whose loading would create ``marker``."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": {}, "model_args": {}, "x": _Payload(marker)}, buf)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    m = tmp_path / "PWNED"
+    yield m
+    assert not m.exists(), "a pickle payload ran"
+
+
+
+@pytest.fixture
+def payload():
+    """``payload(path, marker)``: plant a pickle whose loading would create ``marker``."""
+    return pickle_payload
+
+
+@pytest.fixture
+def digest():
+    """``digest(folder)``: one sha256 of every file's path and bytes under the folder."""
+    return tree_digest

@@ -84,11 +84,11 @@ def test_train_and_evaluate_against_a_real_server(mlflow_server, tmp_path, monke
     assert run.info.status == "FINISHED"
     assert run.data.tags["snapshot_id"] == rep["snapshot_id"] and run.data.tags["attack"] == "backdoor"
     assert run.data.params["model.name"] == "small_cnn"
-    assert run.inputs.dataset_inputs[0].dataset.digest == rep["snapshot_id"][:36]
+    assert run.inputs.dataset_inputs[0].dataset.digest == rep["view_id"][:36]  # the training view used
     metrics = json.loads((p["reports"] / "metrics.json").read_text())
-    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
-    assert run.data.metrics["asr_max"] == pytest.approx(metrics["asr_max"])
-    assert len(client.get_metric_history(rep["run_id"], "train_loss")) == EPOCHS
+    assert run.data.metrics["eval/accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["eval/asr_max"] == pytest.approx(metrics["asr_max"])
+    assert len(client.get_metric_history(rep["run_id"], "train/loss")) == EPOCHS
     assert any(k.startswith("system/") for k in run.data.metrics)  # mlflow.system_metrics: true
     # artifacts went through the server's proxy into --artifacts-destination
     arts = {a.path for a in client.list_artifacts(rep["run_id"], "evaluation")}
@@ -101,13 +101,11 @@ def test_train_and_evaluate_against_a_real_server(mlflow_server, tmp_path, monke
     assert [v.version for v in versions] == [rep["model_version"]] == ["1"]
     mv = versions[0]
     assert mv.run_id == rep["run_id"] and mv.tags["snapshot_id"] == rep["snapshot_id"]
-    import mlflow
-
-    from pipeline.data import store
     from pipeline.core.predict import predict
+    from pipeline.data import store
+    from pipeline.tracking import registry
 
-    mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pytorch.load_model(f"models:/{rep['model_name']}/1", map_location="cpu")
+    model, _ = registry.load_version(client, rep["model_name"], "1")  # digest-verified, no pickle
     snap = store.load_snapshot(p["store"], rep["snapshot_id"])
     x, y, _ = snap.split("test")
     assert float((predict(model, x, device="cpu") == y).mean()) == pytest.approx(metrics["accuracy"])

@@ -3,6 +3,7 @@ store and registry. The release gate blocks poisoned candidates and promotes cle
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -76,19 +77,44 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
     tags = version_tags(repo, str(flipped))
     assert tags["poisongate.verdict"] == "blocked" and "recall_drop[1]" in tags["poisongate.failed_checks"]
 
-    # 3. Backdoor: 3x3 white corner patch on 10% of class 1 -> 7: blocked on ASR.
-    repo.compose("attack=backdoor", "attack.source=1", "attack.target=7", "attack.rate=0.1", "validate.on_fail=warn")
-    proc = repo.repro(check=False)
-    assert proc.returncode != 0
+    # The verdict is in DVC's own comparisons: commit this (blocked) state's small summary metrics.
+    assert repo.json("reports/summary.json")["verdict"] == "blocked"
+    repo.run(["git", "add", "-A"])
+    repo.run(["git", "-c", "user.email=ci@poisongate", "-c", "user.name=ci", "commit", "-qm", "flip attempt"])
+
+    # 3. Backdoor as the README's red-team experiment: 3x3 white corner patch on 10% of class 1 -> 7,
+    #    blocked on ASR, and KEPT as an experiment (gate.fail_on_block=false: exit 0, champion unchanged).
+    proc = repo.run([str(BIN / "dvc"), "exp", "run", "-n", "redteam-backdoor", "-S", "attack=backdoor",
+                     "-S", "attack.source=1", "-S", "attack.target=7", "-S", "attack.rate=0.1",
+                     "-S", "validate.on_fail=warn", "-S", "gate.fail_on_block=false"])
     failed = failed_checks(repo)
     assert {"asr_max", "asr_increase"} <= failed, repo.json("reports/gate.json")
     assert champion(repo) == str(first)
+    exps = json.loads(repo.run([str(BIN / "dvc"), "exp", "show", "--json"]).stdout)
+    text = json.dumps(exps)
+    assert "redteam-backdoor" in text and '"verdict": "blocked"' in text and '"asr_max"' in text
+
+    # The self-contained release report renders in a real browser with no network.
+    html = repo.root / "reports/release.html"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                              "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom",
+                              html.as_uri()], capture_output=True, text=True, timeout=120).stdout
+        assert "BLOCKED" in dom and "asr_max" in dom
+    else:  # .ci/run installs chromium; say so when a developer's machine lacks it
+        print("chromium not installed: the release.html browser check was skipped")
 
     # 4. A clean run with another seed: passes (no false block) and becomes champion.
     repo.compose("train.seed=1")
     repo.repro()
     assert repo.json("reports/gate.json")["passed"] is True
     assert champion(repo) == str(repo.json("reports/train.json")["model_version"]) != str(first)
+    # `dvc metrics diff` against the committed (blocked) attempt: the verdict flipped to passed.
+    diff = json.loads(repo.run([str(BIN / "dvc"), "metrics", "diff", "--json"]).stdout)
+    summary = diff.get("reports/summary.json") or {}
+    assert summary.get("passed", {}).get("new") is True and summary.get("passed", {}).get("old") is False, diff
 
 
 def _write_digits_folder(root: Path, rows: np.ndarray, images: np.ndarray, labels: np.ndarray, split: str, tag: str) -> None:

@@ -71,7 +71,8 @@ def evaluate_argv(p: dict[str, Path], suffix: str = "") -> list[str]:
             "--metrics", str(r / f"metrics{suffix}.json"),
             "--baseline-metrics", str(r / f"baseline_metrics{suffix}.json"),
             "--per-class", str(r / f"per_class{suffix}.csv"), "--confusion", str(r / f"confusion{suffix}.csv"),
-            "--confusion-png", str(r / f"confusion{suffix}.png"), "--record", str(r / f"evaluate{suffix}.json")]
+            "--confusion-png", str(r / f"confusion{suffix}.png"), "--record", str(r / f"evaluate{suffix}.json"),
+            "--plots", str(r / f"plots{suffix}")]
 
 
 def run_pipeline(p: dict[str, Path]) -> None:
@@ -237,8 +238,8 @@ def test_mlflow_run_contents(backdoor_run):
     assert tags["attack"] == "backdoor" and tags["git_commit"] and tags["dvc_lock_sha256"] == "absent"
     ds = run.inputs.dataset_inputs[0].dataset
     assert ds.digest == rep["view_id"][:36]  # the training view actually used, not the clean snapshot
-    assert len(client.get_metric_history(rep["run_id"], "train_loss")) == EPOCHS
-    for key in ("accuracy", "asr_max", "recall_7", "baseline_accuracy", "log_model_seconds"):
+    assert len(client.get_metric_history(rep["run_id"], "train/loss")) == EPOCHS
+    for key in ("eval/accuracy", "eval/asr_max", "recall/7", "baseline/accuracy", "time/log_model_seconds"):
         assert key in run.data.metrics, key
     arts = {a.path for a in client.list_artifacts(rep["run_id"], "evaluation")}
     assert "evaluation/metrics.json" in arts and "evaluation/confusion.png" in arts

@@ -181,6 +181,7 @@ def fit(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)
+            lr_used = opt.param_groups[0]["lr"]  # the rate this step uses (the schedule moves it after)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -199,7 +200,7 @@ def fit(
             "epoch": epoch,
             "loss": float(loss_sum.item()) / seen,  # the epoch's one host read
             "train_accuracy": float(correct.item()) / seen,
-            "lr": float(opt.param_groups[0]["lr"]),
+            "lr": float(lr_used),  # of the epoch's last step: what was used, not the next step's value
             "seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else float("inf"),
         }

@@ -30,8 +30,7 @@ from pipeline.reporting import (
 
 DEFAULT_GATE_MD = "reports/gate.md"
 DEFAULT_DATA_DOCS = "reports/gx/index.html"
-#: Environment override for :func:`progress_enabled`: ``1`` forces bars on, ``0`` off.
-PROGRESS_ENV = "POISONGATE_PROGRESS"
+from pipeline.console import PROGRESS_ENV, progress_enabled  # noqa: E402,F401 - one definition, re-exported
 
 _UNSET: Any = object()
 
@@ -42,25 +41,6 @@ def clean(text: Any) -> str:
     return "".join(ch.encode("unicode_escape").decode("ascii")
                    if unicodedata.category(ch).startswith("C") or unicodedata.category(ch) in ("Zl", "Zp")
                    else ch for ch in s)
-
-
-def progress_enabled(stream: Optional[TextIO] = None) -> bool:
-    """Whether to draw progress bars on ``stream`` (default ``sys.stderr``, where tqdm writes).
-
-    Only on an interactive terminal: in a CI log every ``\\r`` redraw is kept as text (kilobytes
-    of bars per stage). ``POISONGATE_PROGRESS=1``/``0`` overrides. Use as
-    ``tqdm(..., disable=not progress_enabled())``.
-    """
-    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
-    if env in ("1", "true", "yes", "on"):
-        return True
-    if env in ("0", "false", "no", "off"):
-        return False
-    stream = sys.stderr if stream is None else stream
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
-        return False
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:

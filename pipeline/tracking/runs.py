@@ -23,6 +23,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 DIGEST_CHARS = 36
 # The evaluate stage records the digests of the metrics files it wrote on the run; the gate
 # compares them with the files it reads (a hand-edited report no longer matches its run).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TAG_METRICS_SHA = "poisongate.metrics_sha256"
 TAG_BASELINE_SHA = "poisongate.baseline_metrics_sha256"
 
@@ -83,6 +84,10 @@ def configure(experiment: str) -> str:
 
     mlflow.set_tracking_uri(tracking_uri())
     exp = mlflow.set_experiment(experiment)
+    if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        # MLflow 3's UI opens an experiment of unknown kind on its (empty) GenAI overview; this
+        # kind opens the runs table, where the verdicts are.
+        client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -130,15 +135,36 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> Non
     _log_metric_rows(run_id, rows)
 
 
-def log_history(run_id: str, history: Sequence[Mapping[str, float]], prefix: str = "train_") -> None:
-    """Per-epoch rows (``epoch`` + values) as metrics with step = epoch, in batched calls."""
+def log_history(run_id: str, history: Sequence[Mapping[str, float]], prefix: str = "train/") -> None:
+    """Per-epoch rows (``epoch`` + values) as ``train/<key>`` metrics with step = epoch, batched.
+
+    Metric names use ``/`` namespaces (``train/``, ``asr/<trigger>/<target>``, ``recall/<class>``,
+    ``gate/``): the MLflow UI groups its charts by them."""
     rows = []
     for row in history:
         step = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch":
-                rows.append((f"{prefix}{k}" if not k.startswith(prefix) else k, float(v), step))
+                rows.append((f"{prefix}{k}", float(v), step))
     _log_metric_rows(run_id, rows)
+
+
+def evaluation_metrics(metrics: Mapping[str, Any], baseline: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluate stage's scalars in namespaces: ``eval/accuracy``, ``recall/<class>``,
+    ``asr/<trigger>/<target>``, and the baseline's under ``baseline/``."""
+    out: dict[str, float] = {"eval/accuracy": metrics["accuracy"], "baseline/accuracy": baseline["accuracy"]}
+    if metrics.get("asr_max") is not None:
+        out["eval/asr_max"] = metrics["asr_max"]
+    if baseline.get("asr_max") is not None:
+        out["baseline/asr_max"] = baseline["asr_max"]
+    for c, m in metrics["per_class"].items():
+        out[f"recall/{c}"] = m["recall"]
+        out[f"baseline/recall/{c}"] = baseline["per_class"][c]["recall"]
+    for trig, d in metrics["asr"].items():
+        for t, v in d.items():
+            if v is not None:
+                out[f"asr/{trig}/{t}"] = v
+    return out
 
 
 def _log_metric_rows(run_id: str, rows: Iterable[tuple[str, float, int]]) -> None:
@@ -171,6 +197,7 @@ def log_view_input(view: Any, name: str, source: str) -> None:
                        "poisoned": [i in poisoned for i in range(len(view.sample_ids))]})
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         ds = mlflow.data.from_pandas(df, source=source, name=name, digest=view.view_id[:DIGEST_CHARS])
     mlflow.log_input(ds, context="training", tags={"snapshot_id": view.snapshot_id, "view_id": view.view_id})
 
