@@ -1,0 +1,1 @@
+"""Data layer: sources, store, views, data-gate statistics."""
