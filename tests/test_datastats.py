@@ -1,5 +1,6 @@
-"""Statistics of the data gate (pipeline/data/stats.py): exact tests, correction, effect gate,
-cumulative drift, first-snapshot rules and the all-position block scan."""
+"""Statistics of the data gate (pipeline/data/significance.py, the per-row statistics in
+pipeline/data/stats.py): exact tests, correction, effect gate, cumulative drift, first-snapshot
+rules and the all-position block scan."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from pipeline.data import stats as V  # the named-location scan (block_flags)
+import dataclasses
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipeline.config import ValidateConfig
 from pipeline.core.attacks import apply_trigger, poison, resolve_locations
 from pipeline.core.hashing import sample_hashes
 from pipeline.data import significance as S
+from pipeline.data import stats as DS
 
 NAMES = [str(i) for i in range(10)]
-P = S.GateParams()
+REPO = Path(__file__).resolve().parent.parent
+P: ValidateConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ValidateConfig),
+                                                        OmegaConf.load(REPO / "conf/validate/default.yaml")))
 
 
 def counts(rows, block=None, dup=None) -> S.ClassCounts:
@@ -26,8 +35,8 @@ def counts(rows, block=None, dup=None) -> S.ClassCounts:
 
 
 def rows_counts(images, labels, hashes=None) -> S.ClassCounts:
-    flags = S.block_flags_all(images)["abnormal_block"].to_numpy()
-    dup = S.duplicate_mask(hashes if hashes is not None else sample_hashes(images))
+    flags = DS.block_flags_all(images)["abnormal_block"].to_numpy()
+    dup = DS.duplicate_mask(hashes if hashes is not None else sample_hashes(images))
     return S.ClassCounts.of(labels, flags, dup, 10)
 
 
@@ -69,7 +78,7 @@ def test_tarone_count_and_bonferroni_correction():
         "x_new": 0, "n_new": 10, "rate_new": 0.5, "x_ref": 0, "n_ref": 10, "rate_ref": 0.0, "effect": 0.5,
         "p_value": [1e-4, 0.3, 1.0, 1e-3, 0.2], "p_min": [1e-6, 1e-6, 1.0, 1e-30, 1e-30],
     })
-    j = S.judge(t, P)
+    j = S.adjust(t, P)
     # alpha split between the two checks; block_rate has K = 2 testable rows, label_share K = 2
     assert j["m_tests"].tolist() == [4, 4, 4, 4, 4]
     np.testing.assert_allclose(j["p_adjusted"], [4e-4, 1.0, 1.0, 4e-3, 0.8])
@@ -89,7 +98,7 @@ def test_effect_size_gate():
     row = lambda t: t[(t.check == "block_rate") & (t.class_index == 9)].iloc[0]  # noqa: E731
     assert row(ts)["p_adjusted"] < 1e-6 and not row(ts)["blocked"] and row(ts)["p_gate"] == 1.0
     assert row(tl)["blocked"] and row(tl)["effect"] == pytest.approx(0.022)
-    assert not S.growth_tests(large, ref, NAMES, S.GateParams(min_effect_block_rate=0.03))["blocked"].any()
+    assert not S.growth_tests(large, ref, NAMES, dataclasses.replace(P, min_effect_block_rate=0.03))["blocked"].any()
 
 
 # --------------------------------------------------------------------------- cumulative drift
@@ -179,7 +188,7 @@ def test_first_snapshot_cross_label_exact_duplicates(digits_split):
     assert S.label_conflicts(sample_hashes(x[:200]), y[:200]).empty
     # the same image twice under the same label is a duplicate, not a conflict
     assert S.label_conflicts(hashes[:200] + hashes[:1], list(y[:200]) + [y[0]]).empty
-    assert S.duplicate_mask(hashes).sum() == 4
+    assert DS.duplicate_mask(hashes).sum() == 4
 
 
 def test_near_duplicate_pairs_match_brute_force():
@@ -197,13 +206,13 @@ def test_near_duplicate_pairs_match_brute_force():
 
 def test_first_snapshot_near_duplicate_clusters_span_labels(digits_split):
     x, y, *_ = digits_split
-    ph = S.perceptual_hashes(x)
+    ph = DS.perceptual_hashes(x)
     clean = S.near_duplicate_clusters(ph, y, P.near_dup_radius)
     assert clean.empty  # measured: the closest cross-label phash pair of all digits is 8 bits apart
     # a lightly blended copy of 3 rows, uploaded under another label, is found
     copies = apply_trigger(x[:3], {"kind": "blend", "pattern": "noise", "alpha": 0.05, "seed": 0})
     assert (sample_hashes(copies)[0] != sample_hashes(x[:1])[0])  # not an exact duplicate
-    ph2 = np.concatenate([ph, S.perceptual_hashes(copies)])
+    ph2 = np.concatenate([ph, DS.perceptual_hashes(copies)])
     y2 = np.concatenate([y, (y[:3] + 1) % 10])
     t = S.near_duplicate_clusters(ph2, y2, P.near_dup_radius)
     assert t["blocked"].all() and len(t) >= 2
@@ -232,8 +241,8 @@ def test_all_position_scan_matches_the_named_scan_at_named_locations(digits_spli
     x = x[:400]
     imgs = np.concatenate([x, apply_trigger(x[:50], {"kind": "patch", "size": 3, "location": "bottom_right",
                                                      "pattern": "white"})])
-    old = V.block_flags(imgs, 3, 16, 239, 4.0, 64.0)
-    new = S.block_flags_all(imgs, (3,), 16, 239, 4.0, 64.0)
+    old = DS.block_flags_named(imgs, 3, 16, 239, 4.0, 64.0)
+    new = DS.block_flags_all(imgs, (3,), 16, 239, 4.0, 64.0)
     for loc in ("top_left", "top_right", "bottom_left", "bottom_right", "center"):
         assert (old[f"block_{loc}"] == new[f"block_{loc}"]).all()
     assert (new["abnormal_block"] >= old["abnormal_block"]).all()
@@ -247,8 +256,8 @@ def test_all_position_scan_finds_random_location_patches_the_named_scan_misses(d
     spec = {"kind": "patch", "size": 3, "location": "random", "pattern": "white", "seed": 4}
     locs = resolve_locations(len(x), x.shape[1:], spec)
     imgs = apply_trigger(x, spec, locations=locs)
-    named = V.block_flags(imgs, 3, 16, 239, 4.0, 64.0)["abnormal_block"].to_numpy()
-    new = S.block_flags_all(imgs)
+    named = DS.block_flags_named(imgs, 3, 16, 239, 4.0, 64.0)["abnormal_block"].to_numpy()
+    new = DS.block_flags_all(imgs)
     found = new["abnormal_block"].to_numpy()
     assert found.mean() > 0.95 and named.mean() < 0.3
     # where the only block is the patch, the scan reports its position
@@ -258,16 +267,16 @@ def test_all_position_scan_finds_random_location_patches_the_named_scan_misses(d
     # a concrete position off every named one, on the image where it is unmistakable
     one = np.zeros((1, 8, 8, 1), np.uint8)
     one[0, 1:4, 3:6, 0] = 255
-    f = S.block_flags_all(one)
+    f = DS.block_flags_all(one)
     assert f.loc[0, "abnormal_block"] and f.loc[0, "abnormal_block_at"] == "[1, 3]"
-    assert not V.block_flags(one, 3, 16, 239, 4.0, 64.0).loc[0, "abnormal_block"]
+    assert not DS.block_flags_named(one, 3, 16, 239, 4.0, 64.0).loc[0, "abnormal_block"]
 
 
 def test_block_scan_refuses_bad_input():
-    with pytest.raises(S.StatsError, match="uint8"):
-        S.block_flags_all(np.zeros((2, 8, 8, 1), np.float32))
-    with pytest.raises(S.StatsError, match="do not fit"):
-        S.block_flags_all(np.zeros((2, 8, 8, 1), np.uint8), sizes=(9,))
+    with pytest.raises(DS.StatsError, match="uint8"):
+        DS.block_flags_all(np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(DS.StatsError, match="do not fit"):
+        DS.block_flags_all(np.zeros((2, 8, 8, 1), np.uint8), sizes=(9,))
 
 
 # --------------------------------------------------------------------------- a clean append
@@ -278,9 +287,9 @@ def test_clean_digits_append_of_150_rows_passes_and_a_patched_one_does_not(digit
     root_x, root_y = x[:650], y[:650]
     app_x, app_y = x[650:800], y[650:800]
     all_h = sample_hashes(x[:800])
-    dup = S.duplicate_mask(all_h)
-    root = S.ClassCounts.of(root_y, S.block_flags_all(root_x)["abnormal_block"], dup[:650], 10)
-    new = S.ClassCounts.of(app_y, S.block_flags_all(app_x)["abnormal_block"], dup[650:], 10)
+    dup = DS.duplicate_mask(all_h)
+    root = S.ClassCounts.of(root_y, DS.block_flags_all(root_x)["abnormal_block"], dup[:650], 10)
+    new = S.ClassCounts.of(app_y, DS.block_flags_all(app_x)["abnormal_block"], dup[650:], 10)
     t = S.growth_tests(new, root, NAMES, P, new_vs_root=new, root=root)
     assert not t["blocked"].any(), S.blocked_summary(t)
     assert (t["p_gate"] >= P.alpha).all() and list(t.columns) == list(S.TABLE_COLUMNS)
@@ -290,7 +299,7 @@ def test_clean_digits_append_of_150_rows_passes_and_a_patched_one_does_not(digit
                            "trigger": {"kind": "patch", "size": 3, "location": "bottom_right", "pattern": "white"}},
                           NAMES)
     assert len(recs) == 8
-    bad = S.ClassCounts.of(py, S.block_flags_all(px)["abnormal_block"], dup[650:], 10)
+    bad = S.ClassCounts.of(py, DS.block_flags_all(px)["abnormal_block"], dup[650:], 10)
     tb = S.growth_tests(bad, root, NAMES, P)
     hit = tb[tb.blocked]
     assert set(hit.class_name) == {"7"} and "block_rate" in set(hit.check)
@@ -301,13 +310,18 @@ def test_counts_round_trip_and_new_rows():
     c = counts([3, 4], block=[1, 0], dup=[0, 2])
     assert S.ClassCounts.from_dict(c.to_dict(["a", "b"]), ["a", "b"]) == c
     assert c + c - c == c and c != counts([3, 4])
-    with pytest.raises(S.StatsError, match="lack classes"):
+    with pytest.raises(DS.StatsError, match="lack classes"):
         S.ClassCounts.from_dict(c.to_dict(["a", "b"]), ["a", "c"])
-    with pytest.raises(S.StatsError, match="block, dup <= rows"):
+    with pytest.raises(DS.StatsError, match="block, dup <= rows"):
         counts([1, 1], block=[2, 0])
-    with pytest.raises(S.StatsError, match="same class list"):
+    with pytest.raises(DS.StatsError, match="same class list"):
         S.growth_tests(counts([1, 1]), counts([1, 1, 1]), ["a", "b"], P)
     m = S.new_row_mask(["a", "b", "c"], ["h1", "h2x", "h3"], [0, 1, 2], ["a", "b"], ["h1", "h2"], [0, 1])
     assert m.tolist() == [False, True, True]  # b was edited, c appended
-    with pytest.raises(S.StatsError, match="alpha"):
-        S.GateParams(alpha=0.0)
+    from pipeline.schema import ConfigError
+    from pipeline.config import compose, from_container
+
+    raw = OmegaConf.to_container(compose())
+    raw["validate"]["alpha"] = 0.0
+    with pytest.raises(ConfigError, match="validate.alpha"):
+        from_container(raw)

@@ -1,4 +1,4 @@
-"""Data-gate statistics: what the data gate measures, kept apart from how GX judges it.
+"""Tests of significance of the data gate: what it measures per class, apart from how GX judges it.
 
 The data gate blocks a release when its *new rows* differ from what was approved before in a way
 an attacker would cause. Earlier rules compared absolute deltas of the whole view with fixed
@@ -16,7 +16,7 @@ whole decision rule (equivalently: ``p_adjusted`` with ``row_condition="effect >
 
 Rate checks, each one-sided (only an increase is an attack signal):
 
-``block_rate``        share of a class's rows with an abnormal pixel block (:func:`block_flags_all`);
+``block_rate``        share of a class's rows with an abnormal pixel block (``stats.block_flags_all``);
 ``duplicate_rate``    share of a class's rows whose content hash is on another row;
 ``label_share``       share of the rows that carry the class (a relabel always *raises* its
                       target class's share; the source's drop is the mirror image of that rise);
@@ -32,7 +32,8 @@ cannot establish a low rate (0 of 65 leaves ~5% plausible), so the block rate is
 a binomial (``scipy.stats.binomtest``, vectorised) against a prior rate set in conf: the only
 test a first snapshot has, and the one that sees a slow drip against a small root.
 
-Comparisons (``growth_tests``), so that a drip of small appends cannot drift through:
+Comparisons (:func:`gate_tables`; :func:`growth_tests` on bare counts), so that a drip of small
+appends cannot drift through:
 
 ``last_approved``     the new rows (not in the last approved view) vs the last approved view;
 ``root``              the same new rows vs the root (the first approved view): a staircase whose
@@ -42,7 +43,7 @@ Comparisons (``growth_tests``), so that a drip of small appends cannot drift thr
 ``prior`` / ``since_root_prior``  the new rows / every row since the root vs prior_block_rate.
 (``root``/``since_root`` are left out while they would repeat ``last_approved``.)
 
-Correction (``judge``): Bonferroni, family-wise, because the gate blocks when *any* hypothesis is
+Correction (:func:`adjust`): Bonferroni, family-wise, because the gate blocks when *any* hypothesis is
 rejected, so its false-block rate on clean data is exactly the family-wise error rate; Holm
 would give the same first rejection (it starts at alpha/m) and so the same gate decision, while
 Bonferroni keeps each row's ``p_adjusted`` a function of that row alone (what a per-row GX check
@@ -65,222 +66,55 @@ of perceptual hashes within ``near_dup_radius`` bits that spans labels). Their t
 same columns, with ``p_value`` 0 for a contradiction (it is not a sampling event) and ``effect``
 = the number of extra labels.
 
-Hand-written where no maintained library does it: the all-position block scan (integral images;
-GX and scikit-image have no such statistic), Tarone's count (statsmodels' multipletests has no
+Class sets (:func:`class_set_table`): a class present in this view and not in the reference (or
+the reverse: no train row left) is listed; the rate checks compare only the classes both views
+hold (the root comparisons only the classes all three hold), so adding a class folder never
+switches the comparison off, and check ``class_set`` fails unless ``validate.accept_new_classes``
+/ ``accept_removed_classes`` name the class.
+
+Thresholds come from ``conf/validate`` (:class:`pipeline.schema.ValidateConfig`: ``alpha``,
+``min_effect_*``, ``prior_block_rate``, ``near_dup_radius``); the one table of checks that judges
+these tables is ``gates.data_checks``.
+
+Hand-written where no maintained library does it: Tarone's count (statsmodels' multipletests has no
 discrete-test correction, and is not a dependency), and multi-index hashing for Hamming-radius
 pairs (the pigeonhole split of the 64 bits; imagehash compares one pair at a time).
 
-numpy, pandas, scipy.stats and imagehash only; no GX, no torch.
+numpy, pandas and scipy only; no GX, no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from pipeline.core.attacks import NAMED_LOCATIONS, named_location
+from pipeline.data.stats import StatsError
+from pipeline.schema import ValidateConfig
 
-RATE_CHECKS = ("block_rate", "duplicate_rate", "label_share")
+RATE_CHECKS = ("block_rate", "duplicate_rate", "label_share")  # Fisher tests against a reference
+PRIOR_CHECK = "block_rate_prior"  # binomial test against validate.prior_block_rate
 COMPARISONS = ("last_approved", "root", "since_root", "prior", "since_root_prior")
 TABLE_COLUMNS = (
     "check", "comparison", "class_index", "class_name", "x_new", "n_new", "rate_new", "x_ref", "n_ref",
     "rate_ref", "effect", "p_value", "p_min", "testable", "m_tests", "p_adjusted", "alpha", "min_effect",
     "p_gate", "blocked",
 )
+_MIN_EFFECT_KEY = {"block_rate": "min_effect_block_rate", PRIOR_CHECK: "min_effect_block_rate",
+                   "duplicate_rate": "min_effect_duplicate_rate", "label_share": "min_effect_share"}
 
 
-class StatsError(ValueError):
-    """Bad input to a data-gate statistic (the message says what to pass instead)."""
+def min_effect(v: ValidateConfig, check: str) -> float:
+    """The minimum effect of a rate check, from conf/validate (``validate.<key>``)."""
+    if check not in _MIN_EFFECT_KEY:
+        raise StatsError(f"unknown rate check {check!r}: use one of {', '.join(_MIN_EFFECT_KEY)}")
+    return float(getattr(v, _MIN_EFFECT_KEY[check]))
 
 
-@dataclass(frozen=True)
-class GateParams:
-    """Thresholds of the statistical data gate (conf/validate keys of the same names).
-
-    alpha                      family-wise false-block rate of one validation on clean data (0.01:
-                               the issue's target of <= 1% clean appends blocked).
-    min_effect_block_rate      fraction of a class's new rows with an abnormal block beyond the
-                               reference's rate (0.02: above the highest clean per-class rate seen,
-                               digits class 1 at 1.7%, so a class reaching its natural rate in a big
-                               append never blocks; a 3x3 patch on 1% of an append lands ~10x this
-                               in its target class).
-    min_effect_share           rise of a class's share of the rows (0.02: a real distribution
-                               drift of 1-2 points is not an attack; a relabel of >= 2% of the
-                               rows into one class is).
-    min_effect_duplicate_rate  rise of a class's share of rows whose hash is on another row (0.01:
-                               the old max_duplicate_rate; clean digits and CIFAR-10 have none).
-    prior_block_rate           the block rate a first snapshot is tested against, per class (0.02:
-                               digits' class 1 sits at 1.7% with the all-position scan, CIFAR-10's
-                               classes at <= 0.2%).
-    near_dup_radius            Hamming radius in bits of 64-bit phash (2: the closest cross-label
-                               pair over all 1,797 digits is 8 bits apart and over all 60,000
-                               CIFAR-10 images 4 bits; phash distances come in even steps).
-    """
-
-    alpha: float = 0.01
-    min_effect_block_rate: float = 0.02
-    min_effect_share: float = 0.02
-    min_effect_duplicate_rate: float = 0.01
-    prior_block_rate: float = 0.02
-    near_dup_radius: int = 2
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.alpha < 1.0:
-            raise StatsError(f"alpha must be in (0, 1), got {self.alpha}: 0.01 blocks <= 1% of clean releases")
-        for k in ("min_effect_block_rate", "min_effect_share", "min_effect_duplicate_rate", "prior_block_rate"):
-            v = getattr(self, k)
-            if not 0.0 <= v <= 1.0:
-                raise StatsError(f"{k} is a fraction in [0, 1], got {v}")
-        if not 0 <= int(self.near_dup_radius) <= 16:
-            raise StatsError(f"near_dup_radius is a Hamming distance of 0..16 bits, got {self.near_dup_radius}")
-
-    def min_effect(self, check: str) -> float:
-        return {
-            "block_rate": self.min_effect_block_rate,
-            "block_rate_prior": self.min_effect_block_rate,
-            "duplicate_rate": self.min_effect_duplicate_rate,
-            "label_share": self.min_effect_share,
-        }[check]
-
-
-# --------------------------------------------------------------------------- abnormal pixel blocks
-
-
-def _check_images(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise StatsError(f"images must be a uint8 (N, H, W, C) array, got {images.dtype} {images.shape}")
-    return images
-
-
-def _box(ii: np.ndarray, img: np.ndarray, ya, yb, xa, xb) -> np.ndarray:
-    """Sum over [ya, yb) x [xa, xb) per candidate, from integral images ii (m, H+1, W+1, C)."""
-    return (ii[img, yb, xb] - ii[img, ya, xb] - ii[img, yb, xa] + ii[img, ya, xa]).astype(np.float64)
-
-
-def block_flags_all(
-    images: np.ndarray,
-    sizes: Sequence[int] = (3,),
-    low: float = 16,
-    high: float = 239,
-    max_std: float = 4.0,
-    min_contrast: float = 64.0,
-    *,
-    chunk: int = 1024,
-) -> pd.DataFrame:
-    """Abnormal k x k pixel blocks at *every* position (every k in ``sizes``), per image.
-
-    The attack module places a patch at a named location (corners, centre) or at ``random`` /
-    concrete positions; a scan of the five named locations (``validate.block_flags``) never sees
-    the latter. Same block definition as there: *uniform* (every channel's std <= ``max_std``),
-    *extreme* (every channel's mean <= ``low`` or every one >= ``high``) and *foreign* (differs
-    by >= ``min_contrast`` in some channel's mean from its ring, the pixels within max(1, k // 2)
-    of the block clipped to the image, and from the image's per-channel median). The foreign test
-    is what keeps clean data quiet (dark digit background = the median; white sky = its ring).
-
-    Vectorised with integral images (sums and sums of squares of all windows at once, exact
-    integers: int32 while H * W * 255^2 fits, int64 beyond); ring and median only for the few
-    windows already uniform and extreme (CIFAR-10's 50,000 images: ~12 s on a busy core, the
-    named scan ~3 s). A patch smaller than every k is not seen (a 2x2 patch
-    inside a 3x3 window is not uniform); k = 2 is not a usable default (it flags 10% of clean
-    digits: thick strokes); a patch larger than k is seen at its corner windows.
-
-    Returns the columns of ``validate.block_flags``: ``abnormal_block`` (bool),
-    ``abnormal_block_at`` (the named location when the block sits at one, else ``"[y, x]"`` of
-    its top-left pixel, suffixed ``" k=K"`` when several sizes are scanned; "" when none) and
-    ``block_<loc>`` (bool per named location, first size), plus ``block_y``, ``block_x``,
-    ``block_k`` (-1 when none). Named positions win when an image has several blocks.
-    """
-    images = _check_images(images)
-    n, h, w, c = images.shape
-    sizes = [int(k) for k in sizes]
-    if not sizes or any(k < 1 or k > min(h, w) for k in sizes):
-        raise StatsError(f"block sizes {sizes} do not fit the {h}x{w} images: use sizes in 1..{min(h, w)}")
-    if chunk < 1:
-        raise StatsError(f"chunk must be >= 1, got {chunk}")
-    big_dtype = np.int32 if h * w * 255 * 255 < 2**31 else np.int64
-    best = np.full(n, np.iinfo(np.int64).max, np.int64)  # priority of the reported block
-    by, bx, bk = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    named_flags = {loc: np.zeros(n, bool) for loc in NAMED_LOCATIONS}
-    for si, k in enumerate(sizes):
-        named = {named_location(loc, (h, w), k): j for j, loc in enumerate(NAMED_LOCATIONS)}
-        rank = np.full((h - k + 1, w - k + 1), -1, np.int64)
-        for (y, x), j in named.items():
-            rank[y, x] = j if rank[y, x] < 0 else min(rank[y, x], j)
-        r = max(1, k // 2)
-        for i0 in range(0, n, chunk):
-            x8 = images[i0 : i0 + chunk]
-            m = len(x8)
-            xi = x8.astype(big_dtype)
-            ii = np.zeros((m, h + 1, w + 1, c), big_dtype)
-            ii[:, 1:, 1:] = xi.cumsum(1).cumsum(2)
-            s = (ii[:, k:, k:] - ii[:, :-k, k:] - ii[:, k:, :-k] + ii[:, :-k, :-k]).astype(np.int64)
-            kk = k * k
-            extreme = (s <= low * kk).all(axis=3) | (s >= high * kk).all(axis=3)
-            if not extreme.any():
-                continue
-            img, ys, xs = np.nonzero(extreme)
-            sq = xi * xi
-            ii2 = np.zeros((m, h + 1, w + 1, c), big_dtype)
-            ii2[:, 1:, 1:] = sq.cumsum(1).cumsum(2)
-            s1 = s[img, ys, xs].astype(np.float64)  # (t, c)
-            s2 = _box(ii2, img, ys, ys + k, xs, xs + k)
-            var = np.maximum(s2 / kk - (s1 / kk) ** 2, 0.0)
-            keep = (var <= max_std**2 + 1e-9).all(axis=1)
-            if not keep.any():
-                continue
-            img, ys, xs, s1 = img[keep], ys[keep], xs[keep], s1[keep]
-            bmean = s1 / kk
-            ya, yb = np.maximum(ys - r, 0), np.minimum(ys + k + r, h)
-            xa, xb = np.maximum(xs - r, 0), np.minimum(xs + k + r, w)
-            ring_n = ((yb - ya) * (xb - xa) - kk).astype(np.float64)
-            ring_sum = _box(ii, img, ya, yb, xa, xb) - s1
-            contrast = np.where(ring_n > 0, np.abs(bmean - ring_sum / np.maximum(ring_n, 1)[:, None]).max(axis=1), 0.0)
-            uimg, inv = np.unique(img, return_inverse=True)
-            med = np.median(x8[uimg].reshape(len(uimg), h * w, c), axis=1)[inv]  # (t, c)
-            off_bg = np.abs(bmean - med).max(axis=1)
-            flag = (contrast >= min_contrast) & (off_bg >= min_contrast)
-            if not flag.any():
-                continue
-            img, ys, xs = img[flag], ys[flag], xs[flag]
-            g = i0 + img
-            nr = rank[ys, xs]
-            if si == 0:
-                for j, loc in enumerate(NAMED_LOCATIONS):
-                    named_flags[loc][g[nr == j]] = True
-            # priority: earlier size, then named location order, then row-major position
-            prio = si * 10**9 + np.where(nr >= 0, nr, len(NAMED_LOCATIONS) + ys * (w + 1) + xs)
-            order = np.lexsort((prio, g))
-            g, prio, ys, xs = g[order], prio[order], ys[order], xs[order]
-            first = np.r_[True, g[1:] != g[:-1]]
-            g, prio, ys, xs = g[first], prio[first], ys[first], xs[first]
-            better = prio < best[g]
-            g, prio, ys, xs = g[better], prio[better], ys[better], xs[better]
-            best[g], by[g], bx[g], bk[g] = prio, ys, xs, k
-    flagged = by >= 0
-    at = np.full(n, "", dtype=object)
-    for i in np.flatnonzero(flagged):
-        k = int(bk[i])
-        loc = next((lo for lo in NAMED_LOCATIONS if named_location(lo, (h, w), k) == (by[i], bx[i])), None)
-        s_ = loc or f"[{by[i]}, {bx[i]}]"
-        at[i] = s_ + (f" k={k}" if len(sizes) > 1 else "")
-    df = pd.DataFrame({"abnormal_block": flagged, "abnormal_block_at": at.astype(str)})
-    for loc in NAMED_LOCATIONS:
-        df[f"block_{loc}"] = named_flags[loc]
-    df["block_y"], df["block_x"], df["block_k"] = by, bx, bk
-    return df
-
-
-# --------------------------------------------------------------------------- duplicates
-
-
-def duplicate_mask(hashes: Sequence[str]) -> np.ndarray:
-    """True for every row whose content hash is on another row too."""
-    return pd.Series(list(hashes), dtype=object).duplicated(keep=False).to_numpy(bool)
+# --------------------------------------------------------------------------- rules without a rate
 
 
 def label_conflicts(hashes: Sequence[str], labels: Sequence[int]) -> pd.DataFrame:
@@ -301,26 +135,6 @@ def label_conflicts(hashes: Sequence[str], labels: Sequence[int]) -> pd.DataFram
         rows.append({"sha256": hsh, "n_rows": len(idx), "n_labels": int(nlab[hsh]),
                      "labels": sorted(set(df["label"].iloc[idx].tolist())), "rows": idx.tolist()})
     return _rule_table(pd.DataFrame(rows, columns=["sha256", "n_rows", "n_labels", "labels", "rows"]), "label_conflicts")
-
-
-def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
-    """64-bit perceptual hash of every image (``imagehash.phash`` / ``dhash`` / ``average_hash``,
-    hash_size 8) as uint64, colour images via their luminance. ~0.15 ms per image (CIFAR-10's
-    60,000 in ~9 s on one busy core), so a stage should cache it by content hash."""
-    import imagehash
-    from PIL import Image
-
-    images = _check_images(images)
-    fns = {"phash": imagehash.phash, "dhash": imagehash.dhash, "average_hash": imagehash.average_hash}
-    if method not in fns:
-        raise StatsError(f"unknown perceptual hash {method!r}: use one of {', '.join(fns)}")
-    fn = fns[method]
-    out = np.empty(len(images), np.uint64)
-    grey = images.shape[3] == 1
-    for i, im in enumerate(images):
-        bits = fn(Image.fromarray(im[..., 0] if grey else im)).hash.reshape(-1).astype(np.uint8)
-        out[i] = np.packbits(bits).view(">u8")[0]
-    return out
 
 
 def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -596,10 +410,10 @@ def prior_tests(rows: ClassCounts, prior_rate: float, class_names: Sequence[str]
     return _frame([_prior_rows(rows, prior_rate, comparison, class_names)])
 
 
-def _judge_arrays(t: dict, params: GateParams) -> dict:
+def _judge_arrays(t: dict, v: ValidateConfig) -> dict:
     check = t["check"]
     families = list(dict.fromkeys(check.tolist()))
-    share = params.alpha / max(1, len(families))
+    share = v.alpha / max(1, len(families))
     n = len(check)
     testable, m_tests = np.zeros(n, bool), np.zeros(n, np.int64)
     p_adj, min_eff = np.ones(n), np.zeros(n)
@@ -610,16 +424,16 @@ def _judge_arrays(t: dict, params: GateParams) -> dict:
         testable |= tm
         m_tests[m] = k * len(families)
         p_adj[tm] = np.minimum(1.0, t["p_value"][tm] * k * len(families))
-        min_eff[m] = params.min_effect(fam)
+        min_eff[m] = min_effect(v, fam)
     material = t["effect"] >= min_eff - 1e-12
     t = dict(t)
-    t.update({"testable": testable, "m_tests": m_tests, "p_adjusted": p_adj, "alpha": np.full(n, params.alpha),
+    t.update({"testable": testable, "m_tests": m_tests, "p_adjusted": p_adj, "alpha": np.full(n, v.alpha),
               "min_effect": min_eff, "p_gate": np.where(material, p_adj, 1.0),
-              "blocked": (p_adj < params.alpha) & material})
+              "blocked": (p_adj < v.alpha) & material})
     return t
 
 
-def judge(table: pd.DataFrame, params: GateParams) -> pd.DataFrame:
+def adjust(table: pd.DataFrame, v: ValidateConfig) -> pd.DataFrame:
     """Add the correction and the decision: ``testable``, ``m_tests``, ``p_adjusted``, ``alpha``,
     ``min_effect``, ``p_gate``, ``blocked``.
 
@@ -638,17 +452,53 @@ def judge(table: pd.DataFrame, params: GateParams) -> pd.DataFrame:
     t = {c: table[c].to_numpy() for c in table.columns}
     t["effect"] = t["effect"].astype(float)
     t["p_value"], t["p_min"] = t["p_value"].astype(float), t["p_min"].astype(float)
-    return pd.DataFrame(_judge_arrays(t, params))[list(TABLE_COLUMNS)]
+    return pd.DataFrame(_judge_arrays(t, v))[list(TABLE_COLUMNS)]
 
 
 def _same(a: ClassCounts, b: ClassCounts) -> bool:
     return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("rows", "block", "dup"))
 
 
-def growth_tests(new: ClassCounts, last: ClassCounts, class_names: Sequence[str], params: GateParams, *,
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison of the rate checks: rows under test, their reference (None = the prior
+    block rate from conf), and the classes compared (those both sides hold)."""
+
+    name: str  # one of COMPARISONS
+    new: ClassCounts
+    ref: Optional[ClassCounts]
+    class_names: tuple[str, ...]
+
+
+def comparison_table(comparisons: Sequence[Comparison], v: ValidateConfig,
+                     checks: Iterable[str] = RATE_CHECKS + (PRIOR_CHECK,)) -> pd.DataFrame:
+    """The judged rate-check table of several comparisons: Fisher rows (``checks`` among
+    RATE_CHECKS) for each comparison with a reference, binomial ``block_rate_prior`` rows (when
+    requested) for each without; one correction over all of them (:func:`adjust`)."""
+    checks = tuple(checks)
+    fisher = [c for c in checks if c in RATE_CHECKS]
+    unknown = [c for c in checks if c not in RATE_CHECKS and c != PRIOR_CHECK]
+    if unknown:
+        raise StatsError(f"unknown rate check(s) {unknown}: use {', '.join(RATE_CHECKS + (PRIOR_CHECK,))}")
+    parts: list[dict] = []
+    for c in comparisons:
+        if c.ref is None:
+            if PRIOR_CHECK in checks:
+                parts.append(_prior_rows(c.new, v.prior_block_rate, c.name, c.class_names))
+        elif fisher:
+            parts += _rate_rows(c.new, c.ref, c.name, c.class_names, fisher)
+    if not parts:
+        return adjust(pd.DataFrame(columns=list(TABLE_COLUMNS)), v)
+    t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return pd.DataFrame(_judge_arrays(t, v))[list(TABLE_COLUMNS)]
+
+
+def growth_tests(new: ClassCounts, last: ClassCounts, class_names: Sequence[str], v: ValidateConfig, *,
                  new_vs_root: ClassCounts | None = None, root: ClassCounts | None = None,
                  checks: Sequence[str] = RATE_CHECKS, prior: bool = True) -> pd.DataFrame:
-    """The judged rate-check table of one release against its history.
+    """The judged rate-check table of one release against its history, on bare counts over one
+    class list (what the unit tests and the drift arithmetic use; the stage goes through
+    :func:`gate_tables`, which builds the same comparisons from row keys).
 
     new          the rows not in the last approved view (appended or edited);
     last         the last approved view;
@@ -659,24 +509,177 @@ def growth_tests(new: ClassCounts, last: ClassCounts, class_names: Sequence[str]
     (new_vs_root vs root). Binomial rows (``block_rate_prior``, when ``prior``): ``prior`` (new vs
     prior_block_rate) and ``since_root_prior`` (new_vs_root vs prior_block_rate).
     """
-    parts = _rate_rows(new, last, "last_approved", class_names, checks)
+    names = tuple(str(c) for c in class_names)
     since = new_vs_root is not None and not _same(new_vs_root, new)
+    comps = [Comparison("last_approved", new, last, names)]
     if root is not None and not _same(root, last):
-        parts += _rate_rows(new, root, "root", class_names, checks)
+        comps.append(Comparison("root", new, root, names))
         if since:
-            parts += _rate_rows(new_vs_root, root, "since_root", class_names, checks)
-    if prior:
-        parts.append(_prior_rows(new, params.prior_block_rate, "prior", class_names))
-        if since:
-            parts.append(_prior_rows(new_vs_root, params.prior_block_rate, "since_root_prior", class_names))
-    t = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return pd.DataFrame(_judge_arrays(t, params))[list(TABLE_COLUMNS)]
+            comps.append(Comparison("since_root", new_vs_root, root, names))
+    comps.append(Comparison("prior", new, None, names))
+    if since:
+        comps.append(Comparison("since_root_prior", new_vs_root, None, names))
+    return comparison_table(comps, v, tuple(checks) + ((PRIOR_CHECK,) if prior else ()))
 
 
-def first_snapshot_tests(rows: ClassCounts, class_names: Sequence[str], params: GateParams) -> pd.DataFrame:
+def first_snapshot_tests(rows: ClassCounts, class_names: Sequence[str], v: ValidateConfig) -> pd.DataFrame:
     """The judged prior block-rate table of a release with no approved history (all rows new)."""
-    t = _prior_rows(rows, params.prior_block_rate, "prior", class_names)
-    return pd.DataFrame(_judge_arrays(t, params))[list(TABLE_COLUMNS)]
+    return comparison_table([Comparison("prior", rows, None, tuple(str(c) for c in class_names))], v, (PRIOR_CHECK,))
+
+
+# --------------------------------------------------------------------------- a view against its history
+
+
+Key = tuple[str, str, str]  # (sample_id, content sha256, class name) of one training row
+
+
+@dataclass(frozen=True, eq=False)
+class ViewRows:
+    """The train rows of one view as the gate measures them (arrays aligned by row).
+
+    ``hashes`` are the content hashes of the pixels the view trains on (a poisoned row's
+    ``sha256_after``); ``labels`` index ``class_names`` (the snapshot's, in store order);
+    ``dup``: the row's pixels are on another row of the snapshot (train or test)."""
+
+    ids: np.ndarray
+    hashes: np.ndarray
+    labels: np.ndarray
+    block: np.ndarray
+    dup: np.ndarray
+    class_names: tuple[str, ...]
+    phash: Optional[np.ndarray] = None  # uint64 per row (near-duplicate clusters)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if any(len(a) != n for a in (self.hashes, self.labels, self.block, self.dup)) or (
+                self.phash is not None and len(self.phash) != n):
+            raise StatsError("ViewRows arrays differ in length: pass one id, hash, label, block flag, dup flag "
+                             "(and phash) per row")
+        labels = np.asarray(self.labels, np.int64)
+        if n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise StatsError(f"labels must index class_names (0..{len(self.class_names) - 1})")
+
+    def keys(self) -> list[Key]:
+        names = self.class_names
+        return [(str(i), str(h), names[int(y)]) for i, h, y in zip(self.ids, self.hashes, self.labels)]
+
+    def present(self) -> tuple[str, ...]:
+        """Classes with at least one train row (a class with none is a removed class)."""
+        n = np.bincount(np.asarray(self.labels, np.int64), minlength=len(self.class_names))
+        return tuple(c for c, k in zip(self.class_names, n) if k > 0)
+
+    def counts(self, mask: Optional[np.ndarray] = None, names: Optional[Sequence[str]] = None) -> ClassCounts:
+        """Per-class counts of the rows in ``mask`` (all by default) over ``names`` (all classes by
+        default, in that order; rows of other classes are left out)."""
+        m = np.ones(len(self.ids), bool) if mask is None else np.asarray(mask, bool)
+        full = ClassCounts.of(np.asarray(self.labels, np.int64)[m], np.asarray(self.block, bool)[m],
+                              np.asarray(self.dup, bool)[m], len(self.class_names))
+        if names is None:
+            return full
+        idx = [self.class_names.index(c) for c in names]
+        return ClassCounts(full.rows[idx], full.block[idx], full.dup[idx])
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """An approved view the new rows are compared with: its per-class counts (from the approved
+    ledger) and the keys of its train rows (from the store's manifest and its saved records)."""
+
+    view_id: str
+    snapshot_id: str
+    counts: Mapping[str, Mapping[str, int]]  # {class name: {rows, block, dup}}
+    keys: frozenset
+
+    def present(self) -> tuple[str, ...]:
+        return tuple(c for c, d in self.counts.items() if int(d.get("rows", 0)) > 0)
+
+    def class_counts(self, names: Sequence[str]) -> ClassCounts:
+        return ClassCounts.from_dict(self.counts, names)
+
+
+def class_set_table(current: Sequence[str], reference: Sequence[str], v: ValidateConfig) -> pd.DataFrame:
+    """One row per class of either view: ``change`` is ``shared``, ``new`` / ``removed`` (not
+    acknowledged: check class_set fails) or ``new (accepted)`` / ``removed (accepted)`` when
+    ``validate.accept_new_classes`` / ``accept_removed_classes`` name it. A removed class is one
+    with no train row left (the store never drops a class name, a view can empty it)."""
+    cur, ref = [str(c) for c in current], [str(c) for c in reference]
+    acc_new = {str(c) for c in v.accept_new_classes}
+    acc_rem = {str(c) for c in v.accept_removed_classes}
+    rows = []
+    for c in dict.fromkeys(ref + cur):
+        if c in cur and c in ref:
+            change = "shared"
+        elif c in cur:
+            change = "new (accepted)" if c in acc_new else "new"
+        else:
+            change = "removed (accepted)" if c in acc_rem else "removed"
+        rows.append({"class_name": c, "in_reference": c in ref, "in_view": c in cur, "change": change})
+    return pd.DataFrame(rows, columns=["class_name", "in_reference", "in_view", "change"])
+
+
+CLASS_SET_OK = ("shared", "new (accepted)", "removed (accepted)")
+
+
+def gate_tables(rows: ViewRows, v: ValidateConfig, *, last: Optional[Reference], root: Optional[Reference],
+                all_hashes: Sequence[str], all_labels: Sequence[int], all_ids: Optional[Sequence[str]] = None,
+                rate_checks: Iterable[str] = RATE_CHECKS + (PRIOR_CHECK,)) -> dict[str, pd.DataFrame]:
+    """Every judged table of the data gate but the per-sample one, by check name.
+
+    rows         the view's train rows;
+    last / root  the last approved view and the root (first approved view) of this source, or None
+                 (first release: only the checks that need no history);
+    all_hashes / all_labels / all_ids  every row of the snapshot (train rows with the view's hash
+                 and label, then the test rows), for exact label conflicts across splits;
+    rate_checks  the rate checks to build (``gates.data_checks.rate_checks()``: the one table).
+
+    Tables: ``class_set`` (with a reference), one table per rate check (``block_rate``,
+    ``duplicate_rate``, ``label_share`` with a reference; ``block_rate_prior`` always), and the
+    rules ``label_conflicts`` (all rows) and ``near_duplicate_clusters`` (train rows; needs
+    ``rows.phash``). Rate rows carry the snapshot's class index.
+    """
+    rate_checks = tuple(rate_checks)
+    frames: dict[str, pd.DataFrame] = {}
+    present = rows.present()
+    comps: list[Comparison] = []
+    if last is None:
+        comps.append(Comparison("prior", rows.counts(names=present), None, present))
+        rate_checks = tuple(c for c in rate_checks if c == PRIOR_CHECK)
+    else:
+        frames["class_set"] = class_set_table(present, last.present(), v)
+        keys = rows.keys()
+        new = np.array([k not in last.keys for k in keys], bool)
+        shared = tuple(c for c in present if c in set(last.present()))
+        comps.append(Comparison("last_approved", rows.counts(new, shared), last.class_counts(shared), shared))
+        since = None
+        if root is not None and root.view_id != last.view_id:
+            since = np.array([k not in root.keys for k in keys], bool)
+            shared_root = tuple(c for c in shared if c in set(root.present()))
+            root_c = root.class_counts(shared_root)
+            comps.append(Comparison("root", rows.counts(new, shared_root), root_c, shared_root))
+            if (since != new).any():
+                comps.append(Comparison("since_root", rows.counts(since, shared_root), root_c, shared_root))
+        # the prior needs no reference: every class of the view, a new one included
+        comps.append(Comparison("prior", rows.counts(new, present), None, present))
+        if since is not None and (since != new).any():
+            comps.append(Comparison("since_root_prior", rows.counts(since, present), None, present))
+    table = comparison_table(comps, v, rate_checks)
+    index = {c: i for i, c in enumerate(rows.class_names)}
+    table["class_index"] = table["class_name"].map(index).astype(np.int64)
+    for check in rate_checks:
+        frames[check] = table[table["check"] == check].reset_index(drop=True)
+    names = rows.class_names
+    conflicts = label_conflicts(list(all_hashes), list(all_labels))
+    conflicts["labels"] = conflicts["labels"].map(lambda ls: [names[int(i)] for i in ls])
+    if all_ids is not None:
+        ids = list(all_ids)
+        conflicts["sample_ids"] = conflicts["rows"].map(lambda rs: [str(ids[i]) for i in rs])
+    frames["label_conflicts"] = conflicts
+    if rows.phash is not None:
+        clusters = near_duplicate_clusters(rows.phash, rows.labels, v.near_dup_radius)
+        clusters["labels"] = clusters["labels"].map(lambda ls: [names[int(i)] for i in ls])
+        clusters["sample_ids"] = clusters["rows"].map(lambda rs: [str(rows.ids[i]) for i in rs])
+        frames["near_duplicate_clusters"] = clusters
+    return frames
 
 
 def blocked_summary(table: pd.DataFrame) -> dict:
