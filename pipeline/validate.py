@@ -487,6 +487,9 @@ def _reasons(frames: dict[str, pd.DataFrame], v: ValidateConfig, limit: int = 8)
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     v = cfg.validate
+    # Fail closed: the record train reads exists only once this validation completes (DVC removes
+    # it before the command too; a direct call must not leave an earlier verdict in place).
+    Path(args.validated).unlink(missing_ok=True)
     ptr = store.read_pointer(args.pointer)
     meta, records = read_view(args.view)
     require_lineage(meta, {"snapshot_id": ptr["snapshot_id"]}, what=f"the view in {args.view}",
