@@ -172,6 +172,7 @@ def table(results: dict[str, dict], n_by: dict[str, int]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", action="store_true", help="accepted for older command lines (the only mode)")
     ap.add_argument("--datasets", nargs="+", default=["digits", "cifar10"], choices=["digits", "cifar10"])
     ap.add_argument("--seeds", type=int, default=20, help="trials per data set")
     ap.add_argument("--cifar", default=str(REPO.parent / "shared/datasets/cifar10"))

@@ -443,6 +443,19 @@ def test_first_release_blocks_cross_label_copies_and_patched_rows(tmp_path, digi
     assert any(r.startswith("block_rate_prior[7]") for r in rep["blocked"]), rep["blocked"]
 
 
+def test_docs_and_conf_name_every_check_and_key():
+    """docs/data-gate.md lists every check of the one table and every conf key, and each key in
+    conf/validate/default.yaml carries a comment (its unit and reason)."""
+    docs = (REPO / "docs" / "data-gate.md").read_text()
+    for c in data_checks.CHECKS:
+        assert f"| {c.name} |" in docs, c.name
+    conf = (REPO / "conf" / "validate" / "default.yaml").read_text().splitlines()
+    for key in ValidateConfig.__dataclass_fields__:
+        line = next((ln for ln in conf if ln.startswith(f"{key}:")), None)
+        assert line is not None and "#" in line, key
+        assert f"`{key}`" in docs, key
+
+
 def test_stage_modules_import_neither_torch_nor_gx():
     import subprocess
     import sys

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.attacks import NAMED_LOCATIONS, named_location
+from pipeline.errors import UserError
 from pipeline.schema import ValidateConfig
 
 PROVENANCE_COLUMNS = ("source_uri", "ingest_time", "snapshot_id")
@@ -32,8 +33,8 @@ MAX_DUPLICATE_GROUPS = 50  # duplicate groups listed in a report
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class StatsError(ValueError):
-    """Bad input to a data statistic (the message says what to pass instead)."""
+class StatsError(UserError, ValueError):
+    """Bad input to a data statistic (the message says what to pass instead; exit 2)."""
 
 
 # ----------------------------------------------------------------------------- manifest statistics
