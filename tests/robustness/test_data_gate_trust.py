@@ -240,3 +240,25 @@ def test_validated_json_forged_to_success_for_another_view_is_refused_by_train(r
     assert json.loads((repo.tmp / "validated.json").read_text())["view_id"] == bad_view
     assert json.loads((repo.tmp / "validated.json").read_text())["success"] is False
     assert store.read_pointer(repo.tmp / "snapshot.json")["snapshot_id"]  # the pointer is intact
+
+
+def test_edited_records_of_an_approved_poisoned_view_are_refused(tmp_path, digits_split, capsys):
+    """An approved view that poisoned rows (a blend passes a first release) keeps its records under
+    data/approved/views/; the next release reads them as its reference and refuses an edit."""
+    repo = Repo(tmp_path, digits_split)
+    blend = ("attack=backdoor", "attack.trigger.kind=blend", "attack.trigger.pattern=noise", "attack.rate=0.05")
+    assert repo.release(*blend) == 0
+    view_id = json.loads((repo.tmp / "view" / "view.json").read_text())["view_id"]
+    saved = repo.tmp / "approved" / validate.VIEWS / f"{view_id}.csv"
+    assert saved.is_file() and saved.read_bytes() == (repo.tmp / "view" / "records.csv").read_bytes()
+    lines = saved.read_text().splitlines()
+    saved.write_text("\n".join(lines[:1] + [lines[1].replace(",7,", ",1,", 1)] + lines[2:]) + "\n")
+    idx = np.arange(N_BASE, N_BASE + 150)
+    write_rows(repo.src, repo.x[idx], repo.y[idx], "train", "app")
+    assert repo.snapshot() == 0 and repo.poison(*blend) == 0
+    before = repo.kept()
+    capsys.readouterr()
+    assert repo.validate(*blend) == 1
+    err = capsys.readouterr().err
+    assert "do not hash to its view id" in err and str(repo.tmp / "approved" / validate.VIEWS) in err
+    assert repo.kept() == before
