@@ -2,7 +2,8 @@
 repository, an ImageFolder source built from digits (650 train / 450 test rows written as PNGs).
 
 - clean growth: a base release, then three clean appends of 150, 230 and 180 rows drawn from the
-  same distribution; every release passes the data gate and is promoted (`champion` moves);
+  same distribution; every release passes the data gate and is promoted (`champion` moves).
+  `train.epochs=4` keeps it shorter (the release gate still passes every clean release);
 - drip: after an approved base, appends of 150 rows each carrying 3 patched rows filed under
   class 7 (2% of the append, under the per-append threshold): the first two pass the data gate,
   the third is blocked by the evidence accumulated since the root. The drip runs `dvc repro
@@ -28,6 +29,7 @@ from conftest import RepoCopy, make_repo_copy
 pytestmark = pytest.mark.smoke
 
 N_BASE = 650
+EPOCHS = 4  # train.epochs of the clean growth run (conf/train/digits: 10); the release gate still passes
 TARGET = 7
 PATCH = {"kind": "patch", "size": 3, "location": "bottom_right", "pattern": "white", "alpha": 0.1, "seed": 0}
 
@@ -71,7 +73,7 @@ def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
     src, rest = base_source(tmp_path, digits_split)
     rest = np.random.default_rng(0).permutation(rest)
     repo = make_repo_copy(tmp_path)
-    repo.compose("data=imagefolder", f"data.path={src}")
+    repo.compose("data=imagefolder", f"data.path={src}", f"train.epochs={EPOCHS}")
     repo.repro()
     assert repo.json("reports/gate.json")["passed"] is True
     champions = [champion(repo)]
@@ -87,7 +89,8 @@ def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
         assert repo.json("data/snapshot.json")["n_new"] == size
         assert validation["success"] and validation["reference"]["kind"] == "approved"
         assert validation["statistics"]["n_new_rows"] == size
-        assert repo.json("reports/gate.json")["passed"] is True
+        gate = repo.json("reports/gate.json")
+        assert gate["passed"] is True, gate["checks"]  # at 4 epochs the tightest margin seen: asr_increase 0.058 of 0.1
         champions.append(champion(repo))
         assert champions[-1] not in champions[:-1], champions  # promoted: champion moved to the new version
     assert len(ledger(repo)) == 4
