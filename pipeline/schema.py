@@ -82,17 +82,24 @@ class AttackConfig:
 
 @dataclass
 class ValidateConfig:
+    """The data gate's settings (conf/validate/default.yaml gives each its unit and reason)."""
+
     on_fail: str = "stop"  # stop | warn
     min_provenance_coverage: float = 1.0
-    max_kl: float = MISSING
-    max_class_share_delta: float = MISSING
-    max_duplicate_rate: float = MISSING
+    # tests of significance: block when p_adjusted < alpha AND effect >= min_effect (docs/data-gate.md)
+    alpha: float = MISSING  # family-wise false-block probability of one validation of clean data
+    min_effect_block_rate: float = MISSING  # rise of a class's abnormal-block rate, fraction of its rows
+    min_effect_share: float = MISSING  # rise of a class's share of the rows, fraction
+    min_effect_duplicate_rate: float = MISSING  # rise of a class's exact-duplicate rate, fraction of its rows
+    prior_block_rate: float = MISSING  # block rate per class a release is tested against without history
+    near_dup_radius: int = MISSING  # Hamming radius (bits of a 64-bit phash) of a near-duplicate
+    accept_new_classes: list[str] = field(default_factory=list)  # class names allowed to appear
+    accept_removed_classes: list[str] = field(default_factory=list)  # class names allowed to lose every train row
     block_size: int = 3
     block_low: int = 16
     block_high: int = 239
     block_max_std: float = 4.0
     block_min_contrast: float = 64.0  # 0..255: a flagged block differs this much from its ring and the image median
-    max_block_rate_increase: float = MISSING
     docs: bool = True
 
 
@@ -262,10 +269,16 @@ def check(cfg: Config) -> None:
 
     v = cfg.validate
     _one_of("validate.on_fail", v.on_fail, ON_FAIL)
-    for key in ("min_provenance_coverage", "max_kl", "max_class_share_delta", "max_duplicate_rate",
-                "max_block_rate_increase"):
-        _number(f"validate.{key}", getattr(v, key), 0.0)
     _number("validate.min_provenance_coverage", v.min_provenance_coverage, 0.0, 1.0)
+    # alpha in (0, 0.5]: 0 can never block, above 0.5 blocks most clean data
+    _number("validate.alpha", v.alpha, 0.0, 0.5, lo_open=True)
+    for key in ("min_effect_block_rate", "min_effect_share", "min_effect_duplicate_rate", "prior_block_rate"):
+        _number(f"validate.{key}", getattr(v, key), 0.0, 1.0)  # fractions of rows
+    _number("validate.near_dup_radius", v.near_dup_radius, 0, 16, integer=True)  # of 64 bits; > 16 is no near-duplicate
+    for key in ("accept_new_classes", "accept_removed_classes"):
+        names = getattr(v, key)
+        if not isinstance(names, (list, tuple)) or not all(isinstance(c, (str, int)) and str(c) for c in names):
+            _fail(f"validate.{key}", names, "a list of class names (strings), e.g. [cat, dog]; [] to acknowledge none")
     _number("validate.block_size", v.block_size, 1, 4096, integer=True)
     _number("validate.block_low", v.block_low, 0, 255)
     _number("validate.block_high", v.block_high, 0, 255)

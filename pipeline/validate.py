@@ -4,40 +4,48 @@
         --store data/store --view data/view --approved data/approved \
         --report reports/validation.json --docs reports/gx --validated data/validated.json
 
-The stage derives pandas tables from the snapshot and the training view and runs GX's built-in
-expectations over them (ephemeral context, pandas data source, whole-dataframe batch definitions,
-one ExpectationSuite + ValidationDefinition per table):
+What is judged (docs/data-gate.md has the rules, the thresholds and what they catch):
 
-``samples`` (one row per snapshot row; train rows carry the view's label and content hash)
-    labels in the class set; required and provenance columns non-null (provenance coverage via
-    ``mostly``); no hash under two labels; duplicate rate (``ExpectColumnValuesToBeUnique`` with
-    ``mostly = 1 - max_duplicate_rate``).
-``train`` (the view's train rows)
-    ``ExpectColumnKLDivergenceToBeLessThan`` of the label column against a categorical
-    partition built from the reference shares (GX computes KL(observed || reference) in nats).
-``label_shares`` (one row per class)
-    every class's share minus the reference share within ``max_class_share_delta``.
-``block_rates`` (one row per class)
-    the per-class rate of images with an abnormal pixel block, minus the reference's rate, at most
-    ``max_block_rate_increase``.
+- the *new rows* of this release, i.e. the train rows (sample id, content hash, label) that are not
+  in the last approved view of the same source: rows appended since, and rows the view poisoned;
+- per class, with exact one-sided tests, against the last approved view, the root (the first
+  approved view of the source) and, for everything added since the root, the root again:
+  abnormal-block rate, exact-duplicate rate, label share (Fisher); and the block rate against a
+  prior from conf (binomial, needs no history). A row blocks when ``p_adjusted < alpha`` AND
+  ``effect >= min_effect``; the statistics write that rule into one column, ``p_gate``;
+- rules that need no history: one image under two labels (``label_conflicts``, all splits), a
+  near-duplicate cluster spanning labels (``near_duplicate_clusters``, 64-bit phash);
+- the class set: a class that appears or loses every train row fails ``class_set`` unless
+  ``validate.accept_new_classes`` / ``accept_removed_classes`` name it; the rate checks still
+  compare the shared classes;
+- identity and provenance of every row (labels in the class set, required and provenance columns).
 
-Reference: the last approved view in ``data/approved/ledger.jsonl`` with the same class names
-(another view than this one), else the un-poisoned snapshot itself (``reference.kind: source``).
+Each check is a row of the one table ``gates.data_checks.CHECKS``; GX judges every table with
+built-in expectations (``ExpectColumnValuesToBeBetween(p_gate, min_value=alpha)`` for the tests),
+one suite + validation definition per table, in an ephemeral context. A first release (no approved
+view of this source) runs the checks that need no history; the others are reported as skipped.
 
-The checks are the one table in ``gates.data_checks``; the statistics are
-``pipeline.data.stats`` (hand-written only where GX has no expectation: the pixel-block detector
-and the per-class share/rate tables). GX is imported only inside :func:`run_gx` (import ~7 s);
-nothing here imports torch.
+The approved ledger (``data/approved/ledger.jsonl``) holds one line per approved view: per-class
+counts (rows, abnormal blocks, duplicates), the detector settings they were measured with, the
+source key, and a hash chain (``prev`` = the previous line's ``digest``, ``digest`` = sha256 of the
+line's canonical JSON without it), so an edited, removed or reordered line is refused (exit 1)
+before anything is compared. ``data/approved/views/<view_id>.csv`` keeps the records of each
+approved poisoned view (they hash to its view id), so the next release knows exactly which rows
+the reference held. A pass appends a line; a refusal leaves the ledger byte for byte as it was.
+
+GX is imported only inside :func:`run_gx` (import ~7 s); nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -47,13 +55,17 @@ import pandas as pd
 
 from gates import data_checks
 from pipeline import stage
+from pipeline.data import significance as sig
 from pipeline.data import stats, store
-from pipeline.data.view import apply_records, read_view
-from pipeline.io import atomic_write_text, write_json
+from pipeline.data.view import apply_records, compute_view_id, parse_records, read_view, records_csv
+from pipeline.io import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.lineage import require_lineage
 from pipeline.schema import Config, ValidateConfig
 
 LEDGER = "ledger.jsonl"
+VIEWS = "views"  # data/approved/views/<view_id>.csv: the records of an approved poisoned view
+REQUIRED_COLUMNS = ("sample_id", "sha256", "label", "split")
+PROVENANCE_COLUMNS = stats.PROVENANCE_COLUMNS
 PATHS = (
     stage.PathArg("pointer", "the current snapshot's pointer (data/snapshot.json)"),
     stage.PathArg("store", "the snapshot store (data/store)"),
@@ -64,10 +76,17 @@ PATHS = (
     stage.PathArg("validated", "the record train reads (data/validated.json)"),
 )
 _say = partial(stage.say, "validate")
+_RESTORE = ("restore data/approved from your backup, or move it aside to start the approved history "
+            "again (the next release is then judged as a first release)")
 
 
 class ValidationError(stage.UserError):
-    """Validation could not run (missing inputs, a damaged ledger): the message says what to do."""
+    """Validation could not run (missing inputs): the message says what to do."""
+
+
+class LedgerDamaged(stage.CheckFailed):
+    """The approved ledger (or a saved view record) does not hash to what it says: nothing is
+    compared against a history that cannot be trusted (exit 1, the ledger is left as it is)."""
 
 
 class DataGateFailed(stage.CheckFailed):
@@ -75,36 +94,238 @@ class DataGateFailed(stage.CheckFailed):
 
 
 def check_statistics(tables: Any, v: ValidateConfig) -> dict[str, bool]:
-    """Check name -> passed, with pandas alone: the same table of checks GX runs (the benches scan
-    many seeds with it; a test checks it agrees with GX)."""
-    return data_checks.judge(tables.frames if isinstance(tables, stats.Tables) else tables, v)
+    """Check name -> passed, with pandas alone: the same table of checks GX runs (a test checks
+    it agrees with GX)."""
+    return data_checks.judge(tables.frames if isinstance(tables, Tables) else tables, v)
 
 
 # --------------------------------------------------------------------------- ledger (I/O)
 
 
+def entry_digest(entry: dict) -> str:
+    """sha256 of the entry's canonical JSON without its own ``digest``."""
+    body = {k: v for k, v in entry.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_ledger(approved_dir: str | Path) -> list[dict]:
+    """The approved entries, oldest first, each verified: JSON, its digest, the chain to the line
+    before it. Raises :class:`LedgerDamaged` naming the file and line."""
     p = Path(approved_dir) / LEDGER
     if not p.is_file():
         return []
-    out = []
+    out: list[dict] = []
+    prev = ""
     for n, line in enumerate(p.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValidationError(f"{p} line {n} is not JSON: repair or remove the line") from None
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            raise LedgerDamaged(f"{p} line {n} is not JSON (a damaged approved history): {_RESTORE}") from None
+        if not isinstance(e, dict) or not isinstance(e.get("digest"), str):
+            raise LedgerDamaged(f"{p} line {n} has no digest (written by hand or by an older poisongate): {_RESTORE}")
+        if entry_digest(e) != e["digest"]:
+            raise LedgerDamaged(f"{p} line {n} (view {str(e.get('view_id'))[:12]}) was edited: its content does not "
+                                f"hash to its digest {e['digest'][:12]}; {_RESTORE}")
+        if e.get("prev", "") != prev:
+            raise LedgerDamaged(f"{p} line {n} (view {str(e.get('view_id'))[:12]}) does not follow the line before it "
+                                f"(prev {str(e.get('prev'))[:12] or 'empty'}, expected {prev[:12] or 'empty'}): an "
+                                f"approved line was removed or reordered; {_RESTORE}")
+        for key in ("snapshot_id", "view_id", "source_key", "counts", "detector", "attack"):
+            if key not in e:
+                raise LedgerDamaged(f"{p} line {n} lacks {key!r}: {_RESTORE}")
+        prev = e["digest"]
+        out.append(e)
     return out
 
 
 def append_ledger(approved_dir: str | Path, entry: dict) -> bool:
-    """Append ``entry`` unless its view_id is already there (read, append, write temp, replace)."""
+    """Chain ``entry`` to the last line and append it, unless its view_id is already approved
+    (read and verify, append, write temp, replace). Returns whether a line was added."""
     ledger = read_ledger(approved_dir)
     if any(e.get("view_id") == entry["view_id"] for e in ledger):
         return False
+    entry = {k: v for k, v in entry.items() if k != "digest"}
+    entry["prev"] = ledger[-1]["digest"] if ledger else ""
+    entry["digest"] = entry_digest(entry)
     ledger.append(entry)
     atomic_write_text(Path(approved_dir) / LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in ledger))
     return True
+
+
+def save_records(approved_dir: str | Path, view_id: str, records: Sequence[dict]) -> None:
+    """Keep the records of an approved poisoned view (the next release's reference needs them)."""
+    if records:
+        p = Path(approved_dir) / VIEWS / f"{view_id}.csv"
+        data = records_csv(records)
+        if not (p.is_file() and p.read_bytes() == data):
+            atomic_write_bytes(p, data)
+
+
+def saved_records(approved_dir: str | Path, entry: dict) -> list[dict]:
+    """The records of an approved view, verified against its view id."""
+    if int(entry.get("n_poisoned", 0)) == 0:
+        data = records_csv([])
+    else:
+        p = Path(approved_dir) / VIEWS / f"{entry['view_id']}.csv"
+        if not p.is_file():
+            raise LedgerDamaged(f"{p} is missing: the approved view {entry['view_id'][:12]} poisoned "
+                                f"{entry['n_poisoned']} rows and its records are the reference's; {_RESTORE}")
+        data = p.read_bytes()
+    if compute_view_id(entry["snapshot_id"], data, entry["attack"]) != entry["view_id"]:
+        raise LedgerDamaged(f"the records of approved view {entry['view_id'][:12]} ({Path(approved_dir) / VIEWS}) do "
+                            f"not hash to its view id: they were edited; {_RESTORE}")
+    return parse_records(data)
+
+
+def history(ledger: Sequence[dict], source_key: str, view_id: str) -> tuple[Optional[dict], Optional[dict]]:
+    """(last approved, root) entries of this source: the approved views of the same store lineage.
+    Re-validating an approved view sees the history before its own approval, so it reproduces
+    its verdict instead of comparing the view with itself."""
+    own = [e for e in ledger if e.get("source_key") == source_key]
+    for i, e in enumerate(own):
+        if e.get("view_id") == view_id:
+            own = own[:i]
+            break
+    return (own[-1], own[0]) if own else (None, None)
+
+
+# --------------------------------------------------------------------------- measuring a view
+
+
+@dataclass
+class Measured:
+    """One view measured: its train rows, and every row of its snapshot (for conflicts)."""
+
+    rows: sig.ViewRows
+    images: np.ndarray  # the view's train images
+    flags: pd.DataFrame  # stats.block_flags_all of the train images
+    all_ids: list[str]
+    all_hashes: list[str]
+    all_labels: np.ndarray
+    poisoned: list[int]  # train-row indices the view changed
+
+
+def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfig, phash: bool = True) -> Measured:
+    """Apply the view's records to the snapshot's train rows and measure every row."""
+    man = snap.manifest
+    train = (man["split"] == "train").to_numpy()
+    tr_img, tr_lab, tr_ids = snap.split("train")
+    view_img, view_lab, poisoned = apply_records(tr_img, tr_lab, tr_ids, records, verify=True)
+    after = {r["sample_id"]: r["sha256_after"] for r in records}
+    tr_hash = [after.get(str(i), h) for i, h in zip(tr_ids, man.loc[train, "sha256"].astype(str))]
+    te_ids = man.loc[~train, "sample_id"].astype(str).tolist()
+    all_hashes = tr_hash + man.loc[~train, "sha256"].astype(str).tolist()
+    all_labels = np.concatenate([np.asarray(view_lab, np.int64), man.loc[~train, "label"].to_numpy(np.int64)])
+    dup = stats.duplicate_mask(all_hashes)[: len(tr_ids)]
+    flags = stats.block_flags_cfg(view_img, v)
+    rows = sig.ViewRows(np.asarray([str(i) for i in tr_ids], object), np.asarray(tr_hash, object),
+                        np.asarray(view_lab, np.int64), flags["abnormal_block"].to_numpy(bool), dup,
+                        tuple(str(c) for c in snap.class_names),
+                        stats.perceptual_hashes(view_img) if phash and len(view_img) else (
+                            np.zeros(0, np.uint64) if phash else None))
+    return Measured(rows, view_img, flags, [str(i) for i in tr_ids] + te_ids, all_hashes, all_labels, poisoned)
+
+
+def as_reference(m: Measured, view_id: str, snapshot_id: str) -> sig.Reference:
+    """A measured view as the reference of the next one (what its ledger line will say)."""
+    return sig.Reference(view_id, snapshot_id, m.rows.counts().to_dict(m.rows.class_names), frozenset(m.rows.keys()))
+
+
+def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v: ValidateConfig) -> sig.Reference:
+    """An approved entry as a reference: its counts from the ledger (re-measured from the store
+    when the detector settings changed since), its row keys from the store's manifest and its
+    saved records."""
+    sid = entry["snapshot_id"]
+    man = store.read_manifest(store_dir, sid)
+    if store.snapshot_id_of(man) != sid:
+        raise store.IntegrityError(f"{Path(store_dir) / 'snapshots' / (sid + '.csv')}: the manifest of approved "
+                                   f"snapshot {sid[:12]} does not hash to its id: it was edited; restore the store")
+    names = [str(c) for c in store.read_meta(store_dir, sid)["class_names"]]
+    records = saved_records(approved_dir, entry)
+    tr = man[man["split"] == "train"]
+    keyed = {str(i): (str(h), names[int(y)]) for i, h, y in zip(tr["sample_id"], tr["sha256"], tr["label"])}
+    for r in records:
+        keyed[r["sample_id"]] = (r["sha256_after"], names[int(r["new_label"])])
+    counts = entry["counts"]
+    if entry["detector"] != stats.detector_settings(v):
+        _say(f"the block detector settings changed since approved view {entry['view_id'][:12]}: re-measuring it")
+        m = measure_view(store.load_snapshot(store_dir, sid, verify=True), records, v, phash=False)
+        counts = m.rows.counts().to_dict(m.rows.class_names)
+    return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Tables:
+    """Every table the data gate judges, by name (``gates.data_checks`` names them)."""
+
+    frames: dict[str, pd.DataFrame]
+    statistics: dict
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.frames[name]
+
+
+def samples_table(snap: store.Snapshot, m: Measured) -> pd.DataFrame:
+    """One row per snapshot row (identity, provenance); train rows carry the view's label and hash."""
+    s = snap.manifest.reset_index(drop=True).copy()
+    for col in REQUIRED_COLUMNS + PROVENANCE_COLUMNS:
+        if col not in s.columns:
+            s[col] = None
+    s = s[list(REQUIRED_COLUMNS + PROVENANCE_COLUMNS)].copy()
+    for col in PROVENANCE_COLUMNS + ("sample_id", "sha256", "split"):
+        s[col] = s[col].astype(object).where(s[col].notna() & (s[col].astype(str) != ""), None)
+    s["label"] = pd.to_numeric(s["label"], errors="coerce").astype("Int64")
+    train = np.flatnonzero((s["split"] == "train").to_numpy())
+    s["poisoned"] = False
+    s["abnormal_block"] = False
+    s["abnormal_block_at"] = ""
+    if len(train):
+        s.loc[train, "label"] = m.rows.labels
+        s.loc[train, "sha256"] = list(m.rows.hashes)
+        s.loc[train[m.poisoned], "poisoned"] = True
+        s.loc[train, "abnormal_block"] = m.flags["abnormal_block"].to_numpy()
+        s.loc[train, "abnormal_block_at"] = m.flags["abnormal_block_at"].to_numpy()
+    return s
+
+
+def build_tables(snap: store.Snapshot, m: Measured, v: ValidateConfig, last: Optional[sig.Reference],
+                 root: Optional[sig.Reference]) -> Tables:
+    """The samples table, a descriptive per-class table, and the statistics' judged tables."""
+    rows = m.rows
+    frames = {"samples": samples_table(snap, m)}
+    full = rows.counts()
+    n = max(1, int(full.rows.sum()))
+    frames["classes"] = pd.DataFrame({
+        "class_index": np.arange(len(rows.class_names)), "class_name": list(rows.class_names),
+        "train_rows": full.rows, "share": full.rows / n,
+        "block_rate": np.divide(full.block, full.rows, out=np.zeros(len(full.rows)), where=full.rows > 0),
+        "duplicate_rate": np.divide(full.dup, full.rows, out=np.zeros(len(full.rows)), where=full.rows > 0),
+    })
+    frames.update(sig.gate_tables(rows, v, last=last, root=root, all_hashes=m.all_hashes, all_labels=m.all_labels,
+                                  all_ids=m.all_ids, rate_checks=data_checks.rate_checks()))
+    new = np.ones(len(rows.ids), bool) if last is None else np.array([k not in last.keys for k in rows.keys()])
+    names = rows.class_names
+    statistics = {
+        "n_rows": int(len(frames["samples"])),
+        "n_train": int(len(rows.ids)),
+        "n_poisoned_rows": int(len(m.poisoned)),
+        "n_new_rows": int(new.sum()),
+        "new_rows_per_class": {c: int(x) for c, x in zip(names, np.bincount(rows.labels[new], minlength=len(names)))},
+        "provenance_coverage": float(frames["samples"][list(PROVENANCE_COLUMNS)].notna().all(axis=1).mean())
+        if len(frames["samples"]) else 1.0,
+        "abnormal_block_rows_train": int(full.block.sum()),
+        "duplicate_rows_train": int(full.dup.sum()),
+        "label_conflicts": int(len(frames["label_conflicts"])),
+        "near_duplicate_clusters": int(len(frames.get("near_duplicate_clusters", ()))),
+        "label_shares": {c: float(x) for c, x in zip(names, frames["classes"]["share"])},
+        "block_rates": {c: float(x) for c, x in zip(names, frames["classes"]["block_rate"])},
+    }
+    return Tables(frames, statistics)
 
 
 # --------------------------------------------------------------------------- GX
@@ -129,43 +350,59 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def build_suites(tables: stats.Tables, v: ValidateConfig) -> dict[str, list]:
-    """table name -> GX expectations, one per row of ``gates.data_checks.CHECKS`` (GX imported here)."""
+def build_suites(frames: dict[str, pd.DataFrame], v: ValidateConfig) -> dict[str, list]:
+    """table name -> GX expectations, one per applicable row of ``gates.data_checks.CHECKS``."""
     import great_expectations as gx
 
-    frames = tables.frames
-    suites: dict[str, list] = {name: [] for name in frames}
-    for check in data_checks.CHECKS:
+    suites: dict[str, list] = {}
+    for check in data_checks.applicable(frames):
         cls, kwargs = data_checks.gx_spec(check, v, frames)
-        exp = getattr(gx.expectations, cls)(**kwargs, meta={"check": check.name, "threshold": check.threshold(v)},
+        exp = getattr(gx.expectations, cls)(**kwargs, meta={"check": check.name, "threshold": _jsonable(check.threshold(v))},
                                             notes=check.note)
-        suites[check.table].append(exp)
-    return {k: e for k, e in suites.items() if e}
+        suites.setdefault(check.table, []).append(exp)
+    return suites
 
 
-def _observed(res: dict, table: pd.DataFrame, check: str, col: str | None) -> tuple[Any, dict]:
+_DETAIL_COLUMNS = ("comparison", "class_name", "x_new", "n_new", "rate_new", "x_ref", "n_ref", "rate_ref", "effect",
+                   "p_value", "p_adjusted", "min_effect", "n_labels", "labels", "sample_ids")
+
+
+def _observed(res: dict, table: pd.DataFrame, check: str, col: str | None, v: ValidateConfig) -> tuple[Any, dict]:
     details: dict[str, Any] = {}
     if "observed_value" in res:
-        obs = res["observed_value"]
-        if "details" in res:
-            details["gx_details"] = res["details"]
-        return obs, details
+        return res["observed_value"], details
     obs = res.get("unexpected_percent")
     obs = None if obs is None else float(obs) / 100.0
     if check == "provenance_coverage" and obs is not None:
         obs = 1.0 - obs  # report the coverage itself, as the threshold is a coverage
     details["unexpected_count"] = res.get("unexpected_count")
     details["element_count"] = res.get("element_count")
-    if res.get("partial_unexpected_list"):
+    if col == "p_gate":
+        obs = float(table["p_gate"].min()) if len(table) else None
+        bad = table[table["p_gate"] < v.alpha]
+        details["blocked_rows"] = [{k: r[k] for k in _DETAIL_COLUMNS if k in r} for r in bad.head(20).to_dict("records")]
+        details["blocked_classes"] = sorted({str(c) for c in bad.get("class_name", pd.Series(dtype=object))})
+    elif check == "class_set":
+        bad = table[~table["change"].isin(data_checks.CLASS_SET_OK)]
+        details["changes"] = bad.to_dict("records")
+        obs = [f"{r['change']}: {r['class_name']}" for r in details["changes"]]
+    elif res.get("partial_unexpected_list"):
         details["partial_unexpected_list"] = res["partial_unexpected_list"][:20]
-    if check in ("class_share_delta", "block_rate_increase") and col in table:
-        thr_fail = table.loc[table[col].isin(res.get("partial_unexpected_list") or []), "class_name"].tolist()
-        details["classes"] = thr_fail
-        obs = float(table[col].abs().max() if check == "class_share_delta" else table[col].max())
     return obs, details
 
 
-def run_gx(tables: stats.Tables, class_names: Sequence[str], v: ValidateConfig, docs_dir: str | Path | None,
+def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """GX wants plain dtypes: nullable Int64 -> object ints/None; list cells -> JSON text."""
+    df = df.copy()
+    for c in df.columns:
+        if str(df[c].dtype) == "Int64":
+            df[c] = df[c].astype(object).where(df[c].notna(), None)
+        elif df[c].dtype == object and len(df) and df[c].map(lambda x: isinstance(x, (list, tuple))).any():
+            df[c] = df[c].map(lambda x: json.dumps(_jsonable(x)) if isinstance(x, (list, tuple)) else x)
+    return df
+
+
+def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir: str | Path | None,
            run_name: str = "poisongate") -> tuple[bool, list[dict]]:
     """Validate the tables with GX; build Data Docs into ``docs_dir`` (index.html) when given."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -174,6 +411,7 @@ def run_gx(tables: stats.Tables, class_names: Sequence[str], v: ValidateConfig, 
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    frames = tables.frames if isinstance(tables, Tables) else tables
     for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
         logging.getLogger(name).setLevel(logging.ERROR)
     ctx = gx.get_context(mode="ephemeral")
@@ -188,29 +426,22 @@ def run_gx(tables: stats.Tables, class_names: Sequence[str], v: ValidateConfig, 
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir)},
         })
     ds = ctx.data_sources.add_pandas("poisongate")
-    frames = {"samples": tables.samples, "train": tables.train, "label_shares": tables.label_shares,
-              "block_rates": tables.block_rates}
-    suites = build_suites(tables, v)
+    suites = build_suites(frames, v)
     results: list[dict] = []
     success = True
     for tname, exps in suites.items():
-        df = frames[tname].copy()
-        for c in df.columns:  # GX wants plain dtypes: nullable Int64 -> object ints/None
-            if str(df[c].dtype) == "Int64":
-                df[c] = df[c].astype(object).where(df[c].notna(), None)
         bd = ds.add_dataframe_asset(tname).add_batch_definition_whole_dataframe(f"{tname}_all")
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"poisongate_{tname}"))
         for e in exps:
             suite.add_expectation(e)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(data=bd, suite=suite, name=f"{run_name}_{tname}"))
-        out = vd.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
+        out = vd.run(batch_parameters={"dataframe": _gx_frame(frames[tname])}, result_format="SUMMARY")
         success &= bool(out.success)
         for er in out.results:
             cfg = er.expectation_config
             meta = dict(cfg.meta or {})
             col = cfg.kwargs.get("column")
-            res = dict(er.result or {})
-            obs, details = _observed(res, frames[tname], meta.get("check", ""), col)
+            obs, details = _observed(dict(er.result or {}), frames[tname], meta.get("check", ""), col, v)
             if er.exception_info and er.exception_info.get("raised_exception"):
                 details["exception"] = er.exception_info.get("exception_message")
             details["table"] = tname
@@ -237,50 +468,91 @@ def run_gx(tables: stats.Tables, class_names: Sequence[str], v: ValidateConfig, 
 # --------------------------------------------------------------------------- stage
 
 
+def _reasons(frames: dict[str, pd.DataFrame], v: ValidateConfig, limit: int = 8) -> list[str]:
+    """Short text for each blocking row (logs and the error message)."""
+    out = []
+    if "class_set" in frames:
+        t = frames["class_set"]
+        for _, r in t[~t["change"].isin(data_checks.CLASS_SET_OK)].iterrows():
+            key = "accept_new_classes" if r["change"] == "new" else "accept_removed_classes"
+            out.append(f"class_set: class {r['class_name']!r} is {r['change']} since the last approved view "
+                       f"(acknowledge it with validate.{key})")
+    for check in data_checks.applicable(frames):
+        if check.column != "p_gate":
+            continue
+        t = frames[check.table]
+        out += [f"{s}" for s in sig.blocked_summary(t[t["p_gate"] < v.alpha].assign(blocked=True))["reasons"]]
+    return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
+
+
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     v = cfg.validate
+    # Fail closed: the record train reads exists only once this validation completes (DVC removes
+    # it before the command too; a direct call must not leave an earlier verdict in place).
+    Path(args.validated).unlink(missing_ok=True)
     ptr = store.read_pointer(args.pointer)
     meta, records = read_view(args.view)
     require_lineage(meta, {"snapshot_id": ptr["snapshot_id"]}, what=f"the view in {args.view}",
                     against=f"the current snapshot ({args.pointer})", fix="re-run the poison stage")
+    ledger = read_ledger(args.approved)  # a damaged history is refused before anything is measured
     snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True)
-    class_names = list(snap.class_names)
-    tr_img, tr_lab, tr_ids = snap.split("train")
-    tr_ids = [str(s) for s in tr_ids]
-    view_img, view_lab, _ = apply_records(tr_img, tr_lab, tr_ids, records, verify=True)
-    ledger = read_ledger(args.approved)
-    ref = stats.approved_reference(ledger, class_names, meta["view_id"]) or stats.source_reference(
-        snap.id, tr_img, np.asarray(tr_lab, np.int64), len(class_names), v)
-    tables = stats.build_tables(snap.manifest, snap.images, view_img, view_lab, tr_ids,
-                                {r["sample_id"] for r in records}, class_names, ref, v)
-    success, results = run_gx(tables, class_names, v, args.docs if v.docs else None)
+    source_key = str((snap.meta.get("source") or {}).get("key", ""))
+    m = measure_view(snap, records, v)
+    last_e, root_e = history(ledger, source_key, meta["view_id"])
+    last = reference_of(last_e, args.store, args.approved, v) if last_e else None
+    root = reference_of(root_e, args.store, args.approved, v) if root_e else None
+    tables = build_tables(snap, m, v, last, root)
+    frames = tables.frames
+    success, results = run_gx(tables, v, args.docs if v.docs else None)
 
-    statistics = tables.statistics
+    skipped = [{"check": c.name, "reason": "first release of this source: no approved view to compare with"}
+               for c in data_checks.CHECKS if c.table not in frames]
+    reasons = _reasons(frames, v) if not success else []
     report = {
         "success": bool(success),
         "snapshot_id": snap.id,
         "view_id": meta["view_id"],
-        "reference": {"kind": ref.kind, "snapshot_id": ref.snapshot_id, "view_id": ref.view_id},
+        "reference": {"kind": "approved" if last else "source",
+                      "snapshot_id": last.snapshot_id if last else snap.id,
+                      "view_id": last.view_id if last else None,
+                      "root": {"snapshot_id": root.snapshot_id, "view_id": root.view_id} if root else None,
+                      "source_key": source_key},
         "results": results,
-        "statistics": _jsonable(statistics),
-        "thresholds": {k: getattr(v, k) for k in v.__dataclass_fields__},
+        "skipped": sorted({s["check"]: s for s in skipped}.values(), key=lambda s: s["check"]),
+        "blocked": reasons,
+        "tests": {name: _jsonable(frames[name].to_dict("records")) for name in frames
+                  if name not in ("samples",)},
+        "statistics": _jsonable(tables.statistics),
+        "thresholds": _jsonable({k: getattr(v, k) for k in v.__dataclass_fields__}),
     }
     write_json(Path(args.report), report)
     write_json(Path(args.validated), {"snapshot_id": snap.id, "view_id": meta["view_id"],
                                       "success": bool(success), "on_fail": v.on_fail})
     Path(args.approved).mkdir(parents=True, exist_ok=True)
     if success:
+        full = m.rows.counts()
+        save_records(args.approved, meta["view_id"], records)
         append_ledger(args.approved, {
-            "snapshot_id": snap.id, "view_id": meta["view_id"],
+            "snapshot_id": snap.id, "view_id": meta["view_id"], "source_key": source_key,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "label_shares": statistics["label_shares"], "block_rates": statistics["block_rates"],
+            "attack": meta["attack"], "n_poisoned": len(records),
+            "class_names": list(m.rows.class_names),
+            "counts": full.to_dict(m.rows.class_names),
+            "detector": stats.detector_settings(v),
+            "reference_view_id": last.view_id if last else None,
+            "label_shares": tables.statistics["label_shares"], "block_rates": tables.statistics["block_rates"],
         })
     failed = [r for r in results if not r["success"]]
-    _say(f"{'PASS' if success else 'FAIL'} view {meta['view_id'][:12]} against {ref.kind} "
-         f"reference {ref.snapshot_id[:12]} ({len(results) - len(failed)}/{len(results)} expectations)")
+    ref_txt = (f"last approved view {last.view_id[:12]}" + (f", root {root.view_id[:12]}" if root and root.view_id != last.view_id else "")
+               if last else "no approved view (first release: checks without history)")
+    _say(f"{'PASS' if success else 'FAIL'} view {meta['view_id'][:12]}: {tables.statistics['n_new_rows']} new rows "
+         f"against {ref_txt} ({len(results) - len(failed)}/{len(results)} expectations)")
+    for r in reasons:
+        _say(f"  blocked {r}")
     for r in failed:
-        _say(f"  failed {r['check']}: {r['expectation']}({r['column']}) observed {r['observed']} "
-             f"threshold {r['threshold']}")
+        if r["column"] != "p_gate" and r["check"] != "class_set":
+            _say(f"  failed {r['check']}: {r['expectation']}({r['column']}) observed {r['observed']} "
+                 f"threshold {r['threshold']}")
     if not success:
         if v.on_fail == "warn":
             _say("on_fail=warn: continuing; train and the gate see success=false")

@@ -78,7 +78,9 @@ def test_missing_required_value_is_refused():
         ("gate", "max_asr", float("inf"), "gate.max_asr"),
         ("gate", "min_accuracy", -0.1, "gate.min_accuracy"),
         ("gate", "max_recall_drop", float("nan"), "gate.max_recall_drop"),
-        ("validate", "max_kl", -1.0, "validate.max_kl"),
+        ("validate", "alpha", -1.0, "validate.alpha"),  # was max_kl (removed by issue 11)
+        ("validate", "near_dup_radius", 40, "validate.near_dup_radius"),
+        ("validate", "accept_new_classes", "cat", "validate.accept_new_classes"),
     ],
 )
 def test_bad_values_are_refused(section, key, value, match):

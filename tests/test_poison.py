@@ -154,7 +154,7 @@ def test_validate_stage_end_to_end(digits_store, tmp_path, capsys):
     assert run_validate(digits_store, tmp_path, bad_view, params, approved) == 1
     rep = json.loads((tmp_path / "validation.json").read_text())
     assert not rep["success"] and rep["reference"]["kind"] == "approved"
-    assert "block_rate_increase" in {r["check"] for r in rep["results"] if not r["success"]}
+    assert "block_rate" in {r["check"] for r in rep["results"] if not r["success"]}  # was block_rate_increase (issue 11: renamed test)
     assert json.loads((tmp_path / "validated.json").read_text())["success"] is False
     assert len(validate.read_ledger(approved)) == 1, "a failed view is never approved"
 
