@@ -199,7 +199,7 @@ def log_view_input(view: Any, name: str, source: str) -> None:
         warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         ds = mlflow.data.from_pandas(df, source=source, name=name, digest=view.view_id[:DIGEST_CHARS])
-    mlflow.log_input(ds, context="training", tags={"snapshot_id": view.snapshot_id, "view_id": view.view_id})
+        mlflow.log_input(ds, context="training", tags={"snapshot_id": view.snapshot_id, "view_id": view.view_id})
 
 
 def log_artifacts(run_id: str, paths: Iterable[str | Path], artifact_path: Optional[str] = None) -> None:
