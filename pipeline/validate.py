@@ -74,6 +74,8 @@ PATHS = (
     stage.PathArg("report", "the validation report (reports/validation.json)"),
     stage.PathArg("docs", "GX Data Docs folder (reports/gx)"),
     stage.PathArg("validated", "the record train reads (data/validated.json)"),
+    stage.PathArg("history", "GX validation results kept across runs, for the Data Docs' history (data/gx_history)",
+                  default="data/gx_history"),
 )
 _say = partial(stage.say, "validate")
 _RESTORE = ("restore data/approved from your backup, or move it aside to start the approved history "
@@ -403,18 +405,35 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir: str | Path | None,
-           run_name: str = "poisongate") -> tuple[bool, list[dict]]:
-    """Validate the tables with GX; build Data Docs into ``docs_dir`` (index.html) when given."""
+           run_name: str = "poisongate", history_dir: str | Path | None = None) -> tuple[bool, list[dict]]:
+    """Validate the tables with GX; build Data Docs into ``docs_dir`` (index.html) when given.
+
+    The Data Docs are reviewer-ready: each validation is named after the view (``run_name``) and
+    its data asset, failing per-class rows are listed by class name, the results of earlier runs
+    stay listed (the validation results store lives in ``history_dir``, outside the docs folder
+    the next run replaces), and the site is rewritten to render offline (no CDN:
+    ``pipeline.reporting.gx_offline``)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import datetime
     import logging
 
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import (
+        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+    )
 
     frames = tables.frames if isinstance(tables, Tables) else tables
     for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = gx.get_context(mode="ephemeral")
+    project = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults())
+    if history_dir is not None:
+        Path(history_dir).mkdir(parents=True, exist_ok=True)
+        project.stores[project.validation_results_store_name] = {
+            "class_name": "ValidationResultsStore",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(history_dir).resolve())},
+        }
+    ctx = gx.get_context(mode="ephemeral", project_config=project)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     site_dir = None
     if docs_dir is not None:
@@ -422,6 +441,7 @@ def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir
         site_dir = Path(tempfile.mkdtemp(prefix=".gx-site-", dir=Path(docs_dir).resolve().parent))
         ctx.add_data_docs_site("poisongate", {
             "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir)},
         })
@@ -429,13 +449,20 @@ def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir
     suites = build_suites(frames, v)
     results: list[dict] = []
     success = True
+    run_id = RunIdentifier(run_name=run_name, run_time=datetime.datetime.now(datetime.timezone.utc))
+    results_store = ctx.validation_results_store
     for tname, exps in suites.items():
         bd = ds.add_dataframe_asset(tname).add_batch_definition_whole_dataframe(f"{tname}_all")
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"poisongate_{tname}"))
         for e in exps:
             suite.add_expectation(e)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(data=bd, suite=suite, name=f"{run_name}_{tname}"))
-        out = vd.run(batch_parameters={"dataframe": _gx_frame(frames[tname])}, result_format="SUMMARY")
+        per_class = "class_name" in frames[tname].columns and len(frames[tname]) <= 10_000
+        # per-class tables: every failing value is listed with its class; the big sample table: a summary
+        fmt = ({"result_format": "COMPLETE", "unexpected_index_column_names": ["class_name"]} if per_class
+               else "SUMMARY")
+        out = vd.run(batch_parameters={"dataframe": _gx_frame(frames[tname])}, result_format=fmt, run_id=run_id)
+        _name_the_asset(results_store, run_id, suite.name, out, tname)
         success &= bool(out.success)
         for er in out.results:
             cfg = er.expectation_config
@@ -458,11 +485,56 @@ def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir
         ctx.build_data_docs()
         if not (site_dir / "index.html").is_file():
             raise ValidationError(f"GX Data Docs did not produce index.html in {site_dir}")
+        from pipeline.reporting.gx_offline import make_offline
+
+        make_offline(site_dir)
         docs_dir = Path(docs_dir)
         if docs_dir.exists():
             shutil.rmtree(docs_dir)
         os.replace(site_dir, docs_dir)
     return success, results
+
+
+def _name_the_asset(results_store: Any, run_id: Any, suite_name: str, result: Any, asset: str) -> None:
+    """Data Docs read the asset's name from the result's batch spec, which a dataframe batch never
+    sets ("Data asset: None"): set it and store the result again under its own key."""
+    try:
+        keys = [k for k in results_store.list_keys() if k.run_id.run_name == run_id.run_name
+                and k.run_id.run_time == run_id.run_time and k.expectation_suite_identifier.name == suite_name]
+    except Exception:  # noqa: BLE001 - a cosmetic fix must never fail the data gate
+        return
+    if keys:
+        result.meta["batch_spec"] = {**(result.meta.get("batch_spec") or {}), "data_asset_name": asset}
+        results_store.set(keys[0], result)
+
+
+def log_data_gate_block(cfg: Config, report: dict, args: argparse.Namespace, reasons: Sequence[str]) -> Optional[str]:
+    """A data-gate stop leaves a run in MLflow too (tagged blocked, with the reasons, the report and
+    the Data Docs), so every attempt shows in one place. Best effort: the stage fails either way."""
+    try:
+        import mlflow
+
+        from pipeline.tracking import registry, runs
+
+        runs.configure(cfg.mlflow.experiment)
+        attack = (report.get("attack") or {}).get("name", "none")
+        name = f"{cfg.data.name}-{attack}-view{report['view_id'][:8]}-blocked-by-data-gate"
+        failed = sorted({r["check"] for r in report["results"] if not r["success"]})
+        tags = runs.run_tags(report["snapshot_id"], report["view_id"], attack, stage="validate",
+                             **{registry.TAG_VERDICT: "blocked", registry.TAG_FAILED: ", ".join(failed)[:4900],
+                                "mlflow.note.content": "**Release BLOCKED by the data gate**\n\n"
+                                + "\n".join(f"- {r}" for r in reasons[:20])
+                                + "\n\nEvidence: artifacts `validation/validation.json`, `validation/gx/index.html`."})
+        with mlflow.start_run(run_name=name, tags=tags) as run:
+            c = runs.client()
+            c.log_artifact(run.info.run_id, str(args.report), artifact_path="validation")
+            if Path(args.docs).is_dir():
+                c.log_artifacts(run.info.run_id, str(args.docs), artifact_path="validation/gx")
+            runs.log_metrics(run.info.run_id, {"gate/passed": 0.0, "data/new_rows": report["statistics"].get("n_new_rows", 0)})
+            return run.info.run_id
+    except Exception as exc:  # noqa: BLE001 - the data gate's verdict does not depend on MLflow
+        _say(f"warning: could not log the data-gate block to MLflow ({stage.redact(str(exc))[:300]})")
+        return None
 
 
 # --------------------------------------------------------------------------- stage
@@ -503,7 +575,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     root = reference_of(root_e, args.store, args.approved, v) if root_e else None
     tables = build_tables(snap, m, v, last, root)
     frames = tables.frames
-    success, results = run_gx(tables, v, args.docs if v.docs else None)
+    success, results = run_gx(tables, v, args.docs if v.docs else None, run_name=f"view-{meta['view_id'][:12]}",
+                              history_dir=args.history)
 
     skipped = [{"check": c.name, "reason": "first release of this source: no approved view to compare with"}
                for c in data_checks.CHECKS if c.table not in frames]
@@ -557,6 +630,15 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if v.on_fail == "warn":
             _say("on_fail=warn: continuing; train and the gate see success=false")
         else:
+            from pipeline.reporting.gx_offline import validation_pages
+            from pipeline.reporting.terminal import data_gate_text
+
+            report["attack"] = meta["attack"]
+            run_id = log_data_gate_block(cfg, report, args, reasons)
+            pages = validation_pages(args.docs) if v.docs and Path(args.docs).is_dir() else None
+            print(data_gate_text(report, links={"data_docs": f"{args.docs}/index.html",
+                                                "mlflow_run": f"run {run_id}" if run_id else None},
+                                 docs_pages=pages), flush=True)
             raise DataGateFailed(f"the data gate refused view {meta['view_id'][:12]} "
                                  f"({', '.join(sorted({r['check'] for r in failed}))}): see {args.report}"
                                  f" and {args.docs}/index.html")

@@ -120,3 +120,33 @@ def test_release_html_is_self_contained(released):
     html = (released.root / "reports/release.html").read_text()
     assert "<script src" not in html and 'rel="stylesheet"' not in html and "@import" not in html
     assert html.count("data:image/png;base64,") >= 3 and "PASSED" in html  # the pictures are inline
+
+
+def test_a_data_gate_block_shows_in_mlflow_and_in_offline_data_docs(released):
+    from pipeline.reporting.gx_offline import external_references
+    from pipeline.tracking import registry
+
+    released.compose("attack=label_flip", "attack.source=1", "attack.target=7", "attack.rate=0.6")
+    assert released.run("poison")[0] == 0
+    rc, out = released.run("validate")
+    assert rc == 1
+    assert "RELEASE BLOCKED BY THE DATA GATE" in out and "class at fault: 7" in out
+    c = released.client()
+    runs = c.search_runs([c.get_experiment_by_name("poisongate").experiment_id],
+                         f"tags.`{registry.TAG_VERDICT}` = 'blocked'")
+    gate_runs = [r for r in runs if "blocked-by-data-gate" in r.info.run_name]
+    assert gate_runs, [r.info.run_name for r in runs]
+    r = gate_runs[0]
+    assert "label_share" in r.data.tags[registry.TAG_FAILED] and "data gate" in r.data.tags["mlflow.note.content"]
+    arts = {a.path for a in c.list_artifacts(r.info.run_id, "validation")}
+    assert "validation/validation.json" in arts and "validation/gx" in arts
+    docs = released.root / "reports/gx"
+    assert external_references(docs) == []  # opens in an air-gapped viewer
+    pages = "".join(p.read_text() for p in docs.rglob("*.html"))
+    assert f"view-{released.json('reports/validation.json')['view_id'][:12]}" in pages  # run named after the view
+    assert "Data asset: None" not in pages and "__none__" not in pages
+    # history: the released state's earlier validation is still listed after this run replaced the folder
+    stored = list((released.root / "data/gx_history").rglob("*.json"))
+    shown = list(docs.rglob("validations/**/*.html"))
+    assert len(shown) == len(stored)
+    assert len({p.parent.parent.name for p in shown}) >= 2  # two runs (views) in the site

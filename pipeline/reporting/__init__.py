@@ -106,7 +106,11 @@ def data_gate_failures(validation_report: Optional[Mapping[str, Any]]) -> list[d
         if r.get("success") is True:
             continue
         details = r.get("details") or {}
-        classes = [str(c) for c in details.get("classes") or []]
+        # the significance checks record the classes whose rows block (``blocked_classes``);
+        # class-set changes record ``changes``; older reports ``classes``
+        named = details.get("blocked_classes") or details.get("classes") or [
+            c.get("class_name") for c in details.get("changes") or [] if isinstance(c, Mapping)]
+        classes = [str(c) for c in named if c is not None]
         check = r.get("check") or r.get("expectation") or "?"
         if not classes and check == "label_kl":
             c = _largest_change(stats, "label_shares", "reference_label_shares", absolute=True)
