@@ -45,14 +45,24 @@ def registered_version(client: Any, model_name: str, version: str) -> Any:
 
 
 def promote(client: Any, model_name: str, version: str, previous: Optional[str]) -> None:
-    # Compare-and-set as far as the registry allows: a champion that moved since the baseline
-    # was read means this candidate was never compared with it.
-    now = current_champion(client, model_name)
-    if now != previous:
-        raise PromotionConflict(f"champion moved from v{previous or 'none'} to v{now} during this gate run: re-run `dvc repro --force evaluate`")
-    client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
-    client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    # Compare-and-set: a champion that moved since the baseline was read means this candidate
+    # was never compared with it.
+    # --- issue 14 (wt-team): promotion lock; the lead moves pipeline/registry_lock.py here ---
+    # MLflow cannot compare-and-set an alias, so the re-read and the move happen under a
+    # registry lock that every promoter takes: of two racing gates one moves the alias and the
+    # other, once it gets the lock, re-reads the moved alias and raises PromotionConflict.
+    from pipeline.registry_lock import LockError, promotion_lock
+
+    with promotion_lock(client, model_name) as lock:
+        now = current_champion(client, model_name)
+        if now != previous:
+            raise PromotionConflict(f"champion moved from v{previous or 'none'} to v{now} during this gate run: re-run `dvc repro --force evaluate`")
+        client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
+        client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
+        if lock.expired():  # held past its ttl: another promoter may have broken it
+            raise LockError(f"promotion lock {lock.name} expired before the alias moved: not promoted, re-run the gate")
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    # --- end issue 14 ---
 
 
 def block(client: Any, model_name: str, version: str, failed: list[str]) -> None:
