@@ -53,6 +53,9 @@ DEFAULT_TTL_S = 300.0
 # and fails with "champion moved" rather than "lock held".
 DEFAULT_WAIT_S = 60.0
 POLL_S = 0.2  # between attempts while waiting; a promotion takes ~10-50 ms per request
+# Lock gone again before we could read it, in a row: normal a few times under contention; this
+# many means the store refuses the create for another reason.
+MAX_VANISHED = 100
 
 
 class LockError(RuntimeError):
@@ -114,14 +117,19 @@ def _error_code(exc: BaseException) -> Optional[str]:
 
 
 def _create(client: Any, name: str, tags: dict[str, str], description: str) -> bool:
-    """Create the registered model ``name``; False when it already exists (the atomic step)."""
+    """Create the registered model ``name``; False when another caller's create won (the
+    atomic step)."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.create_registered_model(name, tags=tags, description=description)
         return True
     except MlflowException as exc:
-        if _error_code(exc) == "RESOURCE_ALREADY_EXISTS":
+        # RESOURCE_DOES_NOT_EXIST also means we lost: on the unique-key violation MLflow's SQL
+        # store looks the existing model up to word its error, and when the winner has already
+        # deleted it again that lookup fails (seen in tests/team/test_promotion_race.py, on
+        # sqlite and on PostgreSQL; mlflow 3.17 sqlalchemy_store.create_registered_model).
+        if _error_code(exc) in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
             return False
         raise
 
@@ -183,6 +191,7 @@ def acquire(client: Any, model_name: str, holder: Optional[str] = None, ttl_s: f
     holder = holder or default_holder()
     start = time.monotonic()
     broke = False
+    vanished = 0
     while True:
         token = uuid.uuid4().hex
         now = time.time()
@@ -192,8 +201,11 @@ def acquire(client: Any, model_name: str, holder: Optional[str] = None, ttl_s: f
         if _create(client, name, tags, desc):
             return LockInfo(name, token, holder, now, now + ttl_s, time.monotonic() - start, broke)
         current = read_lock(client, model_name)
-        if current is None:
-            continue  # released between our create and our read: try again at once
+        if current is None:  # released between our create and our read: try again at once
+            vanished += 1
+            if vanished > MAX_VANISHED:
+                raise LockError(f"creating {name} keeps failing although no such model exists: check the registry")
+            continue
         if current.expired() and current.token and _delete_if_token(client, model_name, current.token):
             broke = True
             continue

@@ -46,7 +46,11 @@ def postgres(team_logs):
 @pytest.fixture(scope="session")
 def s3(team_logs):
     srv = _start(servers.start_s3, team_logs)
-    srv.create_bucket(BUCKET)
+    try:
+        srv.create_bucket(BUCKET)
+    except BaseException:
+        srv.stop()
+        raise
     yield srv
     srv.stop()
 

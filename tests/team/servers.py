@@ -197,7 +197,12 @@ def _http_ok(url: str) -> bool:
 def pg_bindir() -> Path:
     """The folder holding ``initdb`` and ``postgres``: $POISONGATE_PG_BIN, PATH, or the newest
     Debian ``/usr/lib/postgresql/<major>/bin`` (Debian keeps them off PATH)."""
-    cands = [os.environ.get("POISONGATE_PG_BIN", "")]
+    explicit = os.environ.get("POISONGATE_PG_BIN")
+    if explicit:  # set on purpose: no silent fallback to another installation
+        if (Path(explicit) / "initdb").is_file() and (Path(explicit) / "postgres").is_file():
+            return Path(explicit)
+        raise Missing(f"POISONGATE_PG_BIN={explicit} holds no initdb/postgres (Debian package `postgresql`)")
+    cands = []
     found = shutil.which("initdb")
     if found:
         cands.append(str(Path(found).parent))
@@ -418,6 +423,10 @@ def stop_all(*servers) -> None:
 
 def main() -> int:
     """Start PostgreSQL, moto and mlflow server in the foreground; Ctrl-C stops them."""
+    def interrupt(signum, frame):  # SIGTERM stops the servers like Ctrl-C (handlers are not inherited)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     work = Path(tempfile.mkdtemp(prefix="poisongate-team-"))
     pg = s3 = ml = None
     try:
@@ -428,13 +437,19 @@ def main() -> int:
         print(f"logs in {work}")
         print(f"export MLFLOW_TRACKING_URI={ml.url}")
         print(f"# DVC remote: s3://poisongate/dvc  endpointurl={s3.endpoint}  (AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing)")
+        print("Ctrl-C stops all three.")
         sys.stdout.flush()
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    except Missing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         stop_all(pg, s3, ml)
     return 0
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     sys.exit(main())
