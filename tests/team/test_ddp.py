@@ -94,3 +94,25 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, digits_split):
     assert recall_gap <= MAX_RECALL_DROP, recall_gap
     print(f"small_cnn: accuracy DDP {acc_ddp:.4f} vs one process {acc_one:.4f}, max recall gap {recall_gap:.4f}; "
           f"final loss {hist[-1]['loss']:.4f} vs {single_hist[-1]['loss']:.4f}")
+
+
+def test_a_batch_too_small_to_split_is_refused():
+    """Every rank needs >= 1 image of every batch: 67 images at batch 64 over 4 ranks leaves a
+    last batch of 3. Refused before training, with the fix in the message (no process group)."""
+    import torch
+    from torch import nn
+
+    from pipeline.core.train import DataParallel, TrainSpec, fit
+
+    x = np.zeros((67, 8, 8, 1), np.uint8)
+    y = np.arange(67) % 10
+    par = DataParallel(rank=0, world=4, wrap=lambda m: m, all_sum=lambda t: t)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(ValueError, match=r"batch of 3 images .* over 4 ranks: choose a batch size"):
+        fit(model, x, y, TrainSpec(epochs=1, batch_size=64, device="cpu"), parallel=par)
+    # 2 ranks can split it: one step runs (identity hooks = a world of 2 seen from rank 0)
+    par2 = DataParallel(rank=0, world=2, wrap=lambda m: m, all_sum=lambda t: t)
+    from .ddp_worker import _Float
+
+    hist = fit(_Float(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), x, y, TrainSpec(epochs=1, batch_size=64, device="cpu"), parallel=par2)
+    assert len(hist) == 1 and torch.isfinite(torch.tensor(hist[0]["loss"]))

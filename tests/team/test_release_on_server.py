@@ -1,13 +1,12 @@
 """The full release flow against the team server: the real `dvc repro` (digits, CPU) with
 MLFLOW_TRACKING_URI pointing at `mlflow server` on PostgreSQL whose artifacts go to S3 (moto).
 
-A clean release passes and becomes `champion`; a backdoored one (data gate in warn mode) is
-blocked by the release gate, tagged as failed, and the champion does not move; the runs' and
-the registered model's artifacts are objects in the S3 bucket. Then two gates race to promote
-two passing candidates: exactly one moves `champion`, the other fails closed.
-
-Only user-visible behaviour is asserted (exit codes, reports/gate.json, the registry alias and
-tags, objects in the bucket), so the test survives refactors of the stages.
+The module fixture runs the releases once: a clean one, then a backdoored one (data gate in
+warn mode), and records what a user would look at right after each (exit code,
+reports/gate.json, the registry alias and tags, objects in the bucket). The tests assert on
+that record, so they survive refactors of the stages. The last test races two real gate
+processes on top (it can be deselected alone, ``-k 'not gate_processes'``, if CI time is short:
+tests/team/test_promotion_race.py covers the race itself).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,57 +47,80 @@ def _s3_prefix(uri: str) -> str:
     return "mlartifacts/" + uri.split(":", 1)[1].lstrip("/")
 
 
-def test_release_flow_on_postgres_and_s3(tmp_path, team_server, s3, unique_name):
-    repo = make_repo_copy(tmp_path)
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory, team_server, s3):
+    tmp = tmp_path_factory.mktemp("release-on-server")
+    repo = make_repo_copy(tmp)
     repo.env["MLFLOW_TRACKING_URI"] = team_server.url
-    name = unique_name
+    name = "team-release"  # this module's own registered model on the shared server
     client = _client(team_server.url)
+    r = SimpleNamespace(repo=repo, name=name, uri=team_server.url, tmp=tmp)
 
-    # 1. Clean release: passes against the clean twin and becomes champion.
+    # 1. Clean release.
     repo.compose(f"mlflow.model_name={name}")
-    repo.repro()
-    gate = repo.json("reports/gate.json")
-    assert gate["passed"] is True, gate
-    clean = repo.json("reports/train.json")
-    first = str(clean["model_version"])
-    assert _champion(team_server.url, name) == first
-    mv = client.get_model_version(name, first)
-    assert mv.tags.get("poisongate.gate") == "passed"
-    # The run's artifacts and the registered model's files are objects in the bucket.
-    run_keys = s3.keys(BUCKET, _s3_prefix(client.get_run(clean["run_id"]).info.artifact_uri) + "/")
-    assert run_keys, "no artifact of the training run in S3"
-    model_keys = s3.keys(BUCKET, _s3_prefix(client.get_model_version_download_uri(name, first)) + "/")
-    assert model_keys, "the registered model's files are not in S3"
+    r.clean_rc = repo.repro(check=False).returncode
+    r.clean_gate = repo.json("reports/gate.json")
+    r.clean_train = repo.json("reports/train.json")
+    r.first = str(r.clean_train["model_version"])
+    r.champion_after_clean = _champion(team_server.url, name)
+    r.clean_tags = dict(client.get_model_version(name, r.first).tags)
+    r.run_keys = s3.keys(BUCKET, _s3_prefix(client.get_run(r.clean_train["run_id"]).info.artifact_uri) + "/")
+    r.model_keys = s3.keys(BUCKET, _s3_prefix(client.get_model_version_download_uri(name, r.first)) + "/")
 
-    # 2. Backdoor: 3x3 patch on 10% of class 1 -> 7, data gate only warns: the release gate blocks.
+    # 2. Backdoor: 3x3 patch on 10% of class 1 -> 7; the data gate only warns.
     repo.compose(f"mlflow.model_name={name}", "attack=backdoor", "attack.source=1", "attack.target=7",
                  "attack.rate=0.1", "validate.on_fail=warn")
     proc = repo.repro(check=False)
-    assert proc.returncode != 0
-    gate = repo.json("reports/gate.json")
+    r.poison_rc, r.poison_out = proc.returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r.poison_gate = repo.json("reports/gate.json")
+    r.poisoned = str(repo.json("reports/train.json")["model_version"])
+    r.champion_after_poison = _champion(team_server.url, name)
+    r.poison_tags = dict(client.get_model_version(name, r.poisoned).tags)
+    return r
+
+
+def test_clean_release_passes_and_becomes_champion(releases):
+    r = releases
+    assert r.clean_rc == 0
+    assert r.clean_gate["passed"] is True, r.clean_gate
+    assert r.champion_after_clean == r.first
+    assert r.clean_tags.get("poisongate.gate") == "passed"
+    # The run's artifacts and the registered model's files are objects in the bucket.
+    assert r.run_keys, "no artifact of the training run in S3"
+    assert r.model_keys, "the registered model's files are not in S3"
+
+
+def test_poisoned_release_is_blocked_and_the_champion_stays(releases):
+    r = releases
+    assert r.poison_rc != 0, r.poison_out
+    gate = r.poison_gate
     assert gate["passed"] is False
     assert gate["baseline"]["kind"] == "champion"  # compared with the champion, loaded back from S3
     failed = [c["name"] for c in gate["checks"] if not c["passed"]]
     assert any(n.startswith("asr") for n in failed), gate
-    poisoned = str(repo.json("reports/train.json")["model_version"])
-    assert poisoned != first
-    assert client.get_model_version(name, poisoned).tags.get("poisongate.gate") == "failed"
-    assert _champion(team_server.url, name) == first
+    assert r.poisoned != r.first
+    assert r.poison_tags.get("poisongate.gate") == "failed"
+    assert r.champion_after_poison == r.first
 
-    # 3. Two gates race. Two clean candidates are trained and evaluated against champion v1 (the
-    # same config retrained: a new registry version each), then both gates run at once.
+
+def test_two_gate_processes_race_to_promote(releases):
+    """Two clean candidates evaluated against the same champion (the clean config retrained: a
+    new registry version each), then both `python -m pipeline.gate` at once: exactly one moves
+    `champion`, the other fails closed."""
+    r = releases
+    repo, name, first = r.repo, r.name, _champion(r.uri, r.name)
     repo.compose(f"mlflow.model_name={name}")
     sides = []
     for side in ("a", "b"):
         if side == "b":
             repo.repro("--force", "-s", "train")
         repo.repro("evaluate")
-        d = tmp_path / side
+        d = r.tmp / side
         d.mkdir()
         for f in ("metrics.json", "baseline_metrics.json", "train.json"):
             shutil.copy(repo.root / "reports" / f, d / f)
         sides.append(d)
-    versions = [repo.json(str(d / "train.json"))["model_version"] for d in sides]
+    versions = [str(repo.json(str(d / "train.json"))["model_version"]) for d in sides]
     assert len(set(versions)) == 2
     procs = [
         subprocess.Popen([sys.executable, "-m", "pipeline.gate", "--params", "params.yaml",
@@ -111,10 +134,10 @@ def test_release_flow_on_postgres_and_s3(tmp_path, team_server, s3, unique_name)
     rcs = [p.returncode for p in procs]
     assert sorted(rcs)[0] == 0 and sorted(rcs)[1] != 0, (rcs, outs)
     win, lose = (0, 1) if rcs[0] == 0 else (1, 0)
-    assert _champion(team_server.url, name) == str(versions[win])
+    assert _champion(r.uri, name) == versions[win]
     lost = repo.json(str(sides[lose] / "gate.json"))
     assert lost["passed"] is False
-    assert client.get_model_version(name, str(versions[lose])).tags.get("poisongate.gate") != "passed"
+    assert _client(r.uri).get_model_version(name, versions[lose]).tags.get("poisongate.gate") != "passed"
     # Either the loser's promotion overlapped the winner's: it re-read the alias under the lock
     # and refused, naming the move it saw; or it started after the move and its baseline was
     # already stale (metrics_identity). Which one is timing; both fail closed.
