@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -109,6 +110,39 @@ def run_data_init(model: nn.Module, images: np.ndarray) -> int:
     return len(inits)
 
 
+# --- issue 14 (wt-team): data-parallel hook of fit(), filled in by pipeline.core.ddp ---
+@dataclass(frozen=True)
+class DataParallel:
+    """How :func:`fit` runs as one rank of a data-parallel job (:mod:`pipeline.core.ddp` builds it).
+
+    Every rank holds the whole data set and draws the same permutation (same seed), so all ranks
+    walk the same global batches; ``shard`` takes this rank's slice of each one. ``wrap`` returns
+    the module whose backward averages gradients over the ranks (DistributedDataParallel), and
+    ``all_sum`` sums a tensor over the ranks (for the epoch's loss and accuracy). The loss of a
+    shard is scaled by ``shard * world / batch`` so the averaged gradient is the gradient of the
+    global batch's mean loss even when shards differ in size: the same optimisation as one
+    process with the same batch size and number of steps (batch-norm statistics aside, see
+    pipeline/core/ddp.py). The scaling assumes the loss is a mean over the batch's samples.
+    """
+
+    rank: int
+    world: int
+    wrap: Callable[[nn.Module], nn.Module]
+    all_sum: Callable[[torch.Tensor], torch.Tensor]
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(idx, self.world)[self.rank]
+
+
+def _check_shards(n: int, batch_size: int, steps: int, world: int) -> None:
+    sizes = [min(batch_size, n - s * batch_size) for s in range(steps)]
+    if min(sizes) < world:
+        raise ValueError(
+            f"a batch of {min(sizes)} images (the last of {n} at batch size {batch_size}) cannot be split "
+            f"over {world} ranks: choose a batch size that leaves a last batch of 0 or >= {world} images")
+# --- end issue 14 ---
+
+
 def fit(
     model: nn.Module,
     images: np.ndarray,
@@ -116,6 +150,7 @@ def fit(
     spec: TrainSpec,
     progress: Optional[ProgressFn] = None,
     init_from_data: bool = True,
+    parallel: Optional[DataParallel] = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on (N, H, W, C) uint8 ``images`` and int ``labels``.
 
@@ -135,6 +170,9 @@ def fit(
     ``progress`` gets ``{"event": "step", epoch, step, steps, images}`` after each batch and
     ``{"event": "epoch", **history row}`` after each epoch. Returns one row per epoch:
     ``epoch, loss, train_accuracy, lr, seconds, images_per_s``.
+
+    ``parallel``: run as one rank of a data-parallel job (:class:`DataParallel`); the history
+    then covers the global batches (summed over ranks), ``images`` in step events this rank's.
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -161,7 +199,10 @@ def fit(
     steps = steps_per_epoch(n, spec.batch_size)
     sched = make_schedule(opt, spec, spec.epochs * steps)
     loss_fn = make_loss(model, spec.loss, spec.lgm_alpha, spec.lgm_lambda, spec.label_smoothing)
-    forward = torch.compile(model) if (spec.compile and cuda) else model
+    if parallel is not None:  # issue 14: DDP
+        _check_shards(n, spec.batch_size, steps, parallel.world)
+    module = parallel.wrap(model) if parallel is not None else model
+    forward = torch.compile(module) if (spec.compile and cuda) else module
 
     history: list[dict[str, float]] = []
     for epoch in range(1, spec.epochs + 1):
@@ -176,6 +217,9 @@ def fit(
         seen = 0
         for step in range(steps):
             idx = perm[step * spec.batch_size : (step + 1) * spec.batch_size]
+            global_n = len(idx)
+            if parallel is not None:  # issue 14: this rank's shard of the global batch
+                idx = parallel.shard(idx)
             xb = x_ep[idx]  # an index gather keeps x_ep's channels_last layout (tests/test_gpu.py)
             yb = y_all[idx]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -183,7 +227,10 @@ def fit(
                 loss = loss_fn(logits.float(), yb)
             lr_used = opt.param_groups[0]["lr"]  # the rate this step uses (the schedule moves it after)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if parallel is not None:  # issue 14: DDP averages over ranks; make it the global mean
+                (loss * (len(idx) * parallel.world / global_n)).backward()
+            else:
+                loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
@@ -193,6 +240,9 @@ def fit(
             seen += nb
             if progress is not None:
                 progress({"event": "step", "epoch": epoch, "step": step + 1, "steps": steps, "images": nb})
+        if parallel is not None:  # issue 14: the epoch's numbers over all ranks
+            loss_sum, correct = parallel.all_sum(loss_sum), parallel.all_sum(correct)
+            seen = int(parallel.all_sum(torch.tensor(seen, device=device)).item())
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

@@ -125,14 +125,22 @@ def promote(client: Any, model_name: str, version: str, previous: Optional[str],
     """Record the passed verdict for ``sha256``, then move the alias (compare-and-set as far as the
     registry allows: a champion that moved since the baseline was read means this candidate was
     never compared with it)."""
-    now = champion_version(client, model_name)
-    if now != previous:
-        raise PromotionConflict(f"champion moved from v{previous or 'none'} to v{now} during this gate run: "
-                                "re-run `dvc repro` to compare with the new champion")
-    client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
-    client.set_model_version_tag(model_name, version, TAG_VERDICT_SHA, sha256)
-    client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
-    client.set_registered_model_alias(model_name, CHAMPION, version)
+    # MLflow cannot compare-and-set an alias, so the re-read and the move happen under a registry
+    # lock every promoter takes (pipeline.tracking.lock): of two racing gates one moves the alias;
+    # the other, once it holds the lock, re-reads the moved alias and fails closed.
+    from pipeline.tracking.lock import LockError, promotion_lock
+
+    with promotion_lock(client, model_name) as lock:
+        now = champion_version(client, model_name)
+        if now != previous:
+            raise PromotionConflict(f"champion moved from v{previous or 'none'} to v{now} during this gate run: "
+                                    "re-run `dvc repro` to compare with the new champion")
+        client.set_model_version_tag(model_name, version, TAG_VERDICT, "passed")
+        client.set_model_version_tag(model_name, version, TAG_VERDICT_SHA, sha256)
+        client.set_model_version_tag(model_name, version, TAG_PREVIOUS, previous or "none")
+        if lock.expired():  # held past its ttl: another promoter may have broken it
+            raise LockError(f"promotion lock {lock.name} expired before the alias moved: not promoted, re-run the gate")
+        client.set_registered_model_alias(model_name, CHAMPION, version)
 
 
 def block(client: Any, model_name: str, version: str, failed: list[str], sha256: Optional[str]) -> None:
