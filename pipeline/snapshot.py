@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import stage
 from pipeline.data import sources, stats, store
@@ -61,6 +63,8 @@ PATHS = (
 )
 _say = partial(stage.say, "snapshot")
 STAT_FORMAT = "poisongate-stat 1"
+STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                         ("file_sha256", pa.string()), ("sha256", pa.string())])
 _VOLATILE = ("seconds", "work")  # report keys that do not make a report "changed"
 
 
@@ -88,8 +92,8 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     known: dict[str, Known] = {}
     if parent is not None:
         m = parent.manifest
-        known = {sid: Known(h, f) for sid, h, f in zip(m["sample_id"], m["sha256"], m["file_sha256"])}
-    stat_path = Path(stat_cache) / f"{key}.json" if stat_cache else None
+        known = dict(zip(m["sample_id"].tolist(), zip(m["sha256"].tolist(), m["file_sha256"].tolist())))
+    stat_path = Path(stat_cache) / f"{key}.parquet" if stat_cache else None
     stat, stat_scan_ns = read_stat_cache(stat_path)
     scan_ns = time.time_ns()
     read = sources.read_source(cfg, known=known, stat=stat, stat_scan_ns=stat_scan_ns,
@@ -116,7 +120,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
             + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
     if stat_path is not None and read.stat is not None:
-        write_stat_cache(stat_path, read.stat, scan_ns, stat, stat_scan_ns)
+        write_stat_cache(stat_path, read.stat, scan_ns, stat_scan_ns, read.stat_changed)
     t_write = time.perf_counter()
 
     meta = store.read_meta(store_dir, sid)
@@ -196,26 +200,30 @@ def read_stat_cache(path: Optional[Path]) -> tuple[Optional[dict[str, StatEntry]
     if path is None or not path.is_file():
         return None, 0
     try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != STAT_FORMAT:
+        t = pq.read_table(path, use_threads=False)
+        meta = t.schema.metadata or {}
+        if meta.get(b"format") != STAT_FORMAT.encode() or t.schema.names != list(STAT_SCHEMA.names):
             return None, 0
-        entries = {sid: StatEntry(int(v[0]), int(v[1]), str(v[2]), str(v[3])) for sid, v in raw["files"].items()}
-        return entries, int(raw["scan_ns"])
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        cols = [t.column(c).to_pylist() for c in STAT_SCHEMA.names]
+        return dict(zip(cols[0], zip(*cols[1:]))), int(meta[b"scan_ns"])
+    except (OSError, ValueError, KeyError, pa.ArrowException):
         return None, 0
 
 
-def write_stat_cache(path: Path, entries: dict[str, StatEntry], scan_ns: int,
-                     old: Optional[dict[str, StatEntry]], old_scan_ns: int) -> None:
+def write_stat_cache(path: Path, entries: dict[str, StatEntry], scan_ns: int, old_scan_ns: int,
+                     changed: bool) -> None:
     """Rewrite the cache only when it would vouch for something new: changed entries, or entries
     that were too fresh ("racy") under the old scan time and are not under the new one."""
-    if old is not None and old == entries and not any(
-            e.mtime_ns + sources.RACY_NS > old_scan_ns and e.mtime_ns + sources.RACY_NS <= scan_ns
-            for e in entries.values()):
+    if not changed and not any(old_scan_ns < e[1] + sources.RACY_NS <= scan_ns for e in entries.values()):
         return
-    files = {sid: [e.size, e.mtime_ns, e.file_sha256, e.sha256] for sid, e in sorted(entries.items())}
-    store.write_file(path, (json.dumps({"format": STAT_FORMAT, "scan_ns": scan_ns, "files": files},
-                                         separators=(",", ":")) + "\n").encode())
+    ids = list(entries)
+    vals = list(zip(*entries.values())) if entries else [[], [], [], []]
+    table = pa.Table.from_arrays([pa.array(ids, pa.string())] + [pa.array(v, f.type) for v, f in
+                                                                  zip(vals, list(STAT_SCHEMA)[1:])],
+                                 schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    store.write_file(path, buf.getvalue().to_pybytes())
 
 
 def _json(obj: dict) -> bytes:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline import snapshot
-from pipeline.data import sources, store
+from pipeline.data import sources, stats, store
 from pipeline.config import DataConfig
 from pipeline.core.hashing import sample_hash
 from pipeline.data.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
@@ -97,6 +97,7 @@ def test_first_snapshot_layout_ids_and_load(env):
                    "n_rows": 18, "n_new": 18, "class_names": ["cat", "dog", "emu"], "image_shape": [8, 8, 3]}
     assert rep["provenance"]["coverage"] == 1.0 and rep["duplicates"]["n_groups"] == 0
     assert rep["counts"]["train"]["per_class"] == {"cat": 4, "dog": 4, "emu": 4}
+    assert rep["counts"] == stats.counts(man, meta["class_names"])  # the header's fast bincount agrees
     assert set(rep["seconds"]) == {"verify", "read", "plan", "write", "total"}
 
 

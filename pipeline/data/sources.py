@@ -94,7 +94,7 @@ import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
 
 import numpy as np
 
@@ -140,18 +140,19 @@ class SourceData:
         return len(self.sample_ids)
 
 
-@dataclass(frozen=True)
-class Known:
-    """What the store recorded about one earlier row: its pixel hash and the file's byte digest."""
+class Known(NamedTuple):
+    """What the store recorded about one earlier row: its pixel hash and the file's byte digest.
+
+    The readers index it (k[0], k[1]), so a plain tuple does too: the snapshot stage builds one per
+    row on every run, and ``dict(zip(ids, zip(a, b)))`` makes 100k of them in C."""
 
     sha256: str
     file_sha256: str = ""  # "" when the row did not come from a file (digits)
 
 
-@dataclass(frozen=True)
-class StatEntry:
+class StatEntry(NamedTuple):
     """A stat-cache entry: the file had these (size, mtime) when its bytes hashed to file_sha256
-    and decoded to pixels hashing to sha256."""
+    and decoded to pixels hashing to sha256. Indexed like Known: a plain 4-tuple does too."""
 
     size: int
     mtime_ns: int
@@ -183,27 +184,25 @@ class SourceRead:
     spec: dict = field(default_factory=dict)  # source_record(): what the snapshot header records
     work: dict = field(default_factory=dict)  # counters: listed, trusted, digested, decoded, ...
     stat: Optional[dict[str, StatEntry]] = None  # the stat cache after this read (folder sources)
+    stat_changed: bool = False  # stat holds an entry the old cache did not (or lost one)
     unchanged: bool = False
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Entry:
-    """One file of a file source, before decoding."""
+    """One file of a file source, before decoding (slots, not frozen: one per file, made fast)."""
 
     split: str
     cls: str
     name: str  # file name inside the class folder
     uri: str
+    sample_id: str  # f"{split}/{cls}/{name}"
     size: int = -1  # bytes, from the listing (folders) or the tar header
     mtime_ns: int = -1  # folders only
     path: str = ""  # the file on disk (folders only)
-
-    @property
-    def sample_id(self) -> str:
-        return f"{self.split}/{self.cls}/{self.name}"
 
     @property
     def order(self) -> tuple[int, str, str]:
@@ -460,14 +459,28 @@ def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: 
     work: Counter = Counter()
     spec: dict = {}
     dirs: set[str] = set()
+    entries: list[_Entry] = []
+    hashes: list[str] = []  # pixel hash per entry ("" until known)
+    fsha: list[str] = []  # byte digest per entry ("" when not read and not vouched for)
     if kind == "folder":
-        dirs, listed = _list_folder(parts[0][1], path, limits.max_file_bytes)
-        _check_layout(path, dirs, listed)  # layout errors before a single file is opened
+        dirs, entries = _list_folder(parts[0][1], path, limits.max_file_bytes)
+        _check_layout(path, dirs, entries)  # layout errors before a single file is opened
         if limit is not None:
-            listed = [e for _, e in _select_limit([(e.order, e) for e in listed], limit)]
-        listed.sort(key=lambda e: e.order)
-        work["listed"] = len(listed)
-        stream: Iterable = _folder_stream(listed, known, stat, stat_scan_ns, verify, recheck, limits, work)
+            entries = [e for _, e in _select_limit([(e.order, e) for e in entries], limit)]
+            entries.sort(key=lambda e: e.order)
+        n = len(entries)
+        work["listed"] = n
+        hashes, fsha = [""] * n, [""] * n
+        trusted = _trusted(entries, known, stat, stat_scan_ns) if stat and not verify else {}
+        # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
+        spot = set(random.SystemRandom().sample(sorted(trusted), min(max(recheck, 0), len(trusted))))
+        work["rechecked"] = len(spot)
+        for i, (h, d) in trusted.items():
+            if i not in spot:
+                hashes[i], fsha[i] = h, d
+        work["trusted"] = len(trusted) - len(spot)
+        todo = [i for i in range(n) if not hashes[i]]
+        items: Iterable[tuple[int, bytes]] = ((i, _read_file(entries[i], limits.max_file_bytes)) for i in todo)
     else:
         spec["archives"] = archives = []
         for label, archive, _ in parts:
@@ -496,71 +509,83 @@ def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: 
             everything = list(members())
             _check_layout(path, dirs, [e for e, _ in everything])
             keep = {id(x[1]) for x in _select_limit([(e.order, e) for e, _ in everything], limit)}
-            stream = ((e, d, None) for e, d in everything if id(e) in keep)
+            pairs: Iterable[tuple[_Entry, bytes]] = ((e, d) for e, d in everything if id(e) in keep)
         else:
-            stream = ((e, d, None) for e, d in members())
+            pairs = members()
 
-    entries, hashes, fsha, arrays = _ingest(stream, known, stat, verify, workers, chunk_size, limits, work, path)
+        def appended() -> Iterator[tuple[int, bytes]]:
+            for e, d in pairs:
+                entries.append(e)
+                hashes.append("")
+                fsha.append("")
+                yield len(entries) - 1, d
+
+        items = appended()
+
+    arrays = _ingest(items, entries, hashes, fsha, known, stat, verify, workers, chunk_size, limits, work, path)
     if kind == "archives":
         work["listed"] = len(entries)
         if limit is None:
             _check_layout(path, dirs, entries)
     decoded_idx = sorted(arrays)
     _check_uniform(path, [entries[i] for i in decoded_idx], [arrays[i] for i in decoded_idx])
-    order = sorted(range(len(entries)), key=lambda i: entries[i].order)
+    if kind == "archives":  # members come in archive order; a folder is listed in row order already
+        order = sorted(range(len(entries)), key=lambda i: entries[i].order)
+        entries, hashes, fsha = [entries[i] for i in order], [hashes[i] for i in order], [fsha[i] for i in order]
+        arrays = {new: arrays[old] for new, old in enumerate(order) if old in arrays}
+    n = len(entries)
     class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
-    decoded = np.array([i in arrays for i in order], dtype=bool)
-    images = (np.stack([arrays[i] for i in order if i in arrays]) if arrays
-              else np.zeros((0, 1, 1, 1), np.uint8))
+    decoded = np.zeros(n, dtype=bool)
+    decoded[list(arrays)] = True
+    images = np.stack([arrays[i] for i in sorted(arrays)]) if arrays else np.zeros((0, 1, 1, 1), np.uint8)
     new_stat: Optional[dict[str, StatEntry]] = None
+    stat_changed = False
     if kind == "folder":
+        old_stat = stat or {}
         new_stat = {}
-        for i in order:
-            e = entries[i]
-            if fsha[i] and hashes[i]:
-                new_stat[e.sample_id] = StatEntry(e.size, e.mtime_ns, fsha[i], hashes[i])
+        for e, h, d in zip(entries, hashes, fsha):
+            sid = e.sample_id
+            entry = old_stat.get(sid)
+            if entry is None or entry[0] != e.size or entry[1] != e.mtime_ns or entry[2] != d or entry[3] != h:
+                entry = (e.size, e.mtime_ns, d, h)
+                stat_changed = True
+            new_stat[sid] = entry
+        stat_changed = stat_changed or len(new_stat) != len(old_stat)
     _say(progress, f"decoded {int(decoded.sum())} images from {path} in {time.perf_counter() - t0:.1f} s "
-                   f"({len(entries)} files: {work['trusted']} unchanged by (size, mtime), "
+                   f"({n} files: {work['trusted']} unchanged by (size, mtime), "
                    f"{work['confirmed_by_digest']} by byte digest)")
     return SourceRead(
-        sample_ids=[entries[i].sample_id for i in order],
+        sample_ids=[e.sample_id for e in entries],
         class_names=class_names,
-        labels=np.array([index[entries[i].cls] for i in order], dtype=np.int64),
-        splits=np.array([entries[i].split for i in order]),
-        uris=[entries[i].uri for i in order],
-        hashes=[hashes[i] for i in order],
-        file_sizes=np.array([entries[i].size for i in order], dtype=np.int64),
-        file_sha256=[fsha[i] for i in order],
+        labels=np.fromiter((index[e.cls] for e in entries), dtype=np.int64, count=n),
+        splits=np.array([e.split for e in entries]),
+        uris=[e.uri for e in entries],
+        hashes=hashes,
+        file_sizes=np.fromiter((e.size for e in entries), dtype=np.int64, count=n),
+        file_sha256=fsha,
         decoded=decoded,
         images=images,
         spec=spec,
         work=dict(work),
         stat=new_stat,
+        stat_changed=stat_changed,
     )
 
 
-def _folder_stream(listed: list[_Entry], known: Mapping[str, Known], stat: Optional[Mapping[str, StatEntry]],
-                   stat_scan_ns: int, verify: bool, recheck: int, limits: _Limits, work: Counter
-                   ) -> Iterator[tuple[_Entry, Optional[bytes], Optional[tuple[str, str]]]]:
-    """(entry, bytes, None) for a file to read, (entry, None, (pixel hash, file digest)) for one the
-    stat cache vouches for; a random few of those are read anyway (``recheck``)."""
-    trusted: dict[int, tuple[str, str]] = {}
-    if stat and not verify:
-        for i, e in enumerate(listed):
+def _trusted(entries: list[_Entry], known: Mapping[str, Known], stat: Mapping[str, StatEntry],
+             stat_scan_ns: int) -> dict[int, tuple[str, str]]:
+    """Entries the stat cache vouches for: same (size, mtime) as when they were last confirmed to
+    hold the pixels the store recorded, and not written within RACY_NS of that scan."""
+    out: dict[int, tuple[str, str]] = {}
+    limit = stat_scan_ns - RACY_NS
+    for i, e in enumerate(entries):
+        s = stat.get(e.sample_id)
+        if s is not None and s[0] == e.size and s[1] == e.mtime_ns and e.mtime_ns <= limit:
             k = known.get(e.sample_id)
-            s = stat.get(e.sample_id)
-            if (k is not None and s is not None and s.size == e.size and s.mtime_ns == e.mtime_ns
-                    and s.sha256 == k.sha256 and e.mtime_ns + RACY_NS <= stat_scan_ns):
-                trusted[i] = (k.sha256, s.file_sha256)
-    # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
-    spot = set(random.SystemRandom().sample(sorted(trusted), min(max(recheck, 0), len(trusted))))
-    work["rechecked"] += len(spot)
-    for i, e in enumerate(listed):
-        if i in trusted and i not in spot:
-            yield e, None, trusted[i]
-        else:
-            yield e, _read_file(e, limits.max_file_bytes), None
+            if k is not None and s[3] == k[0]:
+                out[i] = (k[0], s[2])
+    return out
 
 
 def _read_file(e: _Entry, max_file_bytes: int) -> bytes:
@@ -584,39 +609,26 @@ def _too_big(uri: str, size: Optional[int], max_file_bytes: int) -> str:
             f"Remove the file, or raise data.max_file_bytes if it is a genuine image")
 
 
-def _ingest(stream: Iterable[tuple[_Entry, Optional[bytes], Optional[tuple[str, str]]]], known: Mapping[str, Known],
-            stat: Optional[Mapping[str, StatEntry]], verify: bool, workers: int, chunk_size: int, limits: _Limits,
-            work: Counter, path: str = "the source") -> tuple[list[_Entry], list[str], list[str], dict[int, np.ndarray]]:
-    """Digest what was read, decode what the digests cannot vouch for; returns per-entry lists
-    (stream order): entries, pixel hashes, file digests, and the decoded arrays by index."""
-    entries: list[_Entry] = []
-    hashes: list[str] = []
-    fsha: list[str] = []
+def _ingest(items: Iterable[tuple[int, bytes]], entries: list[_Entry], hashes: list[str], fsha: list[str],
+            known: Mapping[str, Known], stat: Optional[Mapping[str, StatEntry]], verify: bool, workers: int,
+            chunk_size: int, limits: _Limits, work: Counter, path: str = "the source") -> dict[int, np.ndarray]:
+    """Digest what was read; decode what the digests cannot vouch for. Fills ``hashes`` and
+    ``fsha`` in place (index = entry); returns the decoded arrays by entry index."""
 
     def to_decode() -> Iterator[tuple[int, bytes]]:
-        for entry, data, vouched in stream:
-            i = len(entries)
-            entries.append(entry)
-            if vouched is not None:
-                hashes.append(vouched[0])
-                fsha.append(vouched[1])
-                work["trusted"] += 1
-                continue
-            assert data is not None
+        for i, data in items:
             digest = hashlib.sha256(data).hexdigest()
+            fsha[i] = digest
             work["read"] += 1
             work["bytes_read"] += len(data)
-            k = known.get(entry.sample_id)
+            sid = entries[i].sample_id
+            k = known.get(sid)
             if k is not None and not verify:
-                s = stat.get(entry.sample_id) if stat else None
-                if (k.file_sha256 and digest == k.file_sha256) or (
-                        s is not None and s.file_sha256 == digest and s.sha256 == k.sha256):
-                    hashes.append(k.sha256)
-                    fsha.append(digest)
+                s = stat.get(sid) if stat else None
+                if (k[1] and digest == k[1]) or (s is not None and s[2] == digest and s[3] == k[0]):
+                    hashes[i] = k[0]
                     work["confirmed_by_digest"] += 1
                     continue
-            hashes.append("")
-            fsha.append(digest)
             yield i, data
 
     arrays: dict[int, np.ndarray] = {}
@@ -636,7 +648,7 @@ def _ingest(stream: Iterable[tuple[_Entry, Optional[bytes], Optional[tuple[str, 
     if errors:
         raise SourceError(_listing(f"{len(errors)} file(s) in {path} are not usable images", errors,
                                    "fix or remove them (every file in a class folder must be an image)"))
-    return entries, hashes, fsha, arrays
+    return arrays
 
 
 def _is_archive(p: Path) -> bool:
@@ -706,23 +718,31 @@ def _list_folder(root: Path, label: str, max_file_bytes: int) -> tuple[set[str],
                 files = sorted(it, key=lambda c: c.name)
             for f in files:
                 frel = f"{rel}/{f.name}"
-                _check_name(label, frel)
-                if f.is_symlink():
-                    raise SourceError(f"{label}::{frel} is a symlink: copy the file into the source (symlinks are refused)")
-                if f.is_dir(follow_symlinks=False):
-                    raise SourceError(f"{label}::{frel} is a folder inside a class folder: expected {split}/<class>/<image file>")
+                if not f.name.isascii():
+                    _check_name(label, frel)
                 st = f.stat(follow_symlinks=False)
-                if not stat_mod.S_ISREG(st.st_mode):
-                    raise SourceError(f"{label}::{frel} is not a regular file: remove it")
-                if st.st_nlink > 1:
-                    raise SourceError(
-                        f"{label}::{frel} is a hard link ({st.st_nlink} names for one file): a source must be a "
-                        f"self-contained tree whose files change only through it; copy the file instead of linking it "
-                        f"(cp without -l, or `dvc config cache.type copy` for a DVC-managed source)")
-                if st.st_size > max_file_bytes:
-                    raise SourceError(_too_big(f"{label}::{frel}", st.st_size, max_file_bytes))
-                entries.append(_Entry(split, cdir.name, f.name, f"{label}::{frel}", st.st_size, st.st_mtime_ns, f.path))
+                if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size > max_file_bytes:
+                    _refuse_file(label, frel, split, st, max_file_bytes)
+                entries.append(_Entry(split, cdir.name, f.name, f"{label}::{frel}", frel, st.st_size, st.st_mtime_ns,
+                                      f.path))
     return dirs, entries
+
+
+def _refuse_file(label: str, frel: str, split: str, st: os.stat_result, max_file_bytes: int) -> None:
+    """Raise the error a listed file deserves (the listing's fast path calls this only on a misfit)."""
+    mode = st.st_mode
+    if stat_mod.S_ISLNK(mode):
+        raise SourceError(f"{label}::{frel} is a symlink: copy the file into the source (symlinks are refused)")
+    if stat_mod.S_ISDIR(mode):
+        raise SourceError(f"{label}::{frel} is a folder inside a class folder: expected {split}/<class>/<image file>")
+    if not stat_mod.S_ISREG(mode):
+        raise SourceError(f"{label}::{frel} is not a regular file: remove it")
+    if st.st_nlink > 1:
+        raise SourceError(
+            f"{label}::{frel} is a hard link ({st.st_nlink} names for one file): a source must be a "
+            f"self-contained tree whose files change only through it; copy the file instead of linking it "
+            f"(cp without -l, or `dvc config cache.type copy` for a DVC-managed source)")
+    raise SourceError(_too_big(f"{label}::{frel}", st.st_size, max_file_bytes))
 
 
 def _archive_entries(archive: Path, label: str, splits: tuple[str, ...],
@@ -781,7 +801,7 @@ def _archive_entries(archive: Path, label: str, splits: tuple[str, ...],
                 if cls_dir not in dirs:
                     dirs.add(cls_dir)
                     yield ("dir", cls_dir), None
-                yield _Entry(parts[0], parts[1], parts[2], f"{label}::{rel}", int(m.size)), _member_bytes(tf, m)
+                yield _Entry(parts[0], parts[1], parts[2], f"{label}::{rel}", rel, int(m.size)), _member_bytes(tf, m)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise SourceError(f"{archive}: truncated or corrupt archive ({exc}); re-create or re-download it") from exc
 

@@ -68,7 +68,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.hashing import sample_hash
-from pipeline.data import stats
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
 
@@ -204,6 +203,17 @@ def delta_bytes(rows: pd.DataFrame) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
+def counts(manifest: pd.DataFrame, class_names: list[str]) -> dict:
+    """Rows per split and class: ``stats.counts``'s table, by bincount (it runs on every append)."""
+    splits = manifest["split"].to_numpy(dtype=object)
+    labels = manifest["label"].to_numpy(dtype=np.int64)
+    out: dict = {}
+    for split in sorted(set(splits.tolist()), key=lambda s: (s != "train", s)):
+        per = np.bincount(labels[splits == split], minlength=len(class_names))
+        out[split] = {"n": int(per.sum()), "per_class": {c: int(per[i]) for i, c in enumerate(class_names)}}
+    return out
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -249,7 +259,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         store_classes += sorted(set(class_names) - set(store_classes))
         _refuse_rewrites(parent, sample_ids, hashes, names, splits)
     store_index = {c: i for i, c in enumerate(store_classes)}
-    known = set(old["sample_id"])
+    known = set(old["sample_id"].tolist())
     new_pos = [i for i, sid in enumerate(sample_ids) if sid not in known]
     undecoded = [sample_ids[i] for i in new_pos if not decoded[i]]
     if undecoded:
@@ -283,17 +293,18 @@ def _empty_manifest() -> pd.DataFrame:
 
 def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names: list[str],
                      splits: np.ndarray) -> None:
-    src = {sid: (h, n, str(s)) for sid, h, n, s in zip(sample_ids, hashes, names, splits)}
+    src = dict(zip(sample_ids, zip(hashes, names, np.asarray(splits).tolist())))
     classes = parent.meta["class_names"]
     old = parent.manifest
-    old_ids = set(old["sample_id"])
+    old_ids = set(old["sample_id"].tolist())
     # Where vanished pixels went: the same hash under an id the parent did not have.
     appeared: dict[str, list[str]] = {}
     for sid, (h, _, _) in src.items():
         if sid not in old_ids:
             appeared.setdefault(h, []).append(sid)
     problems: list[str] = []
-    for sid, h, label, split in zip(old["sample_id"], old["sha256"], old["label"], old["split"]):
+    for sid, h, label, split in zip(old["sample_id"].tolist(), old["sha256"].tolist(), old["label"].tolist(),
+                                    old["split"].tolist()):
         cur = src.get(sid)
         if cur is not None and cur[0] == h and cur[2] == split and cur[1] == classes[int(label)]:
             continue  # the common case, first
@@ -473,7 +484,7 @@ def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.T
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the delta manifest of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     got = [(f.name, f.type) for f in table.schema]
@@ -748,7 +759,7 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         "created": created,
         "n_rows": n,
         "n_new": plan.n_new,
-        "counts": stats.counts(manifest, plan.class_names),
+        "counts": counts(manifest, plan.class_names),
     }
     hb = header_bytes(header)
     sid = _sha256(hb)
