@@ -47,11 +47,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import stage
 from pipeline.data import sources, stats, store
-from pipeline.data.sources import Known, StatEntry
+from pipeline.data.sources import KnownRows, StatTable
 from pipeline.schema import Config, DataConfig
 
 PATHS = (
@@ -62,7 +61,7 @@ PATHS = (
                   required=False),
 )
 _say = partial(stage.say, "snapshot")
-STAT_FORMAT = "poisongate-stat 1"
+STAT_FORMAT = "poisongate-stat 2"
 STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
                          ("file_sha256", pa.string()), ("sha256", pa.string())])
 _VOLATILE = ("seconds", "work")  # report keys that do not make a report "changed"
@@ -89,15 +88,15 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     _check_pointer(Path(pointer_path), store_dir, key, parent)
     t_verify = time.perf_counter()
 
-    known: dict[str, Known] = {}
+    known = KnownRows.empty()
     if parent is not None:
         m = parent.manifest
-        known = dict(zip(m["sample_id"].tolist(), zip(m["sha256"].tolist(), m["file_sha256"].tolist())))
-    stat_path = Path(stat_cache) / f"{key}.parquet" if stat_cache else None
-    stat, stat_scan_ns = read_stat_cache(stat_path)
+        known = KnownRows(m["sample_id"].tolist(), m["sha256"].to_numpy(dtype=object),
+                          m["file_sha256"].to_numpy(dtype=object))
+    stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
+    stat = read_stat_cache(stat_path)
     scan_ns = time.time_ns()
-    read = sources.read_source(cfg, known=known, stat=stat, stat_scan_ns=stat_scan_ns,
-                               previous=parent.meta["source"] if parent else None,
+    read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
                                verify=verify_source, progress=progress)
     t_read = time.perf_counter()
     now = ingest_time()
@@ -120,7 +119,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
             + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
     if stat_path is not None and read.stat is not None:
-        write_stat_cache(stat_path, read.stat, scan_ns, stat_scan_ns, read.stat_changed)
+        write_stat_cache(stat_path, read.stat, scan_ns, stat.scan_ns if stat is not None else 0, read.stat_changed)
     t_write = time.perf_counter()
 
     meta = store.read_meta(store_dir, sid)
@@ -194,36 +193,41 @@ def _check_pointer(path: Path, store_dir: str, key: str, parent: Optional[store.
 # ----------------------------------------------------------------------------- local stat cache
 
 
-def read_stat_cache(path: Optional[Path]) -> tuple[Optional[dict[str, StatEntry]], int]:
-    """(entries, scan time in ns) of the local stat cache; (None, 0) when absent or unreadable:
-    it is only a cache, a missing one costs one read of every known file's bytes."""
+def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
+    """The local stat cache (an Arrow IPC file: read without parsing); None when absent or
+    unreadable: it is only a cache, a missing one costs one read of every known file's bytes."""
     if path is None or not path.is_file():
-        return None, 0
+        return None
     try:
-        t = pq.read_table(path, use_threads=False)
+        with pa.memory_map(str(path)) as source:
+            t = pa.ipc.open_file(source).read_all()
         meta = t.schema.metadata or {}
         if meta.get(b"format") != STAT_FORMAT.encode() or t.schema.names != list(STAT_SCHEMA.names):
-            return None, 0
-        cols = [t.column(c).to_pylist() for c in STAT_SCHEMA.names]
-        return dict(zip(cols[0], zip(*cols[1:]))), int(meta[b"scan_ns"])
+            return None
+        return StatTable(t.column("sample_id").to_pylist(),
+                         t.column("sha256").to_numpy(zero_copy_only=False).astype(object),
+                         t.column("file_sha256").to_numpy(zero_copy_only=False).astype(object),
+                         size=t.column("size").to_numpy().astype(np.int64),
+                         mtime_ns=t.column("mtime_ns").to_numpy().astype(np.int64),
+                         scan_ns=int(meta[b"scan_ns"]))
     except (OSError, ValueError, KeyError, pa.ArrowException):
-        return None, 0
+        return None
 
 
-def write_stat_cache(path: Path, entries: dict[str, StatEntry], scan_ns: int, old_scan_ns: int,
-                     changed: bool) -> None:
+def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: int, changed: bool) -> None:
     """Rewrite the cache only when it would vouch for something new: changed entries, or entries
     that were too fresh ("racy") under the old scan time and are not under the new one."""
-    if not changed and not any(old_scan_ns < e[1] + sources.RACY_NS <= scan_ns for e in entries.values()):
+    aged = (old_scan_ns < table.mtime_ns + sources.RACY_NS) & (table.mtime_ns + sources.RACY_NS <= scan_ns)
+    if not changed and not aged.any():
         return
-    ids = list(entries)
-    vals = list(zip(*entries.values())) if entries else [[], [], [], []]
-    table = pa.Table.from_arrays([pa.array(ids, pa.string())] + [pa.array(v, f.type) for v, f in
-                                                                  zip(vals, list(STAT_SCHEMA)[1:])],
-                                 schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    store.write_file(path, buf.getvalue().to_pybytes())
+    arrow = pa.Table.from_arrays(
+        [pa.array(table.ids, pa.string()), pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()),
+         pa.array(table.file_sha256.tolist(), pa.string()), pa.array(table.sha256.tolist(), pa.string())],
+        schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, arrow.schema) as w:
+        w.write_table(arrow)
+    store.write_file(path, sink.getvalue().to_pybytes())
 
 
 def _json(obj: dict) -> bytes:

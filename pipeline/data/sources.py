@@ -81,7 +81,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import operator
 import os
 import random
 import re
@@ -94,7 +96,7 @@ import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -140,24 +142,48 @@ class SourceData:
         return len(self.sample_ids)
 
 
-class Known(NamedTuple):
-    """What the store recorded about one earlier row: its pixel hash and the file's byte digest.
+@dataclass
+class KnownRows:
+    """What the store recorded about its earlier rows, as columns: sample id -> pixel hash and the
+    byte digest of the file the row was ingested from ("" when not a file). Columns, not objects:
+    the snapshot stage builds this for every row on every run."""
 
-    The readers index it (k[0], k[1]), so a plain tuple does too: the snapshot stage builds one per
-    row on every run, and ``dict(zip(ids, zip(a, b)))`` makes 100k of them in C."""
+    ids: list[str]
+    sha256: np.ndarray  # object (str)
+    file_sha256: np.ndarray  # object (str)
+    _pos: Optional[dict[str, int]] = None
 
-    sha256: str
-    file_sha256: str = ""  # "" when the row did not come from a file (digits)
+    @classmethod
+    def empty(cls) -> "KnownRows":
+        return cls([], np.zeros(0, object), np.zeros(0, object))
+
+    def positions(self, ids: list[str]) -> np.ndarray:
+        """Row of each id here, -1 when unknown (one C-level dict lookup per id)."""
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        return np.fromiter(map(self._pos.get, ids, itertools.repeat(-1)), np.int64, count=len(ids))
+
+    def get(self, sample_id: str) -> Optional[tuple[str, str]]:
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        i = self._pos.get(sample_id)
+        return None if i is None else (self.sha256[i], self.file_sha256[i])
 
 
-class StatEntry(NamedTuple):
-    """A stat-cache entry: the file had these (size, mtime) when its bytes hashed to file_sha256
-    and decoded to pixels hashing to sha256. Indexed like Known: a plain 4-tuple does too."""
+@dataclass
+class StatTable(KnownRows):
+    """The local stat cache of a folder source: per file, the (size, mtime) it had when its bytes
+    hashed to ``file_sha256`` and decoded to pixels hashing to ``sha256``; ``scan_ns`` is when the
+    scan that recorded it started (see RACY_NS)."""
 
-    size: int
-    mtime_ns: int
-    file_sha256: str
-    sha256: str
+    size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    mtime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scan_ns: int = 0
+
+    def same_as(self, other: Optional["StatTable"]) -> bool:
+        return (other is not None and self.ids == other.ids and np.array_equal(self.size, other.size)
+                and np.array_equal(self.mtime_ns, other.mtime_ns)
+                and bool((self.sha256 == other.sha256).all()) and bool((self.file_sha256 == other.file_sha256).all()))
 
 
 @dataclass
@@ -181,10 +207,10 @@ class SourceRead:
     decoded: np.ndarray  # bool (N,)
     images: np.ndarray  # uint8 (n_decoded, H, W, C)
     key: str = ""
-    spec: dict = field(default_factory=dict)  # source_record(): what the snapshot header records
-    work: dict = field(default_factory=dict)  # counters: listed, trusted, digested, decoded, ...
-    stat: Optional[dict[str, StatEntry]] = None  # the stat cache after this read (folder sources)
-    stat_changed: bool = False  # stat holds an entry the old cache did not (or lost one)
+    spec: dict = field(default_factory=dict)  # what the snapshot header records about the source
+    work: dict = field(default_factory=dict)  # counters: listed, trusted, read, decoded, ...
+    stat: Optional[StatTable] = None  # the stat cache after this read (folder sources)
+    stat_changed: bool = False  # stat differs from the cache it started from
     unchanged: bool = False
 
     def __len__(self) -> int:
@@ -266,16 +292,14 @@ def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
     )
 
 
-def read_source(cfg: DataConfig, known: Optional[Mapping[str, Known]] = None,
-                stat: Optional[Mapping[str, StatEntry]] = None, stat_scan_ns: int = 0,
+def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Optional[StatTable] = None,
                 previous: Optional[dict] = None, verify: bool = False, recheck: Optional[int] = None,
                 progress: Progress = None) -> SourceRead:
     """Read the configured source, decoding only the rows ``known`` cannot vouch for.
 
-    ``known``: sample id -> what the parent snapshot recorded; ``stat`` / ``stat_scan_ns``: the
-    local stat cache and the time of the scan that wrote it; ``previous``: the parent snapshot's
-    ``source`` record (archive digests, limit); ``verify``: decode everything (full check).
-    See "Incremental read" in the module docstring.
+    ``known``: what the parent snapshot recorded; ``stat``: the local stat cache; ``previous``:
+    the parent snapshot's ``source`` record (archive digests, limit); ``verify``: decode
+    everything (full check). See "Incremental read" in the module docstring.
     """
     if cfg.name not in ("digits", "cifar10", "imagefolder"):
         raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
@@ -293,9 +317,9 @@ def read_source(cfg: DataConfig, known: Optional[Mapping[str, Known]] = None,
         path = resolve_path(cfg)
         if cfg.name == "cifar10" and not os.path.exists(path):
             _cifar10_missing(cfg, path, progress)
-        read = _read_imagefolder(path, cfg.limit, cfg.workers, limits=_limits(cfg), known=known or {},
-                                 stat=stat, stat_scan_ns=stat_scan_ns, previous=previous, verify=verify,
-                                 recheck=recheck, chunk_size=CHUNK_SIZE, progress=progress)
+        read = _read_imagefolder(path, cfg.limit, cfg.workers, limits=_limits(cfg), known=known or KnownRows.empty(),
+                                 stat=stat, previous=previous, verify=verify, recheck=recheck,
+                                 chunk_size=CHUNK_SIZE, progress=progress)
         if cfg.name == "cifar10" and not read.unchanged and tuple(read.class_names) != CIFAR10_CLASSES:
             raise SourceError(
                 f"{path}: class folders {read.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "
@@ -426,8 +450,8 @@ def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *
                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SourceData:
     """Decode a folder / archive / archive pair in ImageFolder layout (see the module docstring)."""
-    read = _read_imagefolder(path, limit, workers, limits=_Limits(max_file_bytes, max_image_pixels), known={},
-                             stat=None, stat_scan_ns=0, previous=None, verify=True, recheck=0,
+    read = _read_imagefolder(path, limit, workers, limits=_Limits(max_file_bytes, max_image_pixels),
+                             known=KnownRows.empty(), stat=None, previous=None, verify=True, recheck=0,
                              chunk_size=chunk_size, progress=progress)
     return SourceData(images=read.images, labels=read.labels, class_names=read.class_names, splits=read.splits,
                       sample_ids=read.sample_ids, uris=read.uris)
@@ -450,156 +474,195 @@ def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
     return "archives", [(f"{path}/{a.name}", a, (s,)) for s, a in _split_archives(p).items()]
 
 
-def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: _Limits,
-                      known: Mapping[str, Known], stat: Optional[Mapping[str, StatEntry]], stat_scan_ns: int,
-                      previous: Optional[dict], verify: bool, recheck: int, chunk_size: int,
-                      progress: Progress) -> SourceRead:
+def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: _Limits, known: KnownRows,
+                      stat: Optional[StatTable], previous: Optional[dict], verify: bool, recheck: int,
+                      chunk_size: int, progress: Progress) -> SourceRead:
     t0 = time.perf_counter()
     kind, parts = _layout(path)
-    work: Counter = Counter()
-    spec: dict = {}
-    dirs: set[str] = set()
-    entries: list[_Entry] = []
-    hashes: list[str] = []  # pixel hash per entry ("" until known)
-    fsha: list[str] = []  # byte digest per entry ("" when not read and not vouched for)
     if kind == "folder":
-        dirs, entries = _list_folder(parts[0][1], path, limits.max_file_bytes)
-        _check_layout(path, dirs, entries)  # layout errors before a single file is opened
-        if limit is not None:
-            entries = [e for _, e in _select_limit([(e.order, e) for e in entries], limit)]
-            entries.sort(key=lambda e: e.order)
-        n = len(entries)
-        work["listed"] = n
-        hashes, fsha = [""] * n, [""] * n
-        trusted = _trusted(entries, known, stat, stat_scan_ns) if stat and not verify else {}
-        # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
-        spot = set(random.SystemRandom().sample(sorted(trusted), min(max(recheck, 0), len(trusted))))
-        work["rechecked"] = len(spot)
-        for i, (h, d) in trusted.items():
-            if i not in spot:
-                hashes[i], fsha[i] = h, d
-        work["trusted"] = len(trusted) - len(spot)
-        todo = [i for i in range(n) if not hashes[i]]
-        items: Iterable[tuple[int, bytes]] = ((i, _read_file(entries[i], limits.max_file_bytes)) for i in todo)
+        read = _read_folder(parts[0][1], path, limit, workers, limits, known, stat, verify, recheck, chunk_size)
     else:
-        spec["archives"] = archives = []
-        for label, archive, _ in parts:
-            with open(archive, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
-            archives.append({"name": label, "size": archive.stat().st_size, "sha256": digest})
-            work["archive_bytes_hashed"] += archives[-1]["size"]
-        if (not verify and previous is not None and previous.get("archives") == archives
-                and previous.get("limit") == limit):
-            _say(progress, f"{path}: archives unchanged (sha256 of {work['archive_bytes_hashed'] / 1e6:.1f} MB "
-                           f"equals the parent snapshot's); nothing decoded")
-            empty = np.zeros(0, np.int64)
-            return SourceRead([], [], empty, np.array([], dtype=str), [], [], empty, [], np.zeros(0, bool),
-                              np.zeros((0, 1, 1, 1), np.uint8), spec=spec, work=dict(work), unchanged=True)
+        read = _read_archives(path, parts, limit, workers, limits, known, previous, verify, chunk_size, progress)
+    if not read.unchanged:
+        w = read.work
+        _say(progress, f"decoded {int(read.decoded.sum())} images from {path} in {time.perf_counter() - t0:.1f} s "
+                       f"({len(read)} files: {w.get('trusted', 0)} unchanged by (size, mtime), "
+                       f"{w.get('confirmed_by_digest', 0)} by byte digest)")
+    return read
 
-        def members() -> Iterator[tuple[_Entry, bytes]]:
-            for label, archive, splits in parts:
-                for entry, data in _archive_entries(archive, label, splits, limits.max_file_bytes):
-                    if isinstance(entry, tuple):
-                        dirs.add(entry[1])
-                    else:
-                        yield entry, data
 
-        if limit is not None:
-            # The selection needs every name first; a limited run is a smoke test, so memory is small.
-            everything = list(members())
-            _check_layout(path, dirs, [e for e, _ in everything])
-            keep = {id(x[1]) for x in _select_limit([(e.order, e) for e, _ in everything], limit)}
-            pairs: Iterable[tuple[_Entry, bytes]] = ((e, d) for e, d in everything if id(e) in keep)
-        else:
-            pairs = members()
+def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limits: _Limits, known: KnownRows,
+                 stat: Optional[StatTable], verify: bool, recheck: int, chunk_size: int) -> SourceRead:
+    """A folder source, column by column: list with one stat per file, trust what the stat cache
+    vouches for, read and digest the rest, decode what the digests cannot vouch for."""
+    work: Counter = Counter()
+    ls = _list_folder(root, path, limits.max_file_bytes)
+    _check_layout(path, ls.dirs, ls.counts())  # layout errors before a single file is opened
+    ids, sizes, mtimes, splits, classes = ls.ids, ls.sizes, ls.mtimes, ls.splits(), ls.classes()
+    if limit is not None:
+        keyed = [((SPLITS.index(s), c, i.rsplit("/", 1)[1]), k) for k, (i, s, c) in enumerate(zip(ids, splits, classes))]
+        keep = np.array(sorted(k for _, k in _select_limit(keyed, limit)), dtype=np.int64)
+        ids = [ids[k] for k in keep]
+        sizes, mtimes, splits, classes = sizes[keep], mtimes[keep], splits[keep], classes[keep]
+    n = len(ids)
+    work["listed"] = n
+    kpos = known.positions(ids)
+    k_sha = np.where(kpos >= 0, known.sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
+    k_fsha = np.where(kpos >= 0, known.file_sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
+    hashes = np.full(n, "", dtype=object)
+    fsha = np.full(n, "", dtype=object)
+    if stat is not None and len(stat.ids):
+        cpos = stat.positions(ids)
+        c_sha = np.where(cpos >= 0, stat.sha256[cpos], "")
+        c_fsha = np.where(cpos >= 0, stat.file_sha256[cpos], "")
+    else:
+        cpos = np.full(n, -1, np.int64)
+        c_sha = c_fsha = np.full(n, "", object)
+    if stat is not None and len(stat.ids) and not verify:
+        ok = (cpos >= 0) & (kpos >= 0)
+        ok &= np.where(ok, stat.size[cpos] == sizes, False) & np.where(ok, stat.mtime_ns[cpos] == mtimes, False)
+        ok &= mtimes <= stat.scan_ns - RACY_NS
+        ok &= c_sha == k_sha
+        trusted = np.flatnonzero(ok)
+        # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
+        spot = np.array(random.SystemRandom().sample(trusted.tolist(), min(max(recheck, 0), len(trusted))), np.int64)
+        ok[spot] = False
+        hashes[ok], fsha[ok] = k_sha[ok], c_fsha[ok]
+        work["trusted"], work["rechecked"] = int(ok.sum()), len(spot)
+        todo = np.flatnonzero(~ok)
+    else:
+        todo = np.arange(n)
+    base = str(root)
+    uri_of = (lambda i: f"{path}::{ids[i]}")
+    items = ((int(i), _read_file(f"{base}/{ids[i]}", uri_of(i), limits.max_file_bytes)) for i in todo)
 
-        def appended() -> Iterator[tuple[int, bytes]]:
-            for e, d in pairs:
-                entries.append(e)
-                hashes.append("")
-                fsha.append("")
-                yield len(entries) - 1, d
+    def expect(i: int) -> tuple[str, str, str, str]:
+        return k_sha[i], k_fsha[i], c_fsha[i], c_sha[i]
 
-        items = appended()
-
-    arrays = _ingest(items, entries, hashes, fsha, known, stat, verify, workers, chunk_size, limits, work, path)
-    if kind == "archives":
-        work["listed"] = len(entries)
-        if limit is None:
-            _check_layout(path, dirs, entries)
+    arrays = _ingest(items, ids.__getitem__, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits,
+                     work, path)
     decoded_idx = sorted(arrays)
-    _check_uniform(path, [entries[i] for i in decoded_idx], [arrays[i] for i in decoded_idx])
-    if kind == "archives":  # members come in archive order; a folder is listed in row order already
-        order = sorted(range(len(entries)), key=lambda i: entries[i].order)
-        entries, hashes, fsha = [entries[i] for i in order], [hashes[i] for i in order], [fsha[i] for i in order]
-        arrays = {new: arrays[old] for new, old in enumerate(order) if old in arrays}
+    _check_uniform(path, [uri_of(i) for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
+    index = {c: i for i, c in enumerate(class_names)}
+    decoded = np.zeros(n, dtype=bool)
+    decoded[decoded_idx] = True
+    images = np.stack([arrays[i] for i in decoded_idx]) if arrays else np.zeros((0, 1, 1, 1), np.uint8)
+    keep_stat = (hashes != "") & (fsha != "")
+    new_stat = StatTable([ids[i] for i in np.flatnonzero(keep_stat)] if not keep_stat.all() else list(ids),
+                         hashes[keep_stat], fsha[keep_stat], size=sizes[keep_stat], mtime_ns=mtimes[keep_stat],
+                         scan_ns=stat.scan_ns if stat is not None else 0)
+    return SourceRead(
+        sample_ids=list(ids),
+        class_names=class_names,
+        labels=np.array([index.get(c, -1) for c in classes.tolist()], dtype=np.int64),
+        splits=splits.astype(str),
+        uris=[f"{path}::{i}" for i in ids],
+        hashes=hashes.tolist(),
+        file_sizes=sizes.astype(np.int64),
+        file_sha256=fsha.tolist(),
+        decoded=decoded,
+        images=images,
+        work=dict(work),
+        stat=new_stat,
+        stat_changed=not new_stat.same_as(stat),
+    )
+
+
+def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], limit: Optional[int], workers: int,
+                   limits: _Limits, known: KnownRows, previous: Optional[dict], verify: bool, chunk_size: int,
+                   progress: Progress) -> SourceRead:
+    """An archive source: hashed whole first (the no-op shortcut), else streamed member by member."""
+    work: Counter = Counter()
+    archives = []
+    for label, archive, _ in parts:
+        with open(archive, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        archives.append({"name": label, "size": archive.stat().st_size, "sha256": digest})
+        work["archive_bytes_hashed"] += archives[-1]["size"]
+    spec = {"archives": archives}
+    if not verify and previous is not None and previous.get("archives") == archives and previous.get("limit") == limit:
+        _say(progress, f"{path}: archives unchanged (sha256 of {work['archive_bytes_hashed'] / 1e6:.1f} MB "
+                       f"equals the parent snapshot's); nothing decoded")
+        empty = np.zeros(0, np.int64)
+        return SourceRead([], [], empty, np.array([], dtype=str), [], [], empty, [], np.zeros(0, bool),
+                          np.zeros((0, 1, 1, 1), np.uint8), spec=spec, work=dict(work), unchanged=True)
+    dirs: set[str] = set()
+
+    def members() -> Iterator[tuple[_Entry, bytes]]:
+        for label, archive, splits in parts:
+            for entry, data in _archive_entries(archive, label, splits, limits.max_file_bytes):
+                if isinstance(entry, tuple):
+                    dirs.add(entry[1])
+                else:
+                    yield entry, data
+
+    if limit is not None:
+        # The selection needs every name first; a limited run is a smoke test, so memory is small.
+        everything = list(members())
+        _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e, _ in everything))
+        keep = {id(x[1]) for x in _select_limit([(e.order, e) for e, _ in everything], limit)}
+        pairs: Iterable[tuple[_Entry, bytes]] = ((e, d) for e, d in everything if id(e) in keep)
+    else:
+        pairs = members()
+    entries: list[_Entry] = []
+    hashes: list[str] = []
+    fsha: list[str] = []
+
+    def appended() -> Iterator[tuple[int, bytes]]:
+        for e, d in pairs:
+            entries.append(e)
+            hashes.append("")
+            fsha.append("")
+            yield len(entries) - 1, d
+
+    def expect(i: int) -> tuple[str, str, str, str]:
+        k = known.get(entries[i].sample_id)
+        return (k[0], k[1], "", "") if k is not None else ("", "", "", "")
+
+    arrays = _ingest(appended(), lambda i: entries[i].sample_id, lambda i: entries[i].uri, expect, hashes, fsha,
+                     verify, workers, chunk_size, limits, work, path)
+    work["listed"] = len(entries)
+    if limit is None:
+        _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e in entries))
+    decoded_idx = sorted(arrays)
+    _check_uniform(path, [entries[i].uri for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    order = sorted(range(len(entries)), key=lambda i: entries[i].order)  # members come in archive order
+    entries, hashes, fsha = [entries[i] for i in order], [hashes[i] for i in order], [fsha[i] for i in order]
+    arrays = {new: arrays[old] for new, old in enumerate(order) if old in arrays}
     n = len(entries)
     class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
     decoded = np.zeros(n, dtype=bool)
     decoded[list(arrays)] = True
-    images = np.stack([arrays[i] for i in sorted(arrays)]) if arrays else np.zeros((0, 1, 1, 1), np.uint8)
-    new_stat: Optional[dict[str, StatEntry]] = None
-    stat_changed = False
-    if kind == "folder":
-        old_stat = stat or {}
-        new_stat = {}
-        for e, h, d in zip(entries, hashes, fsha):
-            sid = e.sample_id
-            entry = old_stat.get(sid)
-            if entry is None or entry[0] != e.size or entry[1] != e.mtime_ns or entry[2] != d or entry[3] != h:
-                entry = (e.size, e.mtime_ns, d, h)
-                stat_changed = True
-            new_stat[sid] = entry
-        stat_changed = stat_changed or len(new_stat) != len(old_stat)
-    _say(progress, f"decoded {int(decoded.sum())} images from {path} in {time.perf_counter() - t0:.1f} s "
-                   f"({n} files: {work['trusted']} unchanged by (size, mtime), "
-                   f"{work['confirmed_by_digest']} by byte digest)")
     return SourceRead(
         sample_ids=[e.sample_id for e in entries],
         class_names=class_names,
-        labels=np.fromiter((index[e.cls] for e in entries), dtype=np.int64, count=n),
+        labels=np.array([index[e.cls] for e in entries], dtype=np.int64),
         splits=np.array([e.split for e in entries]),
         uris=[e.uri for e in entries],
         hashes=hashes,
-        file_sizes=np.fromiter((e.size for e in entries), dtype=np.int64, count=n),
+        file_sizes=np.array([e.size for e in entries], dtype=np.int64),
         file_sha256=fsha,
         decoded=decoded,
-        images=images,
+        images=np.stack([arrays[i] for i in sorted(arrays)]) if arrays else np.zeros((0, 1, 1, 1), np.uint8),
         spec=spec,
         work=dict(work),
-        stat=new_stat,
-        stat_changed=stat_changed,
     )
 
 
-def _trusted(entries: list[_Entry], known: Mapping[str, Known], stat: Mapping[str, StatEntry],
-             stat_scan_ns: int) -> dict[int, tuple[str, str]]:
-    """Entries the stat cache vouches for: same (size, mtime) as when they were last confirmed to
-    hold the pixels the store recorded, and not written within RACY_NS of that scan."""
-    out: dict[int, tuple[str, str]] = {}
-    limit = stat_scan_ns - RACY_NS
-    for i, e in enumerate(entries):
-        s = stat.get(e.sample_id)
-        if s is not None and s[0] == e.size and s[1] == e.mtime_ns and e.mtime_ns <= limit:
-            k = known.get(e.sample_id)
-            if k is not None and s[3] == k[0]:
-                out[i] = (k[0], s[2])
-    return out
-
-
-def _read_file(e: _Entry, max_file_bytes: int) -> bytes:
+def _read_file(path: str, uri: str, max_file_bytes: int) -> bytes:
     """The bytes of a listed file, never more than the cap, never through a link made since."""
     try:
-        fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise SourceError(f"{e.uri}: vanished while the source was read; re-run when the source is stable") from None
+        raise SourceError(f"{uri}: vanished while the source was read; re-run when the source is stable") from None
     except OSError as exc:
-        raise SourceError(f"{e.uri}: cannot be read ({exc.strerror or exc}); fix its permissions or remove it") from None
+        raise SourceError(f"{uri}: cannot be read ({exc.strerror or exc}); fix its permissions or remove it") from None
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_file_bytes + 1)
     if len(data) > max_file_bytes:
-        raise SourceError(_too_big(e.uri, None, max_file_bytes))
+        raise SourceError(_too_big(uri, None, max_file_bytes))
     return data
 
 
@@ -609,11 +672,15 @@ def _too_big(uri: str, size: Optional[int], max_file_bytes: int) -> str:
             f"Remove the file, or raise data.max_file_bytes if it is a genuine image")
 
 
-def _ingest(items: Iterable[tuple[int, bytes]], entries: list[_Entry], hashes: list[str], fsha: list[str],
-            known: Mapping[str, Known], stat: Optional[Mapping[str, StatEntry]], verify: bool, workers: int,
+def _ingest(items: Iterable[tuple[int, bytes]], sid_of: Callable[[int], str], uri_of: Callable[[int], str],
+            expect: Callable[[int], tuple[str, str, str, str]], hashes, fsha, verify: bool, workers: int,
             chunk_size: int, limits: _Limits, work: Counter, path: str = "the source") -> dict[int, np.ndarray]:
     """Digest what was read; decode what the digests cannot vouch for. Fills ``hashes`` and
-    ``fsha`` in place (index = entry); returns the decoded arrays by entry index."""
+    ``fsha`` in place (by row index); returns the decoded arrays by row index.
+
+    ``expect(i)`` = (pixel hash and file digest the store recorded, file digest and pixel hash
+    the stat cache recorded), "" where unknown: a row whose bytes hash to a recorded digest is
+    confirmed without decoding (unless ``verify``)."""
 
     def to_decode() -> Iterator[tuple[int, bytes]]:
         for i, data in items:
@@ -621,14 +688,11 @@ def _ingest(items: Iterable[tuple[int, bytes]], entries: list[_Entry], hashes: l
             fsha[i] = digest
             work["read"] += 1
             work["bytes_read"] += len(data)
-            sid = entries[i].sample_id
-            k = known.get(sid)
-            if k is not None and not verify:
-                s = stat.get(sid) if stat else None
-                if (k[1] and digest == k[1]) or (s is not None and s[2] == digest and s[3] == k[0]):
-                    hashes[i] = k[0]
-                    work["confirmed_by_digest"] += 1
-                    continue
+            k_sha, k_fsha, c_fsha, c_sha = expect(i)
+            if k_sha and not verify and ((k_fsha and digest == k_fsha) or (c_fsha == digest and c_sha == k_sha)):
+                hashes[i] = k_sha
+                work["confirmed_by_digest"] += 1
+                continue
             yield i, data
 
     arrays: dict[int, np.ndarray] = {}
@@ -638,7 +702,7 @@ def _ingest(items: Iterable[tuple[int, bytes]], entries: list[_Entry], hashes: l
         for tags, results in _decode_stream(to_decode(), workers, chunk_size, limits.max_pixels):
             for i, res in zip(tags, results):
                 if isinstance(res, str):
-                    errors.append(f"{entries[i].uri}: {res}")
+                    errors.append(f"{uri_of(i)}: {res}")
                 else:
                     arrays[i], hashes[i] = res
             work["decoded"] += len(tags)
@@ -693,11 +757,38 @@ def _check_name(label: str, rel: str) -> None:
         ) from None
 
 
-def _list_folder(root: Path, label: str, max_file_bytes: int) -> tuple[set[str], list[_Entry]]:
-    """List train/ and test/ with one stat per file, opening none; refuse what a source must not hold."""
+@dataclass
+class _Listing:
+    """A folder source listed in row order: ids (= paths inside the source), sizes, mtimes, and the
+    class folders as runs of rows (split, class, start, end)."""
+
+    dirs: set[str]
+    ids: list[str]
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    runs: list[tuple[str, str, int, int]]
+
+    def splits(self) -> np.ndarray:
+        return np.repeat(np.array([r[0] for r in self.runs] or [""], dtype=object)[: len(self.runs)],
+                         [r[3] - r[2] for r in self.runs])
+
+    def classes(self) -> np.ndarray:
+        return np.repeat(np.array([r[1] for r in self.runs] or [""], dtype=object)[: len(self.runs)],
+                         [r[3] - r[2] for r in self.runs])
+
+    def counts(self) -> Counter:
+        return Counter({f"{s}/{c}": b - a for s, c, a, b in self.runs})
+
+
+def _list_folder(root: Path, label: str, max_file_bytes: int) -> _Listing:
+    """List train/ and test/ with one lstat per file, opening none; refuse what a source must not hold."""
     _check_name(label, "")
     dirs: set[str] = set()
-    entries: list[_Entry] = []
+    ids: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    runs: list[tuple[str, str, int, int]] = []
+    by_name = operator.attrgetter("name")
     for split in SPLITS:
         sdir = root / split
         if sdir.is_symlink():
@@ -705,7 +796,7 @@ def _list_folder(root: Path, label: str, max_file_bytes: int) -> tuple[set[str],
         if not sdir.is_dir():
             continue  # reported as a missing split once everything is listed
         with os.scandir(sdir) as it:
-            class_dirs = sorted(it, key=lambda c: c.name)
+            class_dirs = sorted(it, key=by_name)
         for cdir in class_dirs:
             rel = f"{split}/{cdir.name}"
             _check_name(label, rel)
@@ -714,18 +805,20 @@ def _list_folder(root: Path, label: str, max_file_bytes: int) -> tuple[set[str],
             if not cdir.is_dir(follow_symlinks=False):
                 raise SourceError(f"{label}::{rel} is a file directly in {split}/: every image must be in a class folder {split}/<class>/")
             dirs.add(rel)
-            with os.scandir(cdir.path) as it:
-                files = sorted(it, key=lambda c: c.name)
-            for f in files:
-                frel = f"{rel}/{f.name}"
-                if not f.name.isascii():
+            start = len(ids)
+            folder = cdir.path
+            for name in sorted(os.listdir(folder)):
+                frel = f"{rel}/{name}"
+                if not name.isascii():
                     _check_name(label, frel)
-                st = f.stat(follow_symlinks=False)
+                st = os.lstat(f"{folder}/{name}")
                 if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size > max_file_bytes:
                     _refuse_file(label, frel, split, st, max_file_bytes)
-                entries.append(_Entry(split, cdir.name, f.name, f"{label}::{frel}", frel, st.st_size, st.st_mtime_ns,
-                                      f.path))
-    return dirs, entries
+                ids.append(frel)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+            runs.append((split, cdir.name, start, len(ids)))
+    return _Listing(dirs, ids, np.array(sizes, dtype=np.int64), np.array(mtimes, dtype=np.int64), runs)
 
 
 def _refuse_file(label: str, frel: str, split: str, st: os.stat_result, max_file_bytes: int) -> None:
@@ -827,7 +920,8 @@ def _select_limit(keyed: list[tuple[tuple[int, str, str], object]], limit: int) 
     return out
 
 
-def _check_layout(path: str, dirs: set[str], entries: list[_Entry]) -> None:
+def _check_layout(path: str, dirs: set[str], counts: Counter) -> None:
+    """Both splits present, with the same class folders, none empty (``counts``: rows per split/class)."""
     classes = {s: sorted({d.split("/", 1)[1] for d in dirs if d.startswith(s + "/")}) for s in SPLITS}
     for split in SPLITS:
         if not classes[split]:
@@ -841,27 +935,26 @@ def _check_layout(path: str, dirs: set[str], entries: list[_Entry]) -> None:
             f"{path}: test/ and train/ must have the same class folders; only in train/: {only_train}, "
             f"only in test/: {only_test}"
         )
-    counts = Counter(f"{e.split}/{e.cls}" for e in entries)
     empty = sorted(d for d in dirs if counts[d] == 0)
     if empty:
         raise SourceError(_listing(f"{path}: {len(empty)} empty class folder(s)", [f"{path}::{d}/" for d in empty],
                                    "add images to them or remove the folders"))
 
 
-def _check_uniform(path: str, entries: list[_Entry], arrays: list[np.ndarray]) -> None:
+def _check_uniform(path: str, uris: list[str], arrays: list[np.ndarray]) -> None:
     if not arrays:
         return
     channels = Counter(a.shape[2] for a in arrays)
     if len(channels) > 1:
         major = channels.most_common(1)[0][0]
-        odd = [f"{e.uri}: {a.shape[2]} channel(s)" for e, a in zip(entries, arrays) if a.shape[2] != major]
+        odd = [f"{u}: {a.shape[2]} channel(s)" for u, a in zip(uris, arrays) if a.shape[2] != major]
         raise SourceError(_listing(
             f"{path} mixes grayscale and colour images ({dict(channels)} by channel count)", odd,
             f"convert them to {'RGB' if major == 3 else 'grayscale (L)'} like the other {channels[major]} images"))
     sizes = Counter(a.shape[:2] for a in arrays)
     if len(sizes) > 1:
         (h, w), n = sizes.most_common(1)[0]
-        odd = [f"{e.uri}: {a.shape[1]}x{a.shape[0]}" for e, a in zip(entries, arrays) if a.shape[:2] != (h, w)]
+        odd = [f"{u}: {a.shape[1]}x{a.shape[0]}" for u, a in zip(uris, arrays) if a.shape[:2] != (h, w)]
         raise SourceError(_listing(
             f"{path} has images of more than one size (most are {w}x{h}, {n} images)", odd,
             f"resize them to {w}x{h} or remove them (one image size per data set)"))

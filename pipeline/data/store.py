@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import re
 import sys
@@ -241,7 +242,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         raise ValueError(f"{int(decoded.sum())} rows marked decoded but {len(images)} images given")
     dec_pos = np.cumsum(decoded) - 1  # row -> index into images, where decoded
     image_shape = tuple(int(x) for x in images.shape[1:]) if len(images) else (0, 0, 0)
-    names = [class_names[int(i)] for i in labels]
+    names = np.array(class_names, dtype=object)[np.asarray(labels, np.int64)] if n else np.zeros(0, object)
     if parent is None:
         store_classes = list(class_names)
         old = _empty_manifest()
@@ -260,7 +261,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         _refuse_rewrites(parent, sample_ids, hashes, names, splits)
     store_index = {c: i for i, c in enumerate(store_classes)}
     known = set(old["sample_id"].tolist())
-    new_pos = [i for i, sid in enumerate(sample_ids) if sid not in known]
+    new_pos = np.flatnonzero(~np.fromiter(map(known.__contains__, sample_ids), bool, count=n)).tolist()
     undecoded = [sample_ids[i] for i in new_pos if not decoded[i]]
     if undecoded:
         raise ValueError(f"new rows must be decoded: {_few(undecoded)}")
@@ -279,7 +280,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         "file_size": sizes[new_pos] if new_pos else np.zeros(0, np.int64),
         "file_sha256": [digests[i] for i in new_pos],
     }, columns=MANIFEST_COLUMNS)
-    manifest = pd.concat([old, new], ignore_index=True) if len(old) else new
+    manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
     if new_pos:
         new_images = np.ascontiguousarray(images[dec_pos[np.array(new_pos, dtype=np.int64)]])
     else:
@@ -291,12 +292,23 @@ def _empty_manifest() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=np.int64 if c in _INT_COLUMNS else object) for c in MANIFEST_COLUMNS})
 
 
-def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names: list[str],
-                     splits: np.ndarray) -> None:
-    src = dict(zip(sample_ids, zip(hashes, names, np.asarray(splits).tolist())))
-    classes = parent.meta["class_names"]
+def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names, splits: np.ndarray) -> None:
     old = parent.manifest
-    old_ids = set(old["sample_id"].tolist())
+    classes = parent.meta["class_names"]
+    # The common case, vectorised: every earlier row present with the same hash, class and split.
+    where = dict(zip(sample_ids, range(len(sample_ids))))
+    old_ids = old["sample_id"].tolist()
+    pos = np.fromiter(map(where.get, old_ids, itertools.repeat(-1)), np.int64, count=len(old_ids))
+    found = pos >= 0
+    if found.all():
+        p = pos
+        same = ((np.asarray(hashes, dtype=object)[p] == old["sha256"].to_numpy(dtype=object))
+                & (np.asarray(names, dtype=object)[p] == np.array(classes, dtype=object)[old["label"].to_numpy()])
+                & (np.asarray(splits, dtype=object)[p] == old["split"].to_numpy(dtype=object)))
+        if same.all():
+            return
+    src = dict(zip(sample_ids, zip(hashes, np.asarray(names).tolist(), np.asarray(splits).tolist())))
+    old_ids = set(old_ids)
     # Where vanished pixels went: the same hash under an id the parent did not have.
     appeared: dict[str, list[str]] = {}
     for sid, (h, _, _) in src.items():
@@ -484,7 +496,7 @@ def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.T
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the delta manifest of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     got = [(f.name, f.type) for f in table.schema]
