@@ -8,7 +8,8 @@ rows/P rows each, so P packs, P delta manifests, P headers), for each P. Timed, 
   load (verify)    - `store.load_snapshot(verify=True)`: chain + delta hashes, every pack hashed
                      (hashlib.file_digest), rows assembled;
   load (no verify) - `store.load_snapshot(verify=False)`;
-  assemble grouped - only the pixel assembly, rows grouped by pack once (the code in the store);
+  assemble grouped - only the pixel assembly as the store does it: each header's rows are one run
+                     of the manifest in one pack (a slice, O(N) whatever P);
   assemble masked  - the same with the loop it replaced (`rows = packs == pack` per pack, the old
                      store.py:382, N x P comparisons), on the same manifest and packs;
   old row verify   - what the old `verify=True` added: `sample_hash` of every row (the new
@@ -86,11 +87,11 @@ def build_chain(root: Path, rows: int, packs: int, seed: int = 0) -> str:
     return parent
 
 
-def assemble(root: Path, manifest: pd.DataFrame, grouped: bool) -> np.ndarray:
+def assemble(root: Path, manifest: pd.DataFrame, grouped: bool, headers: list[dict]) -> np.ndarray:
     images = np.empty((len(manifest), 28, 28, 1), np.uint8)
     index = manifest["pack_index"].to_numpy()
-    if grouped:
-        for pack, rows in store._pack_groups(manifest):
+    if grouped:  # what load_snapshot does: one slice of rows per header (grouped once if several packs)
+        for pack, rows in store._rows_by_pack(headers, manifest).items():
             arr = np.load(root / "packs" / f"{pack}.npy", mmap_mode="r")
             images[rows] = arr[index[rows]]
     else:  # the loop of c901d6d's store.py (N x P)
@@ -142,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"P={p}: built in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
             snap = store.load_snapshot(tmp / "store", sid)  # warm the page cache; check it loads
             man = snap.manifest
+            hs = store.chain(tmp / "store", sid)
             v = timed(lambda: store.load_snapshot(tmp / "store", sid, verify=True), args.trials)
             nv = timed(lambda: store.load_snapshot(tmp / "store", sid, verify=False), args.trials)
-            g = timed(lambda: assemble(tmp / "store", man, True), args.trials)
-            m = timed(lambda: assemble(tmp / "store", man, False), args.trials)
-            assert np.array_equal(assemble(tmp / "store", man, True), assemble(tmp / "store", man, False))
+            g = timed(lambda: assemble(tmp / "store", man, True, hs), args.trials)
+            m = timed(lambda: assemble(tmp / "store", man, False, hs), args.trials)
+            assert np.array_equal(assemble(tmp / "store", man, True, hs), assemble(tmp / "store", man, False, hs))
             rv = timed(lambda: [sample_hash(im) for im in snap.images], 1)
             row = f"| {p} | {fmt(v)} | {fmt(nv)} | {fmt(g)} | {fmt(m)} | {fmt(rv)} |"
             print(row, file=sys.stderr, flush=True)

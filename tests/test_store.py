@@ -41,7 +41,7 @@ class Env:
         self.report = tmp / "reports" / "snapshot.json"
 
     def cfg(self, **kw) -> DataConfig:
-        base = dict(name="imagefolder", path=str(self.src), watch=str(self.src), workers=1)
+        base = dict(name="imagefolder", path=str(self.src), workers=1)
         return DataConfig(**{**base, **kw})
 
     def run(self, **kw) -> dict:
@@ -172,7 +172,7 @@ def test_move_to_other_class_refused_as_relabel(env):
 
 def test_digits_for_real_and_label_change_refused(tmp_path, monkeypatch):
     e = Env(tmp_path)
-    cfg = dict(name="digits", path=None, watch="pipeline/data/sources.py")
+    cfg = dict(name="digits", path=None)
     first = e.run(**cfg)
     assert first["n_rows"] == 1797 and first["image_shape"] == [8, 8, 1]
     assert first["source"]["name"] == "digits"
@@ -251,7 +251,7 @@ def test_duplicates_and_cross_label_duplicates_reported(env):
 def test_two_sources_share_a_store_as_two_lineages(env, tmp_path):
     a = env.run()
     other = make_folder(tmp_path / "other", classes=("x", "y"), seed=7)
-    b = env.run(path=str(other), watch=str(other))
+    b = env.run(path=str(other))
     assert b["parent"] is None and b["snapshot_id"] != a["snapshot_id"]
     assert len(list((env.store / "heads").iterdir())) == 2
     assert json.loads(env.pointer.read_text())["snapshot_id"] == b["snapshot_id"]

@@ -561,8 +561,8 @@ def _pack_groups(manifest: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
 def _open_pack(store: Path, pack: str, shape: tuple[int, ...], rows: np.ndarray, manifest: pd.DataFrame,
                snapshot: str) -> np.ndarray:
     path = _pack_path(store, pack)
-    ids = manifest["sample_id"].to_numpy()[rows]
     if not path.is_file():
+        ids = manifest["sample_id"].to_numpy()[rows]
         raise DamagedStore(store, path, f"is missing ({len(rows)} row(s) of snapshot {snapshot[:12]}: {_few(ids)})")
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
@@ -574,6 +574,24 @@ def _open_pack(store: Path, pack: str, shape: tuple[int, ...], rows: np.ndarray,
     return arr
 
 
+def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Rows of each pack. A header's rows are one contiguous run of the full manifest, and the
+    writer puts them in one pack, so this is a slice per header; a header naming several packs is
+    grouped (valid, never written by this code)."""
+    out: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for h in headers:
+        end = start + h["n_new"]
+        if end > start:
+            if len(h["packs"]) == 1:
+                out.setdefault(h["packs"][0], []).append(np.arange(start, end))
+            else:
+                for pack, rows in _pack_groups(manifest.iloc[start:end]):
+                    out.setdefault(pack, []).append(rows + start)
+        start = end
+    return {p: np.concatenate(r) for p, r in out.items()}
+
+
 def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFrame, deep: bool = False,
                  stats_out: Optional[VerifyStats] = None) -> VerifyStats:
     """Hash every pack the chain names (and, ``deep``, every sample) against its recorded sha256."""
@@ -581,7 +599,7 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
     st = stats_out or VerifyStats()
     shape = tuple(headers[-1]["image_shape"])
     named = {p for h in headers for p in h["packs"]}
-    groups = dict(_pack_groups(manifest))
+    groups = _rows_by_pack(headers, manifest)
     for pack in sorted(named | set(groups)):
         rows = groups.get(pack, np.zeros(0, np.int64))
         arr = _open_pack(store, pack, shape, rows, manifest, headers[-1]["id"])
@@ -692,7 +710,7 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     shape = tuple(int(x) for x in meta["image_shape"])
     images = np.empty((len(manifest), *shape), dtype=np.uint8)
     index = manifest["pack_index"].to_numpy()
-    for pack, rows in _pack_groups(manifest):
+    for pack, rows in _rows_by_pack(headers, manifest).items():
         arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
         images[rows] = arr[index[rows]]
     return Snapshot(snapshot_id, manifest, images, list(meta["class_names"]), shape, meta)
