@@ -496,7 +496,9 @@ def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.T
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the delta manifest of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        # threads pay off on a big delta; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
+        table = pf.read(use_threads=pf.metadata.num_rows > 20_000)
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     got = [(f.name, f.type) for f in table.schema]
