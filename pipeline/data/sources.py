@@ -539,8 +539,7 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     def expect(i: int) -> tuple[str, str, str, str]:
         return k_sha[i], k_fsha[i], c_fsha[i], c_sha[i]
 
-    arrays = _ingest(items, ids.__getitem__, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits,
-                     work, path)
+    arrays = _ingest(items, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits, work, path)
     decoded_idx = sorted(arrays)
     _check_uniform(path, [uri_of(i) for i in decoded_idx], [arrays[i] for i in decoded_idx])
     class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
@@ -620,8 +619,8 @@ def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], li
         k = known.get(entries[i].sample_id)
         return (k[0], k[1], "", "") if k is not None else ("", "", "", "")
 
-    arrays = _ingest(appended(), lambda i: entries[i].sample_id, lambda i: entries[i].uri, expect, hashes, fsha,
-                     verify, workers, chunk_size, limits, work, path)
+    arrays = _ingest(appended(), lambda i: entries[i].uri, expect, hashes, fsha, verify, workers, chunk_size,
+                     limits, work, path)
     work["listed"] = len(entries)
     if limit is None:
         _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e in entries))
@@ -672,7 +671,7 @@ def _too_big(uri: str, size: Optional[int], max_file_bytes: int) -> str:
             f"Remove the file, or raise data.max_file_bytes if it is a genuine image")
 
 
-def _ingest(items: Iterable[tuple[int, bytes]], sid_of: Callable[[int], str], uri_of: Callable[[int], str],
+def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
             expect: Callable[[int], tuple[str, str, str, str]], hashes, fsha, verify: bool, workers: int,
             chunk_size: int, limits: _Limits, work: Counter, path: str = "the source") -> dict[int, np.ndarray]:
     """Digest what was read; decode what the digests cannot vouch for. Fills ``hashes`` and

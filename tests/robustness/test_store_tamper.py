@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data import store
-from tests.robustness.store_kit import REPO, Stage, rewrite_delta, tree_digest
+from tests.robustness.store_kit import REPO, Stage, rewrite_delta
 from tests.test_sources import make_folder, pixels, save
 
 
@@ -140,7 +140,7 @@ def test_forged_consistent_history_is_refused_against_the_pointer(two, capsys):
     the pointer recorded, so the stage refuses, naming heads."""
     head = two.head()
     h = two.header(head)
-    df = __import__("pyarrow.parquet", fromlist=["x"]).read_table(two.delta_path(head)).to_pandas()
+    df = pq.read_table(two.delta_path(head)).to_pandas()
     df = df[df["sample_id"] != "train/dog/new1.png"]
     data = store.delta_bytes(df)
     digest = store._sha256(data)
