@@ -43,14 +43,21 @@ class ConfigError(UserError):
 class DataConfig:
     name: str = MISSING  # digits | cifar10 | imagefolder
     path: Optional[str] = None  # folder or .tar.gz (cifar10, imagefolder)
-    # The path DVC hashes to decide whether the source changed: the data itself for file
-    # sources; the loader module for digits (its data ships inside scikit-learn).
+    # Deprecated and ignored: the snapshot stage runs on every `dvc repro` (always_changed) and
+    # finds source changes itself, so nothing needs to tell DVC which path to hash. Kept so an
+    # older params.yaml still loads; conf/ no longer sets it.
     watch: Optional[str] = None
     limit: Optional[int] = None  # keep the first N rows per split and class order (smoke tests)
     test_fraction: float = 0.25  # digits only: stratified test share
     seed: int = 0  # digits only: split seed
     download: bool = False  # cifar10 only: torchvision download when data.path is missing
     workers: int = 0  # decode processes; 0 = one per core
+    # Hostile-input bounds, checked before anything is read or decoded (issue 16 item 7).
+    max_file_bytes: int = 64 * 1024**2  # bytes: one source file or tar member; larger is refused unread
+    max_image_pixels: int = 4096 * 4096  # pixels (width x height), read from the image header before decoding
+    # Incremental snapshot: a known file whose (size, mtime) is unchanged is trusted without a read.
+    verify_source: bool = False  # true: re-read and re-decode every file, compare pixels (full check)
+    recheck_files: int = 32  # files: stat-trusted files re-read and digest-checked per run (spot check)
 
 
 @dataclass
@@ -255,8 +262,9 @@ def check(cfg: Config) -> None:
     _one_of("data.name", d.name, DATA_NAMES)
     if d.name == "imagefolder" and not d.path:
         raise ConfigError("data.name=imagefolder needs data.path (a folder or .tar.gz with train/<class>/* and test/<class>/*)")
-    if not d.watch:
-        raise ConfigError("data.watch is empty: it must name the path DVC hashes for the source (normally ${data.path})")
+    _number("data.max_file_bytes", d.max_file_bytes, 1, 2**40, integer=True)
+    _number("data.max_image_pixels", d.max_image_pixels, 1, 2**32, integer=True)
+    _number("data.recheck_files", d.recheck_files, 0, 2**31, integer=True)
     if d.limit is not None:
         _number("data.limit", d.limit, 1, math.inf, integer=True)
     _number("data.test_fraction", d.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)

@@ -1,19 +1,34 @@
-"""Stage `snapshot`: source -> content-addressed, append-only store + pointer + report.
+"""Stage `snapshot`: source -> hash-chained, append-only store + pointer + report.
 
     python -m pipeline.snapshot --params params.yaml --store data/store \
-        --pointer data/snapshot.json --report reports/snapshot.json
+        --pointer data/snapshot.json --report reports/snapshot.json \
+        [--stat-cache data/.snapshot-stat] [--verify]
 
-The source is decoded (``pipeline.sources``), every row hashed, and compared with the current
-snapshot of the same source lineage (``pipeline.store``, whose docstring has the rules: one
-lineage per source key, append-only, refusals). Outcomes:
+The stage runs on every ``dvc repro`` (``always_changed``: it sees a source change however the
+params were set) and is cheap when nothing changed. In order:
 
-- new rows: a new snapshot (pack + manifest + meta) is written, then ``heads/<key>`` and ``HEAD``;
+1. the current snapshot of this source lineage (``heads/<key>``) and its whole chain are verified
+   (header ids, delta hashes, pack hashes) BEFORE anything is compared: a tampered store fails
+   here as a damaged store (exit 1), naming the file and how to restore it; the pointer
+   (``data/snapshot.json``) must name a snapshot in that chain, else the history was rewritten;
+2. the source is read incrementally (``pipeline.data.sources.read_source``): only new files, and
+   known files whose stat or bytes changed, are decoded; ``--verify`` (or ``data.verify_source``)
+   decodes everything and compares pixels;
+3. the rows are compared with the parent (``pipeline.data.store.plan_snapshot``, whose docstring
+   has the rules). Outcomes:
+
+- new rows: a new snapshot (pack, delta, header) is written, then ``heads/<key>``;
 - no new rows: nothing is written to the store; the pointer and the report are rewritten only if
-  their content differs (the report's ``seconds`` do not count), so DVC sees no change;
+  their content differs (``seconds`` and ``work`` do not count), so DVC sees no change;
 - an earlier row changed or vanished: exit 1, every offending row on stderr, nothing written;
-- bad input (config, unreadable/odd images, layout, damaged store): exit 2, nothing written.
+- bad input (config, unreadable/odd images, layout): exit 2, nothing written.
 
-Exit codes and error messages come from the one stage runner (``pipeline.stage``).
+The pointer and the report are written only on success; dvc.yaml keeps them (``persist``), so a
+refused run leaves the last good pointer in place.
+
+``--stat-cache`` names a folder for a machine-local cache of source file stats (size, mtime, byte
+digest): it lets an unchanged file be trusted without a read. It is not part of the store (DVC
+neither tracks nor backs it up); deleting it only costs one full read of the source's bytes.
 
 Setting ``SOURCE_DATE_EPOCH`` fixes the ingest time (and so the snapshot id) for reproducible runs.
 No torch here: the stage must start fast.
@@ -30,17 +45,26 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+import pyarrow as pa
+
 from pipeline import stage
-from pipeline.core.hashing import sample_hashes
 from pipeline.data import sources, stats, store
+from pipeline.data.sources import KnownRows, StatTable
 from pipeline.schema import Config, DataConfig
 
 PATHS = (
     stage.PathArg("store", "store folder (data/store)"),
     stage.PathArg("pointer", "pointer file naming the current snapshot (data/snapshot.json)"),
     stage.PathArg("report", "report file (reports/snapshot.json)"),
+    stage.PathArg("stat_cache", "folder of the local source-stat cache (none: every known file is re-read)",
+                  required=False),
 )
 _say = partial(stage.say, "snapshot")
+STAT_FORMAT = "poisongate-stat 2"
+STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                         ("file_sha256", pa.string()), ("sha256", pa.string())])
+_VOLATILE = ("seconds", "work")  # report keys that do not make a report "changed"
 
 
 def ingest_time() -> str:
@@ -50,32 +74,52 @@ def ingest_time() -> str:
 
 
 def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: str,
-             progress: Optional[Callable[[str], None]] = _say) -> dict:
+             progress: Optional[Callable[[str], None]] = _say, *, verify_source: bool = False,
+             stat_cache: Optional[str] = None) -> dict:
     """Snapshot the configured source; returns the report. Raises the project's errors."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     key = sources.source_key(cfg)
-    # The store is read before the (long) decode so a damaged store fails fast.
+    # The store is verified before the (long) read, so a damaged store fails fast and is never
+    # mistaken for a changed source.
+    vstats = store.VerifyStats()
     parent_id = store.current_snapshot(store_dir, key)
-    parent = store.load_parent(store_dir, parent_id) if parent_id else None
-    src = sources.load_source(cfg, progress)
-    t_decode = time.perf_counter()
-    hashes = sample_hashes(src.images)
-    t_hash = time.perf_counter()
+    parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
+    _check_pointer(Path(pointer_path), store_dir, key, parent)
+    t_verify = time.perf_counter()
+
+    known = KnownRows.empty()
+    if parent is not None:
+        m = parent.manifest
+        known = KnownRows(m["sample_id"].tolist(), m["sha256"].to_numpy(dtype=object),
+                          m["file_sha256"].to_numpy(dtype=object))
+    stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
+    stat = read_stat_cache(stat_path)
+    scan_ns = time.time_ns()
+    read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
+                               verify=verify_source, progress=progress)
+    t_read = time.perf_counter()
     now = ingest_time()
-    plan = store.plan_snapshot(parent, src.sample_ids, hashes, src.labels, src.class_names, src.splits,
-                               src.uris, src.images, now)
+    if read.unchanged and parent is not None:
+        plan = store.Plan(parent.id, parent.manifest, np.zeros((0, *parent.meta["image_shape"]), np.uint8),
+                          list(parent.meta["class_names"]), tuple(parent.meta["image_shape"]))
+    else:
+        plan = store.plan_snapshot(parent, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
+                                   read.uris, read.images, now, decoded=read.decoded, file_sizes=read.file_sizes,
+                                   file_sha256=read.file_sha256)
     t_plan = time.perf_counter()
-    source_meta = {**src.spec, "key": src.key}
     manifest = plan.manifest
     if plan.unchanged:
         sid = parent_id
-        store.set_head(store_dir, key, sid)  # no-op unless another lineage was current
+        store.set_head(store_dir, key, sid)  # no-op unless heads/<key> was missing
         say(f"source unchanged: {len(plan.manifest)} rows, snapshot {sid[:12]} stays current")
     else:
+        source_meta = {**read.spec, "key": key}
         sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now)
-        say(f"new snapshot {sid[:12]}: {len(plan.manifest)} rows, {plan.n_new} new"
+        say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
             + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
+    if stat_path is not None and read.stat is not None:
+        write_stat_cache(stat_path, read.stat, scan_ns, stat.scan_ns if stat is not None else 0, read.stat_changed)
     t_write = time.perf_counter()
 
     meta = store.read_meta(store_dir, sid)
@@ -84,7 +128,8 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         "snapshot_id": sid,
         "parent": meta["parent"],
         "store": store_dir,
-        "manifest": f"{store_dir.rstrip('/')}/snapshots/{sid}.csv",
+        "manifest": str(store.header_path(store_dir, sid)),
+        "source_key": key,
         "n_rows": int(meta["n_rows"]),
         "n_new": int(meta["n_new"]),
         "class_names": class_names,
@@ -98,15 +143,22 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         "n_new": int(meta["n_new"]),
         "class_names": class_names,
         "image_shape": meta["image_shape"],
-        "counts": stats.counts(manifest, class_names),
+        "counts": meta["counts"],
         "provenance": stats.provenance(manifest),
         "duplicates": stats.duplicates(manifest, class_names),
+        "verify_source": bool(verify_source or cfg.verify_source),
         "seconds": {
-            "decode": round(t_decode - t0, 3),
-            "hash": round(t_hash - t_decode, 3),
-            "plan": round(t_plan - t_hash, 3),
+            "verify": round(t_verify - t0, 3),
+            "read": round(t_read - t_verify, 3),
+            "plan": round(t_plan - t_read, 3),
             "write": round(t_write - t_plan, 3),
             "total": round(time.perf_counter() - t0, 3),
+        },
+        "work": {
+            "store_snapshots_verified": vstats.snapshots,
+            "store_packs_hashed": vstats.packs,
+            "store_bytes_hashed": vstats.bytes_hashed,
+            **{f"source_{k}": int(v) for k, v in sorted(read.work.items())},
         },
     }
     store.write_if_changed(Path(pointer_path), _json(pointer))
@@ -114,25 +166,96 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     return report
 
 
+def _check_pointer(path: Path, store_dir: str, key: str, parent: Optional[store.Parent]) -> None:
+    """The pointer names the last snapshot this stage made current; for the same lineage it must
+    be in the history of ``heads/<key>``. If it is not, heads was moved back or the history was
+    rewritten (a forged chain can be self-consistent; it cannot contain the id recorded before)."""
+    try:
+        ptr = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no pointer yet (or a broken one): it is about to be rewritten
+    if not isinstance(ptr, dict) or ptr.get("source_key") != key or not isinstance(ptr.get("snapshot_id"), str):
+        return
+    sid = ptr["snapshot_id"]
+    if parent is not None and sid in parent.history:
+        return
+    heads = Path(store_dir) / "heads" / key
+    if parent is None:
+        what = f"holds no snapshot of lineage {key}, but {path} names {sid[:12]} as current: the history is gone"
+        where: Path = Path(store_dir)
+    else:
+        what = (f"names snapshot {parent.id[:12]}, whose history does not contain {sid[:12]}, the current snapshot "
+                f"named by {path}: the history was rewritten or heads/{key} was moved")
+        where = heads
+    raise store.DamagedStore(store_dir, where, what + f" (to start a new history on purpose, delete {path} too)")
+
+
+# ----------------------------------------------------------------------------- local stat cache
+
+
+def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
+    """The local stat cache (an Arrow IPC file: read without parsing); None when absent or
+    unreadable: it is only a cache, a missing one costs one read of every known file's bytes."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with pa.memory_map(str(path)) as source:
+            t = pa.ipc.open_file(source).read_all()
+        meta = t.schema.metadata or {}
+        if meta.get(b"format") != STAT_FORMAT.encode() or t.schema.names != list(STAT_SCHEMA.names):
+            return None
+        return StatTable(t.column("sample_id").to_pylist(),
+                         t.column("sha256").to_numpy(zero_copy_only=False).astype(object),
+                         t.column("file_sha256").to_numpy(zero_copy_only=False).astype(object),
+                         size=t.column("size").to_numpy().astype(np.int64),
+                         mtime_ns=t.column("mtime_ns").to_numpy().astype(np.int64),
+                         scan_ns=int(meta[b"scan_ns"]))
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return None
+
+
+def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: int, changed: bool) -> None:
+    """Rewrite the cache only when it would vouch for something new: changed entries, or entries
+    that were too fresh ("racy") under the old scan time and are not under the new one."""
+    aged = (old_scan_ns < table.mtime_ns + sources.RACY_NS) & (table.mtime_ns + sources.RACY_NS <= scan_ns)
+    if not changed and not aged.any():
+        return
+    arrow = pa.Table.from_arrays(
+        [pa.array(table.ids, pa.string()), pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()),
+         pa.array(table.file_sha256.tolist(), pa.string()), pa.array(table.sha256.tolist(), pa.string())],
+        schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, arrow.schema) as w:
+        w.write_table(arrow)
+    store.write_file(path, sink.getvalue().to_pybytes())
+
+
 def _json(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 def _write_report(path: Path, report: dict) -> None:
-    """Keep an existing report whose content differs only in timings (DVC then sees no change)."""
+    """Keep an existing report whose content differs only in timings and work counters (DVC then
+    sees no change)."""
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except ValueError:
             old = None
-        if isinstance(old, dict) and {k: v for k, v in old.items() if k != "seconds"} == {
-                k: v for k, v in report.items() if k != "seconds"}:
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k not in _VOLATILE} == {
+                k: v for k, v in report.items() if k not in _VOLATILE}:
             return
-    store.atomic_write(path, _json(report))
+    store.write_file(path, _json(report))
+
+
+def _extra(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--verify", action="store_true",
+                    help="re-read and re-decode every source file and compare its pixels (as data.verify_source)")
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
-    report = snapshot(cfg.data, args.store, args.pointer, args.report)
+    report = snapshot(cfg.data, args.store, args.pointer, args.report, verify_source=args.verify,
+                      stat_cache=args.stat_cache)
     dup = report["duplicates"]
     _say(f"snapshot {report['snapshot_id'][:12]}: {report['n_rows']} rows, provenance coverage "
          f"{report['provenance']['coverage']:.3f}, {dup['n_groups']} duplicate group(s) "
@@ -141,7 +264,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return stage.main("snapshot", run, PATHS, argv, __doc__)
+    return stage.main("snapshot", run, PATHS, argv, __doc__, extra=_extra)
 
 
 if __name__ == "__main__":

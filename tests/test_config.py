@@ -19,7 +19,7 @@ def test_committed_params_equal_the_composition_of_conf():
 
 def test_overrides_compose_and_cifar_path_resolves():
     cfg = from_container(compose(["data=cifar10", "model=resnet18", "train=resnet18", "attack=label_flip"]))
-    assert cfg.data.watch == cfg.data.path == "../shared/datasets/cifar10"
+    assert cfg.data.path == "../shared/datasets/cifar10" and cfg.data.watch is None  # watch: deprecated, unset
     assert (cfg.attack.name, cfg.attack.source, cfg.attack.target, cfg.attack.rate) == ("label_flip", 1, 9, 0.4)
     assert model_name(cfg) == "poisongate-cifar10"
 

@@ -4,6 +4,7 @@ store and registry. The release gate blocks poisoned candidates and promotes cle
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -58,11 +59,12 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
     # No stage is recorded in DVC's run cache: an old verdict can never be restored from it.
     runs = repo.root / ".dvc" / "cache" / "runs"
     assert not runs.exists() or not any(p.is_file() for p in runs.rglob("*"))
-    # Resume/re-run: a second `dvc repro` re-runs nothing but the gate, which re-checks the
-    # registry (the champion lives outside DVC) on every run, and promotes nothing new.
+    # Resume/re-run: a second `dvc repro` re-runs nothing but the two always_changed stages: the
+    # snapshot stage's own check of the source (which changes nothing) and the gate, which
+    # re-checks the registry (the champion lives outside DVC) and promotes nothing new.
     again = repo.repro()
-    ran = [line for line in again.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'gate':"], again.stdout
+    assert re.findall(r"Running stage '([\w-]+)'", again.stdout) == ["snapshot", "gate"], again.stdout
+    assert "stays current" in again.stderr
     assert repo.json("reports/gate.json")["passed"] is True and champion(repo) == str(first)
 
     # 2. Label flip 40% of class 1 -> 7, data gate in warn mode: blocked on class-1 recall drift.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -57,7 +58,7 @@ def cli(tmp_path, base_params) -> Cli:
 
 
 def imagefolder(cli: Cli, path: Path) -> None:
-    cli.write_params(name="imagefolder", path=str(path), watch=str(path), workers=1)
+    cli.write_params(name="imagefolder", path=str(path), workers=1)
 
 
 def test_main_creates_then_keeps_a_snapshot(cli, capsys):
@@ -198,10 +199,10 @@ def test_config_errors_exit_2(cli, capsys):
     cli.write_params(name="mnist")
     rc, err = cli.main(capsys)
     assert rc == 2 and "unknown data.name 'mnist'" in err
-    cli.write_params(name="imagefolder", path=None, watch="x")
+    cli.write_params(name="imagefolder", path=None)
     rc, err = cli.main(capsys)
     assert rc == 2 and "needs data.path" in err
-    cli.write_params(name="imagefolder", path=str(cli.tmp / "nowhere"), watch="x")
+    cli.write_params(name="imagefolder", path=str(cli.tmp / "nowhere"))
     rc, err = cli.main(capsys)
     assert rc == 2 and "nowhere does not exist" in err
     cli.params.unlink()
@@ -219,3 +220,21 @@ def test_cli_subprocess_does_not_import_torch(cli):
     imported = re.findall(r"\|\s+(\S+)\s*$", proc.stderr, flags=re.M)
     assert imported and not any(m == "torch" or m.startswith("torch.") for m in imported)
     assert not any(m.startswith(("mlflow", "great_expectations")) for m in imported)
+
+
+def test_verify_flag_re_decodes_everything(cli, capsys):
+    src = make_folder(cli.tmp / "src")
+    imagefolder(cli, src)
+    assert cli.main(capsys)[0] == 0
+    rc = snapshot.main(cli.argv() + ["--verify"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "decoded 18 images" in err and "source unchanged" in err, err
+    assert json.loads(cli.report.read_text())["verify_source"] is True
+
+
+def test_data_watch_is_deprecated_and_ignored(cli, capsys):
+    """An older params.yaml that still sets data.watch loads; the key changes nothing."""
+    src = make_folder(cli.tmp / "src")
+    cli.write_params(name="imagefolder", path=str(src), workers=1, watch="/nonexistent/stale")
+    rc, err = cli.main(capsys)
+    assert rc == 0 and "new snapshot" in err, err

@@ -68,7 +68,7 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def test_digits_shapes_split_and_ids():
-    d = load_source(DataConfig(name="digits", watch="x"))
+    d = load_source(DataConfig(name="digits"))
     assert d.images.dtype == np.uint8 and d.images.shape == (1797, 8, 8, 1)
     assert d.images.max() == 255 and d.images.min() == 0
     assert d.labels.dtype == np.int64 and d.class_names == [str(i) for i in range(10)]
@@ -78,9 +78,9 @@ def test_digits_shapes_split_and_ids():
     # Stratified: every class in both splits, in proportion.
     for split in ("train", "test"):
         assert set(d.labels[d.splits == split]) == set(range(10))
-    again = load_source(DataConfig(name="digits", watch="x"))
+    again = load_source(DataConfig(name="digits"))
     assert again.sample_ids == d.sample_ids and np.array_equal(again.images, d.images)
-    other = load_source(DataConfig(name="digits", watch="x", seed=1))
+    other = load_source(DataConfig(name="digits", seed=1))
     assert other.sample_ids != d.sample_ids and other.key != d.key
 
 
@@ -88,14 +88,14 @@ def test_digits_scaling_matches_round_v_times_255_over_16():
     from sklearn.datasets import load_digits
 
     raw = load_digits().images
-    d = load_source(DataConfig(name="digits", watch="x"))
+    d = load_source(DataConfig(name="digits"))
     idx = int(d.uris[0].rsplit("/", 1)[1])
     assert np.array_equal(d.images[0, :, :, 0], np.rint(raw[idx] * 255 / 16).astype(np.uint8))
 
 
 def test_digits_limit_round_robin_is_a_prefix_of_a_larger_limit():
-    small = load_source(DataConfig(name="digits", watch="x", limit=25))
-    big = load_source(DataConfig(name="digits", watch="x", limit=40))
+    small = load_source(DataConfig(name="digits", limit=25))
+    big = load_source(DataConfig(name="digits", limit=40))
     for split in ("train", "test"):
         labels = small.labels[small.splits == split]
         assert len(labels) == 25 and set(labels) == set(range(10))
@@ -330,15 +330,15 @@ def test_missing_path_and_unknown_name(tmp_path):
     with pytest.raises(SourceError, match=r"(?s)does not exist.*train/<class>"):
         load_imagefolder(str(tmp_path / "nowhere"))
     with pytest.raises(SourceError, match=r"(?s)needs data.path"):
-        load_source(DataConfig(name="imagefolder", watch="x"))
+        load_source(DataConfig(name="imagefolder"))
     with pytest.raises(SourceError, match=r"(?s)unknown data.name"):
-        load_source(DataConfig(name="mnist", watch="x"))
+        load_source(DataConfig(name="mnist"))
     with pytest.raises(SourceError, match=r"(?s)neither train/ and test/ folders nor"):
         load_imagefolder(str(tmp_path))
 
 
 def test_cifar10_missing_says_where_to_put_the_data(tmp_path):
-    cfg = DataConfig(name="cifar10", path=str(tmp_path / "cifar"), watch="x")
+    cfg = DataConfig(name="cifar10", path=str(tmp_path / "cifar"))
     with pytest.raises(SourceError, match=r"(?s)CIFAR-10 not found at .*cifar10-train.tar.gz.*data.download=true"):
         load_source(cfg)
     assert not (tmp_path / "cifar").exists()
@@ -347,7 +347,7 @@ def test_cifar10_missing_says_where_to_put_the_data(tmp_path):
 def test_cifar10_refuses_other_classes(tmp_path):
     root = make_folder(tmp_path / "src")
     with pytest.raises(SourceError, match=r"(?s)not CIFAR-10's"):
-        load_source(DataConfig(name="cifar10", path=str(root), watch="x"))
+        load_source(DataConfig(name="cifar10", path=str(root)))
 
 
 def test_cifar10_download_exports_imagefolder_pngs(tmp_path, monkeypatch):
@@ -367,7 +367,7 @@ def test_cifar10_download_exports_imagefolder_pngs(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
     monkeypatch.setitem(sys.modules, "torchvision.datasets", fake)
     dest = tmp_path / "cifar"
-    d = load_source(DataConfig(name="cifar10", path=str(dest), watch="x", download=True))
+    d = load_source(DataConfig(name="cifar10", path=str(dest), download=True))
     assert len(d) == 30 and d.images.shape[1:] == (32, 32, 3)
     assert (dest / "train" / "airplane" / "0000.png").is_file() and not (dest / ".raw").exists()
     assert np.array_equal(d.images[0], pixels(0, 32))

@@ -157,7 +157,7 @@ def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
 
     p = copy_store(base_store, tmp_path / "r")
     sid = store.read_pointer(p["pointer"])["snapshot_id"]
-    man = pd.read_csv(p["store"] / "snapshots" / f"{sid}.csv", dtype=str)
+    man = store.read_manifest(p["store"], sid)
     row = man[man["split"] == "train"].iloc[5]
     pack = p["store"] / "packs" / f"{row['pack']}.npy"
     arr = np.load(pack)

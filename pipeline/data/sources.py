@@ -1,6 +1,8 @@
 """Data sources: one small interface, three kinds of data, all decoded to uint8 (N, H, W, C).
 
-``load_source(data_cfg) -> SourceData`` is the only entry point the snapshot stage uses.
+``load_source(data_cfg) -> SourceData`` decodes a whole source (tests, benches, calibration).
+The snapshot stage uses ``read_source(data_cfg, known=..., stat=...) -> SourceRead``, the
+incremental read: it decodes only what the store does not already hold (see "Incremental read").
 
 Kinds (``data.name``)
 ---------------------
@@ -37,23 +39,59 @@ Decisions (each one tested)
   more than one image size. Both errors name the minority files.
 - Anything in a class folder that Pillow cannot read as an image (including hidden files) is an
   error, never skipped: silently dropping a file would make the snapshot disagree with its source.
-- Symlinks (in a folder or an archive), hard links, device files, absolute tar member names and
-  ``..`` components are refused: a source must be a self-contained tree that DVC can hash.
+- Symlinks (in a folder or an archive), hard links (a folder file with ``st_nlink > 1``, or a tar
+  hard-link member), device files, absolute tar member names and ``..`` components are refused: a
+  source must be a self-contained tree that DVC can hash. A file or member name that is not UTF-8
+  is refused with its bytes shown (ids and manifests are UTF-8).
+
+Hostile input is bounded before it is read (issue 16 item 7): a file or tar member larger than
+``data.max_file_bytes`` is refused from its stat / tar header, without reading it; an image whose
+header announces more than ``data.max_image_pixels`` pixels is refused before Pillow decodes it
+(Pillow's own decompression-bomb guard is set to the same bound). The bytes waiting to be decoded
+are bounded too: a chunk sent to a worker holds at most ``CHUNK_SIZE`` files and ``CHUNK_BYTES``.
+
+Incremental read
+----------------
+``read_source`` gets what the store knows about every earlier row (``known``: sample id ->
+pixel hash and the byte digest of the file it was ingested from) and a local stat cache (``stat``:
+sample id -> size, mtime, byte digest, pixel hash of the file when last confirmed):
+
+- folder source: the tree is listed with ``os.scandir`` (no file is opened). A known file whose
+  (size, mtime_ns) equals its stat-cache entry, recorded for the same pixel hash, is trusted without
+  a read, unless its mtime is within ``RACY_NS`` of the scan that recorded it (git's "racily
+  clean" rule: a file written in the same clock tick as the scan may have changed unseen). Every
+  other known file is read and its sha256 compared with the recorded digest; only when the bytes
+  differ is it decoded and its pixels compared (a re-encoded but pixel-identical file is fine).
+  New files are read, digested and decoded. Each run also re-reads ``data.recheck_files`` randomly
+  chosen trusted files (a spot check of the stat shortcut).
+- archive source: a .tar.gz cannot be stat-checked per member, so each archive's sha256 is
+  computed (one sequential read, ~1 GB/s; no decompression). When every archive's digest and
+  ``data.limit`` equal what the parent snapshot recorded, the source is unchanged and nothing is
+  decompressed. Otherwise the archives are streamed and each member's digest compared with the
+  recorded one; only new or changed members are decoded.
+- ``verify=True`` (``data.verify_source``, ``--verify``): every file is read and decoded and its
+  pixels compared (the full check; costs a cold snapshot).
 
 Speed: archives are read sequentially in the parent (a .tar.gz cannot be seeked) and the member
-bytes go in chunks to a process pool that decodes them (``data.workers``, 0 = one per core).
+bytes go in chunks to a process pool that decodes and hashes them (``data.workers``, 0 = one per
+core).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import operator
 import os
+import random
 import re
+import stat as stat_mod
 import sys
 import tarfile
 import time
+import warnings
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -71,7 +109,16 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_DEFAULT_PATH = "../shared/datasets/cifar10"
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 CHUNK_SIZE = 500  # images per task sent to a worker: large enough to amortise pickling
+# Bytes per task: with at most 2 tasks per worker in flight, the undecoded bytes held stay near
+# (2 * workers + 2) * (CHUNK_BYTES + data.max_file_bytes), whatever the files' count or size.
+CHUNK_BYTES = 16 * 1024**2
 MAX_LISTED = 10  # offending files named in one error message
+DEFAULT_MAX_FILE_BYTES = 64 * 1024**2  # = schema.DataConfig.max_file_bytes
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # = schema.DataConfig.max_image_pixels
+# A file whose mtime is this close to the scan that recorded its stat is re-read next time:
+# file systems stamp mtimes with a coarse clock (a jiffy; 2 s on FAT), so a write in the same tick
+# as the scan leaves (size, mtime) unchanged (git's "racily clean" index entries).
+RACY_NS = 2_000_000_000
 
 Progress = Optional[Callable[[str], None]]
 
@@ -95,22 +142,103 @@ class SourceData:
         return len(self.sample_ids)
 
 
-@dataclass(frozen=True)
+@dataclass
+class KnownRows:
+    """What the store recorded about its earlier rows, as columns: sample id -> pixel hash and the
+    byte digest of the file the row was ingested from ("" when not a file). Columns, not objects:
+    the snapshot stage builds this for every row on every run."""
+
+    ids: list[str]
+    sha256: np.ndarray  # object (str)
+    file_sha256: np.ndarray  # object (str)
+    _pos: Optional[dict[str, int]] = None
+
+    @classmethod
+    def empty(cls) -> "KnownRows":
+        return cls([], np.zeros(0, object), np.zeros(0, object))
+
+    def positions(self, ids: list[str]) -> np.ndarray:
+        """Row of each id here, -1 when unknown (one C-level dict lookup per id)."""
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        return np.fromiter(map(self._pos.get, ids, itertools.repeat(-1)), np.int64, count=len(ids))
+
+    def get(self, sample_id: str) -> Optional[tuple[str, str]]:
+        if self._pos is None:
+            self._pos = dict(zip(self.ids, range(len(self.ids))))
+        i = self._pos.get(sample_id)
+        return None if i is None else (self.sha256[i], self.file_sha256[i])
+
+
+@dataclass
+class StatTable(KnownRows):
+    """The local stat cache of a folder source: per file, the (size, mtime) it had when its bytes
+    hashed to ``file_sha256`` and decoded to pixels hashing to ``sha256``; ``scan_ns`` is when the
+    scan that recorded it started (see RACY_NS)."""
+
+    size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    mtime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scan_ns: int = 0
+
+    def same_as(self, other: Optional["StatTable"]) -> bool:
+        return (other is not None and self.ids == other.ids and np.array_equal(self.size, other.size)
+                and np.array_equal(self.mtime_ns, other.mtime_ns)
+                and bool((self.sha256 == other.sha256).all()) and bool((self.file_sha256 == other.file_sha256).all()))
+
+
+@dataclass
+class SourceRead:
+    """The outcome of an incremental read: every row of the source, decoded only where needed.
+
+    ``images`` holds the decoded rows only (``decoded`` marks them, in row order); a row that was
+    not decoded carries the pixel hash the store recorded for it (``hashes``), confirmed by its
+    file's stat or byte digest. ``unchanged`` is the archive shortcut: the archives are the ones
+    the parent snapshot was ingested from, so nothing was read and the row fields are empty.
+    """
+
+    sample_ids: list[str]
+    class_names: list[str]
+    labels: np.ndarray  # int64, index into class_names
+    splits: np.ndarray
+    uris: list[str]
+    hashes: list[str]  # pixel sha256 (core.hashing.sample_hash) of every row
+    file_sizes: np.ndarray  # int64 bytes of the file each row came from; -1 when not a file
+    file_sha256: list[str]  # sha256 of those bytes; "" when not a file or not read this run
+    decoded: np.ndarray  # bool (N,)
+    images: np.ndarray  # uint8 (n_decoded, H, W, C)
+    key: str = ""
+    spec: dict = field(default_factory=dict)  # what the snapshot header records about the source
+    work: dict = field(default_factory=dict)  # counters: listed, trusted, read, decoded, ...
+    stat: Optional[StatTable] = None  # the stat cache after this read (folder sources)
+    stat_changed: bool = False  # stat differs from the cache it started from
+    unchanged: bool = False
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass(slots=True)
 class _Entry:
-    """One file of a file source, before decoding."""
+    """One file of a file source, before decoding (slots, not frozen: one per file, made fast)."""
 
     split: str
     cls: str
     name: str  # file name inside the class folder
     uri: str
-
-    @property
-    def sample_id(self) -> str:
-        return f"{self.split}/{self.cls}/{self.name}"
+    sample_id: str  # f"{split}/{cls}/{name}"
+    size: int = -1  # bytes, from the listing (folders) or the tar header
+    mtime_ns: int = -1  # folders only
+    path: str = ""  # the file on disk (folders only)
 
     @property
     def order(self) -> tuple[int, str, str]:
         return (SPLITS.index(self.split), self.cls, self.name)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 # ----------------------------------------------------------------------------- public API
@@ -141,6 +269,11 @@ def resolve_path(cfg: DataConfig) -> str:
     raise SourceError(f"data.name={cfg.name} needs data.path (a folder or .tar.gz with train/<class>/* and test/<class>/*)")
 
 
+def _limits(cfg: DataConfig) -> _Limits:
+    return _Limits(int(getattr(cfg, "max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
+                   int(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
+
+
 def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
     """Load the configured source as decoded uint8 arrays (see the module docstring)."""
     if cfg.name == "digits":
@@ -148,13 +281,53 @@ def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
     elif cfg.name == "cifar10":
         data = load_cifar10(cfg, progress)
     elif cfg.name == "imagefolder":
-        data = load_imagefolder(resolve_path(cfg), cfg.limit, cfg.workers, progress=progress)
+        lim = _limits(cfg)
+        data = load_imagefolder(resolve_path(cfg), cfg.limit, cfg.workers, progress=progress,
+                                max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels)
     else:
         raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
     return SourceData(
         images=data.images, labels=data.labels, class_names=data.class_names, splits=data.splits,
         sample_ids=data.sample_ids, uris=data.uris, key=source_key(cfg), spec=source_spec(cfg),
     )
+
+
+def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Optional[StatTable] = None,
+                previous: Optional[dict] = None, verify: bool = False, recheck: Optional[int] = None,
+                progress: Progress = None) -> SourceRead:
+    """Read the configured source, decoding only the rows ``known`` cannot vouch for.
+
+    ``known``: what the parent snapshot recorded; ``stat``: the local stat cache; ``previous``:
+    the parent snapshot's ``source`` record (archive digests, limit); ``verify``: decode
+    everything (full check). See "Incremental read" in the module docstring.
+    """
+    if cfg.name not in ("digits", "cifar10", "imagefolder"):
+        raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
+    verify = bool(verify or getattr(cfg, "verify_source", False))
+    recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
+    if cfg.name == "digits":
+        d = load_digits(cfg.test_fraction, cfg.seed, cfg.limit)
+        from pipeline.core.hashing import sample_hashes
+
+        n = len(d)
+        read = SourceRead(d.sample_ids, d.class_names, d.labels, d.splits, d.uris, sample_hashes(d.images),
+                          np.full(n, -1, np.int64), [""] * n, np.ones(n, bool), d.images,
+                          work={"listed": n, "decoded": n})
+    else:
+        path = resolve_path(cfg)
+        if cfg.name == "cifar10" and not os.path.exists(path):
+            _cifar10_missing(cfg, path, progress)
+        read = _read_imagefolder(path, cfg.limit, cfg.workers, limits=_limits(cfg), known=known or KnownRows.empty(),
+                                 stat=stat, previous=previous, verify=verify, recheck=recheck,
+                                 chunk_size=CHUNK_SIZE, progress=progress)
+        if cfg.name == "cifar10" and not read.unchanged and tuple(read.class_names) != CIFAR10_CLASSES:
+            raise SourceError(
+                f"{path}: class folders {read.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "
+                f"use data.name=imagefolder for another data set"
+            )
+    read.key = source_key(cfg)
+    read.spec = {**source_spec(cfg), "limit": cfg.limit, **read.spec}
+    return read
 
 
 # ----------------------------------------------------------------------------- digits
@@ -209,21 +382,27 @@ def _round_robin(items: list[tuple], limit: int) -> list[tuple]:
 def load_cifar10(cfg: DataConfig, progress: Progress = None) -> SourceData:
     path = resolve_path(cfg)
     if not os.path.exists(path):
-        if not cfg.download:
-            raise SourceError(
-                f"CIFAR-10 not found at {path} (resolved against {os.getcwd()}): put cifar10-train.tar.gz and "
-                f"cifar10-test.tar.gz (members train/<class>/NNNN.jpg, test/<class>/...) or a folder with "
-                f"train/<class>/ and test/<class>/ there, set data.path to where they are, or set "
-                f"data.download=true to fetch CIFAR-10 with torchvision (needs internet)"
-            )
-        download_cifar10(Path(path), progress)
-    data = load_imagefolder(path, cfg.limit, cfg.workers, progress=progress)
+        _cifar10_missing(cfg, path, progress)
+    lim = _limits(cfg)
+    data = load_imagefolder(path, cfg.limit, cfg.workers, progress=progress,
+                            max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels)
     if tuple(data.class_names) != CIFAR10_CLASSES:
         raise SourceError(
             f"{path}: class folders {data.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "
             f"use data.name=imagefolder for another data set"
         )
     return data
+
+
+def _cifar10_missing(cfg: DataConfig, path: str, progress: Progress) -> None:
+    if not cfg.download:
+        raise SourceError(
+            f"CIFAR-10 not found at {path} (resolved against {os.getcwd()}): put cifar10-train.tar.gz and "
+            f"cifar10-test.tar.gz (members train/<class>/NNNN.jpg, test/<class>/...) or a folder with "
+            f"train/<class>/ and test/<class>/ there, set data.path to where they are, or set "
+            f"data.download=true to fetch CIFAR-10 with torchvision (needs internet)"
+        )
+    download_cifar10(Path(path), progress)
 
 
 def download_cifar10(dest: Path, progress: Progress = None) -> None:
@@ -267,8 +446,19 @@ def download_cifar10(dest: Path, progress: Progress = None) -> None:
 
 
 def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *,
-                     chunk_size: int = CHUNK_SIZE, progress: Progress = None) -> SourceData:
+                     chunk_size: int = CHUNK_SIZE, progress: Progress = None,
+                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SourceData:
     """Decode a folder / archive / archive pair in ImageFolder layout (see the module docstring)."""
+    read = _read_imagefolder(path, limit, workers, limits=_Limits(max_file_bytes, max_image_pixels),
+                             known=KnownRows.empty(), stat=None, previous=None, verify=True, recheck=0,
+                             chunk_size=chunk_size, progress=progress)
+    return SourceData(images=read.images, labels=read.labels, class_names=read.class_names, splits=read.splits,
+                      sample_ids=read.sample_ids, uris=read.uris)
+
+
+def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
+    """("folder", [(path, root, SPLITS)]) or ("archives", [(label, archive, splits), ...])."""
     p = Path(path)
     if not p.exists():
         raise SourceError(
@@ -278,13 +468,250 @@ def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *
     if p.is_file():
         if not _is_archive(p):
             raise SourceError(f"data.path {path} is a file but not a .tar.gz/.tgz/.tar archive")
-        streams = [(path, _archive_entries(p, path, SPLITS))]
-    elif (p / "train").exists() or (p / "test").exists() or (p / "train").is_symlink() or (p / "test").is_symlink():
-        streams = [(path, _folder_entries(p, path))]
+        return "archives", [(path, p, SPLITS)]
+    if (p / "train").exists() or (p / "test").exists() or (p / "train").is_symlink() or (p / "test").is_symlink():
+        return "folder", [(path, p, SPLITS)]
+    return "archives", [(f"{path}/{a.name}", a, (s,)) for s, a in _split_archives(p).items()]
+
+
+def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: _Limits, known: KnownRows,
+                      stat: Optional[StatTable], previous: Optional[dict], verify: bool, recheck: int,
+                      chunk_size: int, progress: Progress) -> SourceRead:
+    t0 = time.perf_counter()
+    kind, parts = _layout(path)
+    if kind == "folder":
+        read = _read_folder(parts[0][1], path, limit, workers, limits, known, stat, verify, recheck, chunk_size)
     else:
-        archives = _split_archives(p)
-        streams = [(f"{path}/{a.name}", _archive_entries(a, f"{path}/{a.name}", (s,))) for s, a in archives.items()]
-    return _decode_source(path, streams, limit, _workers(workers), chunk_size, progress)
+        read = _read_archives(path, parts, limit, workers, limits, known, previous, verify, chunk_size, progress)
+    if not read.unchanged:
+        w = read.work
+        _say(progress, f"decoded {int(read.decoded.sum())} images from {path} in {time.perf_counter() - t0:.1f} s "
+                       f"({len(read)} files: {w.get('trusted', 0)} unchanged by (size, mtime), "
+                       f"{w.get('confirmed_by_digest', 0)} by byte digest)")
+    return read
+
+
+def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limits: _Limits, known: KnownRows,
+                 stat: Optional[StatTable], verify: bool, recheck: int, chunk_size: int) -> SourceRead:
+    """A folder source, column by column: list with one stat per file, trust what the stat cache
+    vouches for, read and digest the rest, decode what the digests cannot vouch for."""
+    work: Counter = Counter()
+    ls = _list_folder(root, path, limits.max_file_bytes)
+    _check_layout(path, ls.dirs, ls.counts())  # layout errors before a single file is opened
+    ids, sizes, mtimes, splits, classes = ls.ids, ls.sizes, ls.mtimes, ls.splits(), ls.classes()
+    if limit is not None:
+        keyed = [((SPLITS.index(s), c, i.rsplit("/", 1)[1]), k) for k, (i, s, c) in enumerate(zip(ids, splits, classes))]
+        keep = np.array(sorted(k for _, k in _select_limit(keyed, limit)), dtype=np.int64)
+        ids = [ids[k] for k in keep]
+        sizes, mtimes, splits, classes = sizes[keep], mtimes[keep], splits[keep], classes[keep]
+    n = len(ids)
+    work["listed"] = n
+    kpos = known.positions(ids)
+    k_sha = np.where(kpos >= 0, known.sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
+    k_fsha = np.where(kpos >= 0, known.file_sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
+    hashes = np.full(n, "", dtype=object)
+    fsha = np.full(n, "", dtype=object)
+    if stat is not None and len(stat.ids):
+        cpos = stat.positions(ids)
+        c_sha = np.where(cpos >= 0, stat.sha256[cpos], "")
+        c_fsha = np.where(cpos >= 0, stat.file_sha256[cpos], "")
+    else:
+        cpos = np.full(n, -1, np.int64)
+        c_sha = c_fsha = np.full(n, "", object)
+    if stat is not None and len(stat.ids) and not verify:
+        ok = (cpos >= 0) & (kpos >= 0)
+        ok &= np.where(ok, stat.size[cpos] == sizes, False) & np.where(ok, stat.mtime_ns[cpos] == mtimes, False)
+        ok &= mtimes <= stat.scan_ns - RACY_NS
+        ok &= c_sha == k_sha
+        trusted = np.flatnonzero(ok)
+        # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
+        spot = np.array(random.SystemRandom().sample(trusted.tolist(), min(max(recheck, 0), len(trusted))), np.int64)
+        ok[spot] = False
+        hashes[ok], fsha[ok] = k_sha[ok], c_fsha[ok]
+        work["trusted"], work["rechecked"] = int(ok.sum()), len(spot)
+        todo = np.flatnonzero(~ok)
+    else:
+        todo = np.arange(n)
+    base = str(root)
+    uri_of = (lambda i: f"{path}::{ids[i]}")
+    items = ((int(i), _read_file(f"{base}/{ids[i]}", uri_of(i), limits.max_file_bytes)) for i in todo)
+
+    def expect(i: int) -> tuple[str, str, str, str]:
+        return k_sha[i], k_fsha[i], c_fsha[i], c_sha[i]
+
+    arrays = _ingest(items, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits, work, path)
+    decoded_idx = sorted(arrays)
+    _check_uniform(path, [uri_of(i) for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
+    index = {c: i for i, c in enumerate(class_names)}
+    decoded = np.zeros(n, dtype=bool)
+    decoded[decoded_idx] = True
+    images = np.stack([arrays[i] for i in decoded_idx]) if arrays else np.zeros((0, 1, 1, 1), np.uint8)
+    keep_stat = (hashes != "") & (fsha != "")
+    new_stat = StatTable([ids[i] for i in np.flatnonzero(keep_stat)] if not keep_stat.all() else list(ids),
+                         hashes[keep_stat], fsha[keep_stat], size=sizes[keep_stat], mtime_ns=mtimes[keep_stat],
+                         scan_ns=stat.scan_ns if stat is not None else 0)
+    return SourceRead(
+        sample_ids=list(ids),
+        class_names=class_names,
+        labels=np.array([index.get(c, -1) for c in classes.tolist()], dtype=np.int64),
+        splits=splits.astype(str),
+        uris=[f"{path}::{i}" for i in ids],
+        hashes=hashes.tolist(),
+        file_sizes=sizes.astype(np.int64),
+        file_sha256=fsha.tolist(),
+        decoded=decoded,
+        images=images,
+        work=dict(work),
+        stat=new_stat,
+        stat_changed=not new_stat.same_as(stat),
+    )
+
+
+def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], limit: Optional[int], workers: int,
+                   limits: _Limits, known: KnownRows, previous: Optional[dict], verify: bool, chunk_size: int,
+                   progress: Progress) -> SourceRead:
+    """An archive source: hashed whole first (the no-op shortcut), else streamed member by member."""
+    work: Counter = Counter()
+    archives = []
+    for label, archive, _ in parts:
+        with open(archive, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        archives.append({"name": label, "size": archive.stat().st_size, "sha256": digest})
+        work["archive_bytes_hashed"] += archives[-1]["size"]
+    spec = {"archives": archives}
+    if not verify and previous is not None and previous.get("archives") == archives and previous.get("limit") == limit:
+        _say(progress, f"{path}: archives unchanged (sha256 of {work['archive_bytes_hashed'] / 1e6:.1f} MB "
+                       f"equals the parent snapshot's); nothing decoded")
+        empty = np.zeros(0, np.int64)
+        return SourceRead([], [], empty, np.array([], dtype=str), [], [], empty, [], np.zeros(0, bool),
+                          np.zeros((0, 1, 1, 1), np.uint8), spec=spec, work=dict(work), unchanged=True)
+    dirs: set[str] = set()
+
+    def members() -> Iterator[tuple[_Entry, bytes]]:
+        for label, archive, splits in parts:
+            for entry, data in _archive_entries(archive, label, splits, limits.max_file_bytes):
+                if isinstance(entry, tuple):
+                    dirs.add(entry[1])
+                else:
+                    yield entry, data
+
+    if limit is not None:
+        # The selection needs every name first; a limited run is a smoke test, so memory is small.
+        everything = list(members())
+        _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e, _ in everything))
+        keep = {id(x[1]) for x in _select_limit([(e.order, e) for e, _ in everything], limit)}
+        pairs: Iterable[tuple[_Entry, bytes]] = ((e, d) for e, d in everything if id(e) in keep)
+    else:
+        pairs = members()
+    entries: list[_Entry] = []
+    hashes: list[str] = []
+    fsha: list[str] = []
+
+    def appended() -> Iterator[tuple[int, bytes]]:
+        for e, d in pairs:
+            entries.append(e)
+            hashes.append("")
+            fsha.append("")
+            yield len(entries) - 1, d
+
+    def expect(i: int) -> tuple[str, str, str, str]:
+        k = known.get(entries[i].sample_id)
+        return (k[0], k[1], "", "") if k is not None else ("", "", "", "")
+
+    arrays = _ingest(appended(), lambda i: entries[i].uri, expect, hashes, fsha, verify, workers, chunk_size,
+                     limits, work, path)
+    work["listed"] = len(entries)
+    if limit is None:
+        _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e in entries))
+    decoded_idx = sorted(arrays)
+    _check_uniform(path, [entries[i].uri for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    order = sorted(range(len(entries)), key=lambda i: entries[i].order)  # members come in archive order
+    entries, hashes, fsha = [entries[i] for i in order], [hashes[i] for i in order], [fsha[i] for i in order]
+    arrays = {new: arrays[old] for new, old in enumerate(order) if old in arrays}
+    n = len(entries)
+    class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
+    index = {c: i for i, c in enumerate(class_names)}
+    decoded = np.zeros(n, dtype=bool)
+    decoded[list(arrays)] = True
+    return SourceRead(
+        sample_ids=[e.sample_id for e in entries],
+        class_names=class_names,
+        labels=np.array([index[e.cls] for e in entries], dtype=np.int64),
+        splits=np.array([e.split for e in entries]),
+        uris=[e.uri for e in entries],
+        hashes=hashes,
+        file_sizes=np.array([e.size for e in entries], dtype=np.int64),
+        file_sha256=fsha,
+        decoded=decoded,
+        images=np.stack([arrays[i] for i in sorted(arrays)]) if arrays else np.zeros((0, 1, 1, 1), np.uint8),
+        spec=spec,
+        work=dict(work),
+    )
+
+
+def _read_file(path: str, uri: str, max_file_bytes: int) -> bytes:
+    """The bytes of a listed file, never more than the cap, never through a link made since."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise SourceError(f"{uri}: vanished while the source was read; re-run when the source is stable") from None
+    except OSError as exc:
+        raise SourceError(f"{uri}: cannot be read ({exc.strerror or exc}); fix its permissions or remove it") from None
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(max_file_bytes + 1)
+    if len(data) > max_file_bytes:
+        raise SourceError(_too_big(uri, None, max_file_bytes))
+    return data
+
+
+def _too_big(uri: str, size: Optional[int], max_file_bytes: int) -> str:
+    what = f"{size} bytes" if size is not None else "more bytes"
+    return (f"{uri}: {what} is larger than data.max_file_bytes ({max_file_bytes} bytes); refused before reading it. "
+            f"Remove the file, or raise data.max_file_bytes if it is a genuine image")
+
+
+def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
+            expect: Callable[[int], tuple[str, str, str, str]], hashes, fsha, verify: bool, workers: int,
+            chunk_size: int, limits: _Limits, work: Counter, path: str = "the source") -> dict[int, np.ndarray]:
+    """Digest what was read; decode what the digests cannot vouch for. Fills ``hashes`` and
+    ``fsha`` in place (by row index); returns the decoded arrays by row index.
+
+    ``expect(i)`` = (pixel hash and file digest the store recorded, file digest and pixel hash
+    the stat cache recorded), "" where unknown: a row whose bytes hash to a recorded digest is
+    confirmed without decoding (unless ``verify``)."""
+
+    def to_decode() -> Iterator[tuple[int, bytes]]:
+        for i, data in items:
+            digest = hashlib.sha256(data).hexdigest()
+            fsha[i] = digest
+            work["read"] += 1
+            work["bytes_read"] += len(data)
+            k_sha, k_fsha, c_fsha, c_sha = expect(i)
+            if k_sha and not verify and ((k_fsha and digest == k_fsha) or (c_fsha == digest and c_sha == k_sha)):
+                hashes[i] = k_sha
+                work["confirmed_by_digest"] += 1
+                continue
+            yield i, data
+
+    arrays: dict[int, np.ndarray] = {}
+    errors: list[str] = []
+    bar = progress_bar(desc="decode", unit="img")
+    try:
+        for tags, results in _decode_stream(to_decode(), workers, chunk_size, limits.max_pixels):
+            for i, res in zip(tags, results):
+                if isinstance(res, str):
+                    errors.append(f"{uri_of(i)}: {res}")
+                else:
+                    arrays[i], hashes[i] = res
+            work["decoded"] += len(tags)
+            bar.update(len(tags))
+    finally:
+        bar.close()
+    if errors:
+        raise SourceError(_listing(f"{len(errors)} file(s) in {path} are not usable images", errors,
+                                   "fix or remove them (every file in a class folder must be an image)"))
+    return arrays
 
 
 def _is_archive(p: Path) -> bool:
@@ -314,33 +741,105 @@ def _split_archives(folder: Path) -> dict[str, Path]:
     return out
 
 
-def _folder_entries(root: Path, label: str) -> Iterator[tuple[_Entry | tuple[str, str], bytes | None]]:
-    """Walk train/ and test/ in sorted order; yields (entry, bytes) and (("dir", split/cls), None)."""
+def _printable(text: str) -> str:
+    """A name as text that can always be printed: undecodable bytes as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_name(label: str, rel: str) -> None:
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(
+            f"{_printable(label)}::{_printable(rel)}: the name is not valid UTF-8 (bytes "
+            f"{rel.encode('utf-8', 'surrogateescape')!r}); rename it to UTF-8 (sample ids and manifests are UTF-8)"
+        ) from None
+
+
+@dataclass
+class _Listing:
+    """A folder source listed in row order: ids (= paths inside the source), sizes, mtimes, and the
+    class folders as runs of rows (split, class, start, end)."""
+
+    dirs: set[str]
+    ids: list[str]
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    runs: list[tuple[str, str, int, int]]
+
+    def splits(self) -> np.ndarray:
+        return np.repeat(np.array([r[0] for r in self.runs] or [""], dtype=object)[: len(self.runs)],
+                         [r[3] - r[2] for r in self.runs])
+
+    def classes(self) -> np.ndarray:
+        return np.repeat(np.array([r[1] for r in self.runs] or [""], dtype=object)[: len(self.runs)],
+                         [r[3] - r[2] for r in self.runs])
+
+    def counts(self) -> Counter:
+        return Counter({f"{s}/{c}": b - a for s, c, a, b in self.runs})
+
+
+def _list_folder(root: Path, label: str, max_file_bytes: int) -> _Listing:
+    """List train/ and test/ with one lstat per file, opening none; refuse what a source must not hold."""
+    _check_name(label, "")
+    dirs: set[str] = set()
+    ids: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    runs: list[tuple[str, str, int, int]] = []
+    by_name = operator.attrgetter("name")
     for split in SPLITS:
         sdir = root / split
         if sdir.is_symlink():
             raise SourceError(f"{sdir} is a symlink: a source must be a self-contained tree (copy the data in)")
         if not sdir.is_dir():
             continue  # reported as a missing split once everything is listed
-        for cdir in sorted(sdir.iterdir(), key=lambda c: c.name):
+        with os.scandir(sdir) as it:
+            class_dirs = sorted(it, key=by_name)
+        for cdir in class_dirs:
             rel = f"{split}/{cdir.name}"
+            _check_name(label, rel)
             if cdir.is_symlink():
                 raise SourceError(f"{label}::{rel} is a symlink: copy the data into the source (symlinks are refused)")
-            if not cdir.is_dir():
+            if not cdir.is_dir(follow_symlinks=False):
                 raise SourceError(f"{label}::{rel} is a file directly in {split}/: every image must be in a class folder {split}/<class>/")
-            yield ("dir", rel), None
-            for f in sorted(cdir.iterdir(), key=lambda c: c.name):
-                frel = f"{rel}/{f.name}"
-                if f.is_symlink():
-                    raise SourceError(f"{label}::{frel} is a symlink: copy the file into the source (symlinks are refused)")
-                if f.is_dir():
-                    raise SourceError(f"{label}::{frel} is a folder inside a class folder: expected {split}/<class>/<image file>")
-                if not f.is_file():
-                    raise SourceError(f"{label}::{frel} is not a regular file: remove it")
-                yield _Entry(split, cdir.name, f.name, f"{label}::{frel}"), f.read_bytes()
+            dirs.add(rel)
+            start = len(ids)
+            folder = cdir.path
+            for name in sorted(os.listdir(folder)):
+                frel = f"{rel}/{name}"
+                if not name.isascii():
+                    _check_name(label, frel)
+                st = os.lstat(f"{folder}/{name}")
+                if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size > max_file_bytes:
+                    _refuse_file(label, frel, split, st, max_file_bytes)
+                ids.append(frel)
+                sizes.append(st.st_size)
+                mtimes.append(st.st_mtime_ns)
+            runs.append((split, cdir.name, start, len(ids)))
+    return _Listing(dirs, ids, np.array(sizes, dtype=np.int64), np.array(mtimes, dtype=np.int64), runs)
 
 
-def _archive_entries(archive: Path, label: str, splits: tuple[str, ...]) -> Iterator[tuple[_Entry | tuple[str, str], bytes | None]]:
+def _refuse_file(label: str, frel: str, split: str, st: os.stat_result, max_file_bytes: int) -> None:
+    """Raise the error a listed file deserves (the listing's fast path calls this only on a misfit)."""
+    mode = st.st_mode
+    if stat_mod.S_ISLNK(mode):
+        raise SourceError(f"{label}::{frel} is a symlink: copy the file into the source (symlinks are refused)")
+    if stat_mod.S_ISDIR(mode):
+        raise SourceError(f"{label}::{frel} is a folder inside a class folder: expected {split}/<class>/<image file>")
+    if not stat_mod.S_ISREG(mode):
+        raise SourceError(f"{label}::{frel} is not a regular file: remove it")
+    if st.st_nlink > 1:
+        raise SourceError(
+            f"{label}::{frel} is a hard link ({st.st_nlink} names for one file): a source must be a "
+            f"self-contained tree whose files change only through it; copy the file instead of linking it "
+            f"(cp without -l, or `dvc config cache.type copy` for a DVC-managed source)")
+    raise SourceError(_too_big(f"{label}::{frel}", st.st_size, max_file_bytes))
+
+
+def _archive_entries(archive: Path, label: str, splits: tuple[str, ...],
+                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+                     ) -> Iterator[tuple[_Entry | tuple[str, str], bytes | None]]:
     """Stream a tar archive member by member (no seeking: .tar.gz is read once, in order)."""
     try:
         tf = tarfile.open(archive, mode="r|*")
@@ -352,6 +851,7 @@ def _archive_entries(archive: Path, label: str, splits: tuple[str, ...]) -> Iter
         with tf:
             for m in tf:
                 name = m.name
+                _check_name(label, name)
                 parts = [x for x in name.split("/") if x not in (".", "")]
                 # stricter than data_filter (which strips a leading / and allows a `..` that stays inside)
                 if ".." in parts or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
@@ -387,11 +887,13 @@ def _archive_entries(archive: Path, label: str, splits: tuple[str, ...]) -> Iter
                 if rel in seen:
                     raise SourceError(f"{label}::{name}: appears twice in the archive; keep one copy")
                 seen.add(rel)
+                if m.size > max_file_bytes:  # from the tar header: nothing of the member is read
+                    raise SourceError(_too_big(f"{label}::{rel}", m.size, max_file_bytes))
                 cls_dir = parts[0] + "/" + parts[1]
                 if cls_dir not in dirs:
                     dirs.add(cls_dir)
                     yield ("dir", cls_dir), None
-                yield _Entry(parts[0], parts[1], parts[2], f"{label}::{rel}"), _member_bytes(tf, m)
+                yield _Entry(parts[0], parts[1], parts[2], f"{label}::{rel}", rel, int(m.size)), _member_bytes(tf, m)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise SourceError(f"{archive}: truncated or corrupt archive ({exc}); re-create or re-download it") from exc
 
@@ -408,65 +910,6 @@ _FILTER_ROOT = "/nonexistent-poisongate-source"  # data_filter judges paths agai
 _PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.DIRTYPE)
 
 
-def _decode_source(path: str, streams: list[tuple[str, Iterator]], limit: Optional[int], workers: int,
-                   chunk_size: int, progress: Progress) -> SourceData:
-    dirs: set[str] = set()
-    entries: list[_Entry] = []
-    arrays: list[np.ndarray] = []
-    errors: list[str] = []
-    t0 = time.perf_counter()
-
-    def listed() -> Iterator[tuple[_Entry, bytes]]:
-        for _, stream in streams:
-            for entry, data in stream:
-                if isinstance(entry, tuple):
-                    dirs.add(entry[1])
-                else:
-                    yield entry, data
-
-    if limit is not None:
-        # The selection needs every name first; a limited run is a smoke test, so memory is small.
-        everything = list(listed())
-        _check_layout(path, dirs, [e for e, _ in everything])
-        keep = {id(x[1]) for x in _select_limit([(e.order, e) for e, _ in everything], limit)}
-        items: Iterable[tuple[_Entry, bytes]] = [(e, d) for e, d in everything if id(e) in keep]
-    else:
-        items = listed()
-
-    bar = progress_bar(desc="decode", unit="img")
-    try:
-        for batch_entries, results in _decode_stream(items, workers, chunk_size):
-            for entry, res in zip(batch_entries, results):
-                if isinstance(res, str):
-                    errors.append(f"{entry.uri}: {res}")
-                else:
-                    entries.append(entry)
-                    arrays.append(res)
-            bar.update(len(batch_entries))
-    finally:
-        bar.close()
-    if limit is None:
-        _check_layout(path, dirs, entries)
-    if errors:
-        raise SourceError(_listing(f"{len(errors)} file(s) in {path} are not usable images", errors,
-                                   "fix or remove them (every file in a class folder must be an image)"))
-    _check_uniform(path, entries, arrays)
-    order = sorted(range(len(entries)), key=lambda i: entries[i].order)
-    entries = [entries[i] for i in order]
-    class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
-    index = {c: i for i, c in enumerate(class_names)}
-    images = np.stack([arrays[i] for i in order]) if order else np.zeros((0, 1, 1, 1), np.uint8)
-    _say(progress, f"decoded {len(entries)} images from {path} in {time.perf_counter() - t0:.1f} s")
-    return SourceData(
-        images=images,
-        labels=np.array([index[e.cls] for e in entries], dtype=np.int64),
-        class_names=class_names,
-        splits=np.array([e.split for e in entries]),
-        sample_ids=[e.sample_id for e in entries],
-        uris=[e.uri for e in entries],
-    )
-
-
 def _select_limit(keyed: list[tuple[tuple[int, str, str], object]], limit: int) -> list[tuple]:
     """Round-robin over classes, per split: keyed items are ((split_idx, class, file), payload)."""
     out: list[tuple] = []
@@ -476,7 +919,8 @@ def _select_limit(keyed: list[tuple[tuple[int, str, str], object]], limit: int) 
     return out
 
 
-def _check_layout(path: str, dirs: set[str], entries: list[_Entry]) -> None:
+def _check_layout(path: str, dirs: set[str], counts: Counter) -> None:
+    """Both splits present, with the same class folders, none empty (``counts``: rows per split/class)."""
     classes = {s: sorted({d.split("/", 1)[1] for d in dirs if d.startswith(s + "/")}) for s in SPLITS}
     for split in SPLITS:
         if not classes[split]:
@@ -490,27 +934,26 @@ def _check_layout(path: str, dirs: set[str], entries: list[_Entry]) -> None:
             f"{path}: test/ and train/ must have the same class folders; only in train/: {only_train}, "
             f"only in test/: {only_test}"
         )
-    counts = Counter(f"{e.split}/{e.cls}" for e in entries)
     empty = sorted(d for d in dirs if counts[d] == 0)
     if empty:
         raise SourceError(_listing(f"{path}: {len(empty)} empty class folder(s)", [f"{path}::{d}/" for d in empty],
                                    "add images to them or remove the folders"))
 
 
-def _check_uniform(path: str, entries: list[_Entry], arrays: list[np.ndarray]) -> None:
+def _check_uniform(path: str, uris: list[str], arrays: list[np.ndarray]) -> None:
     if not arrays:
         return
     channels = Counter(a.shape[2] for a in arrays)
     if len(channels) > 1:
         major = channels.most_common(1)[0][0]
-        odd = [f"{e.uri}: {a.shape[2]} channel(s)" for e, a in zip(entries, arrays) if a.shape[2] != major]
+        odd = [f"{u}: {a.shape[2]} channel(s)" for u, a in zip(uris, arrays) if a.shape[2] != major]
         raise SourceError(_listing(
             f"{path} mixes grayscale and colour images ({dict(channels)} by channel count)", odd,
             f"convert them to {'RGB' if major == 3 else 'grayscale (L)'} like the other {channels[major]} images"))
     sizes = Counter(a.shape[:2] for a in arrays)
     if len(sizes) > 1:
         (h, w), n = sizes.most_common(1)[0]
-        odd = [f"{e.uri}: {a.shape[1]}x{a.shape[0]}" for e, a in zip(entries, arrays) if a.shape[:2] != (h, w)]
+        odd = [f"{u}: {a.shape[1]}x{a.shape[0]}" for u, a in zip(uris, arrays) if a.shape[:2] != (h, w)]
         raise SourceError(_listing(
             f"{path} has images of more than one size (most are {w}x{h}, {n} images)", odd,
             f"resize them to {w}x{h} or remove them (one image size per data set)"))
@@ -534,21 +977,25 @@ def _workers(n: int) -> int:
         return os.cpu_count() or 1
 
 
-def _chunks(items: Iterable[tuple[_Entry, bytes]], size: int) -> Iterator[tuple[list[_Entry], list[bytes]]]:
-    es: list[_Entry] = []
-    bs: list[bytes] = []
-    for e, b in items:
-        es.append(e)
-        bs.append(b)
-        if len(es) == size:
-            yield es, bs
-            es, bs = [], []
-    if es:
-        yield es, bs
+def _chunks(items: Iterable[tuple[object, bytes]], size: int, max_bytes: int = CHUNK_BYTES
+            ) -> Iterator[tuple[list[object], list[bytes]]]:
+    tags: list[object] = []
+    blobs: list[bytes] = []
+    held = 0
+    for tag, b in items:
+        tags.append(tag)
+        blobs.append(b)
+        held += len(b)
+        if len(tags) == size or held >= max_bytes:
+            yield tags, blobs
+            tags, blobs, held = [], [], 0
+    if tags:
+        yield tags, blobs
 
 
-def _decode_stream(items: Iterable[tuple[_Entry, bytes]], workers: int, chunk_size: int
-                   ) -> Iterator[tuple[list[_Entry], list[np.ndarray | str]]]:
+def _decode_stream(items: Iterable[tuple[object, bytes]], workers: int, chunk_size: int,
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                   ) -> Iterator[tuple[list[object], list[tuple[np.ndarray, str] | str]]]:
     """Decode chunk by chunk; a pool only when there is more than one chunk to share out.
 
     The parent keeps reading (the archive stream) while up to 2 chunks per worker are in flight, so
@@ -560,10 +1007,10 @@ def _decode_stream(items: Iterable[tuple[_Entry, bytes]], workers: int, chunk_si
         return
     second = next(chunks, None)
     if second is None or workers <= 1:
-        for es, bs in (c for c in (first, second) if c is not None):
-            yield es, decode_chunk(bs)
-        for es, bs in chunks:
-            yield es, decode_chunk(bs)
+        for tags, bs in (c for c in (first, second) if c is not None):
+            yield tags, decode_chunk(bs, max_pixels)
+        for tags, bs in chunks:
+            yield tags, decode_chunk(bs, max_pixels)
         return
     import multiprocessing as mp
 
@@ -572,48 +1019,70 @@ def _decode_stream(items: Iterable[tuple[_Entry, bytes]], workers: int, chunk_si
     with ctx.Pool(workers) as pool:
         pending: deque = deque()
 
-        def submit(chunk: tuple[list[_Entry], list[bytes]]) -> None:
-            pending.append((chunk[0], pool.apply_async(decode_chunk, (chunk[1],))))
+        def submit(chunk: tuple[list[object], list[bytes]]) -> None:
+            pending.append((chunk[0], pool.apply_async(decode_chunk, (chunk[1], max_pixels))))
 
         submit(first)
         submit(second)
         for chunk in chunks:
             submit(chunk)
             while len(pending) > 2 * workers:
-                es, res = pending.popleft()
-                yield es, res.get()
+                tags, res = pending.popleft()
+                yield tags, res.get()
         while pending:
-            es, res = pending.popleft()
-            yield es, res.get()
+            tags, res = pending.popleft()
+            yield tags, res.get()
 
 
-def decode_chunk(blobs: list[bytes]) -> list[np.ndarray | str]:
-    """Worker task: decode each blob; an error becomes its message (the parent names the file)."""
-    out: list[np.ndarray | str] = []
+def decode_chunk(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[np.ndarray, str] | str]:
+    """Worker task: decode and hash each blob; an error becomes its message (the parent names the file)."""
+    from pipeline.core.hashing import sample_hash
+
+    out: list[tuple[np.ndarray, str] | str] = []
     for b in blobs:
         try:
-            out.append(decode_image(b))
+            img = decode_image(b, max_pixels)
+            out.append((img, sample_hash(img)))
         except SourceError as exc:
             out.append(str(exc))
     return out
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Pillow-decode one image file to a canonical uint8 (H, W, C) array, C in {1, 3}."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Pillow-decode one image file to a canonical uint8 (H, W, C) array, C in {1, 3}.
+
+    The dimensions come from the header (``Image.open`` reads nothing else) and are checked against
+    ``max_pixels`` before a single pixel is decoded; Pillow's decompression-bomb guard is set to the
+    same bound, and its warning is an error here, so nothing is decoded past it.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            if getattr(im, "n_frames", 1) > 1:
-                raise SourceError(f"animated/multi-frame {im.format} image; store one frame per file")
-            im.load()
-            return _canonical(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=FORMATS) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise SourceError(_too_many_pixels(f"{w}x{h}", max_pixels))
+                if getattr(im, "n_frames", 1) > 1:
+                    raise SourceError(f"animated/multi-frame {im.format} image; store one frame per file")
+                im.load()
+                return _canonical(im)
     except UnidentifiedImageError:
         raise SourceError(f"not an image ({'/'.join(FORMATS)}) Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        raise SourceError(_too_many_pixels(f"{size.group(1) if size else 'too many'} pixels", max_pixels)) from None
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow plugins raise assorted types on malformed files
         raise SourceError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+
+
+def _too_many_pixels(size: str, max_pixels: int) -> str:
+    return (f"image of {size} is larger than data.max_image_pixels ({max_pixels} pixels); refused before decoding. "
+            f"Resize or remove it, or raise data.max_image_pixels if such images are genuine")
 
 
 def _canonical(im) -> np.ndarray:

@@ -1,71 +1,119 @@
-"""The content-addressed, append-only sample store under ``data/store``.
+"""The content-addressed, append-only sample store under ``data/store``: a hash chain, like git.
 
-Layout (docs/design.md)::
+Layout (format 2; docs/store.md has the full story)::
 
-    data/store/packs/<sha256-of-file>.npy     uint8 (n, H, W, C): the rows one snapshot ingested
-    data/store/snapshots/<snapshot_id>.csv    manifest, one row per sample
-    data/store/snapshots/<snapshot_id>.json   meta: id, parent, created, source, class_names, ...
-    data/store/heads/<source-key>             the current snapshot of one source lineage (the only ref)
+    data/store/FORMAT                          "poisongate-store 2"
+    data/store/packs/<sha256>.npy              uint8 (n, H, W, C): the pixels one snapshot ingested
+    data/store/deltas/<sha256>.parquet         delta manifest: the rows one snapshot added
+    data/store/snapshots/<snapshot_id>.json    header; its sha256 IS the snapshot id
+    data/store/heads/<source-key>              the current snapshot of one source lineage (the only ref)
 
-Manifest columns, in order: ``sample_id, sha256, label, split, source_uri, ingest_time,
-snapshot_id, pack, pack_index`` (``pack`` = the pack's file hash, ``snapshot_id`` = the snapshot
-that first ingested the row). A snapshot's id is the sha256 of its manifest CSV bytes without the
-``snapshot_id`` column (the column would otherwise have to contain its own hash).
+Every file is named by the sha256 of its bytes, so every file can be checked against its name:
+
+- a **header** (canonical JSON: sorted keys, ASCII) names its ``parent`` (a snapshot id or null),
+  its ``delta`` (sha256 and row count), the ``packs`` its new rows live in, ``class_names``,
+  ``image_shape``, ``source`` (the lineage key and what identified the source: path, limit,
+  archive digests), ``created``, ``n_rows``, ``n_new`` and ``counts``. The snapshot id is the sha256
+  of the header file, so a snapshot id pins its whole history: the header pins its delta and packs
+  by hash, and its parent by id, back to the root.
+- a **delta** (Parquet, columns ``DELTA_SCHEMA``) holds only the rows that snapshot added:
+  ``sample_id, sha256, label, split, source_uri, ingest_time, pack, pack_index, file_size,
+  file_sha256`` (``sha256`` = pixel hash, ``core.hashing.sample_hash``; ``file_sha256`` = sha256 of
+  the source file's bytes at ingest, what makes the next snapshot incremental).
+- the **full manifest** of a snapshot is its chain's deltas concatenated, root first, with a
+  ``snapshot_id`` column naming the snapshot that first ingested each row (derived from the chain,
+  not stored: a delta cannot contain the hash of the header that names it).
 
 Rules
 -----
-- Append-only: a new snapshot holds every row of its parent byte-for-byte (ingest time, URI and
-  pack included) followed by the new rows in source order. An earlier row whose pixels, label or
-  split changed, or that vanished, makes :func:`plan_snapshot` raise :class:`SnapshotRefused`
-  listing every offending row; nothing is written. A vanished row whose exact pixels reappear
-  under a new id is still refused, but reported as "looks like a rename of X to Y" (same class) or
-  "looks like a relabel of X (class a) to Y (class b)" (other class), since a file source's id
-  contains its class folder.
-- Class indices are stable: a class that appears in a later snapshot gets the next index, so the
-  integer labels of earlier rows never change (class_names are then no longer sorted).
-- One lineage per source key (``sources.source_key``: data.name + data.path, or the digits split
-  settings): a digits store and a cifar10 store can share ``data/store`` without refusing each
-  other, each growing its own history from ``heads/<key>``. ``heads/<key>`` is the one ref that says
-  which snapshot is current; ``data/snapshot.json`` is only the DVC output derived from it. When the
-  ref is missing it is recovered from the history itself: the tip of the chain of that key (the one
-  snapshot no other snapshot names as parent), never by guessing from times; several tips is a
-  damaged store and is refused.
-- Writes are atomic (temp file in the same folder + ``os.replace``) and ordered pack -> manifest
-  -> meta -> heads/<key>: a snapshot exists once its meta exists, and a crash leaves at most
-  unreferenced files, never half a snapshot.
+- Verify before use: :func:`chain` checks every header against its id and the links between
+  them; :func:`load_manifest` checks every delta against its hash; :func:`verify_packs` hashes
+  every pack (``hashlib.file_digest``). Any mismatch is a :class:`DamagedStore` (exit 1) naming the
+  file and how to restore it, never a complaint about the source. ``verify(deep=True)`` re-hashes
+  every sample as well.
+- Append-only: a new snapshot holds every row of its parent unchanged, followed by the new rows in
+  source order. An earlier row whose pixels, label or split changed, or that vanished, makes
+  :func:`plan_snapshot` raise :class:`SnapshotRefused` listing every offending row; nothing is
+  written. A vanished row whose exact pixels reappear under a new id is reported as "looks like a
+  rename of X to Y" (same class) or "looks like a relabel of X (class a) to Y (class b)".
+- Class indices are stable: a class that appears later gets the next index.
+- One lineage per source key (``sources.source_key``). ``heads/<key>`` is the one ref saying which
+  snapshot is current; when it is missing it is recovered from the history: the one snapshot of
+  that key no other names as parent; several tips is a damaged store and is refused.
+- Writes are atomic (temp file + ``os.replace``) and ordered pack -> delta -> header -> heads: a
+  crash leaves at most files nothing refers to, never half a snapshot. A re-run after a crash
+  between header and heads adopts the header it already wrote (same rows) instead of forking.
+- Format 1 stores (CSV manifests, ids not chained) are refused with "re-snapshot into a new
+  store": there was no data to migrate.
+
+``python -m pipeline.data.store verify [--store data/store] [--deep]`` checks every lineage.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
+import itertools
 import json
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.core.hashing import sample_hash
-from pipeline.data import stats
-from pipeline.io import atomic_write_bytes as atomic_write
 from pipeline.errors import CheckFailed, UserError
+from pipeline.io import atomic_write_bytes as atomic_write
 
+FORMAT_VERSION = 2
+FORMAT_FILE = "FORMAT"
+FORMAT_TEXT = f"poisongate-store {FORMAT_VERSION}\n"
 COLUMNS = ["sample_id", "sha256", "label", "split", "source_uri", "ingest_time", "snapshot_id", "pack", "pack_index"]
+FILE_COLUMNS = ["file_size", "file_sha256"]
+MANIFEST_COLUMNS = COLUMNS + FILE_COLUMNS  # the full manifest (DataFrame) of load_manifest / load_snapshot
+DELTA_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("sha256", pa.string()),
+    ("label", pa.int64()),
+    ("split", pa.string()),
+    ("source_uri", pa.string()),
+    ("ingest_time", pa.string()),
+    ("pack", pa.string()),
+    ("pack_index", pa.int64()),
+    ("file_size", pa.int64()),  # -1: the row did not come from a file (digits)
+    ("file_sha256", pa.string()),  # "": idem
+])
+DELTA_COLUMNS = DELTA_SCHEMA.names
+_INT_COLUMNS = ("label", "pack_index", "file_size")
+HEADER_KEYS = {"format", "parent", "delta", "packs", "class_names", "image_shape", "source", "created",
+               "n_rows", "n_new", "counts"}
 MAX_LISTED = 20  # rows named in one error message
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class StoreError(UserError):
-    """The store cannot be used as asked (missing snapshot, damaged layout); the message says why."""
+    """The store cannot be used as asked (missing snapshot, unknown format); the message says why."""
 
 
 class IntegrityError(StoreError, CheckFailed):
     """Stored bytes do not match their recorded hashes (exit 1)."""
 
     prefix = "integrity check failed, stage aborted: "
+
+
+class DamagedStore(IntegrityError):
+    """A store file is missing or does not match its hash: the store, not the source, is at fault."""
+
+    def __init__(self, store: str | Path, path: str | Path, what: str):
+        self.path = str(path)
+        super().__init__(f"damaged store: {path}: {what}. The source is not at fault. {restore_hint(store)}")
 
 
 class SnapshotRefused(StoreError, CheckFailed):
@@ -76,14 +124,20 @@ class SnapshotRefused(StoreError, CheckFailed):
         self.problems = problems
 
 
+def restore_hint(store: str | Path) -> str:
+    return (f"Restore {store} from DVC: `dvc checkout --force {store}` (this machine's DVC cache) or "
+            f"`dvc pull --force {store}` (the DVC remote), or from a backup; then check it with "
+            f"`python -m pipeline.data.store verify --store {store}`")
+
+
 @dataclass(frozen=True)
 class Snapshot:
     id: str
-    manifest: pd.DataFrame
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS; label, pack_index, file_size int64
     images: np.ndarray  # uint8 (N, H, W, C), row-aligned with manifest
     class_names: list[str]
     image_shape: tuple[int, int, int]
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # the header, plus "id"
 
     @property
     def labels(self) -> np.ndarray:
@@ -97,11 +151,12 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Parent:
-    """What a new snapshot is compared with: the manifest and meta, no pixels needed."""
+    """What a new snapshot is compared with: the verified manifest and header, no pixels."""
 
     id: str
-    manifest: pd.DataFrame  # all columns as str, exactly as stored
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS
     meta: dict
+    history: tuple[str, ...] = ()  # the chain's ids, root first (ends with id)
 
 
 @dataclass(frozen=True)
@@ -109,7 +164,7 @@ class Plan:
     """The outcome of comparing a source with its parent; pure data, nothing written yet."""
 
     parent: Optional[str]
-    manifest: pd.DataFrame  # full manifest, snapshot_id of the new rows still ""
+    manifest: pd.DataFrame  # full manifest; the new rows last, their snapshot_id and pack still ""
     new_images: np.ndarray  # uint8 (n_new, H, W, C), in the order of the new rows
     class_names: list[str]
     image_shape: tuple[int, int, int]
@@ -123,27 +178,74 @@ class Plan:
         return self.parent is not None and self.n_new == 0
 
 
+@dataclass
+class VerifyStats:
+    snapshots: int = 0
+    rows: int = 0
+    packs: int = 0
+    bytes_hashed: int = 0
+    rows_rehashed: int = 0
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def header_bytes(header: dict) -> bytes:
+    """The canonical bytes of a header: what the snapshot id hashes (sorted keys, ASCII, LF)."""
+    return (json.dumps(header, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def delta_bytes(rows: pd.DataFrame) -> bytes:
+    """The Parquet bytes of a delta manifest (the new rows of one snapshot)."""
+    table = pa.Table.from_pydict({c: rows[c].tolist() for c in DELTA_COLUMNS}, schema=DELTA_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+def counts(manifest: pd.DataFrame, class_names: list[str]) -> dict:
+    """Rows per split and class: ``stats.counts``'s table, by bincount (it runs on every append)."""
+    splits = manifest["split"].to_numpy(dtype=object)
+    labels = manifest["label"].to_numpy(dtype=np.int64)
+    out: dict = {}
+    for split in sorted(set(splits.tolist()), key=lambda s: (s != "train", s)):
+        per = np.bincount(labels[splits == split], minlength=len(class_names))
+        out[split] = {"n": int(per.sum()), "per_class": {c: int(per[i]) for i, c in enumerate(class_names)}}
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 # ----------------------------------------------------------------------------- pure functions
-
-
-def manifest_csv(df: pd.DataFrame) -> bytes:
-    """The canonical CSV bytes of a manifest (what the snapshot id hashes)."""
-    return df.to_csv(index=False, lineterminator="\n").encode("utf-8")
-
-
-def snapshot_id_of(df: pd.DataFrame) -> str:
-    return hashlib.sha256(manifest_csv(df.drop(columns=["snapshot_id"]))).hexdigest()
 
 
 def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[str], labels: np.ndarray,
                   class_names: list[str], splits: np.ndarray, uris: list[str], images: np.ndarray,
-                  ingest_time: str) -> Plan:
-    """Compare a decoded source with its parent; refuse a rewrite of history, else plan the append."""
+                  ingest_time: str, *, decoded: Optional[np.ndarray] = None,
+                  file_sizes: Optional[np.ndarray] = None, file_sha256: Optional[list[str]] = None) -> Plan:
+    """Compare a source with its parent; refuse a rewrite of history, else plan the append.
+
+    ``images`` holds the rows marked in ``decoded`` (all rows when ``decoded`` is None); a row that
+    was not decoded carries the hash the parent recorded for it, vouched for by the source reader.
+    """
+    n = len(sample_ids)
+    decoded = np.ones(n, bool) if decoded is None else np.asarray(decoded, bool)
+    if int(decoded.sum()) != len(images):
+        raise ValueError(f"{int(decoded.sum())} rows marked decoded but {len(images)} images given")
+    dec_pos = np.cumsum(decoded) - 1  # row -> index into images, where decoded
     image_shape = tuple(int(x) for x in images.shape[1:]) if len(images) else (0, 0, 0)
-    names = [class_names[int(i)] for i in labels]
+    names = np.array(class_names, dtype=object)[np.asarray(labels, np.int64)] if n else np.zeros(0, object)
     if parent is None:
         store_classes = list(class_names)
-        old = pd.DataFrame(columns=COLUMNS, dtype=str)
+        old = _empty_manifest()
     else:
         old = parent.manifest
         store_classes = list(parent.meta["class_names"])
@@ -154,42 +256,71 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
                 f"per lineage; restore the source or snapshot it into another store (--store)",
                 [f"image shape {p_shape} -> {image_shape}"],
             )
+        image_shape = p_shape
         store_classes += sorted(set(class_names) - set(store_classes))
         _refuse_rewrites(parent, sample_ids, hashes, names, splits)
     store_index = {c: i for i, c in enumerate(store_classes)}
-    known = set(old["sample_id"])
-    new_pos = [i for i, sid in enumerate(sample_ids) if sid not in known]
+    known = set(old["sample_id"].tolist())
+    new_pos = np.flatnonzero(~np.fromiter(map(known.__contains__, sample_ids), bool, count=n)).tolist()
+    undecoded = [sample_ids[i] for i in new_pos if not decoded[i]]
+    if undecoded:
+        raise ValueError(f"new rows must be decoded: {_few(undecoded)}")
+    sizes = np.full(n, -1, np.int64) if file_sizes is None else np.asarray(file_sizes, np.int64)
+    digests = [""] * n if file_sha256 is None else list(file_sha256)
     new = pd.DataFrame({
         "sample_id": [sample_ids[i] for i in new_pos],
         "sha256": [hashes[i] for i in new_pos],
-        "label": [str(store_index[names[i]]) for i in new_pos],
+        "label": np.array([store_index[names[i]] for i in new_pos], dtype=np.int64),
         "split": [str(splits[i]) for i in new_pos],
         "source_uri": [uris[i] for i in new_pos],
         "ingest_time": [ingest_time] * len(new_pos),
         "snapshot_id": [""] * len(new_pos),
         "pack": [""] * len(new_pos),
-        "pack_index": [str(k) for k in range(len(new_pos))],
-    }, columns=COLUMNS, dtype=str)
-    manifest = pd.concat([old, new], ignore_index=True) if len(old) else new
-    new_images = np.ascontiguousarray(images[np.array(new_pos, dtype=np.int64)]) if new_pos else images[:0]
+        "pack_index": np.arange(len(new_pos), dtype=np.int64),
+        "file_size": sizes[new_pos] if new_pos else np.zeros(0, np.int64),
+        "file_sha256": [digests[i] for i in new_pos],
+    }, columns=MANIFEST_COLUMNS)
+    manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
+    if new_pos:
+        new_images = np.ascontiguousarray(images[dec_pos[np.array(new_pos, dtype=np.int64)]])
+    else:
+        new_images = np.zeros((0, *image_shape), np.uint8)
     return Plan(parent.id if parent else None, manifest, new_images, store_classes, image_shape)
 
 
-def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names: list[str],
-                     splits: np.ndarray) -> None:
-    src = {sid: (h, n, str(s)) for sid, h, n, s in zip(sample_ids, hashes, names, splits)}
-    classes = parent.meta["class_names"]
+def _empty_manifest() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=np.int64 if c in _INT_COLUMNS else object) for c in MANIFEST_COLUMNS})
+
+
+def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names, splits: np.ndarray) -> None:
     old = parent.manifest
-    old_ids = set(old["sample_id"])
+    classes = parent.meta["class_names"]
+    # The common case, vectorised: every earlier row present with the same hash, class and split.
+    where = dict(zip(sample_ids, range(len(sample_ids))))
+    old_ids = old["sample_id"].tolist()
+    pos = np.fromiter(map(where.get, old_ids, itertools.repeat(-1)), np.int64, count=len(old_ids))
+    found = pos >= 0
+    if found.all():
+        p = pos
+        same = ((np.asarray(hashes, dtype=object)[p] == old["sha256"].to_numpy(dtype=object))
+                & (np.asarray(names, dtype=object)[p] == np.array(classes, dtype=object)[old["label"].to_numpy()])
+                & (np.asarray(splits, dtype=object)[p] == old["split"].to_numpy(dtype=object)))
+        if same.all():
+            return
+    src = dict(zip(sample_ids, zip(hashes, np.asarray(names).tolist(), np.asarray(splits).tolist())))
+    old_ids = set(old_ids)
     # Where vanished pixels went: the same hash under an id the parent did not have.
     appeared: dict[str, list[str]] = {}
     for sid, (h, _, _) in src.items():
         if sid not in old_ids:
             appeared.setdefault(h, []).append(sid)
     problems: list[str] = []
-    for sid, h, label, split in zip(old["sample_id"], old["sha256"], old["label"], old["split"]):
-        name = classes[int(label)]
+    for sid, h, label, split in zip(old["sample_id"].tolist(), old["sha256"].tolist(), old["label"].tolist(),
+                                    old["split"].tolist()):
         cur = src.get(sid)
+        if cur is not None and cur[0] == h and cur[2] == split and cur[1] == classes[int(label)]:
+            continue  # the common case, first
+        name = classes[int(label)]
         if cur is None:
             moved = appeared.get(h, [])
             if moved:
@@ -221,54 +352,300 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
         )
 
 
-# ----------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------- reading and verifying
 
 
 def _snap_dir(store: Path) -> Path:
     return store / "snapshots"
 
 
-def read_manifest(store_dir: str | Path, snapshot_id: str) -> pd.DataFrame:
-    path = _snap_dir(Path(store_dir)) / f"{snapshot_id}.csv"
+def header_path(store_dir: str | Path, snapshot_id: str) -> Path:
+    return _snap_dir(Path(store_dir)) / f"{snapshot_id}.json"
+
+
+def check_format(store_dir: str | Path) -> None:
+    """Refuse a store this code cannot read (format 1, or a newer format)."""
+    store = Path(store_dir)
+    fmt = store / FORMAT_FILE
+    if fmt.is_file():
+        text = fmt.read_text(errors="replace")
+        if text == FORMAT_TEXT:
+            return
+        m = re.fullmatch(r"poisongate-store (\d+)\n?", text)
+        if m:
+            raise StoreError(f"{fmt}: store format {m.group(1)} found; this code reads format {FORMAT_VERSION}: "
+                             f"use a matching version of poisongate, or re-snapshot into a new store (--store)")
+        raise DamagedStore(store, fmt, f"does not say {FORMAT_TEXT.strip()!r}")
+    if _snap_dir(store).is_dir() and any(_snap_dir(store).glob("*.csv")):
+        raise StoreError(
+            f"store format 1 found in {store} (CSV manifests whose ids are not chained; this version keeps a "
+            f"hash-chained store, format {FORMAT_VERSION}, and does not convert old ones): re-snapshot into a new "
+            f"store: move {store} aside (keep it as the record of what was released) and run the snapshot stage "
+            f"again, or pass --store <new folder>")
+
+
+def read_header(store_dir: str | Path, snapshot_id: str, *, missing: str = "not found") -> dict:
+    """A snapshot's header, checked against its id (sha256 of the file); with ``"id"`` added.
+
+    ``missing``: "not found" raises StoreError (an id asked for that this store never had); any
+    other text raises DamagedStore with it (an id the store itself refers to).
+    """
+    store = Path(store_dir)
+    if not isinstance(snapshot_id, str) or not _HEX64.match(snapshot_id):
+        raise StoreError(f"{snapshot_id!r} is not a snapshot id (64 hex digits)")
+    path = header_path(store, snapshot_id)
     if not path.is_file():
-        raise StoreError(f"snapshot {snapshot_id} has no manifest at {path}: run the snapshot stage, or restore the store")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    if list(df.columns) != COLUMNS:
-        raise IntegrityError(f"{path}: columns {list(df.columns)} are not the manifest columns {COLUMNS}")
-    return df
+        if missing == "not found":
+            raise StoreError(f"snapshot {snapshot_id} not found in {store} (no {path}): run the snapshot stage, "
+                             f"or restore the store")
+        raise DamagedStore(store, path, missing)
+    data = path.read_bytes()
+    actual = _sha256(data)
+    if actual != snapshot_id:
+        raise DamagedStore(store, path, f"does not hash to its id (sha256 {actual[:12]}...): the header was edited, "
+                                        f"truncated or renamed")
+    try:
+        h = json.loads(data)
+    except ValueError as exc:
+        raise DamagedStore(store, path, f"is not valid JSON ({exc})") from None
+    problem = _header_problem(h)
+    if problem:
+        raise DamagedStore(store, path, problem)
+    return {**h, "id": snapshot_id}
+
+
+def _header_problem(h: object) -> str:
+    if not isinstance(h, dict):
+        return "is not a JSON object"
+    if h.get("format") != FORMAT_VERSION:
+        return f"has format {h.get('format')!r}, not {FORMAT_VERSION}"
+    missing = HEADER_KEYS - set(h)
+    if missing:
+        return f"lacks {sorted(missing)}"
+    if h["parent"] is not None and not (isinstance(h["parent"], str) and _HEX64.match(h["parent"])):
+        return f"names parent {h['parent']!r}, not a snapshot id"
+    d = h["delta"]
+    if not (isinstance(d, dict) and isinstance(d.get("sha256"), str) and _HEX64.match(d["sha256"])
+            and isinstance(d.get("rows"), int) and d["rows"] == h["n_new"]):
+        return f"has a malformed delta entry {d!r}"
+    if not (isinstance(h["packs"], list) and all(isinstance(p, str) and _HEX64.match(p) for p in h["packs"])):
+        return "has a malformed packs list"
+    if not (isinstance(h["class_names"], list) and all(isinstance(c, str) for c in h["class_names"])):
+        return "has malformed class_names"
+    if not (isinstance(h["image_shape"], list) and len(h["image_shape"]) == 3
+            and all(isinstance(x, int) and x > 0 for x in h["image_shape"])):
+        return f"has a malformed image_shape {h['image_shape']!r}"
+    if not (isinstance(h["source"], dict) and isinstance(h["source"].get("key"), str)):
+        return "has no source key"
+    if not all(isinstance(h[k], int) and h[k] >= 0 for k in ("n_rows", "n_new")):
+        return "has malformed row counts"
+    return ""
+
+
+def chain(store_dir: str | Path, snapshot_id: str) -> list[dict]:
+    """The verified headers from the root to ``snapshot_id``: every header hashes to its id, each
+    names an existing parent of the same lineage, and the counts, classes and shape add up."""
+    store = Path(store_dir)
+    headers: list[dict] = []
+    seen: set[str] = set()
+    cur: Optional[str] = snapshot_id
+    child: Optional[str] = None
+    while cur is not None:
+        if cur in seen:  # cannot happen with honest hashes; guards a loop in forged headers
+            raise DamagedStore(store, header_path(store, cur), "is its own ancestor")
+        seen.add(cur)
+        h = read_header(store, cur, missing="not found" if child is None else
+                        f"is missing: snapshot {child[:12]} names it as its parent")
+        headers.append(h)
+        child, cur = cur, h["parent"]
+    headers.reverse()
+    root = headers[0]
+    if root["n_rows"] != root["n_new"]:
+        raise DamagedStore(store, header_path(store, root["id"]), f"is a root with n_rows {root['n_rows']} != n_new {root['n_new']}")
+    for p, c in zip(headers, headers[1:]):
+        where = header_path(store, c["id"])
+        if c["source"]["key"] != p["source"]["key"]:
+            raise DamagedStore(store, where, f"belongs to lineage {c['source']['key']} but its parent {p['id'][:12]} "
+                                             f"to {p['source']['key']}")
+        if c["n_rows"] != p["n_rows"] + c["n_new"]:
+            raise DamagedStore(store, where, f"counts {c['n_rows']} rows, but its parent has {p['n_rows']} and it adds "
+                                             f"{c['n_new']}")
+        if c["class_names"][: len(p["class_names"])] != p["class_names"]:
+            raise DamagedStore(store, where, "renames or reorders its parent's classes")
+        if c["image_shape"] != p["image_shape"]:
+            raise DamagedStore(store, where, "changes its parent's image shape")
+    return headers
+
+
+def _delta_path(store: Path, digest: str) -> Path:
+    return store / "deltas" / f"{digest}.parquet"
+
+
+def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.Table:
+    """The delta manifest a header names, checked against its sha256, schema and row count."""
+    store = Path(store_dir)
+    digest = header["delta"]["sha256"]
+    path = _delta_path(store, digest)
+    if not path.is_file():
+        raise DamagedStore(store, path, f"is missing (the delta manifest of snapshot {header['id'][:12]}, "
+                                        f"{header['n_new']} rows)")
+    data = path.read_bytes()
+    if verify:
+        actual = _sha256(data)
+        if actual != digest:
+            raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the delta manifest of "
+                                            f"snapshot {header['id'][:12]} was edited or truncated")
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+        # threads pay off on a big delta; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
+        table = pf.read(use_threads=pf.metadata.num_rows > 20_000)
+    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    got = [(f.name, f.type) for f in table.schema]
+    if got != [(f.name, f.type) for f in DELTA_SCHEMA]:
+        raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the delta schema")
+    if table.num_rows != header["n_new"]:
+        raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
+    return table
+
+
+def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
+                  headers: Optional[list[dict]] = None) -> pd.DataFrame:
+    """The full manifest of a snapshot: its chain's deltas, root first, with ``snapshot_id``."""
+    store = Path(store_dir)
+    headers = headers if headers is not None else chain(store, snapshot_id)
+    tables = []
+    for h in headers:
+        t = read_delta(store, h, verify)
+        if verify and t.num_rows:
+            labels = t.column("label").to_numpy()
+            if labels.min() < 0 or labels.max() >= len(h["class_names"]):
+                raise DamagedStore(store, _delta_path(store, h["delta"]["sha256"]), "has labels outside its class list")
+            packs = set(t.column("pack").unique().to_pylist())
+            if not packs <= set(h["packs"]):
+                raise DamagedStore(store, _delta_path(store, h["delta"]["sha256"]),
+                                   f"refers to packs its header does not name ({sorted(packs - set(h['packs']))})")
+        tables.append(t)
+    table = pa.concat_tables(tables) if tables else DELTA_SCHEMA.empty_table()
+    df = table.to_pandas()
+    df.insert(COLUMNS.index("snapshot_id"), "snapshot_id",
+              np.repeat(np.array([h["id"] for h in headers], dtype=object), [h["n_new"] for h in headers]))
+    if verify and df["sample_id"].duplicated().any():
+        dup = df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
+        raise DamagedStore(store, header_path(store, headers[-1]["id"]), f"its history ingests rows twice: {_few(dup)}")
+    return df[MANIFEST_COLUMNS]
+
+
+def read_manifest(store_dir: str | Path, snapshot_id: str) -> pd.DataFrame:
+    """The verified full manifest of a snapshot (headers and deltas checked; packs not read)."""
+    return load_manifest(store_dir, snapshot_id, verify=True)
 
 
 def read_meta(store_dir: str | Path, snapshot_id: str) -> dict:
-    path = _snap_dir(Path(store_dir)) / f"{snapshot_id}.json"
+    """A snapshot's header (checked against its id), with ``"id"``."""
+    check_format(store_dir)
+    return read_header(store_dir, snapshot_id)
+
+
+def _pack_path(store: Path, pack: str) -> Path:
+    return store / "packs" / f"{pack}.npy"
+
+
+def _pack_groups(manifest: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+    """(pack, row indices) for each pack, grouped once: O(N) whatever the number of packs (a mask
+    per pack was N x packs and dominated loading at 1,000 packs, issue 19 item 4)."""
+    codes, names = pd.factorize(manifest["pack"])
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    return [(str(p), order[bounds[k]:bounds[k + 1]]) for k, p in enumerate(names)]
+
+
+def _open_pack(store: Path, pack: str, shape: tuple[int, ...], rows: np.ndarray, manifest: pd.DataFrame,
+               snapshot: str) -> np.ndarray:
+    path = _pack_path(store, pack)
     if not path.is_file():
-        raise StoreError(f"snapshot {snapshot_id} not found in {store_dir} (no {path}): run the snapshot stage")
+        ids = manifest["sample_id"].to_numpy()[rows]
+        raise DamagedStore(store, path, f"is missing ({len(rows)} row(s) of snapshot {snapshot[:12]}: {_few(ids)})")
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise IntegrityError(f"{path} is not valid JSON ({exc}): the store is damaged; restore it") from exc
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:
+        raise DamagedStore(store, path, f"is unreadable ({exc})") from None
+    index = manifest["pack_index"].to_numpy()[rows]
+    if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != tuple(shape) or (len(index) and index.max() >= len(arr)):
+        raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
+    return arr
+
+
+def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Rows of each pack. A header's rows are one contiguous run of the full manifest, and the
+    writer puts them in one pack, so this is a slice per header; a header naming several packs is
+    grouped (valid, never written by this code)."""
+    out: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for h in headers:
+        end = start + h["n_new"]
+        if end > start:
+            if len(h["packs"]) == 1:
+                out.setdefault(h["packs"][0], []).append(np.arange(start, end))
+            else:
+                for pack, rows in _pack_groups(manifest.iloc[start:end]):
+                    out.setdefault(pack, []).append(rows + start)
+        start = end
+    return {p: np.concatenate(r) for p, r in out.items()}
+
+
+def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFrame, deep: bool = False,
+                 stats_out: Optional[VerifyStats] = None) -> VerifyStats:
+    """Hash every pack the chain names (and, ``deep``, every sample) against its recorded sha256."""
+    store = Path(store_dir)
+    st = stats_out or VerifyStats()
+    shape = tuple(headers[-1]["image_shape"])
+    named = {p for h in headers for p in h["packs"]}
+    groups = _rows_by_pack(headers, manifest)
+    for pack in sorted(named | set(groups)):
+        rows = groups.get(pack, np.zeros(0, np.int64))
+        arr = _open_pack(store, pack, shape, rows, manifest, headers[-1]["id"])
+        path = _pack_path(store, pack)
+        actual = file_sha256(path)
+        st.bytes_hashed += path.stat().st_size
+        st.packs += 1
+        if actual != pack:
+            bad = _bad_rows(arr, rows, manifest)
+            detail = (f"{len(bad)} row(s) of snapshot {headers[-1]['id'][:12]} do not match their sha256: {_few(bad)}"
+                      if bad else "its rows still match, so bytes outside them changed")
+            raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...); {detail}")
+        if deep:
+            bad = _bad_rows(arr, rows, manifest)
+            st.rows_rehashed += len(rows)
+            if bad:  # the pack hashes right but its rows do not: an ingest bug, or forged deltas
+                raise DamagedStore(store, path, f"{len(bad)} row(s) do not match their recorded sha256: {_few(bad)}")
+    return st
+
+
+def _bad_rows(arr: np.ndarray, rows: np.ndarray, manifest: pd.DataFrame) -> list[str]:
+    index = manifest["pack_index"].to_numpy()
+    ids = manifest["sample_id"].to_numpy()
+    want = manifest["sha256"].to_numpy()
+    return [ids[r] for r in rows if sample_hash(np.asarray(arr[index[r]])) != want[r]]
 
 
 def list_snapshots(store_dir: str | Path) -> list[dict]:
-    """Metas of every complete snapshot (one whose meta exists), oldest first."""
+    """Verified headers of every snapshot in the store, oldest first."""
     d = _snap_dir(Path(store_dir))
     if not d.is_dir():
         return []
-    metas = []
-    for p in d.glob("*.json"):
-        if _HEX64.match(p.stem):
-            try:
-                metas.append(json.loads(p.read_text()))
-            except ValueError:
-                continue
-    return sorted(metas, key=lambda m: (m.get("created", ""), m.get("n_rows", 0), m["id"]))
+    heads = [read_header(store_dir, p.stem) for p in d.glob("*.json") if _HEX64.match(p.stem)]
+    return sorted(heads, key=lambda m: (m.get("created", ""), m.get("n_rows", 0), m["id"]))
 
 
-def _read_ref(path: Path) -> Optional[str]:
+def _read_ref(store: Path, key: str) -> Optional[str]:
+    path = store / "heads" / key
     if not path.is_file():
         return None
-    ref = path.read_text().strip()
+    ref = path.read_bytes().decode("ascii", "replace").strip()
     if not _HEX64.match(ref):
-        raise StoreError(f"{path} does not hold a snapshot id: the store is damaged; delete {path} to fall back on the history")
+        raise DamagedStore(store, path, f"does not hold a snapshot id ({ref[:40]!r}); delete it to fall back on the "
+                                        f"tip of the history, or restore it")
     return ref
 
 
@@ -288,112 +665,283 @@ def read_pointer(path: str | Path) -> dict:
 def current_snapshot(store_dir: str | Path, key: str) -> Optional[str]:
     """The current snapshot of lineage ``key``: ``heads/<key>``, else the tip of its chain."""
     store = Path(store_dir)
-    head = _read_ref(store / "heads" / key)
+    check_format(store)
+    head = _read_ref(store, key)
     if head is not None:
-        read_meta(store, head)  # a head naming a missing snapshot is a damaged store: say so
+        h = read_header(store, head, missing=f"not found: heads/{key} names it, but the snapshot is missing")
+        if h["source"]["key"] != key:
+            raise DamagedStore(store, store / "heads" / key, f"names snapshot {head[:12]} of lineage {h['source']['key']}")
         return head
-    same = [m for m in list_snapshots(store) if m.get("source", {}).get("key") == key]
-    parents = {m.get("parent") for m in same}
+    same = [m for m in list_snapshots(store) if m["source"]["key"] == key]
+    parents = {m["parent"] for m in same}
     tips = [m["id"] for m in same if m["id"] not in parents]
     if len(tips) > 1:
-        raise StoreError(f"{store / 'heads' / key} is missing and the history of {key} has {len(tips)} tips "
-                         f"({', '.join(t[:12] for t in tips)}): restore heads/{key} from a backup "
-                         f"(`dvc pull data/store`) or write the id of the snapshot to continue from into it")
+        raise DamagedStore(store, store / "heads" / key,
+                           f"is missing and the history of {key} has {len(tips)} tips "
+                           f"({', '.join(t[:12] for t in tips)}); write the id of the snapshot to continue from into it")
     return tips[0] if tips else None
 
 
-def load_parent(store_dir: str | Path, snapshot_id: str) -> Parent:
-    return Parent(snapshot_id, read_manifest(store_dir, snapshot_id), read_meta(store_dir, snapshot_id))
+def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None) -> Parent:
+    """The parent of the next snapshot, its whole chain verified (headers, deltas, pack hashes)."""
+    headers = chain(store_dir, snapshot_id)
+    manifest = load_manifest(store_dir, snapshot_id, verify=True, headers=headers)
+    verify_packs(store_dir, headers, manifest, stats_out=stats_out)
+    if stats_out is not None:
+        stats_out.snapshots += len(headers)
+        stats_out.rows += len(manifest)
+    return Parent(snapshot_id, manifest, headers[-1], tuple(h["id"] for h in headers))
 
 
-def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True) -> Snapshot:
-    """Load a snapshot's manifest and pixels; `verify` re-hashes every row (IntegrityError on mismatch)."""
+def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False) -> Snapshot:
+    """Load a snapshot's manifest and pixels.
+
+    ``verify`` checks the chain (headers, deltas) and hashes every pack file: since a pack is named
+    by its hash and every row's pixels were hashed into the (verified) manifest when the pack was
+    written, this proves the rows are the ingested ones without hashing each sample. ``deep`` also
+    re-hashes every row. A mismatch raises :class:`DamagedStore` (an IntegrityError) naming the file
+    and, for a pack, the rows that changed.
+    """
     store = Path(store_dir)
-    meta = read_meta(store, snapshot_id)
-    raw = read_manifest(store, snapshot_id)
-    if verify and snapshot_id_of(raw) != snapshot_id:
-        raise IntegrityError(f"{_snap_dir(store) / (snapshot_id + '.csv')}: the manifest does not hash to its id "
-                             f"{snapshot_id}: it was edited; restore the store")
-    manifest = raw.copy()
-    manifest["label"] = manifest["label"].astype(np.int64)
-    manifest["pack_index"] = manifest["pack_index"].astype(np.int64)
+    check_format(store)
+    headers = chain(store, snapshot_id)
+    meta = headers[-1]
+    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers)
+    if verify or deep:
+        verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
     images = np.empty((len(manifest), *shape), dtype=np.uint8)
-    # Group the rows by pack once (O(N) whatever the number of packs; a mask per pack was
-    # N x packs and dominated loading at 1,000 packs).
-    codes, pack_names = pd.factorize(manifest["pack"])
     index = manifest["pack_index"].to_numpy()
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(len(pack_names) + 1))
-    for k, pack in enumerate(pack_names):
-        rows = order[bounds[k]:bounds[k + 1]]
-        path = store / "packs" / f"{pack}.npy"
-        if not path.is_file():
-            raise IntegrityError(f"pack {path} is missing (rows {_few(manifest['sample_id'].to_numpy()[rows])}): "
-                                 "restore the store")
-        try:
-            arr = np.load(path, allow_pickle=False, mmap_mode="r")
-        except (ValueError, OSError) as exc:
-            raise IntegrityError(f"pack {path} is unreadable ({exc}): restore the store") from exc
-        if arr.dtype != np.uint8 or arr.shape[1:] != shape or index[rows].max() >= len(arr):
-            raise IntegrityError(f"pack {path} holds {arr.dtype} {arr.shape}, not the rows the manifest expects: restore the store")
+    for pack, rows in _rows_by_pack(headers, manifest).items():
+        arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
         images[rows] = arr[index[rows]]
-    if verify:
-        bad = [sid for sid, h, img in zip(manifest["sample_id"], manifest["sha256"], images) if sample_hash(img) != h]
-        if bad:
-            raise IntegrityError(f"{len(bad)} row(s) of snapshot {snapshot_id[:12]} do not match their sha256: "
-                                 f"{_few(bad)}; the store was modified, restore it")
     return Snapshot(snapshot_id, manifest, images, list(meta["class_names"]), shape, meta)
 
 
-def _few(ids, k: int = MAX_LISTED) -> str:
+def _few(ids: Iterable, k: int = MAX_LISTED) -> str:
     ids = list(ids)
-    return ", ".join(ids[:k]) + (f" ... and {len(ids) - k} more" if len(ids) > k else "")
+    return ", ".join(map(str, ids[:k])) + (f" ... and {len(ids) - k} more" if len(ids) > k else "")
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Atomic write (temp file + rename) whose OSError always names the file: a full disk reports
+    ENOSPC from write(), which carries no file name (stage.describe_oserror reads this one)."""
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        if not exc.filename:
+            exc.poisongate_path = str(path)  # type: ignore[attr-defined]
+        raise
 
 
 def write_if_changed(path: Path, data: bytes) -> bool:
     """Leave a file byte-identical (and its mtime alone) when its content would not change."""
     if path.is_file() and path.read_bytes() == data:
         return False
-    atomic_write(path, data)
+    write_file(path, data)
     return True
 
 
+def _write_object(path: Path, data: bytes, digest: str) -> None:
+    """Write a content-addressed file, unless an intact one is already there."""
+    if path.is_file() and file_sha256(path) == digest:
+        return
+    write_file(path, data)
+
+
 def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str) -> tuple[str, pd.DataFrame]:
-    """Write a planned snapshot (pack, manifest, meta, heads); returns its id and final manifest."""
+    """Write a planned snapshot (pack, delta, header, heads); returns its id and final manifest."""
     store = Path(store_dir)
+    check_format(store)
+    if not (store / FORMAT_FILE).is_file():
+        write_file(store / FORMAT_FILE, FORMAT_TEXT.encode())
     manifest = plan.manifest.copy()
-    new_rows = manifest["snapshot_id"] == ""
+    n = len(manifest)
+    new = np.arange(n - plan.n_new, n)
+    packs: list[str] = []
     if plan.n_new:
         buf = io.BytesIO()
         np.save(buf, plan.new_images, allow_pickle=False)
         data = buf.getvalue()
-        pack = hashlib.sha256(data).hexdigest()
-        ppath = store / "packs" / f"{pack}.npy"
-        if not ppath.is_file():  # content-addressed: an existing file already holds these bytes
-            atomic_write(ppath, data)
-        manifest.loc[new_rows, "pack"] = pack
-    sid = snapshot_id_of(manifest)
-    manifest.loc[new_rows, "snapshot_id"] = sid
-    atomic_write(_snap_dir(store) / f"{sid}.csv", manifest_csv(manifest))
-    meta = {
-        "id": sid,
+        pack = _sha256(data)
+        _write_object(_pack_path(store, pack), data, pack)
+        manifest.loc[new, "pack"] = pack
+        packs.append(pack)
+    rows = manifest.iloc[new]
+    adopted = _adopt_leftover(store, plan, source["key"], rows)
+    if adopted is not None:
+        sid, old_rows = adopted
+        manifest = pd.concat([manifest.iloc[: n - plan.n_new], old_rows], ignore_index=True)
+        set_head(store, source["key"], sid)
+        return sid, manifest
+    delta = delta_bytes(rows)
+    ddigest = _sha256(delta)
+    _write_object(_delta_path(store, ddigest), delta, ddigest)
+    header = {
+        "format": FORMAT_VERSION,
         "parent": plan.parent,
-        "created": created,
-        "source": source,
+        "delta": {"sha256": ddigest, "rows": plan.n_new},
+        "packs": packs,
         "class_names": plan.class_names,
         "image_shape": list(plan.image_shape),
-        "n_rows": int(len(manifest)),
+        "source": source,
+        "created": created,
+        "n_rows": n,
         "n_new": plan.n_new,
-        "counts": stats.counts(manifest, plan.class_names),
+        "counts": counts(manifest, plan.class_names),
     }
-    atomic_write(_snap_dir(store) / f"{sid}.json", (json.dumps(meta, indent=2) + "\n").encode())
+    hb = header_bytes(header)
+    sid = _sha256(hb)
+    _write_object(header_path(store, sid), hb, sid)
     set_head(store, source["key"], sid)
+    manifest.loc[new, "snapshot_id"] = sid
     return sid, manifest
+
+
+def _adopt_leftover(store: Path, plan: Plan, key: str, rows: pd.DataFrame) -> Optional[tuple[str, pd.DataFrame]]:
+    """A complete child of the parent with exactly these rows, left by a run killed before it moved
+    heads: reuse it rather than fork the history with a twin (the tip would become ambiguous)."""
+    if plan.parent is None or not _snap_dir(store).is_dir():
+        return None
+    cols = ["sample_id", "sha256", "label", "split", "source_uri", "pack", "pack_index", "file_size", "file_sha256"]
+    for h in list_snapshots(store):
+        if h["parent"] != plan.parent or h["source"]["key"] != key or h["n_new"] != plan.n_new:
+            continue
+        try:
+            old = read_delta(store, h).to_pandas()
+            verify_packs(store, [h], old.assign(snapshot_id=h["id"]))
+        except StoreError:
+            continue
+        if old[cols].reset_index(drop=True).equals(rows[cols].reset_index(drop=True)):
+            return h["id"], old.assign(snapshot_id=h["id"])[MANIFEST_COLUMNS]
+    return None
 
 
 def set_head(store_dir: str | Path, key: str, snapshot_id: str) -> None:
     write_if_changed(Path(store_dir) / "heads" / key, (snapshot_id + "\n").encode())
+
+
+# ----------------------------------------------------------------------------- whole-store verification
+
+
+@dataclass
+class LineageReport:
+    key: str
+    head: Optional[str]
+    ok: bool
+    message: str
+    stats: VerifyStats = field(default_factory=VerifyStats)
+    history: tuple[str, ...] = ()
+
+
+def verify_store(store_dir: str | Path, deep: bool = False,
+                 say: Callable[[str], None] = lambda m: None) -> tuple[bool, list[LineageReport], list[str]]:
+    """Check every lineage of a store: (ok, one report per lineage, notes on stray files).
+
+    Each lineage's chain is checked from its head (headers, deltas, packs; ``deep``: every sample).
+    Every other header is checked against its id too. Files nothing refers to (a crash leftover, a
+    temp file) are notes, not failures: they cannot change what any snapshot id names.
+    """
+    store = Path(store_dir)
+    if not store.is_dir():
+        raise StoreError(f"no store at {store}: run the snapshot stage first (or pass --store)")
+    check_format(store)
+    ok = True
+    reports: list[LineageReport] = []
+    headers: dict[str, dict] = {}
+    for p in sorted(_snap_dir(store).glob("*.json")) if _snap_dir(store).is_dir() else []:
+        if not _HEX64.match(p.stem):
+            continue
+        try:
+            headers[p.stem] = read_header(store, p.stem)
+        except StoreError as exc:
+            ok = False
+            reports.append(LineageReport("?", p.stem, False, str(exc)))
+            say(f"DAMAGED  {exc}")
+    keys = {h["source"]["key"] for h in headers.values()}
+    if (store / "heads").is_dir():
+        keys |= {p.name for p in (store / "heads").iterdir() if not p.name.startswith(".")}
+    reached: set[str] = set()
+    used_deltas: set[str] = set()
+    used_packs: set[str] = set()
+    for key in sorted(keys):
+        t0 = time.perf_counter()
+        st = VerifyStats()
+        head = None
+        try:
+            head = current_snapshot(store, key)
+            if head is None:
+                raise DamagedStore(store, store / "heads" / key, "names a lineage with no snapshot")
+            hs = chain(store, head)
+            manifest = load_manifest(store, head, verify=True, headers=hs)
+            verify_packs(store, hs, manifest, deep=deep, stats_out=st)
+            st.snapshots, st.rows = len(hs), len(manifest)
+            st.seconds = time.perf_counter() - t0
+            reached |= {h["id"] for h in hs}
+            used_deltas |= {h["delta"]["sha256"] for h in hs}
+            used_packs |= {p for h in hs for p in h["packs"]}
+            deep_note = f", {st.rows_rehashed} samples re-hashed" if deep else ""
+            msg = (f"lineage {key}: ok: {st.snapshots} snapshot(s), {st.rows} rows, head {head[:12]}, "
+                   f"{st.packs} pack(s), {st.bytes_hashed / 1e6:.1f} MB hashed{deep_note} in {st.seconds:.2f} s")
+            reports.append(LineageReport(key, head, True, msg, st, tuple(h["id"] for h in hs)))
+            say(msg)
+        except StoreError as exc:
+            ok = False
+            reports.append(LineageReport(key, head, False, str(exc), st))
+            say(f"lineage {key}: DAMAGED: {exc}")
+            cur = head
+            while cur in headers and cur not in reached:  # what the damaged chain still names
+                reached.add(cur)
+                cur = headers[cur]["parent"]
+    notes: list[str] = []
+    for sid, h in sorted(headers.items()):
+        if sid not in reached:
+            notes.append(f"{header_path(store, sid)}: snapshot in no head's history (a crash leftover or an abandoned "
+                         f"branch); it is checked against its id, nothing uses it")
+            used_deltas.add(h["delta"]["sha256"])
+            used_packs |= set(h["packs"])
+    for folder, used, suffix in (("deltas", used_deltas, ".parquet"), ("packs", used_packs, ".npy")):
+        d = store / folder
+        for p in sorted(d.iterdir()) if d.is_dir() else []:
+            if p.name.endswith(suffix) and p.name[: -len(suffix)] in used:
+                continue
+            notes.append(f"{p}: referenced by no snapshot (a leftover of an interrupted write); safe to delete")
+    for note in notes:
+        say(f"note: {note}")
+    return ok, reports, notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pipeline.data.store verify``: exit 0 when every chain checks, 1 when damaged."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.data.store", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="check every snapshot chain of a store (exit 0 ok, 1 damaged, 2 error)")
+    v.add_argument("--store", default="data/store", help="store folder (default data/store)")
+    v.add_argument("--deep", action="store_true", help="also re-hash every sample (reads every pixel)")
+    args = ap.parse_args(argv)
+
+    def say(msg: str) -> None:
+        print(f"store: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        ok, reports, notes = verify_store(args.store, deep=args.deep, say=say)
+    except StoreError as exc:
+        print(f"error: {exc.prefix}{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    n_snap = sum(r.stats.snapshots for r in reports)
+    if ok:
+        say(f"{args.store}: ok ({len(reports)} lineage(s), {n_snap} snapshot(s) in their histories"
+            f"{', ' + str(len(notes)) + ' note(s)' if notes else ''})")
+        return 0
+    bad = [r for r in reports if not r.ok]
+    print(f"error: {IntegrityError.prefix}{args.store}: {len(bad)} damaged lineage(s) or header(s); "
+          f"{restore_hint(args.store)}", file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
