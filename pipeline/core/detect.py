@@ -33,10 +33,11 @@ x to its q-th nearest reference row of class j:
 ``suspicion`` s(x) = a(x) * r(x). Both ratios are scale-free, so one threshold fits every class.
 The candidate's own features blur r for backdoors (it learned to put triggered rows near their
 target), so when a clean split exists r is taken from a second feature space, a *clean model*
-trained on that split alone: it never saw a poisoned row, and every dirty-label poison (patch,
-blend, flip, swap) looks there like the class it depicts. On the digits dev set this two-view
-score moved the weakest effective source-specific backdoor from 2.0 to 4.5 standard deviations
-above the clean models' class statistic (bench/results/detect_samples.md has the held-out run).
+trained on that split alone (as many optimizer steps as the candidate): it never saw a poisoned
+row, and every dirty-label poison (patch, blend, flip, swap) looks there like the class it
+depicts. In bench/results/detect_samples.md the candidate-only score blocked 43 of 47 effective
+digits attacks at 0/20 clean false blocks, the two-view score all 47 (the misses were 1-7-row
+source-specific patches).
 
 The class statistic is a *tail scan ratio*: T_c = max over depths m of s_(m) / Q_{-c}(1 - m/n_c),
 where s_(m) is the m-th largest suspicion in class c and Q_{-c} the quantile function of the
@@ -295,21 +296,23 @@ class RobustConfig:
     """Settings of :func:`robust_detect` (defaults measured in bench/results/detect_samples.md)."""
 
     k_ref: int = 3  # q-th nearest reference row (rows): small = local, so a clean row of a rare
-    #                 style needs only 3 reference rows like it; on the digits dev set the
-    #                 clean/poison margin of the class statistic was 1.23, 1.18, 1.13, 1.14 for
-    #                 k = 2, 3, 4, 5 (k = 3: two neighbours of slack against a duplicated reference row)
+    #                 style needs only 3 reference rows like it; on the digits dev set (candidate
+    #                 view) the clean/poison margin of the class statistic was 1.23, 1.18, 1.13, 1.14
+    #                 for k = 2, 3, 4, 5 (k = 3: two neighbours of slack against a duplicated row)
     self_frac: float = 0.5  # without a reference: the q-th nearest training row of the class at
     #                         q = ceil(0.5 n_c), which stays in the clean mode while poison < 50%
     min_depth: int = 3  # rows: shallowest depth of the main tail scan; depths 1..min_depth-1 form the
     #                     separate shallow band (one or two extreme rows: natural outliers are common
     #                     there, so it has its own, higher threshold)
     max_depth_frac: float = 0.75  # deepest depth, fraction of the class (all-to-one 20% = 64% poison)
-    class_threshold: float = 1.8  # main tail scan ratio (unitless) at which a class is suspicious.
-    #   Two-view mode on the digits dev set (32 clean models, seeds 0-7 and 100-123, not the bench's):
-    #   clean max over classes 1.48 +- 0.07, largest 1.64; exp(mean + 4 sd of its log) = 1.80;
-    #   weakest effective multi-row attack 1.93 (a 7-row source-specific patch).
-    shallow_threshold: float = 2.1  # shallow-band ratio (depths 1-2) at which a class is suspicious.
-    #   Dev set: clean largest 1.86 (32 models); a single poisoned row that gave ASR 0.76: 2.28.
+    class_threshold: float = 1.8  # main tail ratio (unitless) at which a class is suspicious. Two-view
+    #   mode, digits, clean model at 30 epochs: 20 dev clean models max 1.58 (with the 10-epoch clean
+    #   model, 64 clean models reached 1.76); weakest effective multi-row attacks 1.93 and 1.98 (7-row
+    #   source-specific patches). Set before bench/results/detect_samples_final.md (fresh seeds).
+    shallow_threshold: float = 2.5  # shallow-band ratio (depths 1-2 rows) at which a class is suspicious.
+    #   Clean models reach 2.1 there (one of 20 bench models), and the one effective single-row
+    #   attack measured gave 2.28: they cannot be told apart, so this band only blocks a row far
+    #   beyond anything clean (a single poisoned row is a known miss; see the bench).
     flag_quantile: float = 0.995  # flag a row above this quantile of the other classes' suspicion
     suspicious_flag_quantile: float = 0.90  # ... or above this one in a suspicious class (recall first:
     #                                         every poisoned row left behind keeps the backdoor alive)
