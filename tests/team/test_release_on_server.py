@@ -47,6 +47,16 @@ def _s3_prefix(uri: str) -> str:
     return "mlartifacts/" + uri.split(":", 1)[1].lstrip("/")
 
 
+def _model_prefix(client, name: str, version: str) -> str:
+    """The S3 key prefix of a registered version's files. The registry records the version's source
+    as ``runs:/<run>/<path>`` (the digest-checked artifact stays in its run), so it resolves there."""
+    uri = client.get_model_version_download_uri(name, version)
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return _s3_prefix(client.get_run(run_id).info.artifact_uri) + "/" + path.strip("/")
+    return _s3_prefix(uri)
+
+
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory, team_server, s3):
     tmp = tmp_path_factory.mktemp("release-on-server")
@@ -65,7 +75,7 @@ def releases(tmp_path_factory, team_server, s3):
     r.champion_after_clean = _champion(team_server.url, name)
     r.clean_tags = dict(client.get_model_version(name, r.first).tags)
     r.run_keys = s3.keys(BUCKET, _s3_prefix(client.get_run(r.clean_train["run_id"]).info.artifact_uri) + "/")
-    r.model_keys = s3.keys(BUCKET, _s3_prefix(client.get_model_version_download_uri(name, r.first)) + "/")
+    r.model_keys = s3.keys(BUCKET, _model_prefix(client, name, r.first) + "/")
 
     # 2. Backdoor: 3x3 patch on 10% of class 1 -> 7; the data gate only warns.
     repo.compose(f"mlflow.model_name={name}", "attack=backdoor", "attack.source=1", "attack.target=7",
