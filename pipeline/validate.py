@@ -253,7 +253,8 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     counts = entry["counts"]
     if entry["detector"] != stats.detector_settings(v):
         _say(f"the block detector settings changed since approved view {entry['view_id'][:12]}: re-measuring it")
-        m = measure_view(without_rows(store.load_snapshot(store_dir, sid, verify=True), gone), records, v, phash=False)
+        m = measure_view(without_rows(store.load_snapshot(store_dir, sid, verify=True), gone),
+                         [r for r in records if r["sample_id"] not in gone], v, phash=False)
         counts = m.rows.counts().to_dict(m.rows.class_names)
     return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
 
@@ -569,9 +570,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     ledger = read_ledger(args.approved)  # a damaged history is refused before anything is measured
     snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True)
     # a quarantined view (remedy=quarantine) is judged without the rows it leaves out
-    snap = without_rows(snap, quarantined_ids(meta.get("quarantine")))
+    gone = quarantined_ids(meta.get("quarantine"))
+    snap = without_rows(snap, gone)
     source_key = str((snap.meta.get("source") or {}).get("key", ""))
-    m = measure_view(snap, records, v)
+    m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v)
     last_e, root_e = history(ledger, source_key, meta["view_id"])
     last = reference_of(last_e, args.store, args.approved, v) if last_e else None
     root = reference_of(root_e, args.store, args.approved, v) if root_e else None
