@@ -33,6 +33,9 @@ LOCATIONS = NAMED_LOCATIONS + ("random",)
 PATCH_PATTERNS = ("white", "black", "checker", "noise")
 BLEND_PATTERNS = ("noise", "checker")
 ON_FAIL = ("stop", "warn")
+REMEDY_NAMES = ("none", "quarantine", "finetune")
+REMEDY_METHODS = ("finetune", "fine_prune")
+RESERVE_SOURCES = ("champion", "trusted")
 
 
 class ConfigError(UserError):
@@ -169,6 +172,33 @@ class MlflowConfig:
 
 
 @dataclass
+class ReserveConfig:
+    """Where the trusted clean reserve of ``remedy=finetune`` comes from (conf/remedy/finetune.yaml)."""
+
+    source: str = "champion"  # champion | trusted
+    trusted: list[str] = field(default_factory=list)  # sample-id patterns (fnmatch) vouched for, source=trusted
+    fraction: float = 0.1  # reserve size, fraction of the view's training rows
+    seed: int = 0  # draw of the reserve rows
+
+
+@dataclass
+class RemedyConfig:
+    """A remedy after a blocked release (issue 13; conf/remedy/*.yaml give units and reasons)."""
+
+    name: str = "none"  # none | quarantine | finetune
+    of: Optional[str] = None  # the blocked registry version this remedies; null = found from the view
+    method: str = "fine_prune"  # finetune | fine_prune
+    epochs: int = 10
+    lr: float = 0.002
+    batch_size: int = 16
+    optimizer: str = "adam"  # adam | sgd
+    max_accuracy_drop: float = 0.05
+    max_fraction: float = 0.9
+    freeze_norm: bool = False
+    reserve: ReserveConfig = field(default_factory=ReserveConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -178,6 +208,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    remedy: RemedyConfig = field(default_factory=RemedyConfig)
 
 
 def as_dict(obj: Any) -> Any:
@@ -331,3 +362,25 @@ def check(cfg: Config) -> None:
         _number(f"gate.{key}", getattr(cfg.gate, key), 0.0, 1.0)
     if not isinstance(cfg.mlflow.experiment, str) or not cfg.mlflow.experiment.strip():
         _fail("mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")
+    check_remedy(cfg.remedy)
+
+
+def check_remedy(r: RemedyConfig) -> None:
+    _one_of("remedy.name", r.name, REMEDY_NAMES)
+    if r.of is not None and not (isinstance(r.of, (str, int)) and str(r.of).isdigit()):
+        _fail("remedy.of", r.of, "a registry version number (the blocked one), or null to find it from the view")
+    _one_of("remedy.method", r.method, REMEDY_METHODS)
+    _number("remedy.epochs", r.epochs, 0, 10_000, integer=True)
+    _number("remedy.lr", r.lr, 0.0, 100.0, lo_open=True)
+    _number("remedy.batch_size", r.batch_size, 2, 1 << 20, integer=True)  # >= 2: batch norm
+    _one_of("remedy.optimizer", r.optimizer, OPTIMIZERS)
+    _number("remedy.max_accuracy_drop", r.max_accuracy_drop, 0.0, 1.0)
+    _number("remedy.max_fraction", r.max_fraction, 0.0, 1.0, lo_open=True, hi_open=True)  # 1 prunes every channel
+    rs = r.reserve
+    _one_of("remedy.reserve.source", rs.source, RESERVE_SOURCES)
+    if not isinstance(rs.trusted, (list, tuple)) or not all(isinstance(p, str) and p for p in rs.trusted):
+        _fail("remedy.reserve.trusted", rs.trusted, "a list of sample-id patterns, e.g. ['digits/train/1*']")
+    if rs.source == "trusted" and r.name == "finetune" and not rs.trusted:
+        _fail("remedy.reserve.trusted", rs.trusted, "remedy.reserve.source=trusted needs at least one pattern")
+    _number("remedy.reserve.fraction", rs.fraction, 0.0, 1.0, lo_open=True)
+    _number("remedy.reserve.seed", rs.seed, 0, 2**32 - 1, integer=True)

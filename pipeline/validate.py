@@ -57,7 +57,8 @@ from gates import data_checks
 from pipeline import stage
 from pipeline.data import significance as sig
 from pipeline.data import stats, store
-from pipeline.data.view import apply_records, compute_view_id, parse_records, read_view, records_csv
+from pipeline.data.view import (apply_records, compute_view_id, parse_records, quarantined_ids, read_view,
+                                records_csv, without_rows)
 from pipeline.io import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.lineage import require_lineage
 from pipeline.schema import Config, ValidateConfig
@@ -175,7 +176,7 @@ def saved_records(approved_dir: str | Path, entry: dict) -> list[dict]:
             raise LedgerDamaged(f"{p} is missing: the approved view {entry['view_id'][:12]} poisoned "
                                 f"{entry['n_poisoned']} rows and its records are the reference's; {_RESTORE}")
         data = p.read_bytes()
-    if compute_view_id(entry["snapshot_id"], data, entry["attack"]) != entry["view_id"]:
+    if compute_view_id(entry["snapshot_id"], data, entry["attack"], entry.get("quarantine")) != entry["view_id"]:
         raise LedgerDamaged(f"the records of approved view {entry['view_id'][:12]} ({Path(approved_dir) / VIEWS}) do "
                             f"not hash to its view id: they were edited; {_RESTORE}")
     return parse_records(data)
@@ -247,10 +248,13 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     keyed = {str(i): (str(h), names[int(y)]) for i, h, y in zip(tr["sample_id"], tr["sha256"], tr["label"])}
     for r in records:
         keyed[r["sample_id"]] = (r["sha256_after"], names[int(r["new_label"])])
+    gone = quarantined_ids(entry.get("quarantine"))  # rows a quarantined view left out (issue 13)
+    keyed = {i: k for i, k in keyed.items() if i not in gone}
     counts = entry["counts"]
     if entry["detector"] != stats.detector_settings(v):
         _say(f"the block detector settings changed since approved view {entry['view_id'][:12]}: re-measuring it")
-        m = measure_view(store.load_snapshot(store_dir, sid, verify=True), records, v, phash=False)
+        m = measure_view(without_rows(store.load_snapshot(store_dir, sid, verify=True), gone),
+                         [r for r in records if r["sample_id"] not in gone], v, phash=False)
         counts = m.rows.counts().to_dict(m.rows.class_names)
     return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
 
@@ -565,8 +569,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
                     against=f"the current snapshot ({args.pointer})", fix="re-run the poison stage")
     ledger = read_ledger(args.approved)  # a damaged history is refused before anything is measured
     snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True)
+    # a quarantined view (remedy=quarantine) is judged without the rows it leaves out
+    gone = quarantined_ids(meta.get("quarantine"))
+    snap = without_rows(snap, gone)
     source_key = str((snap.meta.get("source") or {}).get("key", ""))
-    m = measure_view(snap, records, v)
+    m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v)
     last_e, root_e = history(ledger, source_key, meta["view_id"])
     last = reference_of(last_e, args.store, args.approved, v) if last_e else None
     root = reference_of(root_e, args.store, args.approved, v) if root_e else None
@@ -611,6 +618,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
             "detector": stats.detector_settings(v),
             "reference_view_id": last.view_id if last else None,
             "label_shares": tables.statistics["label_shares"], "block_rates": tables.statistics["block_rates"],
+            **({"quarantine": meta["quarantine"]} if meta.get("quarantine") else {}),
         })
     failed = [r for r in results if not r["success"]]
     ref_txt = (f"last approved view {last.view_id[:12]}" + (f", root {root.view_id[:12]}" if root and root.view_id != last.view_id else "")

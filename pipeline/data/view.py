@@ -6,6 +6,11 @@ poisoned train row; ``transform`` is the JSON trigger spec with a concrete locat
 pure label flip). ``view_id`` = sha256 of snapshot_id + records CSV bytes + the canonical JSON of
 the resolved attack spec, so any edit of a record, the attack or the snapshot changes it.
 
+A quarantined view (``remedy=quarantine``, ``pipeline.remedy``) also carries ``quarantine:
+{record_sha256, snapshot_id, view_id, rows: [{sample_id, sha256}]}``: those train rows are left
+out of the view (after the records are applied, each checked against its sha256). The quarantine
+enters the view_id only when present, so every other view keeps its id.
+
 :func:`load_training_view` rebuilds the training arrays from the store: it loads the snapshot's
 train split (every row re-hashed against the manifest by the store), re-applies each record's
 transform, and checks each poisoned row against ``sha256_after``. Nothing is imported from torch.
@@ -19,7 +24,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -79,24 +84,31 @@ def parse_records(data: bytes) -> list[dict]:
     return out
 
 
-def compute_view_id(snapshot_id: str, records_bytes: bytes, attack: dict) -> str:
+def compute_view_id(snapshot_id: str, records_bytes: bytes, attack: dict, quarantine: Optional[dict] = None) -> str:
     h = hashlib.sha256()
     h.update(snapshot_id.encode())
     h.update(records_bytes)
     h.update(canonical_json(attack).encode())
+    if quarantine is not None:
+        h.update(b"|quarantine|" + canonical_json(quarantine).encode())
     return h.hexdigest()
 
 
-def build_view(snapshot_id: str, attack: dict, records: Sequence[dict]) -> tuple[dict, bytes]:
-    """``(view.json dict, records.csv bytes)`` for a resolved attack and its records."""
+def build_view(snapshot_id: str, attack: dict, records: Sequence[dict],
+               quarantine: Optional[dict] = None) -> tuple[dict, bytes]:
+    """``(view.json dict, records.csv bytes)`` for a resolved attack and its records (and the
+    rows a quarantine record leaves out, ``pipeline.remedy.view_spec``)."""
     data = records_csv(records)
     meta = {
-        "view_id": compute_view_id(snapshot_id, data, attack),
+        "view_id": compute_view_id(snapshot_id, data, attack, quarantine),
         "snapshot_id": snapshot_id,
         "attack": attack,
         "n_poisoned": len(records),
         "records": RECORDS_FILE,
     }
+    if quarantine is not None:
+        meta["quarantine"] = quarantine
+        meta["n_quarantined"] = len(quarantine["rows"])
     return meta, data
 
 
@@ -125,7 +137,7 @@ def read_view(view_dir: str | Path) -> tuple[dict, list[dict]]:
     if not rp.is_file():
         raise ViewError(f"{rp} not found: re-run the poison stage")
     data = rp.read_bytes()
-    expect = compute_view_id(meta["snapshot_id"], data, meta["attack"])
+    expect = compute_view_id(meta["snapshot_id"], data, meta["attack"], meta.get("quarantine"))
     if expect != meta["view_id"]:
         raise IntegrityError(
             f"training view {view_dir} was edited: view_id {meta['view_id'][:12]} does not match its "
@@ -169,6 +181,46 @@ def apply_records(
     return images, labels, rows
 
 
+def quarantined_ids(quarantine: Optional[dict]) -> set[str]:
+    return {str(r["sample_id"]) for r in (quarantine or {}).get("rows") or []}
+
+
+def drop_quarantined(images: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str], poisoned_rows: Sequence[int],
+                     quarantine: Optional[dict], verify: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray, list[str], list[int]]:
+    """The train arrays without the quarantined rows (``poisoned_rows`` re-indexed). Each one must
+    be a row of the view and (``verify``) hash to the sha256 the record names (IntegrityError)."""
+    if not quarantine:
+        return images, labels, [str(s) for s in sample_ids], list(poisoned_rows)
+    index = {str(s): i for i, s in enumerate(sample_ids)}
+    drop = np.zeros(len(sample_ids), bool)
+    bad = []
+    for r in quarantine["rows"]:
+        i = index.get(str(r["sample_id"]))
+        if i is None or (verify and sample_hash(images[i]) != r["sha256"]):
+            bad.append(str(r["sample_id"]))
+            continue
+        drop[i] = True
+    if bad:
+        raise IntegrityError(f"{len(bad)} quarantined row(s) are not in the view or do not hash to their recorded "
+                             f"sha256: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; re-run the poison stage")
+    keep = np.flatnonzero(~drop)
+    new_index = -np.ones(len(sample_ids), np.int64)
+    new_index[keep] = np.arange(len(keep))
+    poisoned = [int(new_index[i]) for i in poisoned_rows if not drop[i]]
+    return images[keep], np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
+
+
+def without_rows(snap, ids: set[str]):
+    """A ``store.Snapshot`` less the rows ``ids`` (the data gate measures a quarantined view so)."""
+    if not ids:
+        return snap
+    import dataclasses
+
+    keep = ~snap.manifest["sample_id"].astype(str).isin(ids).to_numpy()
+    return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=snap.images[keep])
+
+
 @dataclass
 class TrainingView:
     images: np.ndarray
@@ -180,6 +232,7 @@ class TrainingView:
     attack: dict
     poisoned_rows: list[int] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    quarantine: Optional[dict] = None  # view.json's quarantine (rows left out), None when none
 
 
 def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool = True) -> TrainingView:
@@ -190,6 +243,8 @@ def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool
     snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify)
     images, labels, ids = snap.split("train")
     images, labels, rows = apply_records(images, labels, list(ids), records, verify=verify)
+    quarantine = meta.get("quarantine")
+    images, labels, ids, rows = drop_quarantined(images, labels, list(ids), rows, quarantine, verify=verify)
     return TrainingView(
         images=images,
         labels=labels,
@@ -200,4 +255,5 @@ def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool
         attack=meta["attack"],
         poisoned_rows=rows,
         records=records,
+        quarantine=quarantine,
     )
