@@ -140,7 +140,9 @@ def accuracy_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t
 
 
 def validation_check(validated: Optional[Mapping[str, Any]], candidate: Mapping[str, Any], t: Thresholds) -> Check:
-    """The data gate must have passed for the very view the candidate was trained on."""
+    """The data gate must have passed for the very view the candidate was trained on: ``success``
+    in data/validated.json, confirmed by ``in_ledger`` (the caller found the approval of that
+    view in the hash-chained ledger; anything but True fails closed)."""
     name = "data_validation"
     if not t.require_validation:
         return Check(name, None, None, True, "not required (gate.require_validation=false)")
@@ -149,6 +151,10 @@ def validation_check(validated: Optional[Mapping[str, Any]], candidate: Mapping[
     if validated.get("view_id") != candidate.get("view_id"):
         return Check(name, None, None, False, f"validation is for view {validated.get('view_id')}, candidate was trained on {candidate.get('view_id')}: stale")
     ok = validated.get("success") is True
+    if ok and validated.get("in_ledger") is not True:
+        return Check(name, 0.0, 1.0, False, f"data/validated.json says view {str(validated.get('view_id'))[:12]} passed, but the "
+                     "approved ledger (data/approved/ledger.jsonl) holds no approval of it: the record was edited or "
+                     "comes from another checkout; re-run `dvc repro validate`")
     return Check(name, 1.0 if ok else 0.0, 1.0, ok, "data validation passed" if ok else "data validation failed for this training view (see the run's artifact validation/validation.json)")
 
 

@@ -31,6 +31,7 @@ PATHS = (
     stage.PathArg("metrics", "the candidate's metrics", default="reports/metrics.json"),
     stage.PathArg("baseline_metrics", "the baseline's metrics", default="reports/baseline_metrics.json"),
     stage.PathArg("validated", "the data gate's record", default="data/validated.json"),
+    stage.PathArg("approved", "the data gate's ledger of approved views (data/approved)", default="data/approved"),
     stage.PathArg("train_report", "the train report and lineage record", default="reports/train.json"),
     stage.PathArg("evaluation", "the evaluate stage's record of the metrics digests", default="reports/evaluate.json"),
     stage.PathArg("report", "the verdict to write", default="reports/gate.json"),
@@ -129,6 +130,12 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
         validated = read_json(Path(args.validated))
     except FileNotFoundError:
         validated = None  # the validation check fails closed on None
+    if isinstance(validated, dict) and validated.get("success") is True:
+        # validated.json is a plain file: a "passed" counts only when the hash-chained ledger holds
+        # the approval of that very view (a damaged ledger raises LedgerDamaged: not promoted).
+        from pipeline.data.ledger import approved_entry
+
+        validated = {**validated, "in_ledger": approved_entry(args.approved, str(validated.get("view_id"))) is not None}
     version = train_report.get("model_version")
     run_id = train_report.get("run_id")
     if not version or not run_id:

@@ -39,7 +39,6 @@ GX is imported only inside :func:`run_gx` (import ~7 s); nothing here imports to
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -57,13 +56,14 @@ from gates import data_checks
 from pipeline import stage
 from pipeline.data import significance as sig
 from pipeline.data import stats, store
+from pipeline.data.ledger import (LEDGER, RESTORE as _RESTORE, LedgerDamaged, append_ledger,  # noqa: F401
+                                  entry_digest, read_ledger)
 from pipeline.data.view import (apply_records, compute_view_id, parse_records, quarantined_ids, read_view,
                                 records_csv, without_rows)
 from pipeline.io import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.lineage import require_lineage
 from pipeline.schema import Config, ValidateConfig
 
-LEDGER = "ledger.jsonl"
 VIEWS = "views"  # data/approved/views/<view_id>.csv: the records of an approved poisoned view
 REQUIRED_COLUMNS = ("sample_id", "sha256", "label", "split")
 PROVENANCE_COLUMNS = stats.PROVENANCE_COLUMNS
@@ -79,17 +79,10 @@ PATHS = (
                   default="data/gx_history"),
 )
 _say = partial(stage.say, "validate")
-_RESTORE = ("restore data/approved from your backup, or move it aside to start the approved history "
-            "again (the next release is then judged as a first release)")
 
 
 class ValidationError(stage.UserError):
     """Validation could not run (missing inputs): the message says what to do."""
-
-
-class LedgerDamaged(stage.CheckFailed):
-    """The approved ledger (or a saved view record) does not hash to what it says: nothing is
-    compared against a history that cannot be trusted (exit 1, the ledger is left as it is)."""
 
 
 class DataGateFailed(stage.CheckFailed):
@@ -103,58 +96,6 @@ def check_statistics(tables: Any, v: ValidateConfig) -> dict[str, bool]:
 
 
 # --------------------------------------------------------------------------- ledger (I/O)
-
-
-def entry_digest(entry: dict) -> str:
-    """sha256 of the entry's canonical JSON without its own ``digest``."""
-    body = {k: v for k, v in entry.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def read_ledger(approved_dir: str | Path) -> list[dict]:
-    """The approved entries, oldest first, each verified: JSON, its digest, the chain to the line
-    before it. Raises :class:`LedgerDamaged` naming the file and line."""
-    p = Path(approved_dir) / LEDGER
-    if not p.is_file():
-        return []
-    out: list[dict] = []
-    prev = ""
-    for n, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            raise LedgerDamaged(f"{p} line {n} is not JSON (a damaged approved history): {_RESTORE}") from None
-        if not isinstance(e, dict) or not isinstance(e.get("digest"), str):
-            raise LedgerDamaged(f"{p} line {n} has no digest (written by hand or by an older poisongate): {_RESTORE}")
-        if entry_digest(e) != e["digest"]:
-            raise LedgerDamaged(f"{p} line {n} (view {str(e.get('view_id'))[:12]}) was edited: its content does not "
-                                f"hash to its digest {e['digest'][:12]}; {_RESTORE}")
-        if e.get("prev", "") != prev:
-            raise LedgerDamaged(f"{p} line {n} (view {str(e.get('view_id'))[:12]}) does not follow the line before it "
-                                f"(prev {str(e.get('prev'))[:12] or 'empty'}, expected {prev[:12] or 'empty'}): an "
-                                f"approved line was removed or reordered; {_RESTORE}")
-        for key in ("snapshot_id", "view_id", "source_key", "counts", "detector", "attack"):
-            if key not in e:
-                raise LedgerDamaged(f"{p} line {n} lacks {key!r}: {_RESTORE}")
-        prev = e["digest"]
-        out.append(e)
-    return out
-
-
-def append_ledger(approved_dir: str | Path, entry: dict) -> bool:
-    """Chain ``entry`` to the last line and append it, unless its view_id is already approved
-    (read and verify, append, write temp, replace). Returns whether a line was added."""
-    ledger = read_ledger(approved_dir)
-    if any(e.get("view_id") == entry["view_id"] for e in ledger):
-        return False
-    entry = {k: v for k, v in entry.items() if k != "digest"}
-    entry["prev"] = ledger[-1]["digest"] if ledger else ""
-    entry["digest"] = entry_digest(entry)
-    ledger.append(entry)
-    atomic_write_text(Path(approved_dir) / LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in ledger))
-    return True
 
 
 def save_records(approved_dir: str | Path, view_id: str, records: Sequence[dict]) -> None:

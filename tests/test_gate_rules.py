@@ -39,7 +39,7 @@ def baseline(kind="twin", version=None, **kw):
 
 
 TRAIN = {"checkpoint_sha256": "c1", "snapshot_id": "s1", "model_version": "2", "run_id": "r"}
-VALID = {"view_id": "v1", "success": True}
+VALID = {"view_id": "v1", "success": True, "in_ledger": True}
 
 
 def by_name(checks):
@@ -117,6 +117,10 @@ def test_validation_must_be_for_this_view():
     assert not validation_check({"view_id": "v1", "success": False}, metrics(), T).passed
     assert not validation_check({"view_id": "other", "success": True}, metrics(), T).passed
     assert not validation_check(None, metrics(), T).passed
+    # a "passed" record without the ledger's approval of that view is not believed
+    forged = validation_check({"view_id": "v1", "success": True}, metrics(), T)
+    assert not forged.passed and "ledger" in forged.reason
+    assert not validation_check({**VALID, "in_ledger": "yes"}, metrics(), T).passed
     relaxed = Thresholds(**{**T.__dict__, "require_validation": False})
     assert validation_check(None, metrics(), relaxed).passed
 

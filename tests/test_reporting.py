@@ -61,7 +61,7 @@ def metrics(backdoor: bool, recall: dict[str, float] | None = None, names=NAMES,
 def gate_report(cand: dict, base: dict, promotion: str | None = None) -> dict:
     """reports/gate.json for these metrics, from the real rules."""
     train = {"checkpoint_sha256": "sha", "snapshot_id": "snap", "model_version": "3"}
-    checks = evaluate_gate(cand, base, {"view_id": "view", "success": True}, train, None, THRESHOLDS)
+    checks = evaluate_gate(cand, base, {"view_id": "view", "success": True, "in_ledger": True}, train, None, THRESHOLDS)
     report = {
         "passed": passed(checks), "error": None, "baseline": base.get("baseline"),
         "model": {"model_name": "digits-small_cnn", "model_version": "3", "run_id": "abc123"},
