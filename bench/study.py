@@ -266,6 +266,45 @@ def finetune_curve(seed: int, crafted: dict) -> list[dict]:
     return out
 
 
+def data_gate(seeds: list[int]) -> list[dict]:
+    """The data gate's first-release test (``block_rate_prior``) on each poisoned view: every class's
+    share of rows with an abnormal flat block (conf/validate's detector) against
+    validate.prior_block_rate, binomial; blocked when p x 10 classes (Bonferroni, a conservative
+    stand-in for validate's Tarone-Holm adjustment) < validate.alpha and the rate exceeds the prior
+    by validate.min_effect_block_rate. Model-free, so per (attack, rate, seed), not per
+    regularisation. The later-release tests (against the approved history) are not run here."""
+    import yaml
+    from pipeline.data import significance as sig
+    from pipeline.data import stats
+    from pipeline.schema import ValidateConfig
+
+    _init() if not _W else None
+    v = ValidateConfig(**yaml.safe_load((ROOT / "conf" / "validate" / "default.yaml").read_text()))
+    out = []
+
+    def judge(images, labels) -> tuple[bool, list[int]]:
+        flags = stats.block_flags_cfg(images, v)["abnormal_block"].to_numpy(bool)
+        n = np.bincount(labels, minlength=10)
+        x = np.bincount(labels, weights=flags, minlength=10).astype(int)
+        p, _ = sig.binom_greater(x, n, v.prior_block_rate)
+        hit = (np.minimum(1.0, p * 10) < v.alpha) & (x / np.maximum(n, 1) - v.prior_block_rate >= v.min_effect_block_rate)
+        return bool(hit.any()), [int(c) for c in np.flatnonzero(hit)]
+
+    blocked, classes = judge(_W["xtr"], _W["ytr"])
+    out.append(dict(attack="clean", rate=0.0, seed=None, blocked=blocked, classes=classes))
+    for seed in seeds:
+        sur = train(_W["xtr"], _W["ytr"], "none", seed)
+        for name in ATTACKS:
+            for rate in (CLEAN_LABEL_RATES if ATTACKS[name]["name"] == "clean_label" else RATES):
+                try:
+                    xi, yi, prow, spec, _ = build_poison(name, rate, seed, sur)
+                except Exception:
+                    continue
+                blocked, classes = judge(xi, yi)
+                out.append(dict(attack=name, rate=rate, seed=seed, blocked=blocked, classes=classes))
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 

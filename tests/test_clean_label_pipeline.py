@@ -81,7 +81,6 @@ def test_label_consistent_view_keeps_labels_and_stays_in_eps(setup, lc_view):
     assert np.array_equal(tv.images[rows].astype(np.int16) - images[rows].astype(np.int16), deltas)
     assert (tv.images[rows][:, -3:, -3:] == 255).all()  # they carry the trigger
     assert meta["crafting"]["loss_after"] > meta["crafting"]["loss_before"]
-    assert meta["crafting"]["seconds"] < 60
 
 
 def _rewrite_delta(records_csv: Path, fn) -> None:
