@@ -391,6 +391,12 @@ def report(rows, ft, wall, args) -> str:
     return "\n".join(L) + "\n"
 
 
+def _val(r: dict):
+    """ASR of the attack's trigger, or feature collision's targeted success (None for label flip:
+    it has no trigger; its effect is the recall drop)."""
+    return r["targeted"] if r.get("targeted") is not None else r.get("asr")
+
+
 def plots(rows, ft) -> list[Path]:
     import matplotlib
 
@@ -402,7 +408,7 @@ def plots(rows, ft) -> list[Path]:
     for name in ATTACKS:
         c = [r for r in rows if r["attack"] == name and r["reg"] == "none" and "error" not in r]
         rates = sorted({r["rate"] for r in c})
-        ys = [np.mean([r["targeted"] if r["targeted"] is not None else r["asr"] for r in c if r["rate"] == q]) for q in rates]
+        ys = [np.mean([v for r in c if r["rate"] == q for v in [_val(r)] if v is not None] or [np.nan]) for q in rates]
         ax.plot([100 * q for q in rates], [100 * y for y in ys], marker="o", label=name)
     ax.set_xscale("log"); ax.set_xlabel("attack.rate (%)"); ax.set_ylabel("ASR / targeted success (%)")
     ax.set_title("small_cnn, digits, reg none (GPU architectures not run)"); ax.legend(fontsize=7)
@@ -411,8 +417,8 @@ def plots(rows, ft) -> list[Path]:
     w = 0.8 / len(REGS)
     names = list(ATTACKS)
     for j, reg in enumerate(REGS):
-        ys = [np.mean([r["targeted"] if r["targeted"] is not None else r["asr"]
-                       for r in rows if r["attack"] == n and r["reg"] == reg and "error" not in r] or [np.nan]) for n in names]
+        ys = [np.mean([v for r in rows if r["attack"] == n and r["reg"] == reg and "error" not in r
+                       for v in [_val(r)] if v is not None] or [np.nan]) for n in names]
         ax.bar(np.arange(len(names)) + j * w, [100 * y for y in ys], w, label=reg)
     ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2); ax.set_xticklabels(names, rotation=20, fontsize=7)
     ax.set_ylabel("ASR (%), mean over rates and seeds"); ax.legend(fontsize=7); ax.set_title("ASR per regularisation")
