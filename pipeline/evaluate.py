@@ -63,15 +63,17 @@ class EvaluateError(stage.UserError):
 def scan_set(scan: Sequence[Any], attack: Optional[Mapping[str, Any]]) -> list[dict]:
     """Trigger specs ``{name, kind, size, location, pattern, alpha, seed, source}`` to measure.
 
-    ``scan``: config ``ScanTrigger``s or dicts. A backdoor ``attack`` (resolved spec) adds its own
-    trigger as ``attack`` with ``source`` = the attack's source (None = all-to-one).
+    ``scan``: config ``ScanTrigger``s or dicts. A backdoor or label-consistent clean-label
+    ``attack`` (resolved spec) adds its own trigger as ``attack`` with ``source`` = the attack's
+    source (None = all-to-one, always for label-consistent).
     """
     out = []
     for s in scan:
         d = dict(s) if isinstance(s, Mapping) else as_dict(s)
         d["source"] = None
         out.append(d)
-    if attack and attack.get("name") == "backdoor" and attack.get("trigger"):
+    if attack and attack.get("trigger") and (attack.get("name") == "backdoor" or (
+            attack.get("name") == "clean_label" and attack.get("method") == "label_consistent")):
         out = [d for d in out if d["name"] != ATTACK_TRIGGER_NAME]
         out.append({"name": ATTACK_TRIGGER_NAME, **dict(attack["trigger"]), "source": attack.get("source")})
     return out
@@ -168,6 +170,32 @@ def _evaluate(model, test_images, test_labels, class_names, scan_specs, attack_s
     return {k: out[k] for k in order}, clean
 
 
+def targeted_metrics(model: Any, attack: Optional[Mapping[str, Any]], test_images: np.ndarray,
+                     test_ids: Sequence[str], batch_size: int = 512, device: str = "auto") -> Optional[dict]:
+    """Feature collision's targeted success (``{feature_collision: {success_rate, successes,
+    n_targets, base_class}}``): the share of the view's target test instances the model reads as
+    the base class; None for any other attack. Each target must still be the test row it was
+    (sample id and sha256), else the view is stale (EvaluateError)."""
+    if not attack or attack.get("name") != "clean_label" or attack.get("method") != "feature_collision":
+        return None
+    from pipeline.core.clean_label import targeted_success
+    from pipeline.core.hashing import sample_hash
+    from pipeline.core.predict import predict
+
+    index = {str(s): i for i, s in enumerate(test_ids)}
+    rows = []
+    for t in attack.get("targets") or []:
+        i = index.get(str(t["sample_id"]))
+        if i is None or sample_hash(test_images[i]) != t["sha256"]:
+            raise EvaluateError(f"feature collision target {t['sample_id']!r} is not that test row of the current "
+                                "snapshot: re-run the poison stage (`dvc repro poison`)")
+        rows.append(i)
+    if not rows:
+        raise EvaluateError("a feature_collision view without targets: re-run the poison stage")
+    pred = predict(model, test_images[rows], batch_size=batch_size, device=device)
+    return {"feature_collision": targeted_success(pred, int(attack["target"]))}
+
+
 def per_class_csv(metrics: dict, baseline: Optional[dict] = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -243,8 +271,14 @@ def attack_pictures(out: Path, model, cfg, metrics: dict, base: dict, test_image
     return [*written, out / "triggered_confusion.png", out / "triggered_confusion.csv", out / "triggered_samples.png"]
 
 
+def _add_targeted(m: dict, model, attack, test_images, test_ids, cfg, device) -> None:
+    t = targeted_metrics(model, attack, test_images, list(test_ids), cfg.eval.batch_size, device)
+    if t is not None:  # feature collision: success = its targets read as the base class
+        m["targeted"] = t
+
+
 def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, class_names, scan, attack,
-              device) -> dict:
+              device, test_ids: Sequence[str] = ()) -> dict:
     """Champion of the registry (re-evaluated) or, without one, the clean twin checkpoint."""
     from pipeline.tracking import registry, runs
 
@@ -254,6 +288,7 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
         try:
             model, _header = registry.load_version(client, name, str(mv.version))
             m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
+            _add_targeted(m, model, attack, test_images, test_ids, cfg, device)
             snap = (mv.tags or {}).get("snapshot_id")
             if snap is None and mv.run_id:
                 snap = client.get_run(mv.run_id).data.tags.get("snapshot_id")
@@ -282,6 +317,7 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
         raise EvaluateError(f"the twin {tp} has classes {ckpt.get('class_names')}, the snapshot {list(class_names)}: "
                             "re-run `dvc repro twin`")
     m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
+    _add_targeted(m, model, attack, test_images, test_ids, cfg, device)
     m["model"] = {"checkpoint_sha256": file_sha256(tp), "model_version": None, "run_id": None}
     m["baseline"] = {"kind": "twin", "model_version": None, "run_id": None, "snapshot_id": ckpt.get("snapshot_id")}
     return m
@@ -314,7 +350,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     attack = meta.get("attack") or None
 
     snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True)
-    test_images, test_labels, _ = snap.split("test")
+    test_images, test_labels, test_ids = snap.split("test")
     class_names = [str(c) for c in snap.class_names]
     del snap
     if len(test_labels) == 0:
@@ -336,9 +372,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     metrics["view_id"] = meta["view_id"]
 
     name = report.get("model_name") or model_name(cfg)
-    base = _baseline(cfg, name, args, snapshot_id, test_images, test_labels, class_names, scan, attack, device)
+    base = _baseline(cfg, name, args, snapshot_id, test_images, test_labels, class_names, scan, attack, device,
+                     list(test_ids))
     base["snapshot_id"] = snapshot_id
     base["view_id"] = meta["view_id"]
+    _add_targeted(metrics, model, attack, test_images, test_ids, cfg, device)
+    targeted = metrics.get("targeted")
 
     write_json(Path(args.metrics), metrics)
     write_json(Path(args.baseline_metrics), base)
@@ -356,7 +395,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     attack_pictures(Path(args.plots), model, cfg, metrics, base, test_images, test_labels, class_names, scan, attack,
                     device, f"{name} v{report.get('model_version')}")
     if run_id:
-        runs.log_metrics(run_id, runs.evaluation_metrics(metrics, base))
+        extra = {}
+        for key, d in (("eval", metrics), ("baseline", base)):
+            for attack_name, t in (d.get("targeted") or {}).items():
+                if t.get("success_rate") is not None:
+                    extra[f"{key}/targeted_success/{attack_name}"] = t["success_rate"]
+        runs.log_metrics(run_id, {**runs.evaluation_metrics(metrics, base), **extra})
         c = runs.client()
         c.set_tag(run_id, "baseline", base["baseline"]["kind"])
         # The gate reads these back: a metrics file edited after this point no longer matches its run.
@@ -371,6 +415,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     stage.say("evaluate", f"accuracy {metrics['accuracy']:.4f} (baseline {base['baseline']['kind']} "
               f"{base['accuracy']:.4f}), asr_max {fmt(metrics['asr_max'])} (baseline {fmt(base['asr_max'])})")
+    if targeted is not None:
+        t, bt = targeted["feature_collision"], base["targeted"]["feature_collision"]
+        stage.say("evaluate", f"feature collision: {t['successes']}/{t['n_targets']} targets read as "
+                  f"{class_names[t['base_class']]} (baseline {bt['successes']}/{bt['n_targets']})")
     return metrics
 
 

@@ -1,13 +1,23 @@
 """poison stage: write the training view (a transformation record over the snapshot).
 
     python -m pipeline.poison --params params.yaml --pointer data/snapshot.json \
-        --store data/store --quarantine data/quarantine.json --out data/view
+        --store data/store --quarantine data/quarantine.json --twin models/twin.safetensors \
+        --twin-report reports/twin.json --out data/view
 
 Only the snapshot's train split is touched; the raw store is never written. ``attack.name: none``
 writes an identity view (view.json + a header-only records.csv), not a copy of the data.
 ``remedy=quarantine`` also leaves the rows of the quarantine record out of the view (checked
 against the snapshot's ancestry, this view and each row's hash: ``pipeline.remedy``); with any
 other remedy the record is not read.
+
+``attack.name: clean_label`` crafts its poison against a model (``pipeline.core.clean_label``):
+with ``attack.craft_model: auto`` the registry's champion (downloaded and digest-checked, as
+evaluate loads it) when there is one, else the clean twin (``--twin``, digest-checked against
+``--twin-report`` and refused when trained on another snapshot); ``twin`` always uses the twin.
+The view's attack names the crafting model (kind, digest, version), so the view_id covers it.
+The champion lives outside DVC: promoting a new one does not re-run this stage by itself.
+Labels stay true; each row's perturbation and norms are in its record (``pipeline.data.view``).
+Feature collision's target test instances are named in the view's attack (``targets``).
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from typing import Optional
 from pipeline import stage
 from pipeline.core.attacks import poison, resolve_attack
 from pipeline.data import store
-from pipeline.data.view import build_view, write_view
+from pipeline.data.view import build_view, clean_label_records, write_view
 from pipeline.schema import AttackConfig, Config, as_dict
 
 PATHS = (
@@ -28,20 +38,53 @@ PATHS = (
     stage.PathArg("store", "the snapshot store (data/store)"),
     stage.PathArg("quarantine", "the quarantine record, read with remedy=quarantine (data/quarantine.json)",
                   required=False, default="data/quarantine.json"),
+    stage.PathArg("twin", "the clean twin checkpoint, clean_label's crafting model without a champion "
+                  "(models/twin.safetensors)", required=False, default="models/twin.safetensors"),
+    stage.PathArg("twin_report", "the twin's report with its digest (reports/twin.json)", required=False,
+                  default="reports/twin.json"),
     stage.PathArg("out", "the view folder to write (data/view)"),
 )
 _say = partial(stage.say, "poison")
 
 
+class PoisonError(stage.UserError):
+    """The poison stage cannot build the view as configured (the message says what to run)."""
+
+
+def clean_label_view(snapshot, spec: dict, model, crafted_by: dict, device: str = "cpu") -> tuple[dict, list[dict], dict]:
+    """``(resolved attack, view records, crafting info)`` of a clean-label attack on a snapshot."""
+    from pipeline.core.clean_label import craft, resolve_clean_label
+
+    images, labels, ids = snapshot.split("train")
+    resolved = resolve_clean_label(spec, snapshot.class_names, images.shape[1:])
+    resolved["craft_model"] = dict(crafted_by)
+    test_images, test_labels, test_ids = snapshot.split("test")
+    result, targets = craft(model, images, labels, [str(i) for i in ids], resolved, test_images, test_labels,
+                            [str(i) for i in test_ids], device=device)
+    if resolved["method"] == "feature_collision":
+        resolved["targets"] = [{"sample_id": t["sample_id"], "sha256": t["sha256"]} for t in targets]
+    return resolved, clean_label_records(result.records), result.info
+
+
 def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
-              ancestry: Optional[list[str]] = None) -> tuple[dict, bytes]:
+              ancestry: Optional[list[str]] = None, model=None, crafted_by: Optional[dict] = None,
+              device: str = "cpu") -> tuple[dict, bytes]:
     """Pure: ``(view.json dict, records.csv bytes)`` for a loaded snapshot and an attack config,
-    less the rows of a verified quarantine ``record`` (``ancestry``: the snapshot's chain ids)."""
+    less the rows of a verified quarantine ``record`` (``ancestry``: the snapshot's chain ids).
+    ``model``/``crafted_by``: clean_label's crafting model and its identity (kind, digest)."""
     spec = as_dict(attack_cfg)
     images, labels, ids = snapshot.split("train")
-    resolved = resolve_attack(spec, snapshot.class_names, images.shape[1:])
-    _, _, records = poison(images, labels, list(ids), spec, snapshot.class_names)
+    info = None
+    if spec.get("name") == "clean_label":
+        if model is None:
+            raise PoisonError("attack clean_label needs a crafting model (the champion or the clean twin)")
+        resolved, records, info = clean_label_view(snapshot, spec, model, crafted_by or {}, device)
+    else:
+        resolved = resolve_attack(spec, snapshot.class_names, images.shape[1:])
+        _, _, records = poison(images, labels, list(ids), spec, snapshot.class_names)
     meta, data = build_view(snapshot.id, resolved, records)
+    if info is not None:
+        meta["crafting"] = info  # diagnostics (seconds, losses/distances): outside the view_id
     if record is None:
         return meta, data
     from pipeline import remedy
@@ -51,7 +94,43 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
     hashes = [after.get(str(i), str(h)) for i, h in zip(ids, man.loc[(man["split"] == "train").to_numpy(), "sha256"])]
     remedy.quarantined_rows(record, snapshot_id=snapshot.id, ancestry=ancestry or [snapshot.id],
                             base_view_id=meta["view_id"], sample_ids=[str(i) for i in ids], hashes=hashes)
-    return build_view(snapshot.id, resolved, records, quarantine=remedy.view_spec(record))
+    qmeta, qdata = build_view(snapshot.id, resolved, records, quarantine=remedy.view_spec(record))
+    if info is not None:
+        qmeta["crafting"] = info
+    return qmeta, qdata
+
+
+def crafting_model(cfg: Config, args: argparse.Namespace, snapshot_id: str, class_names: list[str]):
+    """``(model, identity)``: the champion (``craft_model: auto`` and one exists), else the twin.
+
+    Both loads are digest-checked before a byte is read (registry tag / reports/twin.json); the
+    twin must be of the current snapshot and the champion must have the snapshot's classes."""
+    from pipeline import checkpoints
+    from pipeline.io import read_json
+    from pipeline.lineage import require_lineage
+
+    if cfg.attack.craft_model == "auto":
+        from pipeline.schema import model_name
+        from pipeline.tracking import registry, runs
+
+        client = runs.client()
+        name = model_name(cfg)
+        mv = registry.champion(client, name)
+        if mv is not None:
+            model, header = registry.load_version(client, name, str(mv.version))
+            if [str(c) for c in header.get("class_names") or []] != [str(c) for c in class_names]:
+                raise PoisonError(f"the champion {name} v{mv.version} has classes {header.get('class_names')}, the "
+                                  f"snapshot {class_names}: craft against the twin (attack.craft_model=twin)")
+            return model, {"kind": "champion", "model_version": str(mv.version),
+                           "checkpoint_sha256": (mv.tags or {}).get(registry.TAG_SHA)}
+    tp, rp = Path(args.twin), Path(args.twin_report)
+    if not tp.is_file() or not rp.is_file():
+        raise PoisonError(f"{tp} or {rp} not found: clean_label crafts against the clean twin; run `dvc repro twin`")
+    report = read_json(rp)
+    require_lineage(report, {"snapshot_id": snapshot_id}, what=f"the twin ({rp})", against="the current snapshot",
+                    fix="re-run `dvc repro twin`", fields=("snapshot_id",))
+    model, _ = checkpoints.load_verified(tp, report.get("checkpoint_sha256"), f"{rp}")
+    return model, {"kind": "twin", "model_version": None, "checkpoint_sha256": report["checkpoint_sha256"]}
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
@@ -63,10 +142,25 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
         record = remedy.read_record(args.quarantine)
         ancestry = [h["id"] for h in store.chain(args.store, snap.id)]
-    meta, data = make_view(snap, cfg.attack, record, ancestry)
+    model = crafted_by = None
+    if cfg.attack.name == "clean_label":
+        model, crafted_by = crafting_model(cfg, args, snap.id, [str(c) for c in snap.class_names])
+        _say(f"crafting {cfg.attack.method} against the {crafted_by['kind']} "
+             f"({(crafted_by['checkpoint_sha256'] or '')[:12]})")
+    device = cfg.train.device
+    meta, data = make_view(snap, cfg.attack, record, ancestry, model, crafted_by, device)
     write_view(Path(args.out), meta, data)
     a = meta["attack"]
-    what = "identity view (no attack)" if a["name"] == "none" else (
+    if a["name"] == "clean_label":
+        c = meta["crafting"]
+        what = (f"clean_label {a['method']}: {meta['n_poisoned']} train row(s) of class "
+                f"{snap.class_names[a['target']]} perturbed within eps {a['eps']:g}, labels kept"
+                + (f", {len(a['targets'])} target(s) of class {snap.class_names[a['source']]}" if a.get("targets") else "")
+                + f" ({c['seconds']:.1f} s)")
+    elif a["name"] == "none":
+        what = "identity view (no attack)"
+    else:
+        what = (
         f"{a['name']}: {meta['n_poisoned']} train row(s) of "
         f"{'class ' + snap.class_names[a['source']] if a['source'] is not None else 'every non-target class'}"
         f" -> {snap.class_names[a['target']]}"

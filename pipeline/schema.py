@@ -21,7 +21,9 @@ from pipeline.errors import UserError
 MISSING: Any = "???"
 
 DATA_NAMES = ("digits", "cifar10", "imagefolder")
-ATTACK_NAMES = ("none", "label_flip", "backdoor")
+ATTACK_NAMES = ("none", "label_flip", "backdoor", "clean_label")
+CLEAN_LABEL_METHODS = ("feature_collision", "label_consistent")
+CRAFT_MODELS = ("auto", "twin")
 MODEL_NAMES = ("small_cnn", "resnet18", "fastnet")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("none", "onecycle")
@@ -82,12 +84,22 @@ class ScanTrigger(TriggerConfig):
 
 @dataclass
 class AttackConfig:
-    name: str = "none"  # none | label_flip | backdoor
+    name: str = "none"  # none | label_flip | backdoor | clean_label
     source: Optional[Any] = None  # class name or index; null = all non-target classes
     target: Any = 0  # class name or index
     rate: float = 0.0  # fraction of the source rows (or of all non-target rows when source is null)
     seed: int = 0
     trigger: TriggerConfig = field(default_factory=TriggerConfig)
+    # clean_label only (conf/attack/clean_label.yaml gives each its unit and reason; every label
+    # stays true). label_consistent: `rate` of the `target` rows get a PGD perturbation, then the
+    # trigger. feature_collision: test instances of `source` are the targets, `rate` of the
+    # `target` (base) rows are crafted so the targets are read as `target`.
+    method: str = "label_consistent"  # feature_collision | label_consistent
+    eps: float = 96.0  # L-inf radius of the perturbation, pixel units (0..255)
+    steps: int = 20  # optimiser steps (PGD signed steps, or Adam steps for feature_collision)
+    n_targets: int = 10  # feature_collision: target test instances (>= 10 for a success rate)
+    opacity: float = 0.5  # feature_collision: target's weight in the start point (Poison Frogs watermark)
+    craft_model: str = "auto"  # auto = the registry's champion, else the clean twin | twin
 
 
 @dataclass
@@ -303,6 +315,8 @@ def check(cfg: Config) -> None:
 
     a = cfg.attack
     _one_of("attack.name", a.name, ATTACK_NAMES)
+    if a.name == "clean_label":
+        check_clean_label(a)
     # attack.rate, the classes and the trigger's fit to the image are checked against the data by
     # the poison stage (core.attacks.resolve_attack), where the class names and image size are known.
 
@@ -363,6 +377,25 @@ def check(cfg: Config) -> None:
     if not isinstance(cfg.mlflow.experiment, str) or not cfg.mlflow.experiment.strip():
         _fail("mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")
     check_remedy(cfg.remedy)
+
+
+def check_clean_label(a: AttackConfig) -> None:
+    """Ranges of the clean-label keys (classes and the trigger's fit are checked against the data
+    by the poison stage, where class names and the image size are known)."""
+    _one_of("attack.method", a.method, CLEAN_LABEL_METHODS)
+    _number("attack.eps", a.eps, 0.0, 255.0)  # pixel units: 255 is the whole range
+    _number("attack.rate", a.rate, 0.0, 1.0, lo_open=True)  # 0 crafts nothing
+    _number("attack.steps", a.steps, 0, 100_000, integer=True)
+    _number("attack.n_targets", a.n_targets, 1, 10_000, integer=True)
+    _number("attack.opacity", a.opacity, 0.0, 1.0)
+    _one_of("attack.craft_model", a.craft_model, CRAFT_MODELS)
+    if a.method == "label_consistent" and a.source is not None:
+        _fail("attack.source", a.source, "label_consistent poisons the target class's own rows and its trigger pulls "
+              "every class: set attack.source=null")
+    if a.method == "feature_collision" and a.source is None:
+        _fail("attack.source", a.source, "feature_collision needs the class of its target test instances "
+              "(attack.source, e.g. 4; the targets are to be read as attack.target)")
+    check_trigger("attack.trigger", a.trigger)
 
 
 def check_remedy(r: RemedyConfig) -> None:

@@ -313,6 +313,8 @@ def poison(
     if len(labels) != len(images) or len(sample_ids) != len(images):
         raise AttackError(f"images ({len(images)}), labels ({len(labels)}) and sample_ids ({len(sample_ids)}) differ in length")
     a = resolve_attack(attack_spec, class_names, images.shape[1:])
+    if a["name"] == "clean_label":  # crafted against a model: core.clean_label.craft
+        raise AttackError("attack clean_label needs a crafting model: use pipeline.core.clean_label.craft")
     new_images, new_labels = images.copy(), labels.copy()
     if a["name"] == "none":
         return new_images, new_labels, []

@@ -584,3 +584,128 @@ def label_consistent(
         "seconds": time.perf_counter() - t0,
     }
     return CleanLabelResult(out, labels.copy(), rows, deltas, records, info)
+
+
+# --------------------------------------------------------------------------- the poison stage's entry
+
+
+def resolve_clean_label(spec: Mapping[str, Any], class_names: Sequence[str], image_shape: Sequence[int]) -> dict:
+    """The ``attack.*`` config of ``name: clean_label`` with class indices and typed values (what the
+    view records as its attack). ``source``: feature collision's target-instance class (required),
+    None for label-consistent (all-to-one); ``target``: the class the attack pulls to (the base
+    class of feature collision, the poisoned class and trigger target of label-consistent)."""
+    from .attacks import resolve_attack
+
+    method = spec.get("method", "label_consistent")
+    if method not in METHODS:
+        raise CleanLabelError(f"unknown clean-label method {method!r}: use one of {', '.join(METHODS)}")
+    try:
+        a = resolve_attack({**spec, "name": "clean_label"}, class_names, image_shape)
+    except AttackError as exc:
+        raise CleanLabelError(str(exc)) from None
+    if method == "label_consistent" and a["source"] is not None:
+        raise CleanLabelError("label_consistent poisons the target class's own rows: set attack.source=null")
+    if method == "feature_collision" and a["source"] is None:
+        raise CleanLabelError("feature_collision needs attack.source: the class of its target test instances")
+    out = {**a, "method": method, "eps": _check_eps(spec.get("eps", 96.0)), "steps": _check_steps(int(spec.get("steps", 20)))}
+    _check_rate(a["rate"])
+    if method == "label_consistent":
+        try:
+            out["trigger"] = normalize_trigger(spec.get("trigger") or {}, image_shape)
+        except AttackError as exc:
+            raise CleanLabelError(str(exc)) from None
+    else:
+        n = int(spec.get("n_targets", 10))
+        if n < 1:
+            raise CleanLabelError(f"attack.n_targets must be >= 1, got {n}")
+        out["n_targets"] = n
+        out["opacity"] = float(spec.get("opacity", 0.5))
+    return out
+
+
+def craft(
+    model: nn.Module | Sequence[nn.Module],
+    images: np.ndarray,
+    labels: np.ndarray,
+    sample_ids: Sequence[str],
+    attack: Mapping[str, Any],
+    test_images: np.ndarray | None = None,
+    test_labels: np.ndarray | None = None,
+    test_ids: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[CleanLabelResult, list[dict]]:
+    """Craft a resolved clean-label ``attack`` (:func:`resolve_clean_label`) on the train split.
+
+    Returns ``(result, targets)``. Label-consistent: one :func:`label_consistent` call, ``targets``
+    empty. Feature collision: ``n_targets`` test instances of ``attack["source"]`` that ``model``
+    classifies correctly (:func:`pick_targets`, seeded), each with its own disjoint set of
+    ``round(rate * n_base / n_targets)`` base rows (nearest in features to that target, chosen
+    among the rows no earlier target took): one victim trained on the view meets all of them, and
+    its success rate is the share of targets it reads as the base class. ``targets``:
+    ``[{index (test row), sample_id, sha256}]``. Records carry ``target_id``/``target_sha256``.
+    """
+    images, labels = _check_inputs(images, labels, sample_ids)
+    if attack.get("method") == "label_consistent":
+        res = label_consistent(model, images, labels, sample_ids, attack["target"], attack["trigger"],
+                               rate=attack["rate"], eps=attack["eps"], steps=attack["steps"], seed=attack["seed"],
+                               device=device)
+        return res, []
+    if attack.get("method") != "feature_collision":
+        raise CleanLabelError(f"unknown clean-label method {attack.get('method')!r}: use one of {', '.join(METHODS)}")
+    if test_images is None or test_labels is None or test_ids is None:
+        raise CleanLabelError("feature_collision needs the test split: its targets are test instances")
+    t0 = time.perf_counter()
+    models = _as_models(model)
+    base, n_t = int(attack["target"]), int(attack["n_targets"])
+    n_base = int((labels == base).sum())
+    per = int(round(attack["rate"] * n_base / n_t))
+    if per < 1:
+        raise CleanLabelError(
+            f"attack.rate {attack['rate']} of {n_base} base rows over {n_t} targets leaves no poison per target: "
+            "raise attack.rate or lower attack.n_targets")
+    idx = pick_targets(models[0], test_images, test_labels, int(attack["source"]), n_t, seed=attack["seed"], device=device)
+    avail = labels.copy()
+    out = images.copy()
+    rows_all: list[np.ndarray] = []
+    records: list[dict] = []
+    d_before, d_after = [], []
+    targets = []
+    for j, ti in enumerate(idx):
+        timg = np.asarray(test_images[ti])
+        cand = int((avail == base).sum())
+        res = feature_collision(models, images, avail, sample_ids, timg, base, rate=min(1.0, per / cand),
+                                eps=attack["eps"], steps=attack["steps"], opacity=attack["opacity"],
+                                base_selection="nearest", seed=attack["seed"] + j, device=device,
+                                target_id=str(test_ids[ti]))
+        out[res.rows] = res.images[res.rows]
+        avail[res.rows] = -1  # taken: the next target chooses among the rest
+        rows_all.append(res.rows)
+        for r in res.records:
+            r["original_label"] = r["new_label"] = base
+            r["transform"].pop("delta_index", None)
+        records += res.records
+        d_before.append(res.info["feature_dist_before"])
+        d_after.append(res.info["feature_dist_after"])
+        targets.append({"index": int(ti), "sample_id": str(test_ids[ti]), "sha256": sample_hash(timg)})
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    rows, records = rows[order], [records[i] for i in order]
+    deltas = out[rows].astype(np.int16) - images[rows].astype(np.int16)
+    info = {
+        "method": "feature_collision",
+        "n_poisons": int(len(rows)),
+        "n_targets": n_t,
+        "poisons_per_target": per,
+        "feature_dist_before": float(np.mean(d_before)),
+        "feature_dist_after": float(np.mean(d_after)),
+        "seconds": time.perf_counter() - t0,
+    }
+    return CleanLabelResult(out, labels.copy(), rows, deltas, records, info), targets
+
+
+def targeted_success(predictions: np.ndarray, base_class: int) -> dict:
+    """Feature collision's success: the share of target instances read as the base class."""
+    p = np.asarray(predictions).astype(np.int64)
+    hits = int((p == int(base_class)).sum())
+    return {"success_rate": hits / len(p) if len(p) else None, "successes": hits, "n_targets": int(len(p)),
+            "base_class": int(base_class)}

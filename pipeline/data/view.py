@@ -6,6 +6,15 @@ poisoned train row; ``transform`` is the JSON trigger spec with a concrete locat
 pure label flip). ``view_id`` = sha256 of snapshot_id + records CSV bytes + the canonical JSON of
 the resolved attack spec, so any edit of a record, the attack or the snapshot changes it.
 
+Clean-label views (``attack.name: clean_label``) keep every label (``new_label == original_label``)
+and store each row's pixel perturbation in its record: the transform holds ``delta`` (base64 of the
+int16 ``after - before``, little-endian, C order), ``shape``, the method's parameters, and the
+row's ``linf``/``l2`` (and ``adv_linf``/``adv_l2``, the adversarial part alone, for
+label-consistent). Being in records.csv, the perturbation is inside the view_id like every other
+record: an edited perturbation is refused on load (view_id), and a perturbation that does not
+rebuild the recorded row, or whose norms differ from the recorded ones, too (IntegrityError).
+A row is then rebuilt as ``before + delta`` (a delta leaving 0..255 is refused, never clipped).
+
 A quarantined view (``remedy=quarantine``, ``pipeline.remedy``) also carries ``quarantine:
 {record_sha256, snapshot_id, view_id, rows: [{sample_id, sha256}]}``: those train rows are left
 out of the view (after the records are applied, each checked against its sha256). The quarantine
@@ -45,6 +54,78 @@ class ViewError(UserError):
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+CLEAN_LABEL_NORM_KEYS = ("linf", "l2", "adv_linf", "adv_l2")
+
+
+def encode_delta(delta: np.ndarray) -> str:
+    import base64
+
+    return base64.b64encode(np.ascontiguousarray(delta, dtype="<i2").tobytes()).decode("ascii")
+
+
+def decode_delta(transform: dict, image_shape: Sequence[int]) -> np.ndarray:
+    """The int16 perturbation of a clean-label record (shape checked against the image's)."""
+    import base64
+    import binascii
+
+    shape = tuple(int(v) for v in transform.get("shape") or ())
+    if shape != tuple(image_shape):
+        raise IntegrityError(f"a clean-label perturbation has shape {shape}, the images {tuple(image_shape)}; "
+                             "re-run the poison stage")
+    try:
+        raw = base64.b64decode(transform["delta"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise IntegrityError("a clean-label perturbation is not valid base64; re-run the poison stage") from None
+    if len(raw) != 2 * int(np.prod(shape)):
+        raise IntegrityError(f"a clean-label perturbation has {len(raw)} bytes, expected {2 * int(np.prod(shape))}")
+    return np.frombuffer(raw, dtype="<i2").reshape(shape).astype(np.int16)
+
+
+def _norms(delta: np.ndarray) -> tuple[float, float]:
+    d = np.asarray(delta, np.float64)
+    return float(np.abs(d).max(initial=0.0)), float(np.sqrt(np.square(d).sum()))
+
+
+def clean_label_records(records: Sequence[dict]) -> list[dict]:
+    """Records of ``core.clean_label`` (an ndarray ``perturbation`` and norms per row) as view
+    records: the perturbation and norms go into the transform, which the view_id covers."""
+    out = []
+    for r in records:
+        delta = np.asarray(r["perturbation"], np.int16)
+        t = dict(r["transform"] or {})
+        t.pop("delta_index", None)
+        t.update({"delta": encode_delta(delta), "shape": list(delta.shape)})
+        for k in CLEAN_LABEL_NORM_KEYS:
+            if k in r:
+                t[k] = round(float(r[k]), 6)
+        out.append({"sample_id": str(r["sample_id"]), "original_label": int(r["original_label"]),
+                    "new_label": int(r["new_label"]), "transform": t, "sha256_after": r["sha256_after"]})
+    return out
+
+
+def perturbations(records: Sequence[dict], image_shape: Sequence[int]) -> np.ndarray:
+    """(k, H, W, C) int16: the clean-label perturbations of ``records`` in record order."""
+    deltas = [decode_delta(r["transform"], image_shape) for r in records if r.get("transform") and "delta" in r["transform"]]
+    return np.stack(deltas) if deltas else np.zeros((0, *image_shape), np.int16)
+
+
+def _apply_delta(image: np.ndarray, r: dict) -> np.ndarray:
+    t = r["transform"]
+    delta = decode_delta(t, image.shape)
+    if int(r["new_label"]) != int(r["original_label"]):
+        raise IntegrityError(f"clean-label record {r['sample_id']!r} changes the label "
+                             f"({r['original_label']} -> {r['new_label']}); re-run the poison stage")
+    linf, l2 = _norms(delta)
+    if abs(linf - float(t.get("linf", -1))) > 1e-3 or abs(l2 - float(t.get("l2", -1))) > 1e-3:
+        raise IntegrityError(f"clean-label record {r['sample_id']!r}: its perturbation has L-inf {linf:g} / L2 {l2:.3f}, "
+                             f"the record says {t.get('linf')} / {t.get('l2')}; re-run the poison stage")
+    new = image.astype(np.int16) + delta
+    if new.min() < 0 or new.max() > 255:
+        raise IntegrityError(f"clean-label record {r['sample_id']!r}: its perturbation takes pixels outside 0..255 "
+                             "(it does not belong to this row); re-run the poison stage")
+    return new.astype(np.uint8)
 
 
 def records_csv(records: Sequence[dict]) -> bytes:
@@ -167,7 +248,9 @@ def apply_records(
             raise IntegrityError(
                 f"view record {r['sample_id']!r} says original label {r['original_label']}, the snapshot says {int(labels[i])}"
             )
-        if r["transform"]:
+        if r["transform"] and "delta" in r["transform"]:  # clean-label: before + stored perturbation
+            images[i] = _apply_delta(images[i], r)
+        elif r["transform"]:
             images[i] = apply_trigger(images[i : i + 1], r["transform"])[0]
         labels[i] = int(r["new_label"])
         if verify and sample_hash(images[i]) != r["sha256_after"]:
