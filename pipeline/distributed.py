@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="torchrun --standalone --nproc_per_node N -m pipeline.distributed",
         description="Train one model data-parallel over N processes (one per GPU; gloo on the CPU). "
-                    "Rank 0 writes OUT/model.pt (state dict + model_args, loads with weights_only=True) "
+                    "Rank 0 writes OUT/model.safetensors (weights + model arguments, no pickle) "
                     "and OUT/history.json. Without torchrun it trains in one process.")
     ap.add_argument("--data", required=True, type=Path, help=".npz with images (N,H,W,C uint8), labels (N,), optional num_classes")
     ap.add_argument("--out", required=True, type=Path)
