@@ -13,7 +13,18 @@ project's loop (GUIDE digits recipe: Adam 3e-3 one-cycle, batch 64, 10 epochs), 
   the reserve accuracy stays within 5 points, then the same 10-epoch fine-tuning) on the 5%
   reserve;
 - (c) the LGM loss from scratch (``train.loss=lgm``, alpha 0.1, lambda 0.1) on the same
-  poisoned rows; its likelihood score's AUROC at ranking the poisoned rows is reported beside.
+  poisoned rows; its likelihood score's AUROC at ranking the poisoned rows is reported beside;
+- (d) quarantine: drop rows from the poisoned training view and retrain from scratch with the
+  same recipe and seed. *Oracle*: exactly the poison record's rows (the best any detector can
+  do). *Robust*: the rows ``core.detect.robust_detect`` flags in its two-view mode, set up as
+  bench/detect_samples.py does: the candidate's penultimate features of the training view and of
+  the test split (the reference), and the same rows through a clean small_cnn trained on the
+  test split alone with as many optimizer steps as the candidate
+  (``detect_samples.clean_model_epochs``: 30 epochs), default ``RobustConfig`` (the gate's
+  thresholds). Every flagged row is dropped, whether or not the detector blocks (its flags are
+  what the inspect stage writes to suspects.csv); precision, recall, AUROC, rows dropped and
+  whether it blocked are reported beside. The clean model only picks rows to drop: the retrained
+  model sees training rows only.
 
 Reserve: drawn by ``core.remedy.trusted_reserve`` among the training rows the attack did not
 touch, stratified per class, seeded with the run's seed; its size is the fraction of *all*
@@ -24,6 +35,10 @@ and, for 1 -> 7, of class 1, that the model gets right clean).
 
     nice -n 10 python bench/remedy_digits.py                 # full: 3 seeds, 2 processes
     python bench/remedy_digits.py --seeds 0 --rates 0.1 --attacks blend20 --jobs 1   # one cell
+    nice -n 10 python bench/remedy_digits.py --remedies quarantine_oracle,quarantine_robust
+        # only (d); merged into the existing remedy_digits.json by (attack, rate, seed), and the
+        # md regenerated from the merged json (the other columns keep their stored numbers)
+    python bench/remedy_digits.py --report-only               # regenerate the md from the json
 
 Writes bench/results/remedy_digits.md and remedy_digits.json (every number of every run).
 """
@@ -51,6 +66,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline.core.attacks import apply_trigger, poison  # noqa: E402
+from pipeline.core.detect import RobustConfig, robust_detect  # noqa: E402
+from pipeline.core.features import penultimate_features  # noqa: E402
 from pipeline.core.losses import lgm_scores  # noqa: E402
 from pipeline.core.predict import predict  # noqa: E402
 from pipeline.core.remedy import fine_prune, finetune, trusted_reserve  # noqa: E402
@@ -80,6 +97,12 @@ ATTACKS: dict[str, dict[str, Any]] = {
 }
 RATES = (0.01, 0.05, 0.10)
 SEEDS = (0, 1, 2)
+# Remedy groups a run can be limited to (--remedies). "finetune" = the curve and every (a)/(b)
+# variant (the main tables' FT column is the curve's 10-epoch point, so they run together).
+GROUPS = ("finetune", "lgm", "quarantine_oracle", "quarantine_robust")
+QUARANTINE = {"quarantine_oracle": "(d) Q oracle", "quarantine_robust": "(d) Q robust"}
+SUMMARY_START = "<!-- summary: hand-written, kept by reruns -->"
+SUMMARY_END = "<!-- end summary -->"
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -105,8 +128,43 @@ def measure(model: torch.nn.Module, atk: dict[str, Any]) -> dict[str, float]:
     return {"asr": asr, "accuracy": float((clean == yte).mean()), "eligible": n}
 
 
-def run_cell(attack: str, rate: float, seed: int) -> dict[str, Any]:
-    """One poisoned training set and every remedy on it."""
+def clean_model_epochs(n_view: int, n_ref: int) -> int:
+    """The two-view detector's clean model: as many optimizer steps as the candidate (digits: 30
+    epochs on the 450 test rows). bench/detect_samples.py's rule, imported so both benches agree."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from detect_samples import clean_model_epochs as rule
+
+    return rule(n_view, n_ref)
+
+
+def quarantine(xp: np.ndarray, yp: np.ndarray, drop: np.ndarray, seed: int, atk: dict[str, Any]) -> dict[str, Any]:
+    """Retrain from scratch without the ``drop`` rows (bool mask), same recipe and seed."""
+    t0 = time.perf_counter()
+    keep = ~drop
+    m, _, _ = train_model(xp[keep], yp[keep], 10, "small_cnn", WIDTH, TrainSpec(seed=seed, **TRAIN))
+    return {**measure(m, atk), "dropped": int(drop.sum()), "train_s": time.perf_counter() - t0}
+
+
+def robust_flags(model: torch.nn.Module, xp: np.ndarray, yp: np.ndarray, seed: int) -> tuple[Any, dict[str, float]]:
+    """``robust_detect`` in two-view mode, set up as bench/detect_samples.py (module doc)."""
+    _, _, xte, yte = DATA
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    clean, _, _ = train_model(xte, yte, 10, "small_cnn", WIDTH,
+                              TrainSpec(seed=seed, **{**TRAIN, "epochs": clean_model_epochs(len(xp), len(xte))}))
+    times["clean_model_train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    f = penultimate_features(model, xp, device="cpu")
+    fr = penultimate_features(model, xte, device="cpu")
+    g = penultimate_features(clean, xp, device="cpu")
+    gr = penultimate_features(clean, xte, device="cpu")
+    det = robust_detect(f, yp, 10, fr, yte, g, gr, config=RobustConfig())
+    times["features_detect"] = time.perf_counter() - t0
+    return det, times
+
+
+def run_cell(attack: str, rate: float, seed: int, groups: tuple[str, ...] = GROUPS) -> dict[str, Any]:
+    """One poisoned training set and the remedies of ``groups`` on it."""
     torch.set_num_threads(1)
     xtr, ytr, _, _ = DATA
     atk = ATTACKS[attack]
@@ -121,11 +179,34 @@ def run_cell(attack: str, rate: float, seed: int) -> dict[str, Any]:
     model, _, _ = train_model(xp, yp, 10, "small_cnn", WIDTH, TrainSpec(seed=seed, **TRAIN))
     out["seconds"]["train_ce"] = time.perf_counter() - t0
     out["before"] = measure(model, atk)
+    is_poison = np.zeros(len(yp), bool)
+    is_poison[rows] = True
+
+    # (d) quarantine: oracle (the poison record) and the robust detector's flags, then retrain
+    if "quarantine_oracle" in groups or "quarantine_robust" in groups:
+        out["quarantine"] = {"before": out["before"]}
+    if "quarantine_oracle" in groups:
+        out["quarantine"]["oracle"] = quarantine(xp, yp, is_poison, seed, atk)
+    if "quarantine_robust" in groups:
+        from sklearn.metrics import roc_auc_score
+
+        det, times = robust_flags(model, xp, yp, seed)
+        fl = det.flagged
+        tp = int((fl & is_poison).sum())
+        got = quarantine(xp, yp, fl, seed, atk)
+        got.update(times, precision=tp / int(fl.sum()) if fl.any() else None,
+                   recall=tp / len(rows) if len(rows) else None, true_dropped=tp,
+                   auroc=float(roc_auc_score(is_poison, det.primary)) if 0 < len(rows) < len(yp) else None,
+                   blocked=bool(det.suspicious), suspicious=[int(c) for c in det.suspicious],
+                   tail_ratio_max=float(det.class_stat.max()))
+        out["quarantine"]["robust"] = got
+    if "finetune" not in groups and "lgm" not in groups:
+        return out
 
     # (a) clean fine-tuning curve, one 10-epoch run per reserve read at FT_EPOCHS
     t0 = time.perf_counter()
     out["finetune"] = {}
-    for frac in RESERVES:
+    for frac in (RESERVES if "finetune" in groups else ()):
         res = trusted_reserve(ytr, frac, seed=seed, exclude=rows)
         m = copy.deepcopy(model)
         curve = {0: out["before"]}
@@ -142,7 +223,7 @@ def run_cell(attack: str, rate: float, seed: int) -> dict[str, Any]:
     # (a) and (b) variants on the main reserves (plain FT = the curve's 10-epoch point)
     t0 = time.perf_counter()
     out["remedies"] = {}
-    for frac in MAIN_RESERVES:
+    for frac in (MAIN_RESERVES if "finetune" in groups else ()):
         res = trusted_reserve(ytr, frac, seed=seed, exclude=rows)
         got: dict[str, Any] = {"FT": out["finetune"][str(frac)]["curve"][str(max(FT_EPOCHS))]}
         for name, (prune_first, frozen) in REMEDIES.items():
@@ -157,6 +238,10 @@ def run_cell(attack: str, rate: float, seed: int) -> dict[str, Any]:
                 got[name] = measure(m, atk)
         out["remedies"][str(frac)] = got
     out["seconds"]["remedies"] = time.perf_counter() - t0
+    if "finetune" not in groups:
+        del out["finetune"], out["remedies"]
+    if "lgm" not in groups:
+        return out
 
     # (c) LGM loss from scratch, and its likelihood score as a poisoned-row detector
     t0 = time.perf_counter()
@@ -165,8 +250,6 @@ def run_cell(attack: str, rate: float, seed: int) -> dict[str, Any]:
     out["lgm"] = measure(lgm, atk)
     from sklearn.metrics import roc_auc_score
 
-    is_poison = np.zeros(len(yp), bool)
-    is_poison[rows] = True
     scores = lgm_scores(lgm, xp, yp, device="cpu")
     out["lgm"]["score_auroc"] = float(roc_auc_score(is_poison, scores)) if 0 < len(rows) < len(yp) else None
     return out
@@ -246,17 +329,37 @@ def ms(values: list[float | None], pct: bool = True) -> str:
     return f"{m:.1f} ± {s:.1f}" if pct else f"{m:.3f} ± {s:.3f}"
 
 
+def goal_cell(cs: list[dict], get: Any, before: Any) -> str:
+    """'ASR / points lost' over seeds, bold when the issue-13 goal is met (mean ASR and mean loss)."""
+    asr = [get(c)["asr"] for c in cs]
+    lost = [before(c)["accuracy"] - get(c)["accuracy"] for c in cs]
+    ok = all(a is not None for a in asr) and (statistics.mean(asr) <= GOAL_ASR + 1e-9
+                                              and statistics.mean(lost) <= GOAL_DROP + 1e-9)
+    t = f"{ms(asr)} / {ms(lost)}"
+    return f"**{t}**" if ok else t
+
+
 def report(cells: list[dict], clean: list[dict], meta: dict) -> str:
     by: dict[tuple[str, float], list[dict]] = {}
     for c in cells:
         by.setdefault((c["attack"], c["rate"]), []).append(c)
     keys = sorted(by, key=lambda k: (list(ATTACKS).index(k[0]), k[1]))
+    has = {g: all(g in c for c in cells) for g in ("remedies", "finetune", "lgm", "quarantine")}
+    qcols = [(name, k) for k, name in (("oracle", QUARANTINE["quarantine_oracle"]), ("robust", QUARANTINE["quarantine_robust"]))
+             if has["quarantine"] and all(k in c["quarantine"] for c in cells)]
     L: list[str] = []
     L.append("# Backdoor remedies on digits (issues 13 and 18)\n")
     L.append(f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['jobs']} worker process(es), 1 thread each, "
              f"shared with other jobs (timings noisy). Seeds: {meta['seeds']} (attack rows, training, reserve and "
-             f"fine-tuning all seeded by the run's seed). Wall time: {meta['wall_s']:.0f} s. "
-             f"Cut: {meta['cut'] or 'nothing'}.\n")
+             f"fine-tuning all seeded by the run's seed). Wall time: {meta['wall_s']:.0f} s "
+             f"(remedies: {', '.join(meta.get('groups', ['finetune', 'lgm']))}). Cut: {meta['cut'] or 'nothing'}.\n")
+    for r in meta.get("merged_runs", []):
+        L.append(f"Merged run: {', '.join(r['groups'])} measured later on the same machine kind, {r['jobs']} worker "
+                 f"process(es), 1 thread each, seeds {r['seeds']}, wall time {r['wall_s']:.0f} s, cut: "
+                 f"{r['cut'] or 'nothing'}; merged into the stored cells by (attack, rate, seed). The backdoored "
+                 f"model is retrained in that run with the same seed: its ASR and accuracy equal the stored "
+                 f"'before' in {r['before_match']} of {r['cells']} cells (accuracy lost for its columns is taken "
+                 f"against its own retrained model).\n")
     L.append("Model: small_cnn (width 32), digits recipe (Adam 3e-3 one-cycle, batch 64, 10 epochs). "
              "Attacks via `pipeline.core.attacks.poison`: BadNets = 3x3 white patch bottom-right; `badnets_a2o` "
              "all-to-one -> 0 (rate = fraction of non-target rows), `badnets_1to7` source 1 -> 7 (rate = fraction "
@@ -268,52 +371,107 @@ def report(cells: list[dict], clean: list[dict], meta: dict) -> str:
              f"the reserve accuracy stays within {FP['max_accuracy_drop']:.0%}, then (a)); (c) LGM loss from "
              f"scratch (alpha {LGM['lgm_alpha']}, lambda {LGM['lgm_lambda']}). Reserve = clean training rows the "
              "attack did not touch, stratified per class, drawn by `core.remedy.trusted_reserve` with the run's "
-             "seed; its size is a fraction of all 1347 training rows (1% = 13, 5% = 67, 10% = 135 rows).\n")
+             "seed; its size is a fraction of all 1347 training rows (1% = 13, 5% = 67, 10% = 135 rows). "
+             "(d) quarantine: retrain from scratch with the same recipe and seed without the poison record's rows "
+             "(Q oracle) or without the rows `core.detect.robust_detect` flags in two-view mode (Q robust: "
+             "reference = test split, clean model = small_cnn trained on the test split for as many optimizer "
+             "steps as the candidate, default `RobustConfig`); no reserve.\n")
 
     def cell(vals: list[dict]) -> str:
         a = ms([v["asr"] for v in vals])
         return f"{a} / {ms([v['accuracy'] for v in vals])}"
 
-    for frac in MAIN_RESERVES:
+    for frac in (MAIN_RESERVES if has["remedies"] and has["lgm"] else ()):
         L.append(f"## ASR % / clean accuracy % before and after each remedy, {frac:.0%} reserve\n")
         L.append(f"(a) FT = clean fine-tuning, (b) FP = fine-pruning then the same fine-tuning (Adam {FT['lr']:g} "
                  f"constant, batch {FT['batch_size']}, 10 epochs); frozen BN = batch norm in eval mode while "
                  "fine-tuning (`freeze_norm=True`); (c) LGM = trained from scratch with the LGM loss on the same "
-                 "poisoned rows (needs no reserve). Cells: mean ± std over seeds.\n")
+                 "poisoned rows (needs no reserve); (d) Q = quarantine and retrain (needs no reserve: same numbers "
+                 "in both tables). Cells: mean ± std over seeds.\n")
         names = list(REMEDIES)
-        L.append("| attack | rate | poisoned rows | before | " + " | ".join(names) + " | (c) LGM | FP pruned ch. |")
-        L.append("|---|---|---|---|" + "---|" * len(names) + "---|---|")
+        L.append("| attack | rate | poisoned rows | before | " + " | ".join(names) + " | (c) LGM | "
+                 + "".join(f"{n} | " for n, _ in qcols) + "FP pruned ch. |")
+        L.append("|---|---|---|---|" + "---|" * len(names) + "---|" * (2 + len(qcols)))
         for k in keys:
             cs = by[k]
             rem = [c["remedies"][str(frac)] for c in cs]
             L.append(f"| {k[0]} | {k[1]:.0%} | {cs[0]['n_poisoned']} | {cell([c['before'] for c in cs])} | "
                      + " | ".join(cell([r[n] for r in rem]) for n in names)
                      + f" | {cell([c['lgm'] for c in cs])} | "
+                     + "".join(f"{cell([c['quarantine'][q] for c in cs])} | " for _, q in qcols)
                      + f"{statistics.mean(r['FP']['pruned'] for r in rem):.0f}/{rem[0]['FP']['channels']} |")
         L.append("")
 
+    if qcols:
+        L.append("## (d) Quarantine: drop rows, retrain from scratch\n")
+        L.append("Q oracle drops exactly the poison record's rows; Q robust drops every row `robust_detect` (two "
+                 "views, gate thresholds) flags, blocked or not. Precision / recall of the flags against the poison "
+                 "record; AUROC of its suspicion score; blocked = seeds where the detector's own rule called a class "
+                 "suspicious (the gate would have stopped the release). 'before' = the backdoored model retrained in "
+                 "the quarantine run (same seed). Cells: mean ± std over seeds.\n")
+        L.append("| attack | rate | poisoned rows | before | Q oracle | Q robust | rows dropped (robust) | "
+                 "precision | recall | AUROC | blocked |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for k in keys:
+            cs = by[k]
+            q = [c["quarantine"] for c in cs]
+            rob = [x.get("robust") for x in q]
+            if all(r is not None for r in rob):
+                extra = (f"{statistics.mean(r['dropped'] for r in rob):.1f} | {ms([r['precision'] for r in rob], False)} | "
+                         f"{ms([r['recall'] for r in rob], False)} | {ms([r['auroc'] for r in rob], False)} | "
+                         f"{sum(r['blocked'] for r in rob)}/{len(rob)}")
+            else:
+                extra = "n/a | n/a | n/a | n/a | n/a"
+            L.append(f"| {k[0]} | {k[1]:.0%} | {cs[0]['n_poisoned']} | {cell([x['before'] for x in q])} | "
+                     + " | ".join(cell([x[n] for x in q]) if all(n in x for x in q) else "n/a" for n in ("oracle", "robust"))
+                     + f" | {extra} |")
+        L.append("")
+        qt: dict[str, list[float]] = {}
+        for c in cells:
+            q = c["quarantine"]
+            if "oracle" in q:
+                qt.setdefault("retrain (oracle)", []).append(q["oracle"]["train_s"])
+            if "robust" in q:
+                for k, name in (("clean_model_train", "clean model (30 ep on 450 rows)"),
+                                ("features_detect", "features + robust_detect"), ("train_s", "retrain (robust)")):
+                    qt.setdefault(name, []).append(q["robust"][k])
+        L.append("Mean seconds per cell of the quarantine run (busy shared CPU, noisy): "
+                 + ", ".join(f"{k} {statistics.mean(v):.1f}" for k, v in qt.items()) + ".\n")
+
+    if not (has["remedies"] and has["lgm"]):
+        L.append(f"## Goal check: Blended <= {GOAL_ASR:.0%} ASR with <= {GOAL_DROP * 100:.0f} points of accuracy lost\n")
+        L.append("Accuracy lost = accuracy of the backdoored model minus the remedied one's, per seed. "
+                 "Cells: ASR % / points lost, mean ± std; **met** in bold.\n")
+        L.append("| attack | rate | " + " | ".join(n for n, _ in qcols) + " |")
+        L.append("|---|---|" + "---|" * len(qcols))
+        for k in keys:
+            if k[0].startswith("blend"):
+                L.append(f"| {k[0]} | {k[1]:.0%} | " + " | ".join(
+                    goal_cell(by[k], lambda c, q=q: c["quarantine"][q], lambda c: c["quarantine"]["before"])
+                    for _, q in qcols) + " |")
+        L.append("")
+        t = {k: statistics.mean(c["seconds"][k] for c in cells) for k in cells[0]["seconds"]}
+        L.append("Mean seconds per cell (busy shared CPU, noisy): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + ".\n")
+        return "\n".join(L)
+
     L.append(f"## Goal check: Blended <= {GOAL_ASR:.0%} ASR with <= {GOAL_DROP * 100:.0f} points of accuracy lost\n")
     L.append("Accuracy lost = accuracy of the backdoored model minus the remedied one's, per seed (for (c): the CE "
-             "model trained on the same poisoned rows minus the LGM one). Met = mean ASR and mean loss both within. "
+             "model trained on the same poisoned rows minus the LGM one; for (d): the backdoored model of the "
+             "quarantine run minus the retrained one). Met = mean ASR and mean loss both within. "
              "Anchor (BackdoorBench, CIFAR-10 10%, Blended): fine-tuning 96.1% ASR; ANP 2.2% at -6.9 points. "
              "Cells: ASR % / points lost, mean ± std; **met** in bold.\n")
     cols = [(f"{n} {frac:.0%}", lambda c, n=n, frac=frac: c["remedies"][str(frac)][n])
             for frac in MAIN_RESERVES for n in REMEDIES] + [("(c) LGM", lambda c: c["lgm"])]
+    base = {n: (lambda c: c["before"]) for n, _ in cols}
+    for n, q in qcols:
+        cols.append((n, lambda c, q=q: c["quarantine"][q]))
+        base[n] = lambda c: c["quarantine"]["before"]
     L.append("| attack | rate | " + " | ".join(n for n, _ in cols) + " |")
     L.append("|---|---|" + "---|" * len(cols))
     for k in keys:
         if not k[0].startswith("blend"):
             continue
-        cs = by[k]
-        txt = []
-        for _, get in cols:
-            asr = [get(c)["asr"] for c in cs]
-            lost = [c["before"]["accuracy"] - get(c)["accuracy"] for c in cs]
-            ok = all(a is not None for a in asr) and (statistics.mean(asr) <= GOAL_ASR + 1e-9
-                                                      and statistics.mean(lost) <= GOAL_DROP + 1e-9)
-            t = f"{ms(asr)} / {ms(lost)}"
-            txt.append(f"**{t}**" if ok else t)
-        L.append(f"| {k[0]} | {k[1]:.0%} | " + " | ".join(txt) + " |")
+        L.append(f"| {k[0]} | {k[1]:.0%} | " + " | ".join(goal_cell(by[k], get, base[n]) for n, get in cols) + " |")
     L.append("")
 
     L.append("## Clean fine-tuning curve (issue 18): ASR / accuracy after 0, 1, 2, 5, 10 epochs\n")
@@ -372,7 +530,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "remedy_digits"))
     ap.add_argument("--tune", action="store_true", help="only the learning-rate sweep on the dev seed "
                     "(writes <out>_tune.md/json)")
+    ap.add_argument("--remedies", default=",".join(GROUPS),
+                    help=f"remedy groups to run, of {', '.join(GROUPS)}. A subset is merged into an existing "
+                    "<out>.json by (attack, rate, seed) and the md regenerated from the merged json")
+    ap.add_argument("--report-only", action="store_true", help="regenerate <out>.md from <out>.json, run nothing")
     a = ap.parse_args(argv)
+    out = Path(a.out)
+    if a.report_only:
+        if not out.with_suffix(".json").exists():
+            ap.error(f"{out.with_suffix('.json')} not found: run the bench first")
+        stored = json.loads(out.with_suffix(".json").read_text())
+        write_md(out, report(stored["cells"], stored["clean"], stored["meta"]))
+        return 0
+    groups = tuple(g for g in a.remedies.split(",") if g)
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        ap.error(f"unknown remedy group(s) {bad}: use a comma list of {', '.join(GROUPS)}")
+    groups = tuple(g for g in GROUPS if g in groups)
     if a.tune:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
@@ -392,36 +566,89 @@ def main(argv: list[str] | None = None) -> int:
     cut = []
     if seeds != list(SEEDS) or rates != list(RATES) or attacks != list(ATTACKS):
         cut.append(f"ran seeds {seeds}, rates {rates}, attacks {attacks} of the full grid")
-    if a.no_clean:
+    partial = groups != GROUPS
+    if a.no_clean and not partial:
         cut.append("clean reference models")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     jobs = [(atk, r, s) for atk in attacks for r in rates for s in seeds]
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("fork")) as ex:
-        futs = [ex.submit(run_cell, *j) for j in jobs]
-        cfuts = [] if a.no_clean else [ex.submit(run_clean, s) for s in seeds]
+        futs = [ex.submit(run_cell, *j, groups) for j in jobs]
+        cfuts = [] if (a.no_clean or "lgm" not in groups) else [ex.submit(run_clean, s) for s in seeds]
         cells = []
         for f in futs:
             c = f.result()
             cells.append(c)
-            r = c["remedies"][str(MAIN_RESERVES[-1])]
+            got = {}
+            if "remedies" in c:
+                got.update(c["remedies"][str(MAIN_RESERVES[-1])])
+            if "lgm" in c:
+                got["LGM"] = c["lgm"]
+            for q, v in c.get("quarantine", {}).items():
+                if q != "before":
+                    got[f"Q {q}"] = v
             print(f"{c['attack']:>13} {c['rate']:.2f} s{c['seed']}: ASR {c['before']['asr']:.3f} -> "
-                  + " ".join(f"{k} {v['asr']:.3f}" for k, v in r.items() if v["asr"] is not None)
-                  + f" LGM {c['lgm']['asr']}", flush=True)
+                  + " ".join(f"{k} {v['asr']:.3f}/{v['accuracy']:.3f}" for k, v in got.items() if v["asr"] is not None)
+                  + (f" (robust dropped {c['quarantine']['robust']['dropped']}, P {c['quarantine']['robust']['precision']}, "
+                     f"R {c['quarantine']['robust']['recall']})" if "robust" in c.get("quarantine", {}) else ""),
+                  flush=True)
         clean = [f.result() for f in cfuts]
+    wall = time.perf_counter() - t0
     meta = {"machine": f"2-core CPU box ({platform.machine()}, {os.cpu_count()} logical CPUs)", "torch": torch.__version__,
-            "jobs": a.jobs, "seeds": seeds, "wall_s": time.perf_counter() - t0, "cut": "; ".join(cut),
-            "hyper": {"train": TRAIN, "lgm": LGM, "finetune": FT, "fine_prune": FP, "reserves": RESERVES}}
+            "jobs": a.jobs, "seeds": seeds, "wall_s": wall, "cut": "; ".join(cut), "groups": list(groups),
+            "hyper": {"train": TRAIN, "lgm": LGM, "finetune": FT, "fine_prune": FP, "reserves": RESERVES,
+                      "robust": {k: getattr(RobustConfig(), k) for k in RobustConfig.__dataclass_fields__}}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if partial and out.with_suffix(".json").exists():
+        stored = json.loads(out.with_suffix(".json").read_text())
+        cells, meta = merge(stored, cells, meta)
+        clean = stored["clean"]
     md = report(cells, clean, meta)
     print(md)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    write_md(out, md)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": cells, "clean": clean}, indent=1))
+    return 0
+
+
+def merge(stored: dict, new: list[dict], run_meta: dict) -> tuple[list[dict], dict]:
+    """The stored cells with the new run's groups added by (attack, rate, seed). Only the
+    quarantine groups are merged (their own 'before' travels with them); the stored numbers of
+    every other column are kept as they are."""
+    if any(g in run_meta["groups"] for g in ("finetune", "lgm")):
+        raise SystemExit("error: only the quarantine groups merge into a stored run; run finetune and lgm "
+                         "together as a full run (or give --out a new path)")
+    cells = stored["cells"]
+    meta = stored["meta"]
+    meta.setdefault("groups", ["finetune", "lgm"])  # runs before the quarantine groups existed
+    index = {(c["attack"], c["rate"], c["seed"]): c for c in cells}
+    match = 0
+    for c in new:
+        old = index.get((c["attack"], c["rate"], c["seed"]))
+        if old is None:
+            raise SystemExit(f"error: stored run has no cell {c['attack']} {c['rate']} seed {c['seed']}: "
+                             "merge only cells the stored run has, or give --out a new path")
+        q = c["quarantine"]
+        q["seconds"] = c["seconds"]
+        old.setdefault("quarantine", {}).update(q)
+        match += all(abs(old["before"][k] - c["before"][k]) < 1e-9 for k in ("asr", "accuracy")
+                     if old["before"][k] is not None and c["before"][k] is not None)
+    runs = [r for r in meta.get("merged_runs", []) if r["groups"] != run_meta["groups"]]
+    runs.append({k: run_meta[k] for k in ("jobs", "seeds", "wall_s", "cut", "groups")}
+                | {"cells": len(new), "before_match": match, "robust": run_meta["hyper"]["robust"]})
+    meta["merged_runs"] = runs
+    return cells, meta
+
+
+def write_md(out: Path, md: str) -> None:
+    """Write <out>.md, keeping the hand-written summary (after the title) and reading (at the end)."""
     old = out.with_suffix(".md").read_text() if out.with_suffix(".md").exists() else ""
+    if SUMMARY_START in old and SUMMARY_END in old:
+        block = old[old.index(SUMMARY_START):old.index(SUMMARY_END) + len(SUMMARY_END)]
+        title, rest = md.split("\n", 1)
+        md = f"{title}\n\n{block}\n{rest}"
     if HAND_WRITTEN in old:  # the reading below the marker is prose about a run: kept, re-check it
         md += "\n" + old[old.index(HAND_WRITTEN):]
     out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "cells": cells, "clean": clean}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
