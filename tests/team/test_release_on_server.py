@@ -114,20 +114,19 @@ def test_poisoned_release_is_blocked_and_the_champion_stays(releases):
 
 
 def test_two_gate_processes_race_to_promote(releases):
-    """Two clean candidates evaluated against the same champion (the clean config retrained: a
-    new registry version each), then both `python -m pipeline.gate` at once: exactly one moves
+    """Two clean candidates evaluated against the same champion (the clean config retrained with
+    two new seeds: a new registry version each), then both `python -m pipeline.gate` at once: exactly one moves
     `champion`, the other fails closed."""
     r = releases
     repo, name, first = r.repo, r.name, _champion(r.uri, r.name)
-    repo.compose(f"mlflow.model_name={name}")
     sides = []
-    for side in ("a", "b"):
-        if side == "b":
-            repo.repro("--force", "-s", "train")
+    for seed, side in ((1, "a"), (2, "b")):
+        # another seed each: a byte-identical checkpoint would reuse its version (issue 17)
+        repo.compose(f"mlflow.model_name={name}", f"train.seed={seed}")
         repo.repro("evaluate")
         d = r.tmp / side
         d.mkdir()
-        for f in ("metrics.json", "baseline_metrics.json", "train.json"):
+        for f in ("metrics.json", "baseline_metrics.json", "train.json", "evaluate.json"):
             shutil.copy(repo.root / "reports" / f, d / f)
         sides.append(d)
     versions = [str(repo.json(str(d / "train.json"))["model_version"]) for d in sides]
@@ -136,6 +135,7 @@ def test_two_gate_processes_race_to_promote(releases):
         subprocess.Popen([sys.executable, "-m", "pipeline.gate", "--params", "params.yaml",
                           "--metrics", str(d / "metrics.json"), "--baseline-metrics", str(d / "baseline_metrics.json"),
                           "--validated", "data/validated.json", "--train-report", str(d / "train.json"),
+                          "--evaluation", str(d / "evaluate.json"),
                           "--report", str(d / "gate.json"), "--summary", str(d / "gate.md")],
                          cwd=repo.root, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for d in sides
