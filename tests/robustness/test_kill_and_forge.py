@@ -164,3 +164,29 @@ def test_validated_json_forged_to_passed_for_the_refused_view_is_not_promoted(re
     assert digest(released.root / "data/store") == before["store"]
     gate = released.json("reports/gate.json")
     assert not gate["passed"] and any(c.startswith("data_validation") for c in gate["failed"])
+
+
+@pytest.mark.smoke
+def test_two_dvc_repro_at_once_the_second_is_refused_and_nothing_is_lost(tmp_path):
+    """A second `dvc repro` in the same working copy while one runs: DVC's repository lock refuses
+    it at once (non-zero, naming the lock), and the first run completes a release unharmed."""
+    from tests.conftest import BIN, make_repo_copy
+
+    repo = make_repo_copy(tmp_path)
+    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo.root, env=repo.env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (repo.root / "data/snapshot.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # the first run is past its start, holding the lock
+        assert first.poll() is None, "the first run ended before the second could start"
+        second = repo.repro(check=False)
+        assert second.returncode != 0
+        assert "lock" in (second.stdout + second.stderr).lower(), second.stdout[-2000:] + second.stderr[-2000:]
+        out, err = first.communicate(timeout=900)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out[-3000:] + err[-3000:]
+    assert repo.json("reports/gate.json")["passed"] is True
+    assert json.loads((repo.root / "data/snapshot.json").read_text())["snapshot_id"]
