@@ -25,7 +25,7 @@ from .train import TrainSpec, steps_per_epoch, train_model
 
 def matched_epochs(epochs: int, n_view: int, n_ref: int, batch_size: int) -> int:
     """Epochs on ``n_ref`` rows that take as many optimizer steps as ``epochs`` on ``n_view`` rows
-    (at least ``epochs``). Digits: 10 epochs x 22 steps on 1,347 rows -> 30 epochs x 8 steps on
+    (at least ``epochs``). Digits: 10 epochs x 22 steps on 1,347 rows -> 28 epochs x 8 steps on
     450. At the candidate's own 10 epochs the small clean model is underfit and its foreignness
     of clean rows noisier (bench/results/detect_samples.md: weakest source-specific backdoor
     1.60 -> 1.98, clean maximum 1.62 -> 1.58 from 10 to 30 epochs)."""
