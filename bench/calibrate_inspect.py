@@ -194,7 +194,7 @@ def report(clean: list[dict], attacks: list[dict], wall: float, args) -> str:
               "| scan | threshold | clean false alarms | backdoors detected (ASR >= 0.5) | seconds per model |",
               "|---|---|---|---|---|"]
     eff = [a for a in attacks if (a.get("asr") or 0) >= 0.5]
-    for key, name, thrs in (("mm", "MM-BD (max margin)", (2.5, g.max_scan_anomaly, 3.5)), ("nc", "Neural Cleanse", (2.0, 3.0, 3.5))):
+    for key, name, thrs in (("mm", "MM-BD (max margin)", (2.0, 2.5, 3.0, 3.5)), ("nc", "Neural Cleanse", (2.0, 3.0, 3.5))):
         tkey = "scan_max_margin" if key == "mm" else "scan_neural_cleanse"
         secs = _ms([o["time"][tkey] for o in clean + attacks])
         for thr in thrs:
