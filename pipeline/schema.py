@@ -185,7 +185,7 @@ class GateConfig:
     max_tail_ratio: float = 1.8  # poison_suspects: a class's main tail scan ratio (unitless)
     max_shallow_tail_ratio: float = 2.5  # poison_suspects: a class's shallow-band ratio (unitless)
     max_label_issue_fraction: float = 0.02  # poison_suspects: cleanlab label issues, fraction of training rows
-    max_scan_anomaly: float = 2.5  # backdoor_scan: largest anomaly index over target classes (MAD units)
+    max_scan_anomaly: float = 4.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
     require_inspection: bool = True  # false: the two checks pass with "not required"
     fail_on_block: bool = True  # false: a blocked release exits 0 (champion unchanged), so `dvc exp run` keeps it
 
