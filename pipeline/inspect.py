@@ -129,7 +129,15 @@ def _baseline_model(cfg: Config, name: str, twin: Path, snapshot_id: str, candid
 
     mv = registry.champion(runs.client(), name)
     if mv is not None and str(mv.version) != str(candidate_version):
-        model, _ = registry.load_version(runs.client(), name, str(mv.version))
+        try:
+            model, _ = registry.load_version(runs.client(), name, str(mv.version))
+        except Exception as exc:
+            # Fail closed, worded as evaluate does: a champion that cannot be loaded is no reason
+            # to scan the (weaker) twin instead.
+            raise InspectError(
+                f"champion {name} v{mv.version} could not be loaded or evaluated ({type(exc).__name__}: {exc}). "
+                "Restore its artifacts, or move/delete the `champion` alias deliberately, then re-run `dvc repro`"
+            ) from exc
         return model, {"kind": "champion", "model_version": str(mv.version)}
     if not twin.is_file():
         raise InspectError(f"no champion for {name} and {twin} not found: run the twin stage")
