@@ -252,6 +252,116 @@ def champion_check(problem: Optional[str]) -> Check:
     return Check("champion_integrity", None, None, True, "the champion (if any) was promoted by the gate for its digest")
 
 
+# --------------------------------------------------------------------------- trigger-agnostic checks
+# They read reports/inspect.json (the inspect stage): per-class tail scan ratios of the two-view
+# robust detector, cleanlab's label issues, and the backdoor scan's anomaly index per target class.
+
+INSPECT_FORMAT = "poisongate-inspect/1"
+_INSPECT_FIX = "run `dvc repro inspect` (or `dvc repro --force inspect`)"
+
+
+def _inspection_problem(inspection: Any, train_report: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Why the inspect report cannot be judged (missing, malformed, or for another candidate), or None."""
+    if inspection is None:
+        return f"no inspect report: {_INSPECT_FIX}; fails closed"
+    if not isinstance(inspection, Mapping) or inspection.get("format") != INSPECT_FORMAT:
+        fmt = inspection.get("format") if isinstance(inspection, Mapping) else type(inspection).__name__
+        return f"the inspect report is malformed (format {fmt!r}, expected {INSPECT_FORMAT}): {_INSPECT_FIX}; fails closed"
+    if not train_report:
+        return "no train report to bind the inspect report to: fails closed"
+    stale = [k for k in ("snapshot_id", "view_id", "checkpoint_sha256", "model_version")
+             if not inspection.get(k) or str(inspection.get(k)) != str(train_report.get(k))]
+    if stale:
+        return (f"the inspect report is for another candidate ({', '.join(stale)} differ from the train report): "
+                f"stale, {_INSPECT_FIX}")
+    return None
+
+
+def poison_suspects_check(inspection: Any, train_report: Optional[Mapping[str, Any]], t: Thresholds) -> Check:
+    """No class may hold a cluster of suspect rows: every class's main tail scan ratio must stay
+    below ``max_tail_ratio`` and its shallow-band ratio below ``max_shallow_tail_ratio`` (the
+    two-view robust detector; its thresholds were calibrated in that mode only), and cleanlab's
+    label issues below ``max_label_issue_fraction`` of the rows (when inspect ran cleanlab).
+    Value: the largest main tail ratio."""
+    name = "poison_suspects"
+    if not t.require_inspection:
+        return Check(name, None, t.max_tail_ratio, True, "not required (gate.require_inspection=false)")
+    problem = _inspection_problem(inspection, train_report)
+    if problem:
+        return Check(name, None, t.max_tail_ratio, False, problem)
+    if inspection.get("mode") != "two_view":
+        return Check(name, None, t.max_tail_ratio, False,
+                     f"the detector ran in mode {inspection.get('mode')!r}; the thresholds hold for 'two_view' only: "
+                     "fails closed")
+    classes = inspection.get("classes")
+    if not isinstance(classes, Mapping) or not classes:
+        return Check(name, None, t.max_tail_ratio, False, "the inspect report has no per-class table: fails closed")
+    ratios: dict[str, tuple[Optional[float], Optional[float]]] = {}
+    for cls, row in classes.items():
+        row = row if isinstance(row, Mapping) else {}
+        ratios[str(cls)] = (_number(row.get("tail_ratio")), _number(row.get("tail_ratio_shallow")))
+    bad = sorted(c for c, (a, b) in ratios.items() if a is None or b is None)
+    if bad:
+        return Check(name, None, t.max_tail_ratio, False,
+                     f"tail ratio missing or not finite for class {', '.join(bad[:5])}: fails closed")
+    worst_cls, (worst, _) = max(ratios.items(), key=lambda kv: kv[1][0])  # type: ignore[arg-type,return-value]
+    over = [f"{c} ({a:.2f})" for c, (a, _b) in ratios.items() if a >= t.max_tail_ratio]  # type: ignore[operator]
+    over_shallow = [f"{c} ({b:.2f})" for c, (_a, b) in ratios.items() if b >= t.max_shallow_tail_ratio]  # type: ignore[operator]
+    problems = []
+    if over:
+        problems.append(f"class {', '.join(over)} tail ratio >= {t.max_tail_ratio:.2f}")
+    if over_shallow:
+        problems.append(f"class {', '.join(over_shallow)} shallow tail ratio >= {t.max_shallow_tail_ratio:.2f}")
+    cleanlab = "cleanlab not run (inspect.kfold=0)"
+    if inspection.get("cleanlab") is not None:
+        frac = _number(inspection.get("label_issue_fraction"))
+        if frac is None:
+            return Check(name, worst, t.max_tail_ratio, False, "cleanlab's label-issue fraction is missing: fails closed")
+        cleanlab = f"cleanlab label issues {frac:.4f} of the rows"
+        if frac > t.max_label_issue_fraction:
+            problems.append(f"{cleanlab} > {t.max_label_issue_fraction:.4f}")
+    if problems:
+        return Check(name, worst, t.max_tail_ratio, False,
+                     "; ".join(problems) + ": a cluster of suspect training rows (see reports/suspects.csv)")
+    return Check(name, worst, t.max_tail_ratio, True,
+                 f"largest tail ratio {worst:.2f} (class {worst_cls}) < {t.max_tail_ratio:.2f}; {cleanlab}")
+
+
+def backdoor_scan_check(inspection: Any, train_report: Optional[Mapping[str, Any]], t: Thresholds) -> Check:
+    """No target class may be an outlier of the backdoor scan: the candidate's largest anomaly
+    index over target classes must stay at or below ``max_scan_anomaly`` (MAD units)."""
+    name = "backdoor_scan"
+    if not t.require_inspection:
+        return Check(name, None, t.max_scan_anomaly, True, "not required (gate.require_inspection=false)")
+    problem = _inspection_problem(inspection, train_report)
+    if problem:
+        return Check(name, None, t.max_scan_anomaly, False, problem)
+    scan = inspection.get("scan")
+    cand = scan.get("candidate") if isinstance(scan, Mapping) else None
+    per = cand.get("per_class") if isinstance(cand, Mapping) else None
+    if not isinstance(per, Mapping) or len(per) < 3:
+        return Check(name, None, t.max_scan_anomaly, False, "the inspect report has no scan of the candidate: fails closed")
+    values = {str(c): _number(row.get("anomaly") if isinstance(row, Mapping) else None) for c, row in per.items()}
+    bad = sorted(c for c, v in values.items() if v is None)
+    if bad:
+        return Check(name, None, t.max_scan_anomaly, False,
+                     f"scan anomaly missing or not finite for class {', '.join(bad[:5])}: fails closed")
+    target, worst = max(values.items(), key=lambda kv: kv[1])  # type: ignore[arg-type,return-value]
+    base = scan.get("baseline") if isinstance(scan, Mapping) else None
+    base_txt = ""
+    if isinstance(base, Mapping) and _number(base.get("max_anomaly")) is not None:
+        base_txt = f" (baseline {base.get('kind', '?')}: {_number(base.get('max_anomaly')):.2f})"
+    method = cand.get("method", "?")
+    c = _at_most(name, worst, t.max_scan_anomaly, f"{method} scan: largest anomaly index (target class {target})")
+    return Check(name, c.value, c.threshold, c.passed, c.reason + base_txt +
+                 ("" if c.passed else ": the model has a likely backdoor target"))
+
+
+def inspection_checks(inspection: Any, train_report: Optional[Mapping[str, Any]], t: Thresholds) -> list[Check]:
+    """``[poison_suspects, backdoor_scan]`` (what the gate stage adds to :func:`evaluate_gate`)."""
+    return [poison_suspects_check(inspection, train_report, t), backdoor_scan_check(inspection, train_report, t)]
+
+
 def evaluate_gate(
     candidate: Mapping[str, Any],
     baseline: Mapping[str, Any],
@@ -261,10 +371,12 @@ def evaluate_gate(
     t: Thresholds,
     prior_verdict: Optional[str] = None,
     integrity: Optional[list[Check]] = None,
+    detection: Optional[list[Check]] = None,
 ) -> list[Check]:
     """All checks, in report order. The release passes only if every one passed. ``integrity``:
     the binding checks the stage computed from its evidence (:func:`evidence_check`,
-    :func:`lineage_check`, :func:`champion_check`)."""
+    :func:`lineage_check`, :func:`champion_check`); ``detection``: the trigger-agnostic checks
+    (:func:`inspection_checks`; the gate stage always passes them, failing closed without a report)."""
     return [
         *(integrity or []),
         identity_check(candidate, baseline, train_report, current_champion),
@@ -273,6 +385,7 @@ def evaluate_gate(
         *accuracy_checks(candidate, baseline, t),
         *asr_checks(candidate, baseline, t),
         *recall_checks(candidate, baseline, t),
+        *(detection or []),
     ]
 
 

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.schema import (  # noqa: F401 - re-exported: the config API in one import
     ATTACK_NAMES, DATA_NAMES, AttackConfig, Config, ConfigError, DataConfig, EvalConfig, GateConfig,
-    MlflowConfig, ModelConfig, ScanTrigger, TrainConfig, TriggerConfig, ValidateConfig, check, flatten, model_name,
+    InspectConfig, MlflowConfig, ModelConfig, ScanTrigger, TrainConfig, TriggerConfig, ValidateConfig, check, flatten, model_name,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

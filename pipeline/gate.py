@@ -43,6 +43,8 @@ PATHS = (
     stage.PathArg("html", "the self-contained release report to write", default="reports/release.html"),
     stage.PathArg("summary_metrics", "the small verdict metrics DVC compares (git-tracked)",
                   default="reports/summary.json"),
+    stage.PathArg("inspection", "the inspect stage's report (poison_suspects, backdoor_scan)",
+                  default="reports/inspect.json"),
 )
 
 
@@ -113,7 +115,7 @@ def _client(train_report: dict[str, Any]):
 
 
 def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    from gates.rules import champion_check, evidence_check, lineage_check
+    from gates.rules import champion_check, evidence_check, inspection_checks, lineage_check
     from pipeline.io import file_sha256
 
     thresholds = cfg.gate
@@ -136,6 +138,13 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
         from pipeline.data.ledger import approved_entry
 
         validated = {**validated, "in_ledger": approved_entry(args.approved, str(validated.get("view_id"))) is not None}
+    inspection_path = Path(args.inspection)
+    inspection: Any = None  # the inspection checks fail closed on None
+    if inspection_path.is_file():
+        try:
+            inspection = read_json(inspection_path)
+        except (ValueError, OSError) as exc:
+            inspection = f"unreadable ({exc})"  # not a mapping: judged malformed, fails closed
     version = train_report.get("model_version")
     run_id = train_report.get("run_id")
     if not version or not run_id:
@@ -145,7 +154,7 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking import registry
-    from pipeline.tracking.runs import TAG_BASELINE_SHA, TAG_METRICS_SHA
+    from pipeline.tracking.runs import TAG_BASELINE_SHA, TAG_INSPECT_SHA, TAG_METRICS_SHA
 
     try:
         client = _client(train_report)
@@ -165,21 +174,26 @@ def run_gate(cfg: Config, args: argparse.Namespace) -> tuple[dict[str, Any], int
     # What is promoted must be what was evaluated, and every report must be the one its stage wrote.
     tags = dict(registered.tags or {})
     evaluated = (candidate.get("model") or {}).get("checkpoint_sha256")
+    evidence = {
+        "metrics.json": {"file": file_sha256(args.metrics), "evaluate record": record.get("metrics_sha256"),
+                         "mlflow run": run_tags.get(TAG_METRICS_SHA)},
+        "baseline_metrics.json": {"file": file_sha256(args.baseline_metrics),
+                                  "evaluate record": record.get("baseline_metrics_sha256"),
+                                  "mlflow run": run_tags.get(TAG_BASELINE_SHA)},
+        "candidate checkpoint": {"metrics": evaluated, "train report": train_report.get("checkpoint_sha256"),
+                                 "registry tag": tags.get(registry.TAG_SHA), "registered artifact": served},
+    }
+    if thresholds.require_inspection and inspection_path.is_file():
+        # a missing report fails poison_suspects/backdoor_scan closed; a present one must be the one inspect wrote
+        evidence["inspect.json"] = {"file": file_sha256(inspection_path), "mlflow run": run_tags.get(TAG_INSPECT_SHA)}
     integrity = [
         champion_check(registry.champion_problem(current)),
-        evidence_check({
-            "metrics.json": {"file": file_sha256(args.metrics), "evaluate record": record.get("metrics_sha256"),
-                             "mlflow run": run_tags.get(TAG_METRICS_SHA)},
-            "baseline_metrics.json": {"file": file_sha256(args.baseline_metrics),
-                                      "evaluate record": record.get("baseline_metrics_sha256"),
-                                      "mlflow run": run_tags.get(TAG_BASELINE_SHA)},
-            "candidate checkpoint": {"metrics": evaluated, "train report": train_report.get("checkpoint_sha256"),
-                                     "registry tag": tags.get(registry.TAG_SHA), "registered artifact": served},
-        }),
+        evidence_check(evidence),
         lineage_check(train_report, {**tags, "checkpoint_sha256": tags.get(registry.TAG_SHA)}),
     ]
     checks = evaluate_gate(candidate, baseline, validated, train_report, champion, thresholds,
-                           prior_verdict=tags.get(registry.TAG_VERDICT), integrity=integrity)
+                           prior_verdict=tags.get(registry.TAG_VERDICT), integrity=integrity,
+                           detection=inspection_checks(inspection, train_report, thresholds))
     report = verdict(checks, baseline.get("baseline") or {}, model)
     report["champion"] = {"before": champion, "after": champion}
     if current is not None and registry.champion_problem(current):

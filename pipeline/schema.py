@@ -38,6 +38,7 @@ ON_FAIL = ("stop", "warn")
 REMEDY_NAMES = ("none", "quarantine", "finetune")
 REMEDY_METHODS = ("finetune", "fine_prune")
 RESERVE_SOURCES = ("champion", "trusted")
+SCAN_METHODS = ("max_margin", "neural_cleanse")  # pipeline.core.scan
 
 
 class ConfigError(UserError):
@@ -166,6 +167,28 @@ class EvalConfig:
 
 
 @dataclass
+class InspectConfig:
+    """The inspect stage's detectors (conf/inspect/default.yaml gives each its unit and reason).
+
+    The gate's block thresholds on what inspect reports live in :class:`GateConfig`; these
+    settings decide how the scores are computed and which rows are flagged."""
+
+    k_ref: int = 3  # q-th nearest reference row (rows) of the robust detector
+    class_threshold: float = 1.8  # main tail ratio at which a class is flagged deep (recall first)
+    shallow_threshold: float = 2.5  # shallow-band tail ratio at which a class is suspicious
+    flag_quantile: float = 0.995  # flag a row above this quantile of the other classes' suspicion
+    suspicious_flag_quantile: float = 0.90  # ... or above this one in a suspicious class
+    clean_epochs: Optional[int] = None  # epochs of the clean reference model; null = the candidate's step count
+    kfold: int = 3  # folds of the out-of-fold probabilities for cleanlab; 0 = no cleanlab
+    kfold_epochs: Optional[int] = None  # epochs of each fold model; null = train.epochs
+    scan: str = "max_margin"  # max_margin (MM-BD, data-free) | neural_cleanse
+    scan_restarts: int = 8  # random starts per class (max_margin)
+    scan_steps: int = 150  # optimizer steps of the scan
+    scan_lr: float = 0.1  # Adam step on the scan's logit-space pixels
+    scan_seed: int = 0
+
+
+@dataclass
 class GateConfig:
     max_asr: float = MISSING
     max_asr_increase: float = MISSING
@@ -173,6 +196,12 @@ class GateConfig:
     min_accuracy: float = MISSING
     max_accuracy_drop: float = MISSING
     require_validation: bool = True
+    # Trigger-agnostic checks on reports/inspect.json (conf/gate/default.yaml: units, calibration)
+    max_tail_ratio: float = 1.8  # poison_suspects: a class's main tail scan ratio (unitless)
+    max_shallow_tail_ratio: float = 2.5  # poison_suspects: a class's shallow-band ratio (unitless)
+    max_label_issue_fraction: float = 0.02  # poison_suspects: cleanlab label issues, fraction of training rows
+    max_scan_anomaly: float = 4.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
+    require_inspection: bool = True  # false: the two checks pass with "not required"
     fail_on_block: bool = True  # false: a blocked release exits 0 (champion unchanged), so `dvc exp run` keeps it
 
 
@@ -218,6 +247,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     remedy: RemedyConfig = field(default_factory=RemedyConfig)
@@ -296,6 +326,27 @@ def check_trigger(prefix: str, t: TriggerConfig) -> None:
         _fail(f"{prefix}.location", loc, f"use one of {', '.join(LOCATIONS)} or [y, x] (non-negative integers)")
 
 
+def check_inspect(i: InspectConfig) -> None:
+    """The inspect stage's settings (conf/inspect/default.yaml)."""
+    _number("inspect.k_ref", i.k_ref, 1, 64, integer=True)
+    _number("inspect.class_threshold", i.class_threshold, 1.0, 100.0, lo_open=True)
+    _number("inspect.shallow_threshold", i.shallow_threshold, 1.0, 100.0, lo_open=True)
+    _number("inspect.flag_quantile", i.flag_quantile, 0.0, 1.0, lo_open=True, hi_open=True)
+    _number("inspect.suspicious_flag_quantile", i.suspicious_flag_quantile, 0.0, 1.0, lo_open=True, hi_open=True)
+    if i.clean_epochs is not None:
+        _number("inspect.clean_epochs", i.clean_epochs, 1, 100_000, integer=True)
+    # 1 fold is no held-out prediction; 20 folds cost 20 trainings
+    if i.kfold != 0:
+        _number("inspect.kfold", i.kfold, 2, 20, integer=True)
+    if i.kfold_epochs is not None:
+        _number("inspect.kfold_epochs", i.kfold_epochs, 1, 100_000, integer=True)
+    _one_of("inspect.scan", i.scan, SCAN_METHODS)
+    _number("inspect.scan_restarts", i.scan_restarts, 1, 1024, integer=True)
+    _number("inspect.scan_steps", i.scan_steps, 1, 100_000, integer=True)
+    _number("inspect.scan_lr", i.scan_lr, 0.0, 10.0, lo_open=True)
+    _number("inspect.scan_seed", i.scan_seed, 0, 2**32 - 1, integer=True)
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -371,9 +422,15 @@ def check(cfg: Config) -> None:
             _fail(f"eval.scan.{i}.name", s.name, "a non-empty name other than 'attack' (reserved for the attack's own trigger)")
         check_trigger(f"eval.scan.{i}", s)
 
-    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop"):
+    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop",
+                "max_label_issue_fraction"):
         # also refuses NaN and inf: a threshold that cannot fail is no gate
         _number(f"gate.{key}", getattr(cfg.gate, key), 0.0, 1.0)
+    # ratios and MAD units: 1.0 would block every clean model (a clean class sits at ~1), 100 none
+    _number("gate.max_tail_ratio", cfg.gate.max_tail_ratio, 1.0, 100.0, lo_open=True)
+    _number("gate.max_shallow_tail_ratio", cfg.gate.max_shallow_tail_ratio, 1.0, 100.0, lo_open=True)
+    _number("gate.max_scan_anomaly", cfg.gate.max_scan_anomaly, 0.0, 100.0, lo_open=True)
+    check_inspect(cfg.inspect)
     if not isinstance(cfg.mlflow.experiment, str) or not cfg.mlflow.experiment.strip():
         _fail("mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")
     check_remedy(cfg.remedy)

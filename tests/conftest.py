@@ -119,6 +119,10 @@ STAGE_ARGS = {
     "train": ["--store", "data/store", "--view", "data/view", "--validated", "data/validated.json",
               "--checkpoint", "models/candidate.safetensors", "--report", "reports/train.json",
               "--history", "reports/train_history.json"],
+    "inspect": ["--store", "data/store", "--pointer", "data/snapshot.json", "--view", "data/view",
+                "--candidate", "models/candidate.safetensors", "--twin", "models/twin.safetensors",
+                "--train-report", "reports/train.json", "--suspects", "reports/suspects.csv",
+                "--report", "reports/inspect.json"],
     "evaluate": ["--store", "data/store", "--pointer", "data/snapshot.json", "--view", "data/view",
                  "--candidate", "models/candidate.safetensors", "--twin", "models/twin.safetensors",
                  "--train-report", "reports/train.json", "--metrics", "reports/metrics.json",
@@ -130,7 +134,7 @@ STAGE_ARGS = {
              "--evaluation", "reports/evaluate.json", "--report", "reports/gate.json", "--summary", "reports/gate.md",
              "--validation", "reports/validation.json", "--docs", "reports/gx", "--plots", "reports/plots",
              "--confusion-png", "reports/confusion.png", "--html", "reports/release.html",
-             "--summary-metrics", "reports/summary.json"],
+             "--summary-metrics", "reports/summary.json", "--inspection", "reports/inspect.json"],
 }
 
 
@@ -230,13 +234,13 @@ def _released(root: Path) -> State:
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri=state.uri).create_experiment("poisongate", artifact_location=(root / "mlartifacts").as_uri())
-    for stage in ("snapshot", "poison", "validate", "twin", "train", "evaluate", "gate"):
+    for stage in ("snapshot", "poison", "validate", "twin", "train", "inspect", "evaluate", "gate"):
         rc, out = state.run(stage)
         assert rc == 0, f"{stage}: {out[-3000:]}"
     assert state.champion() == "1"
     # A second candidate, trained and evaluated, waiting for the gate.
     state.compose("train.seed=1")
-    for stage in ("train", "evaluate"):
+    for stage in ("train", "inspect", "evaluate"):
         rc, out = state.run(stage)
         assert rc == 0, f"{stage}: {out[-3000:]}"
     assert state.json("reports/train.json")["model_version"] == "2"

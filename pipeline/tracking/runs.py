@@ -26,6 +26,7 @@ DIGEST_CHARS = 36
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TAG_METRICS_SHA = "poisongate.metrics_sha256"
 TAG_BASELINE_SHA = "poisongate.baseline_metrics_sha256"
+TAG_INSPECT_SHA = "poisongate.inspect_sha256"  # the inspect stage's report (gate: evidence_binding)
 
 
 class TrackingError(UserError):
