@@ -139,6 +139,34 @@ def accuracy_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t
     ]
 
 
+def targeted_checks(candidate: Mapping[str, Any], baseline: Mapping[str, Any], t: Thresholds) -> list[Check]:
+    """Targeted clean-label attacks (feature collision): the share of the attack's target test
+    images the candidate reads as the attack's base class, against the baseline on the same
+    targets. Only a red-team run has targets (evaluate writes ``targeted`` when the view's attack
+    names them); a real attacker's targets are unknown, which is why the trigger-agnostic checks
+    exist. A candidate with targets and a baseline without them fails closed."""
+    cand = candidate.get("targeted")
+    if not cand:
+        return []
+    if not isinstance(cand, Mapping):
+        return [Check("targeted_success", None, t.max_targeted_increase, False,
+                      "the candidate's targeted metrics are malformed: fails closed")]
+    base = baseline.get("targeted") if isinstance(baseline.get("targeted"), Mapping) else {}
+    out = []
+    for method in sorted(cand):
+        c = cand[method] if isinstance(cand[method], Mapping) else {}
+        b = base.get(method) if isinstance(base.get(method), Mapping) else {}
+        name = f"targeted_success[{method}]"
+        cx, bx = _number(c.get("success_rate")), _number(b.get("success_rate"))
+        if cx is None or bx is None:
+            out.append(Check(name, None, t.max_targeted_increase, False,
+                             f"{method}: targeted success of the candidate or the baseline is missing: fails closed"))
+            continue
+        out.append(_at_most(name, cx - bx, t.max_targeted_increase,
+                            f"{method}: targets read as the base class, candidate {cx:.2f} vs baseline {bx:.2f}, increase"))
+    return out
+
+
 def validation_check(validated: Optional[Mapping[str, Any]], candidate: Mapping[str, Any], t: Thresholds) -> Check:
     """The data gate must have passed for the very view the candidate was trained on: ``success``
     in data/validated.json, confirmed by ``in_ledger`` (the caller found the approval of that
@@ -385,6 +413,7 @@ def evaluate_gate(
         *accuracy_checks(candidate, baseline, t),
         *asr_checks(candidate, baseline, t),
         *recall_checks(candidate, baseline, t),
+        *targeted_checks(candidate, baseline, t),
         *(detection or []),
     ]
 

@@ -51,7 +51,8 @@ PATHS = tuple(stage.PathArg(name, help) for name, help in (
     ("report", "the inspection report to write (reports/inspect.json)"),
 ))
 SUSPECT_COLUMNS = ("row", "sample_id", "sha256", "class", "label", "suspicion", "outlyingness", "foreignness",
-                   "foreignness_candidate", "label_quality", "flagged_robust", "label_issue", "flagged", "poisoned")
+                   "foreignness_candidate", "label_quality", "lgm_nll", "flagged_robust", "label_issue", "flagged",
+                   "poisoned")
 
 
 class InspectError(stage.UserError):
@@ -63,9 +64,10 @@ class InspectError(stage.UserError):
 
 def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.ndarray, class_names: Sequence[str],
                  scores: dict[str, np.ndarray], flagged: np.ndarray, label_quality: Optional[np.ndarray],
-                 label_issue: Optional[np.ndarray], poisoned: Optional[np.ndarray]) -> str:
-    """reports/suspects.csv (columns ``SUSPECT_COLUMNS``; empty cells where a detector did not run
-    or the view has no poison record)."""
+                 label_issue: Optional[np.ndarray], poisoned: Optional[np.ndarray],
+                 lgm_nll: Optional[np.ndarray] = None) -> str:
+    """reports/suspects.csv (columns ``SUSPECT_COLUMNS``; empty cells where a detector did not run,
+    the candidate has no LGM head (``lgm_nll``: train.loss=lgm only) or the view has no poison record)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SUSPECT_COLUMNS)
@@ -75,6 +77,7 @@ def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.nd
             i, sid, sha256[i], class_names[int(labels[i])], int(labels[i]),
             *(f"{float(scores[k][i]):.6g}" for k in ("suspicion", "outlyingness", "foreignness", "foreignness_candidate")),
             "" if label_quality is None else f"{float(label_quality[i]):.6g}",
+            "" if lgm_nll is None else f"{float(lgm_nll[i]):.6g}",
             int(bool(flagged[i])), "" if issue is None else int(issue), int(bool(flagged[i]) or bool(issue)),
             "" if poisoned is None else int(bool(poisoned[i])),
         ])
@@ -261,6 +264,16 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     scan_base = _scan(cfg, base_model, ref_images, ref_labels, k, device)
     seconds["scan_baseline"] = time.perf_counter() - t0
 
+    # 4. the LGM likelihood (issue 13): a candidate trained with train.loss=lgm scores each row by
+    # the negative log-likelihood of its labelled class Gaussian, one more per-sample score
+    lgm_nll = None
+    if cfg.train.loss == "lgm":
+        from pipeline.core.losses import lgm_scores
+
+        t0 = time.perf_counter()
+        lgm_nll = lgm_scores(candidate, tv.images, labels, batch_size=cfg.eval.batch_size, device=device)
+        seconds["lgm_scores"] = time.perf_counter() - t0
+
     # the report
     poisoned = None
     if tv.poisoned_rows:
@@ -268,7 +281,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         poisoned[np.asarray(tv.poisoned_rows, np.int64)] = True
     sha = [sample_hash(img) for img in tv.images]
     atomic_write_text(Path(args.suspects), suspects_csv(tv.sample_ids, sha, labels, class_names, det.scores,
-                                                        det.flagged, quality, issues, poisoned))
+                                                        det.flagged, quality, issues, poisoned, lgm_nll))
     per_class = inspection.class_summary(det, labels, k, issues)
     record = None
     if poisoned is not None:
@@ -276,6 +289,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         if issues is not None:
             dets["cleanlab"] = detection_quality(poisoned, issues, 1.0 - quality)
             dets["any"] = detection_quality(poisoned, det.flagged | issues, det.primary)
+        if lgm_nll is not None:  # a score only (no flag rule of its own): its AUROC against the record
+            dets["lgm"] = detection_quality(poisoned, np.zeros(len(labels), bool), lgm_nll)
         record = {"rows": int(poisoned.sum()), "detectors": dets}
     seconds["total"] = time.perf_counter() - t_start
     shallow = det.class_stats["tail_ratio_shallow"]

@@ -202,6 +202,7 @@ class GateConfig:
     max_label_issue_fraction: float = 0.02  # poison_suspects: cleanlab label issues, fraction of training rows
     max_scan_anomaly: float = 4.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
     require_inspection: bool = True  # false: the two checks pass with "not required"
+    max_targeted_increase: float = 0.05  # targeted_success: fraction of a red-team attack's target images moved to its base class beyond the baseline
     fail_on_block: bool = True  # false: a blocked release exits 0 (champion unchanged), so `dvc exp run` keeps it
 
 
@@ -423,7 +424,7 @@ def check(cfg: Config) -> None:
         check_trigger(f"eval.scan.{i}", s)
 
     for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop",
-                "max_label_issue_fraction"):
+                "max_label_issue_fraction", "max_targeted_increase"):
         # also refuses NaN and inf: a threshold that cannot fail is no gate
         _number(f"gate.{key}", getattr(cfg.gate, key), 0.0, 1.0)
     # ratios and MAD units: 1.0 would block every clean model (a clean class sits at ~1), 100 none

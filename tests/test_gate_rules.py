@@ -162,3 +162,19 @@ def test_gate_rerun_after_promotion_keeps_its_baseline():
     assert identity_check(metrics(), baseline("champion", "1"), TRAIN, "2").passed
     # ...but another version's champion still makes a twin baseline stale.
     assert not identity_check(metrics(), baseline("twin"), TRAIN, "3").passed
+
+
+def test_targeted_success_checks_only_red_team_targets_and_fail_closed():
+    from gates.rules import targeted_checks
+
+    assert targeted_checks(metrics(), baseline(), T) == []  # no targets: no check
+    fc = lambda rate: {"feature_collision": {"success_rate": rate, "successes": int(rate * 10), "n_targets": 10}}  # noqa: E731
+    ok = targeted_checks({**metrics(), "targeted": fc(0.0)}, {**baseline(), "targeted": fc(0.0)}, T)
+    assert [c.name for c in ok] == ["targeted_success[feature_collision]"] and ok[0].passed
+    moved = targeted_checks({**metrics(), "targeted": fc(0.1)}, {**baseline(), "targeted": fc(0.0)}, T)
+    assert not moved[0].passed and moved[0].value == pytest.approx(0.1)
+    no_base = targeted_checks({**metrics(), "targeted": fc(0.0)}, baseline(), T)
+    assert not no_base[0].passed and "fails closed" in no_base[0].reason
+    assert not targeted_checks({**metrics(), "targeted": "x"}, baseline(), T)[0].passed
+    checks = evaluate_gate({**metrics(), "targeted": fc(0.2)}, {**baseline(), "targeted": fc(0.0)}, VALID, TRAIN, None, T)
+    assert "targeted_success[feature_collision]" in [c.name for c in checks if not c.passed]

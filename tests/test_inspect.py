@@ -280,3 +280,24 @@ def test_inspect_refuses_a_swapped_candidate(poisoned_state, tmp_path):
     shutil.copyfile(state.root / "models/twin.safetensors", state.root / "models/candidate.safetensors")
     rc, out = state.run("inspect")
     assert rc == 1 and "candidate.safetensors" in out and "swapped" in out
+
+
+def test_lgm_likelihood_is_one_more_per_sample_score(poisoned_state, tmp_path):
+    """A candidate trained with train.loss=lgm (issue 13) adds its class-Gaussian negative
+    log-likelihood to reports/suspects.csv and its AUROC to the poison record; a softmax
+    candidate leaves the column empty."""
+    with open(poisoned_state.root / "reports/suspects.csv", newline="") as fh:
+        assert {r["lgm_nll"] for r in csv.DictReader(fh)} == {""}
+    state = poisoned_state.clone(tmp_path / "lgm")
+    state.compose("attack=backdoor", "attack.rate=0.2", "validate.on_fail=warn", "validate.docs=false",
+                  "train.loss=lgm")
+    for stage in ("train", "inspect"):
+        rc, out = state.run(stage)
+        assert rc == 0, f"{stage}: {out[-3000:]}"
+    with open(state.root / "reports/suspects.csv", newline="") as fh:
+        nll = np.array([float(r["lgm_nll"]) for r in csv.DictReader(fh)])
+    rep = state.json("reports/inspect.json")
+    assert len(nll) == rep["train_rows"] and np.isfinite(nll).all()
+    lgm = rep["poison_record"]["detectors"]["lgm"]
+    assert lgm["flagged"] == 0 and 0.0 <= lgm["auroc"] <= 1.0
+    assert rep["seconds"]["lgm_scores"] >= 0

@@ -55,6 +55,14 @@ def test_clean_label_methods_report_their_success(tmp_path):
     logged = run_metrics(repo, repo.json("reports/train.json")["run_id"])
     assert logged["eval/targeted_success/feature_collision"] == pytest.approx(t["success_rate"])
     assert view["crafting"]["feature_dist_after"] < view["crafting"]["feature_dist_before"]
+    # the release gate judges the targets (red-team runs only): a moved target beyond the baseline blocks
+    gate = repo.json("reports/gate.json")
+    check = {c["name"]: c for c in gate["checks"]}["targeted_success[feature_collision]"]
+    base = repo.json("reports/baseline_metrics.json")["targeted"]["feature_collision"]["success_rate"]
+    assert check["value"] == pytest.approx(t["success_rate"] - base)
+    assert check["passed"] == (check["value"] <= check["threshold"])
+    if not check["passed"]:
+        assert gate["passed"] is False and proc.returncode != 0
 
 
 def repro_allow_block(repo):
