@@ -29,8 +29,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from pipeline import stage
-from pipeline.io import atomic_write_bytes, atomic_write_text, file_sha256, read_json, write_json
-from pipeline.lineage import Lineage, require_lineage
+from pipeline.io import atomic_write_bytes, atomic_write_text, file_sha256, write_json
+from pipeline.lineage import read_train_record, require_lineage
 from pipeline.reporting.plots import confusion_png  # noqa: F401 - one confusion renderer (rows = actual)
 from pipeline.schema import Config, as_dict, model_name
 
@@ -327,13 +327,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline.data import store as store_mod
     from pipeline.data import view as view_mod
 
-    try:
-        report = read_json(Path(args.train_report))
-    except FileNotFoundError:
-        raise EvaluateError(f"{args.train_report} not found: run the train stage") from None
-    except ValueError as exc:
-        raise EvaluateError(f"{args.train_report} is unreadable ({exc}): re-run `dvc repro --force train`") from exc
-    lineage = Lineage.of(report)
+    report, lineage = read_train_record(args.train_report)
     cand = Path(args.candidate)
     if not cand.is_file():
         raise EvaluateError(f"{cand} not found: run the train stage")

@@ -35,8 +35,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from pipeline import stage
-from pipeline.io import atomic_write_text, file_sha256, read_json, write_json
-from pipeline.lineage import Lineage, require_lineage
+from pipeline.io import atomic_write_text, file_sha256, write_json
+from pipeline.lineage import read_train_record, require_lineage
 from pipeline.schema import Config, as_dict, model_name
 
 FORMAT = "poisongate-inspect/1"
@@ -193,13 +193,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline.data import view as view_mod
 
     t_start = time.perf_counter()
-    try:
-        train_report = read_json(Path(args.train_report))
-    except FileNotFoundError:
-        raise InspectError(f"{args.train_report} not found: run the train stage") from None
-    except ValueError as exc:
-        raise InspectError(f"{args.train_report} is unreadable ({exc}): re-run `dvc repro --force train`") from exc
-    lineage = Lineage.of(train_report)
+    train_report, lineage = read_train_record(args.train_report)
     cand = Path(args.candidate)
     if not cand.is_file():
         raise InspectError(f"{cand} not found: run the train stage")

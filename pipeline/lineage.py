@@ -70,3 +70,25 @@ def require_lineage(actual: Union[Lineage, Mapping[str, Any], None], expected: U
     bad = mismatches(actual, expected, fields)
     if bad:
         raise LineageError(f"{what} does not belong to {against} ({'; '.join(bad)}): {fix}")
+
+
+class MissingRecord(UserError):
+    """The train stage's lineage record (reports/train.json) is missing or unreadable."""
+
+
+def read_train_record(path: Any) -> tuple[dict, Lineage]:
+    """reports/train.json and its :class:`Lineage`, for every stage after train. A missing or
+    unreadable record raises :class:`MissingRecord` (exit 2) saying which stage to re-run."""
+    import json
+    from pathlib import Path
+
+    try:
+        with open(Path(path)) as fh:
+            report = json.load(fh)
+    except FileNotFoundError:
+        raise MissingRecord(f"{path} not found: run the train stage") from None
+    except ValueError as exc:
+        raise MissingRecord(f"{path} is unreadable ({exc}): re-run `dvc repro --force train`") from exc
+    if not isinstance(report, dict):
+        raise MissingRecord(f"{path} is not a JSON object: re-run `dvc repro --force train`")
+    return report, Lineage.of(report)
