@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, poison, remedy, snapshot
+from pipeline import config, poison, remedy
 from pipeline.data import store, view
 from pipeline.data.store import IntegrityError
 from pipeline.lineage import LineageError
@@ -122,19 +122,7 @@ def test_remedy_config_is_range_checked(override, key):
 # --------------------------------------------------------------------------- the quarantined view
 
 
-def write_params(path: Path, *overrides: str) -> Path:
-    assert config.main(["compose", "-o", str(path), *overrides]) == 0
-    return path
-
-
-@pytest.fixture(scope="module")
-def digits_store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    params = write_params(root / "params.yaml")
-    st, ptr = root / "store", root / "snapshot.json"
-    assert snapshot.main(["--params", str(params), "--store", str(st), "--pointer", str(ptr),
-                          "--report", str(root / "snapshot_report.json")]) == 0
-    return {"root": root, "store": st, "pointer": ptr}
+from tests.test_poison import digits_store, write_params  # noqa: E402,F401 - the same module-scoped store
 
 
 def run_poison(ds, tmp: Path, record: Path, *overrides: str) -> tuple[int, Path]:
