@@ -93,7 +93,7 @@ def test_kill_9_in_train_before_registering_then_rerun_promotes(released, digest
     _kill_at(released, "train", "pipeline.tracking.registry:register_checkpoint")
     _nothing_lost(released, digest, before)
     assert (released.root / "reports/train.json").read_bytes() == report  # the lineage record is not half-new
-    _release(released, "train", "evaluate", "gate")
+    _release(released, "train", "inspect", "evaluate", "gate")
     # the same config trains the same bytes: the existing version is reused, not a third one
     assert released.versions() == before["versions"] and released.champion() == "2"
 
@@ -103,7 +103,7 @@ def test_kill_9_in_evaluate_between_reports_then_the_gate_refuses_the_mix(releas
     before the baseline metrics and its record: a gate run on that mix fails closed (the metrics
     no longer match the recorded digests) and champion stays where it was."""
     released.compose("train.seed=2")
-    _release(released, "train")
+    _release(released, "train", "inspect")
     assert released.json("reports/train.json")["model_version"] == "3"
     record = (released.root / "reports/evaluate.json").read_bytes()
     before = _before(released, digest)
