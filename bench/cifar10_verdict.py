@@ -64,7 +64,7 @@ from pipeline.core.train import augment_pad, resolve_device, train_model  # noqa
 from pipeline.data.sources import SPLITS, load_imagefolder  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.evaluate import classification_metrics  # noqa: E402
-from pipeline.schema import MISSING, ConfigError, GateConfig, ModelConfig, TrainConfig  # noqa: E402
+from pipeline.schema import MISSING, ConfigError, GateConfig, ModelConfig, TrainConfig, check_gate  # noqa: E402
 
 CONF = REPO / "conf"
 DEFAULT_OUT = str(REPO / "bench/results/cifar10_verdict.md")
@@ -236,10 +236,10 @@ def core_config(name: str, device: str, **overrides: Any) -> tuple[TrainConfig, 
 def gate_config(preset: str) -> GateConfig:
     """The release gate's thresholds of conf/gate/PRESET.yaml (``gates.rules.Thresholds``)."""
     t = typed(GateConfig, compose_group("gate", preset), f"conf/gate/{preset}.yaml")
-    for f in fields(GateConfig):  # schema.check's rule: a fraction in [0, 1] (NaN refused), else no gate
-        v = getattr(t, f.name)
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ConfigError(f"conf/gate/{preset}.yaml: {f.name} = {v!r} is invalid: must be a fraction in [0, 1]")
+    try:
+        check_gate(t)  # the pipeline's own ranges (NaN refused): a threshold that cannot fail is no gate
+    except ConfigError as exc:
+        raise ConfigError(f"conf/gate/{preset}.yaml: {exc}") from None
     return t
 
 

@@ -229,7 +229,10 @@ def trial(job: tuple[int, dict | None]) -> dict:
         (root / "reports").mkdir()
         (root / "models").mkdir()
         t0 = time.perf_counter()
-        out["time"] = run_pipeline(root, src, seed % 5)
+        # attacks: train seeds 0-4 (paired with the clean references below); clean runs: one train
+        # seed each (1000 + i -> i), so N clean runs are N different models
+        out["train_seed"] = seed % 5 if t is not None else seed - 1000
+        out["time"] = run_pipeline(root, src, out["train_seed"])
         out["wall"] = time.perf_counter() - t0
         gate = json.loads((root / "reports/gate.json").read_text())
         failed = {c["name"] for c in gate["checks"] if not c["passed"]}

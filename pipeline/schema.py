@@ -423,18 +423,23 @@ def check(cfg: Config) -> None:
             _fail(f"eval.scan.{i}.name", s.name, "a non-empty name other than 'attack' (reserved for the attack's own trigger)")
         check_trigger(f"eval.scan.{i}", s)
 
-    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop",
-                "max_label_issue_fraction", "max_targeted_increase"):
-        # also refuses NaN and inf: a threshold that cannot fail is no gate
-        _number(f"gate.{key}", getattr(cfg.gate, key), 0.0, 1.0)
-    # ratios and MAD units: 1.0 would block every clean model (a clean class sits at ~1), 100 none
-    _number("gate.max_tail_ratio", cfg.gate.max_tail_ratio, 1.0, 100.0, lo_open=True)
-    _number("gate.max_shallow_tail_ratio", cfg.gate.max_shallow_tail_ratio, 1.0, 100.0, lo_open=True)
-    _number("gate.max_scan_anomaly", cfg.gate.max_scan_anomaly, 0.0, 100.0, lo_open=True)
+    check_gate(cfg.gate)
     check_inspect(cfg.inspect)
     if not isinstance(cfg.mlflow.experiment, str) or not cfg.mlflow.experiment.strip():
         _fail("mlflow.experiment", cfg.mlflow.experiment, "a non-empty experiment name")
     check_remedy(cfg.remedy)
+
+
+def check_gate(g: GateConfig) -> None:
+    """The release gate's thresholds (also used by benches that compose conf/gate/ alone)."""
+    for key in ("max_asr", "max_asr_increase", "max_recall_drop", "min_accuracy", "max_accuracy_drop",
+                "max_label_issue_fraction", "max_targeted_increase"):
+        # also refuses NaN and inf: a threshold that cannot fail is no gate
+        _number(f"gate.{key}", getattr(g, key), 0.0, 1.0)
+    # ratios and MAD units: 1.0 would block every clean model (a clean class sits at ~1), 100 none
+    _number("gate.max_tail_ratio", g.max_tail_ratio, 1.0, 100.0, lo_open=True)
+    _number("gate.max_shallow_tail_ratio", g.max_shallow_tail_ratio, 1.0, 100.0, lo_open=True)
+    _number("gate.max_scan_anomaly", g.max_scan_anomaly, 0.0, 100.0, lo_open=True)
 
 
 def check_clean_label(a: AttackConfig) -> None:

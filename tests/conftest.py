@@ -169,8 +169,14 @@ class State:
 
         import mlflow
 
+        import torch
+
         mod = importlib.import_module(f"pipeline.{stage}")
         out, err = io.StringIO(), io.StringIO()
+        # One CPU thread for every in-process stage: float sums differ with the thread count, and
+        # other tests change torch's global count, so a re-run would not be byte-identical.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         mp = pytest.MonkeyPatch()
         mp.chdir(self.root)
         mp.setenv("MLFLOW_TRACKING_URI", self.uri)
@@ -181,6 +187,7 @@ class State:
                 rc = mod.main(["--params", params, *STAGE_ARGS[stage], *extra])
         finally:
             mp.undo()
+            torch.set_num_threads(threads)
         return rc, err.getvalue() + out.getvalue()
 
     def client(self):

@@ -203,7 +203,7 @@ def test_bench_config_refuses_bad_conf_files(tmp_path, monkeypatch):
         bench.gate_config("part")
     with pytest.raises(ConfigError, match="includes itself"):
         bench.gate_config("loop")
-    with pytest.raises(ConfigError, match=r"max_recall_drop = 2.0 is invalid: must be a fraction in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"conf/gate/wide.yaml: gate.max_recall_drop = 2.0 is invalid: must be a finite number in \[0, 1\]"):
         bench.gate_config("wide")
 
 

@@ -27,6 +27,11 @@ def test_cifar10_resnet18_config_runs_end_to_end(tmp_path: Path):
         # (twin vs candidate) and every other check still apply. A model that predicts one class
         # leaves ASR undefined and is blocked (fail closed), hence enough steps to learn a little.
         "gate.min_accuracy=0.0",
+        # The inspect stage still runs (report, binding, lineage), but its thresholds are calibrated
+        # on trained models: a 2-epoch model at ~15% accuracy has no class structure for the
+        # detector or the scan to judge, so their checks are not required here; cleanlab's k-fold
+        # retraining (3 more ResNet-18s on the CPU) is skipped and the scan is shortened for time.
+        "gate.require_inspection=false", "inspect.kfold=0", "inspect.scan_steps=20", "inspect.scan_restarts=2",
     )
     proc = repo.repro()
     snap = repo.json("reports/snapshot.json")
@@ -41,3 +46,5 @@ def test_cifar10_resnet18_config_runs_end_to_end(tmp_path: Path):
     gate = repo.json("reports/gate.json")
     assert gate["passed"] is True, gate
     assert "RELEASE PASSED" in proc.stdout
+    inspection = repo.json("reports/inspect.json")
+    assert inspection["checkpoint_sha256"] == train["checkpoint_sha256"] and inspection["mode"] == "two_view"

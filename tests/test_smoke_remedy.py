@@ -1,14 +1,15 @@
 """Smoke tier (issue 13): a poisoned release is blocked, remedied, and passes, with the real
 `dvc repro` in a repo copy (digits, CPU) and a real sqlite MLflow registry.
 
-1. A first release whose data carry a blend backdoor (all-to-one -> 0, 10%, alpha 0.1): the data
-   gate has no history to compare with and lets it through; the release gate blocks it on ASR.
-   `remedy=finetune` (fine-pruning on a 10% reserve of rows trusted in conf) remedies the retrained
-   model: it passes every check, becomes champion, and names the blocked version.
-2. A BadNets patch (class 1 -> 7, 10%) under `validate.on_fail=warn`: blocked (data gate and ASR).
-   A suspects file built from the view's own poison records (an oracle detector standing in for the
-   inspect stage, issue 12) becomes the quarantine record; `remedy=quarantine` retrains without those
-   rows, passes and becomes champion, tagged with the record's digest. The raw store never changes.
+A first release whose data carry a blend backdoor (all-to-one -> 0, 10%, alpha 0.1): the data gate
+has no history to compare with and lets it through; the release gate blocks it (ASR, and the
+inspect stage's poison_suspects).
+1. `remedy=finetune` (fine-pruning on a 10% reserve of rows trusted in conf) repairs the model (the
+   ASR checks pass) but the training view still holds the rows inspect flags: poison_suspects keeps
+   blocking, and the remedied version, tagged as such, does not become champion.
+2. The inspect stage's own suspects become the quarantine record (a user action after the block);
+   `remedy=quarantine` retrains without those rows, passes every check and becomes champion, tagged
+   with the blocked version and the record's digest. The raw store never changes.
 """
 
 from __future__ import annotations
@@ -33,56 +34,47 @@ TRUSTED = ("remedy.reserve.source=trusted", "remedy.reserve.trusted=['digits/tra
 def test_blocked_release_is_remedied_then_passes(tmp_path):
     repo = make_repo_copy(tmp_path)
 
-    # 1. poisoned first release: blocked on ASR, no champion
+    # the poisoned first release: blocked, no champion
     repo.compose(*BLEND)
     assert repo.repro(check=False).returncode != 0
     assert {"asr_max", "asr_increase"} <= failed_checks(repo), repo.json("reports/gate.json")
-    blocked = repo.json("reports/train.json")["model_version"]
     assert champion(repo) is None
 
-    # ... remedied by fine-pruning on the trusted reserve: every check passes, champion
+    # 1. fine-pruning repairs the model, but the view still holds the flagged rows: still blocked
     repo.compose(*BLEND, "remedy=finetune", *TRUSTED)
+    assert repo.repro(check=False).returncode != 0
+    failed = failed_checks(repo)
+    assert "poison_suspects" in failed and not {"asr_max", "asr_increase"} & failed, failed
+    train = repo.json("reports/train.json")
+    assert train["remedy"]["method"] == "fine_prune" and train["remedy"]["reserve_rows"] == round(0.1 * 1347)
+    finetuned = str(train["model_version"])
+    tags = version_tags(repo, finetuned)
+    assert tags["poisongate.remedy.method"] == "fine_prune" and tags["poisongate.verdict"] == "blocked"
+    assert champion(repo) is None, "a remedied model that fails a check never becomes champion"
+
+    # 2. inspect's suspects -> the quarantine record -> a view without them
+    inspection = repo.json("reports/inspect.json")
+    repo.run([sys.executable, "-m", "pipeline.remedy", "quarantine", "--suspects", "reports/suspects.csv",
+              "--inspect", "reports/inspect.json", "--view", "data/view", "--out", "data/quarantine.json"])
+    record = repo.json("data/quarantine.json")
+    with open(repo.root / "data/view/records.csv") as f:
+        poisoned = {r["sample_id"] for r in csv.DictReader(f)}
+    quarantined = {r["sample_id"] for r in record["rows"]}
+    assert quarantined and len(quarantined) <= inspection["train_rows"]
+    assert len(poisoned & quarantined) >= 0.9 * len(poisoned), "the detector's flags hold the poison"
+    store_before = tree_digest(repo.root / "data/store")
+
+    repo.compose(*BLEND, "remedy=quarantine")
     repo.repro()
     gate = repo.json("reports/gate.json")
     assert gate["passed"] is True and gate["failed"] == []
-    train = repo.json("reports/train.json")
-    assert train["remedy"]["method"] == "fine_prune" and train["remedy"]["reserve_rows"] == round(0.1 * 1347)
-    assert champion(repo) == str(train["model_version"]) != str(blocked)
-    tags = version_tags(repo, str(train["model_version"]))
-    assert tags["poisongate.remedy.of"] == str(blocked) and tags["poisongate.remedy.method"] == "fine_prune"
-    assert tags["poisongate.verdict"] == "passed"
-    first_champion = champion(repo)
-
-    # 2. BadNets patch 1 -> 7: blocked by the data gate and on ASR; champion unchanged
-    repo.compose("attack=backdoor", "validate.on_fail=warn")
-    assert repo.repro(check=False).returncode != 0
-    assert {"data_validation", "asr_max"} <= failed_checks(repo)
-    patched = repo.json("reports/train.json")["model_version"]
-    assert champion(repo) == first_champion
-
-    # the oracle detector's suspects -> the quarantine record (a user action after the block)
-    with open(repo.root / "data/view/records.csv") as f:
-        records = list(csv.DictReader(f))
-    lines = ["row_id,sha256,class,oracle,flagged"] + [f"{r['sample_id']},{r['sha256_after']},{r['new_label']},1.0,1"
-                                                      for r in records]
-    (repo.root / "reports/suspects.csv").write_text("\n".join(lines) + "\n")
-    repo.run([sys.executable, "-m", "pipeline.remedy", "quarantine", "--suspects", "reports/suspects.csv",
-              "--out", "data/quarantine.json"])
-    record = repo.json("data/quarantine.json")
-    assert len(record["rows"]) == len(records) > 0
-    store_before = tree_digest(repo.root / "data/store")
-
-    repo.compose("attack=backdoor", "validate.on_fail=warn", "remedy=quarantine")
-    repo.repro()
-    assert repo.json("reports/validation.json")["success"] is True
-    assert repo.json("reports/gate.json")["passed"] is True
     view = repo.json("data/view/view.json")
-    assert view["n_quarantined"] == len(records)
+    assert view["n_quarantined"] == len(quarantined)
     train = repo.json("reports/train.json")
-    assert train["train_rows"] == 1347 - len(records)
+    assert train["train_rows"] == 1347 - len(quarantined)
     assert champion(repo) == str(train["model_version"])
     tags = version_tags(repo, str(train["model_version"]))
-    assert tags["poisongate.remedy.of"] == str(patched) and tags["poisongate.remedy.method"] == "quarantine"
+    assert tags["poisongate.remedy.of"] == finetuned and tags["poisongate.remedy.method"] == "quarantine"
     assert tags["poisongate.remedy.record"] == record["digest"]
     assert tree_digest(repo.root / "data/store") == store_before, "the raw store never changes"
     assert json.loads((repo.root / "data/quarantine.json").read_text())["digest"] == record["digest"]

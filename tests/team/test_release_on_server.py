@@ -124,9 +124,10 @@ def test_two_gate_processes_race_to_promote(releases):
         # another seed each: a byte-identical checkpoint would reuse its version (issue 17)
         repo.compose(f"mlflow.model_name={name}", f"train.seed={seed}")
         repo.repro("evaluate")
+        repo.repro("inspect")
         d = r.tmp / side
         d.mkdir()
-        for f in ("metrics.json", "baseline_metrics.json", "train.json", "evaluate.json"):
+        for f in ("metrics.json", "baseline_metrics.json", "train.json", "evaluate.json", "inspect.json"):
             shutil.copy(repo.root / "reports" / f, d / f)
         sides.append(d)
     versions = [str(repo.json(str(d / "train.json"))["model_version"]) for d in sides]
@@ -135,7 +136,7 @@ def test_two_gate_processes_race_to_promote(releases):
         subprocess.Popen([sys.executable, "-m", "pipeline.gate", "--params", "params.yaml",
                           "--metrics", str(d / "metrics.json"), "--baseline-metrics", str(d / "baseline_metrics.json"),
                           "--validated", "data/validated.json", "--train-report", str(d / "train.json"),
-                          "--evaluation", str(d / "evaluate.json"),
+                          "--evaluation", str(d / "evaluate.json"), "--inspection", str(d / "inspect.json"),
                           "--report", str(d / "gate.json"), "--summary", str(d / "gate.md")],
                          cwd=repo.root, env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for d in sides
