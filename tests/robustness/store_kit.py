@@ -103,12 +103,15 @@ def rewrite_delta(path: Path, edit) -> Path:
 def run_measured(argv: list[str], cwd: Path = REPO, timeout: float = 300,
                  env: Optional[dict] = None) -> tuple[int, str, int]:
     """Run the snapshot stage in a fresh process: (exit code, stderr, peak RSS in bytes of the
-    process and its worker children, from resource.getrusage)."""
+    process (VmHWM) and its worker children (resource.getrusage))."""
     code = (
         "import json, resource, sys\n"
         "from pipeline import snapshot\n"
         "rc = snapshot.main(sys.argv[1:])\n"
-        "me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        # VmHWM, not RUSAGE_SELF: Linux carries ru_maxrss across exec, so a process started from
+        # a big parent (pytest after a torch/MLflow fixture: ~1.2 GB) would report the parent's RSS
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+        "me = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'rss_kb': max(me, kids)}))\n"
         "sys.exit(rc)\n"
