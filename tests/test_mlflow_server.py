@@ -71,6 +71,10 @@ def test_train_and_evaluate_against_a_real_server(mlflow_server, tmp_path, monke
 
     root = tmp_path / "repo"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # a few-epoch digits run can end inside the 2 s sampling period on an idle box: sample faster
+    from pipeline.tracking import runs as runs_mod
+
+    monkeypatch.setattr(runs_mod, "SYSTEM_METRICS_INTERVAL_S", 0.2)
     p = make_store(root, *BACKDOOR)  # system metrics on (psutil)
     monkeypatch.chdir(root)
     assert twin.main(twin_argv(p)) == 0
