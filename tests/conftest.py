@@ -83,6 +83,18 @@ def repo_copy(tmp_path: Path) -> RepoCopy:
     return make_repo_copy(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module, restored after it: on 2 cores shared with other jobs, a
+    second thread on tiny digits batches waits more than it computes (3x slower measured)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def digits_split():
     """sklearn digits as uint8 (N, 8, 8, 1) (0..16 -> round(v * 255 / 16)), stratified 75/25

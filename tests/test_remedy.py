@@ -27,13 +27,8 @@ MAX_ACC_DROP = 0.03
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread: on 2 cores shared with other jobs, a second thread on these tiny
-    batches waits more than it computes (the files ran 3x slower with the default)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
