@@ -8,7 +8,7 @@ for trial in 1 2; do
   for rev in c901d6d 3946835; do
     d=/tmp/rt_${rev}_$trial; rm -rf $d
     git clone -q "$REPO" $d && (cd $d && git checkout -q $rev)
-    if [ $rev = c901d6d ]; then venv=${BASE_VENV:?set BASE_VENV to a venv installed from c901d6d}; else venv=${NEW_VENV:-$PWD/.venv}; fi
+    if [ $rev = c901d6d ]; then venv=${BASE_VENV:?set BASE_VENV to a venv installed from c901d6d}; else venv=${NEW_VENV:-$REPO/.venv}; fi
     cd $d
     s=$(date +%s.%N)
     PATH=$venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///$d/mlflow.db GX_ANALYTICS_ENABLED=false PYTHONDONTWRITEBYTECODE=1 dvc repro > $d/repro.log 2>&1
