@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from conftest import RepoCopy, make_repo_copy
+from test_smoke_release import champion as release_champion
 
 pytestmark = pytest.mark.smoke
 
@@ -42,15 +43,7 @@ def write_rows(root: Path, x: np.ndarray, y: np.ndarray, split: str, tag: str) -
 
 
 def champion(repo: RepoCopy, name: str = "poisongate-imagefolder") -> str | None:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=repo.tracking_uri, registry_uri=repo.tracking_uri)
-    try:
-        version = client.get_registered_model(name).aliases.get("champion")
-    except MlflowException:
-        return None
-    return None if version is None else str(version)
+    return release_champion(repo, name)
 
 
 def base_source(tmp_path: Path, digits_split) -> tuple[Path, np.ndarray]:
