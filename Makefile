@@ -29,12 +29,18 @@ run: install
 	echo; echo "MLflow UI on this store:  $(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)"; \
 	exit $$rc
 
+# One pytest worker per core, at most 4 (a smoke test holds a `dvc repro` of about 1 GB RSS);
+# `--dist loadfile` keeps a module on one worker, so its module-scoped fixtures are built once.
+# TEST_JOBS=0 runs in one process (pdb, -x).
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
+XDIST = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
+
 test: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Everything but the smoke tier (real `dvc repro` in a repo copy): the quick loop while coding.
 test-fast: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not smoke" $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest $(XDIST) -m "not smoke" $(PYTEST_ARGS)
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)

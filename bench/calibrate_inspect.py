@@ -75,15 +75,12 @@ def _cfg():
     return config.from_container(config.compose(["train.device=cpu"]))
 
 
-def run_one(job: tuple[str, int, dict | None]) -> dict:
-    """One candidate: train, then the inspect stage's compute; times per step."""
+def train_candidate(job: tuple[str, int, dict | None]):
+    """Train one candidate (poisoned by ``attack`` when given): ``(model, out, x, y, spec, cfg)``,
+    ``out`` holding accuracy and, for an attack, poison rows, target and ASR."""
     import dataclasses
 
-    from cleanlab.filter import find_label_issues
-
-    from pipeline.core import inspection, scan
     from pipeline.core.attacks import apply_trigger, poison
-    from pipeline.core.kfold import out_of_fold_probs
     from pipeline.core.predict import predict
     from pipeline.core.train import train_model
 
@@ -97,6 +94,7 @@ def run_one(job: tuple[str, int, dict | None]) -> dict:
         a = {"name": "backdoor", "seed": seed, **attack, "trigger": {**attack["trigger"], "seed": seed}}
         x, y, recs = poison(xtr, ytr, [f"r{i}" for i in range(len(ytr))], a, [str(i) for i in range(10)])
         out["poison_rows"] = len(recs)
+        out["target"] = attack["target"]
     t0 = time.perf_counter()
     model, _, _ = train_model(x, y, 10, "small_cnn", 32, spec)
     out["time"]["train"] = time.perf_counter() - t0
@@ -107,10 +105,22 @@ def run_one(job: tuple[str, int, dict | None]) -> dict:
 
         trig = predict(model, apply_trigger(xte, {**attack["trigger"], "seed": seed}), device="cpu")
         out["asr"], _ = asr_from_predictions(yte, clean_pred, trig, attack["target"], attack["source"])
-        out["target"] = attack["target"]
+    return model, out, x, y, spec, cfg
+
+
+def run_one(job: tuple[str, int, dict | None]) -> dict:
+    """One candidate: train, then the inspect stage's compute; times per step."""
+    from cleanlab.filter import find_label_issues
+
+    from pipeline.core import inspection, scan
+    from pipeline.core.kfold import out_of_fold_probs
+
+    model, out, x, y, spec, cfg = train_candidate(job)
+    seed, attack = job[1], job[2]
+    xte, yte = _W["xte"], _W["yte"]
     # scans
     r = scan.max_margin_scan(model, 10, (8, 8, 1), restarts=cfg.inspect.scan_restarts, steps=cfg.inspect.scan_steps,
-                             lr=cfg.inspect.scan_lr, seed=seed)
+                             lr=cfg.inspect.scan_lr, seed=seed, mad_floor=cfg.inspect.scan_mad_floor)
     out["mm"] = {"max": r.max_anomaly, "suspect": r.suspect, "anomaly": r.anomaly.tolist()}
     out["time"]["scan_max_margin"] = r.seconds
     r = scan.neural_cleanse_scan(model, xte, yte, 10, steps=cfg.inspect.scan_steps, seed=seed)

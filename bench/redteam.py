@@ -50,6 +50,7 @@ RATES = (0.01, 0.02, 0.05, 0.10, 0.20)
 LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 STAGES = ("snapshot", "poison", "validate", "twin", "train", "inspect", "evaluate", "gate")
 LAYERS = ("data_gate", "inspect", "scan", "asr", "recall")
+PLACE = {"first": "the first snapshot", "append": "a later append"}
 _W: dict = {}
 
 
@@ -135,10 +136,25 @@ def poisoned_train(t: dict | None, seed: int) -> tuple[np.ndarray, np.ndarray, n
     return xi, yi, pm
 
 
-def _write(root: Path, x: np.ndarray, y: np.ndarray, split: str) -> None:
+CLEAN_SEED0 = 1000  # job seed of the first clean run: clean run i trains with seed i + --first-clean-seed
+
+
+def _append_rows(pm: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Rows of the later append: every poisoned row, then random clean rows up to ``size``."""
+    rng = np.random.default_rng(10_000 + seed)
+    clean = np.flatnonzero(~pm)
+    extra = max(0, size - int(pm.sum()))
+    keep = pm.copy()
+    keep[rng.choice(clean, size=min(extra, len(clean)), replace=False)] = True
+    return keep
+
+
+def _write(root: Path, x: np.ndarray, y: np.ndarray, split: str, keep: np.ndarray | None = None) -> None:
     from PIL import Image
 
     for i, (img, c) in enumerate(zip(x, y)):
+        if keep is not None and not keep[i]:
+            continue
         d = root / split / str(int(c))
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[..., 0]).save(d / f"r{i:05d}.png")
@@ -191,7 +207,8 @@ def run_pipeline(root: Path, src: Path, seed: int) -> dict[str, float]:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     utils._artifact_repos_cache.clear()
-    MlflowClient(tracking_uri=uri).create_experiment("poisongate", artifact_location=(root / "mlartifacts").as_uri())
+    if MlflowClient(tracking_uri=uri).get_experiment_by_name("poisongate") is None:  # a second release reuses it
+        MlflowClient(tracking_uri=uri).create_experiment("poisongate", artifact_location=(root / "mlartifacts").as_uri())
     times = {}
     os.chdir(root)
     try:
@@ -215,23 +232,32 @@ def trial(job: tuple[int, dict | None]) -> dict:
     from pipeline.core.predict import predict
     from pipeline.evaluate import asr_from_predictions
 
-    seed, t = job
-    out: dict = {"seed": seed, "attack": t, "clean": t is None}
+    seed, t, placement, append_size = job
+    out: dict = {"seed": seed, "attack": t, "clean": t is None, "placement": placement}
     tmp = Path(tempfile.mkdtemp(prefix="redteam-"))
     try:
         x, y, pm = poisoned_train(t, seed)
         out["poison_rows"] = int(pm.sum())
         src = tmp / "src"
-        _write(src, x, y, "train")
-        _write(src, _W["xte"], _W["yte"], "test")
         root = tmp / "repo"
         (root / "data").mkdir(parents=True)
         (root / "reports").mkdir()
         (root / "models").mkdir()
-        t0 = time.perf_counter()
+        _write(src, _W["xte"], _W["yte"], "test")
         # attacks: train seeds 0-4 (paired with the clean references below); clean runs: one train
-        # seed each (1000 + i -> i), so N clean runs are N different models
-        out["train_seed"] = seed % 5 if t is not None else seed - 1000
+        # seed each (CLEAN_SEED0 + i -> i), so N clean runs are N different models
+        out["train_seed"] = seed % 5 if t is not None else seed - CLEAN_SEED0
+        t0 = time.perf_counter()
+        if placement == "first":
+            _write(src, x, y, "train")
+        else:  # a clean first release (the champion), then an append that carries every poisoned row
+            in_append = _append_rows(pm, append_size, seed)
+            _write(src, x, y, "train", keep=~in_append)
+            out["first_release"] = run_pipeline(root, src, out["train_seed"])
+            first_gate = json.loads((root / "reports/gate.json").read_text())
+            out["first_passed"] = bool(first_gate["passed"])
+            _write(src, x, y, "train", keep=in_append)
+            out["append_rows"] = int(in_append.sum())
         out["time"] = run_pipeline(root, src, out["train_seed"])
         out["wall"] = time.perf_counter() - t0
         gate = json.loads((root / "reports/gate.json").read_text())
@@ -305,7 +331,7 @@ def plots(trials: list[dict], out: Path) -> list[Path]:
         rates = sorted({p[0] for p in pts})
         ax.plot(rates, [np.mean([v for r, v in pts if r == rr and v is not None] or [np.nan]) for rr in rates], "o-", label=f)
     ax.set_xscale("log"); ax.set_xlabel("poison rate (fraction of affected rows)"); ax.set_ylabel("ASR (flip/swap: recall drop)")
-    ax.axhline(0.5, color="grey", ls=":"); ax.legend(fontsize=7); ax.set_title("Attack effect vs rate (digits, first snapshot)")
+    ax.axhline(0.5, color="grey", ls=":"); ax.legend(fontsize=7); ax.set_title("Attack effect vs rate (digits)")
     fig.tight_layout(); fig.savefig(paths[0], dpi=110); plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     rates = sorted({t["attack"]["rate"] for t in att})
@@ -326,34 +352,53 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
     clean = [t for t in ok if t["clean"]]
     att = [t for t in ok if not t["clean"]]
     eff = [t for t in att if t["effective"]]
-    lines = ["# Red-team sweep on digits: upstream poison in the first snapshot (issue 12, deliverable 4)", "",
+    places = sorted({t.get("placement", "first") for t in ok})
+    lines = [f"# Red-team sweep on digits: upstream poison, placed in: {', '.join(PLACE[p] for p in places)} "
+             "(issue 12, deliverable 4)", "",
              f"Machine: {platform.machine()} CPU box, 2 cores shared with other jobs, one torch thread per process, "
              f"`--jobs {args.jobs}`. Every stage in-process (`bench/redteam.py`), conf defaults (small_cnn, 10 epochs), "
              f"data=imagefolder (the digits split written as PNGs; poison written into the files), attack=none, "
              f"validate.on_fail=warn, gate.fail_on_block=false. Trials: {len(att)} attacks + {len(clean)} clean; "
              f"errors: {len(trials) - len(ok)}. Wall {wall / 60:.1f} min.", "",
+             f"Command: `python bench/redteam.py {' '.join(sys.argv[1:])}`", "",
              "Cut from the issue's grid:", *[f"- {c}" for c in cut], "",
-             "## Detection per gate layer (effective attacks: ASR >= 0.5 or recall drop >= 0.1)", "",
-             "| family | effective / run | data gate | inspect | scan | ASR (scan set) | recall | blocked (any check) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for f in sorted({family(t["attack"]) for t in att}):
-        run = [t for t in att if family(t["attack"]) == f]
-        e = [t for t in run if t["effective"]]
-        cells = [f"{sum(t['layers'][l] for t in e)}/{len(e)}" for l in LAYERS] if e else ["—"] * len(LAYERS)
-        lines.append(f"| {f} | {len(e)} / {len(run)} | {' | '.join(cells)} | {sum(t['blocked'] for t in e)}/{len(e)} |")
-    if eff:
-        lines.append(f"| **all** | {len(eff)} / {len(att)} | " + " | ".join(
-            f"{sum(t['layers'][l] for t in eff)}/{len(eff)}" for l in LAYERS) + f" | **{sum(t['blocked'] for t in eff)}/{len(eff)}** |")
-    lines += ["", f"**Clean runs: {sum(t['blocked'] for t in clean)}/{len(clean)} blocked** "
-              f"(failed checks: {', '.join(sorted({f for t in clean for f in t['failed']})) or 'none'}). "
-              "Clean false blocks of the inspect checks alone over 20 clean models: bench/results/calibrate_inspect.md.", "",
-              "## Every trial", "", "| attack | rate | rows | effect | eff | acc | max tail | scan (class) | robust P/R | failed checks |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for t in sorted(ok, key=lambda t: (t["clean"], label(t["attack"]), (t["attack"] or {}).get("rate", 0))):
+             "Placement `append`: a clean first release (it becomes champion) from the train rows outside the "
+             "append, then one append that carries every poisoned row (plus clean rows up to "
+             f"{args.append_size} rows for an attack; clean runs cycle through {args.clean_append_sizes} rows); "
+             "the layers are read on the second release, judged against the first one as champion.", ""]
+    for place in places:
+        pa = [t for t in att if t.get("placement", "first") == place]
+        pe = [t for t in pa if t["effective"]]
+        lines += [f"## Detection per gate layer, {PLACE[place]} (effective attacks: ASR >= 0.5 or recall drop >= 0.1)", "",
+                  "| family | effective / run | data gate | inspect | scan | ASR (scan set) | recall | blocked (any check) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for f in sorted({family(t["attack"]) for t in pa}):
+            run = [t for t in pa if family(t["attack"]) == f]
+            e = [t for t in run if t["effective"]]
+            cells = [f"{sum(t['layers'][l] for t in e)}/{len(e)}" for l in LAYERS] if e else ["—"] * len(LAYERS)
+            lines.append(f"| {f} | {len(e)} / {len(run)} | {' | '.join(cells)} | {sum(t['blocked'] for t in e)}/{len(e)} |")
+        if pe:
+            lines.append(f"| **all** | {len(pe)} / {len(pa)} | " + " | ".join(
+                f"{sum(t['layers'][l] for t in pe)}/{len(pe)}" for l in LAYERS) + f" | **{sum(t['blocked'] for t in pe)}/{len(pe)}** |")
+        pc = [t for t in clean if t.get("placement", "first") == place]
+        lines += ["", f"**Clean runs, {PLACE[place]}: {sum(t['blocked'] for t in pc)}/{len(pc)} blocked** "
+                  f"(failed checks: {', '.join(sorted({f for t in pc for f in t['failed']})) or 'none'}).", ""]
+        if place == "append" and pc:
+            lines += ["| clean append rows | runs | blocked | first release passed |", "|---|---|---|---|"]
+            for n in sorted({t["append_rows"] for t in pc}):
+                g = [t for t in pc if t["append_rows"] == n]
+                lines.append(f"| {n} | {len(g)} | {sum(t['blocked'] for t in g)} | {sum(t['first_passed'] for t in g)}/{len(g)} |")
+            lines.append("")
+    lines += ["Clean false blocks of the inspect checks alone over clean models: bench/results/calibrate_inspect.md, "
+              "bench/results/calibrate_scan.md.", "",
+              "## Every trial", "", "| placement | attack | rate | rows | effect | eff | acc | max tail | scan (class) | robust P/R | failed checks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(ok, key=lambda t: (t.get("placement", "first"), t["clean"], label(t["attack"]), (t["attack"] or {}).get("rate", 0))):
         eff_v = t.get("asr", t.get("recall_drop"))
         rec = ((t["inspect"].get("record") or {}).get("detectors") or {}).get("robust")
         pr = f"{rec['precision']:.2f}/{rec['recall']:.2f}" if rec else "—"
-        lines.append(f"| {label(t['attack'])} | {(t['attack'] or {}).get('rate', '—')} | {t['poison_rows']} | "
+        rows = t["poison_rows"] if t.get("placement", "first") == "first" else f"{t['poison_rows']} of {t['append_rows']}"
+        lines.append(f"| {t.get('placement', 'first')} | {label(t['attack'])} | {(t['attack'] or {}).get('rate', '—')} | {rows} | "
                      f"{'—' if eff_v is None else f'{eff_v:.2f}'} | {'yes' if t.get('effective') else 'no'} | {t['accuracy']:.3f} | "
                      f"{t['inspect']['max_tail']:.2f} | {t['inspect']['scan']:.2f} ({t['inspect']['scan_class']}) | {pr} | "
                      f"{', '.join(t['failed']) or 'none'} |")
@@ -376,22 +421,37 @@ def main() -> int:
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N attack trials (smoke)")
     ap.add_argument("--every", type=int, default=1, help="run every N-th attack trial of the grid (time budget)")
+    ap.add_argument("--placement", choices=("first", "append", "both"), default="first",
+                    help="poison in the first snapshot, in a later append after a clean first release, or both")
+    ap.add_argument("--append-size", type=int, default=300,
+                    help="rows of the later append for an attack trial (its poisoned rows plus clean ones)")
+    ap.add_argument("--clean-append-sizes", default="20,50,100,200,500",
+                    help="append sizes the clean runs cycle through (placement append)")
+    ap.add_argument("--first-clean-seed", type=int, default=0, help="train seed of the first clean run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "redteam_digits"))
     args = ap.parse_args()
     grid, cut = build_grid(args.full)
+    placements = ("first", "append") if args.placement == "both" else (args.placement,)
+    if args.placement != "first":
+        cut = [c for c in cut if not c.startswith("placement:")]
+    if args.placement == "append":
+        cut.append("placement: a later append only (a clean first release, then the append; --placement append)")
     if args.every > 1:
         grid = grid[:: args.every]
         cut.append(f"--every {args.every}: every {args.every}-th trial of the grid above ({len(grid)} trials)")
     if args.limit:
         grid = grid[: args.limit]
         cut.append(f"--limit {args.limit}: only the first {args.limit} attack trials of the grid")
-    jobs = [(1000 + i, None) for i in range(args.clean)] + [(i, t) for i, t in enumerate(grid)]
+    sizes = [int(v) for v in args.clean_append_sizes.split(",")]
+    jobs = [(CLEAN_SEED0 + args.first_clean_seed + i, None, p, sizes[i % len(sizes)])
+            for p in placements for i in range(args.clean)]
+    jobs += [(i, t, p, args.append_size) for p in placements for i, t in enumerate(grid)]
     t0 = time.perf_counter()
     res = []
     with mp.get_context("spawn").Pool(args.jobs, initializer=_init, maxtasksperchild=8) as pool:
         for o in pool.imap_unordered(trial, jobs):
             res.append(o)
-            print(f"[{len(res)}/{len(jobs)}] {label(o['attack'])} {(o['attack'] or {}).get('rate', '')}: "
+            print(f"[{len(res)}/{len(jobs)}] {o['placement']} {label(o['attack'])} {(o['attack'] or {}).get('rate', '')}: "
                   f"{o.get('error') or (o.get('asr', o.get('recall_drop')), o.get('failed'))}", flush=True)
     wall = time.perf_counter() - t0
     out = Path(args.out)

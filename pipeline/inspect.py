@@ -156,7 +156,8 @@ def _scan(cfg: Config, model, ref_images, ref_labels, num_classes: int, device: 
     i = cfg.inspect
     if i.scan == "max_margin":
         return scan.max_margin_scan(model, num_classes, tuple(ref_images.shape[1:]), restarts=i.scan_restarts,
-                                    steps=i.scan_steps, lr=i.scan_lr, seed=i.scan_seed, device=device)
+                                    steps=i.scan_steps, lr=i.scan_lr, seed=i.scan_seed, device=device,
+                                    mad_floor=i.scan_mad_floor)
     return scan.neural_cleanse_scan(model, ref_images, ref_labels, num_classes, steps=i.scan_steps, lr=i.scan_lr,
                                     seed=i.scan_seed, device=device)
 

@@ -186,6 +186,7 @@ class InspectConfig:
     scan_steps: int = 150  # optimizer steps of the scan
     scan_lr: float = 0.1  # Adam step on the scan's logit-space pixels
     scan_seed: int = 0
+    scan_mad_floor: float = 0.08  # max_margin: the anomaly index's MAD is at least this fraction of the median
 
 
 @dataclass
@@ -200,7 +201,7 @@ class GateConfig:
     max_tail_ratio: float = 1.8  # poison_suspects: a class's main tail scan ratio (unitless)
     max_shallow_tail_ratio: float = 2.5  # poison_suspects: a class's shallow-band ratio (unitless)
     max_label_issue_fraction: float = 0.02  # poison_suspects: cleanlab label issues, fraction of training rows
-    max_scan_anomaly: float = 4.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
+    max_scan_anomaly: float = 3.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
     require_inspection: bool = True  # false: the two checks pass with "not required"
     max_targeted_increase: float = 0.05  # targeted_success: fraction of a red-team attack's target images moved to its base class beyond the baseline
     fail_on_block: bool = True  # false: a blocked release exits 0 (champion unchanged), so `dvc exp run` keeps it
@@ -346,6 +347,7 @@ def check_inspect(i: InspectConfig) -> None:
     _number("inspect.scan_steps", i.scan_steps, 1, 100_000, integer=True)
     _number("inspect.scan_lr", i.scan_lr, 0.0, 10.0, lo_open=True)
     _number("inspect.scan_seed", i.scan_seed, 0, 2**32 - 1, integer=True)
+    _number("inspect.scan_mad_floor", i.scan_mad_floor, 0.0, 1.0, hi_open=True)
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -158,6 +158,23 @@ def test_anomaly_index_is_one_sided_and_refuses_bad_input():
         anomaly_index([1.0, 2.0])
     with pytest.raises(ScanError):
         anomaly_index([1.0, float("nan"), 2.0])
+    with pytest.raises(ScanError):
+        anomaly_index([1.0, 1.1, 0.9], rel_floor=1.0)
+
+
+def test_mad_floor_damps_a_collapsed_spread_but_keeps_a_real_outlier():
+    """Nine classes almost equal (MAD 0.01 of a median 10): an ordinary 1.0 step reads as a huge
+    index without the floor and as a small one with it, while a backdoor-sized margin (2x the
+    median) stays far above the gate's threshold either way."""
+    from pipeline.core.scan import anomaly_index
+    from pipeline.schema import GateConfig, InspectConfig
+
+    floor, thr = InspectConfig().scan_mad_floor, GateConfig().max_scan_anomaly
+    spread = [10.0, 10.01, 9.99, 10.02, 9.98, 10.0, 10.01, 9.99, 10.0, 11.0]
+    assert anomaly_index(spread, rel_floor=0.0).max() > 30 > thr
+    assert anomaly_index(spread, rel_floor=floor).max() < thr
+    planted = spread[:-1] + [20.0]
+    assert anomaly_index(planted, rel_floor=floor).argmax() == 9 and anomaly_index(planted, rel_floor=floor).max() > 2 * thr
 
 
 def test_max_margin_scan_finds_the_planted_target():

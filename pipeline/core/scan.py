@@ -75,10 +75,13 @@ class ScanResult:
                 "seconds": round(self.seconds, 3), "params": dict(self.params), "per_class": per}
 
 
-def anomaly_index(stat: Any, high: bool = True) -> np.ndarray:
+def anomaly_index(stat: Any, high: bool = True, rel_floor: float = 0.0) -> np.ndarray:
     """One-sided MAD anomaly index of each value among all (Neural Cleanse's outlier test).
 
-    ``high``: large values are anomalous (MM-BD margins); else small ones (NC mask norms)."""
+    ``high``: large values are anomalous (MM-BD margins); else small ones (NC mask norms).
+    ``rel_floor``: the MAD is at least this fraction of |median|. With 10 classes the MAD is the
+    median of 9-10 deviations and can collapse when most classes land close together; a clean
+    model then scores a large index for an ordinary spread (bench/results/calibrate_scan.md)."""
     s = np.asarray(stat, np.float64)
     if s.ndim != 1 or len(s) < 3:
         raise ScanError(f"the anomaly index needs >= 3 classes, got shape {s.shape}")
@@ -86,7 +89,9 @@ def anomaly_index(stat: Any, high: bool = True) -> np.ndarray:
         raise ScanError("scan statistics contain NaN or inf: the optimisation diverged (lower the step size)")
     med = float(np.median(s))
     mad = float(np.median(np.abs(s - med)))
-    mad = max(mad, MAD_FLOOR * max(abs(med), 1.0))
+    if not 0.0 <= rel_floor < 1.0:
+        raise ScanError(f"rel_floor must be in [0, 1), got {rel_floor}")
+    mad = max(mad, MAD_FLOOR * max(abs(med), 1.0), float(rel_floor) * abs(med))
     z = (s - med) / (MAD_SCALE * mad)
     return z if high else -z
 
@@ -114,11 +119,13 @@ def max_margin_scan(
     lr: float = 0.1,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    mad_floor: float = 0.0,
 ) -> ScanResult:
     """MM-BD: the largest ``logit_t - max_{j != t} logit_j`` reached per class (module doc).
 
     Pixels are ``255 * sigmoid(z)`` (always a valid image); ``z`` starts at N(0, 1) noise,
-    ``restarts`` starts per class, Adam with step ``lr`` on ``z`` for ``steps`` steps."""
+    ``restarts`` starts per class, Adam with step ``lr`` on ``z`` for ``steps`` steps.
+    ``mad_floor``: the anomaly index's relative MAD floor (:func:`anomaly_index`)."""
     import time
 
     _check_model_inputs(num_classes, image_shape)
@@ -147,8 +154,9 @@ def max_margin_scan(
         opt.step()
     with torch.no_grad():
         m = margin().view(num_classes, restarts).max(1).values.double().cpu().numpy()
-    return ScanResult("max_margin", m, anomaly_index(m, high=True), time.perf_counter() - t0,
-                      {"restarts": int(restarts), "steps": int(steps), "lr": float(lr), "seed": int(seed)})
+    return ScanResult("max_margin", m, anomaly_index(m, high=True, rel_floor=mad_floor), time.perf_counter() - t0,
+                      {"restarts": int(restarts), "steps": int(steps), "lr": float(lr), "seed": int(seed),
+                       "mad_floor": float(mad_floor)})
 
 
 def neural_cleanse_scan(
