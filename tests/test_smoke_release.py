@@ -216,8 +216,7 @@ def test_gate_fails_closed(tmp_path):
 
         # A new candidate that would pass, up to the gate.
         repo.compose("train.seed=2")
-        repo.repro("evaluate")
-        repo.repro("inspect")  # the gate's other input (inspect is not an ancestor of evaluate)
+        repo.repro("evaluate", "inspect")  # the gate's two inputs (inspect is not an ancestor of evaluate)
         gate_cmd = [sys.executable, "-m", "pipeline.gate"]
 
         # A corrupted metrics file: blocked with a clear message, champion unchanged.

@@ -1,7 +1,7 @@
 """Smoke tier of the data gate on growth (issue 11): the real `dvc repro` in a temp copy of the
 repository, an ImageFolder source built from digits (650 train / 450 test rows written as PNGs).
 
-- clean growth: a base release, then three clean appends of 150, 230 and 180 rows drawn from the
+- clean growth: a base release, then two clean appends of 150 and 230 rows drawn from the
   same distribution; every release passes the data gate and is promoted (`champion` moves).
   `train.epochs=4` keeps it shorter (the release gate still passes every clean release);
 - drip: after an approved base, appends of 150 rows each carrying 3 patched rows filed under
@@ -72,7 +72,7 @@ def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
     champions = [champion(repo)]
     assert champions[0] is not None
     pos = 0
-    for k, size in enumerate((150, 230, 180)):
+    for k, size in enumerate((150, 230)):  # two appends of the 20-500 range users grow by (a third cost ~40 s of CI)
         idx = rest[pos:pos + size]
         pos += size
         write_rows(src, xtr[idx], ytr[idx], "train", f"app{k}_")
@@ -86,7 +86,7 @@ def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
         assert gate["passed"] is True, gate["checks"]  # at 4 epochs the tightest margin seen: asr_increase 0.058 of 0.1
         champions.append(champion(repo))
         assert champions[-1] not in champions[:-1], champions  # promoted: champion moved to the new version
-    assert len(ledger(repo)) == 4
+    assert len(ledger(repo)) == 3
     print(f"clean growth smoke: {time.monotonic() - t0:.0f} s")
 
 

@@ -123,8 +123,7 @@ def test_two_gate_processes_race_to_promote(releases):
     for seed, side in ((1, "a"), (2, "b")):
         # another seed each: a byte-identical checkpoint would reuse its version (issue 17)
         repo.compose(f"mlflow.model_name={name}", f"train.seed={seed}")
-        repo.repro("evaluate")
-        repo.repro("inspect")
+        repo.repro("evaluate", "inspect")  # both inputs of the gate, one `dvc repro`
         d = r.tmp / side
         d.mkdir()
         for f in ("metrics.json", "baseline_metrics.json", "train.json", "evaluate.json", "inspect.json"):
