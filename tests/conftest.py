@@ -343,14 +343,14 @@ def digest():
 # - the longest units go first (longest-processing-time-first; seconds from the last `--durations`
 #   run at -n 2, README "Measured"), so no 4-minute smoke test starts last on one worker while
 #   the other one idles. A unit missing here just runs after these, in collection order.
-LONGEST_FIRST = (
-    "tests/test_smoke_release.py",  # ~580 s
-    "tests/team",  # ~330 s
-    "tests/robustness/test_data_gate_smoke.py",  # ~275 s
-    "tests/test_smoke_cifar.py",  # ~200 s
-    "tests/test_smoke_remedy.py",  # ~165 s
-    "tests/test_smoke_clean_label.py",  # ~135 s
-    "tests/robustness/test_kill_and_forge.py",  # ~150 s
+LONGEST_FIRST = (  # seconds: the units' test time in the fresh-clone `.ci/run` at -n 2 (625d533)
+    "tests/test_smoke_release.py",  # ~490 s
+    "tests/team",  # ~250 s
+    "tests/robustness/test_data_gate_smoke.py",  # ~210 s
+    "tests/test_smoke_cifar.py",  # ~155 s
+    "tests/test_smoke_remedy.py",  # ~130 s
+    "tests/robustness/test_kill_and_forge.py",  # ~120 s
+    "tests/test_smoke_clean_label.py",  # ~100 s
 )
 
 
