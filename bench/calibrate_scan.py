@@ -53,12 +53,20 @@ def run_one(job: tuple[str, int, dict | None]) -> dict:
     return out
 
 
-def rules() -> dict:
+def rules(floor: float) -> dict:
+    """Each anomaly rule's relative MAD floor: today's rule without one, the stage's with it."""
+    return {"mad": 0.0, "mad_floor": floor}
+
+
+def peaks(models: list[dict], rel_floor: float) -> list[tuple[float, int]]:
+    """(largest anomaly index, its class) of each model's scan under one rule."""
     from pipeline.core import scan
 
-    floor = _cfg().inspect.scan_mad_floor
-    return {"mad": lambda s: scan.anomaly_index(s, rel_floor=0.0),
-            "mad_floor": lambda s: scan.anomaly_index(s, rel_floor=floor)}
+    out = []
+    for o in models:
+        z = scan.anomaly_index(np.asarray(o["statistic"]), rel_floor=rel_floor)
+        out.append((float(z.max()), int(z.argmax())))
+    return out
 
 
 def main() -> int:
@@ -116,43 +124,41 @@ def report(clean: list[dict], attacks: list[dict], wall: float, args) -> str:
              "| rule | calibration max | threshold | held-out max | held-out false alarms | all clean over the gate's "
              f"{cfg.gate.max_scan_anomaly} | backdoors detected at threshold | at the gate's {cfg.gate.max_scan_anomaly} |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, fn in rules().items():
-        def mx(o):
-            a = fn(np.asarray(o["statistic"]))
-            return float(a.max()), int(a.argmax())
-        cm = max(mx(o)[0] for o in calib)
+    gate = cfg.gate.max_scan_anomaly
+    rule = rules(cfg.inspect.scan_mad_floor)
+    # every model's peak under every rule, computed once: the tables below only read them
+    pk = {name: {"calib": peaks(calib, f), "held": peaks(held, f), "clean": peaks(clean, f), "eff": peaks(eff, f),
+                 "attacks": peaks(attacks, f)} for name, f in rule.items()}
+
+    def detected(p: list[tuple[float, int]], thr: float) -> int:
+        return sum(v > thr and c == a["target"] for (v, c), a in zip(p, eff))
+
+    for name in rule:
+        p = pk[name]
+        cm = max(v for v, _ in p["calib"])
         thr = cm * args.margin
-        hm = max(mx(o)[0] for o in held)
-        fa = sum(mx(o)[0] > thr for o in held)
-        over_gate = sum(mx(o)[0] > cfg.gate.max_scan_anomaly for o in clean)
-        det = sum(mx(a)[0] > thr and mx(a)[1] == a["target"] for a in eff)
-        det_g = sum(mx(a)[0] > cfg.gate.max_scan_anomaly and mx(a)[1] == a["target"] for a in eff)
-        lines.append(f"| {name} | {cm:.2f} | {thr:.2f} | {hm:.2f} | {fa}/{len(held)} | {over_gate}/{len(clean)} | "
-                     f"{det}/{len(eff)} | {det_g}/{len(eff)} |")
+        lines.append(f"| {name} | {cm:.2f} | {thr:.2f} | {max(v for v, _ in p['held']):.2f} | "
+                     f"{sum(v > thr for v, _ in p['held'])}/{len(held)} | {sum(v > gate for v, _ in p['clean'])}/{len(clean)} | "
+                     f"{detected(p['eff'], thr)}/{len(eff)} | {detected(p['eff'], gate)}/{len(eff)} |")
     lines += ["", "## Each rule at fixed thresholds", "",
               "| rule | threshold | clean over (calibration half) | clean over (held-out half) | backdoors detected |",
               "|---|---|---|---|---|"]
-    for name, fn in rules().items():
+    for name in rule:
+        p = pk[name]
         for thr in (2.5, 3.0, 3.5, 4.0, 5.0):
-            over = [sum(float(fn(np.asarray(o["statistic"])).max()) > thr for o in part) for part in (calib, held)]
-            det = sum(float(fn(np.asarray(a["statistic"])).max()) > thr
-                      and int(fn(np.asarray(a["statistic"])).argmax()) == a["target"] for a in eff)
-            lines.append(f"| {name} | {thr} | {over[0]}/{len(calib)} | {over[1]}/{len(held)} | {det}/{len(eff)} |")
-    lines += ["", "## Clean models (max anomaly per rule)", "", "| seed | acc | " + " | ".join(rules()) + " |",
-              "|---|---|" + "---|" * len(rules())]
-    for o in clean:
-        vals = [f"{float(fn(np.asarray(o['statistic'])).max()):.2f}" for fn in rules().values()]
-        lines.append(f"| {o['seed']} | {o['accuracy']:.3f} | " + " | ".join(vals) + " |")
-    lines += ["", "## Backdoored models", "", "| attack | seed | rows | ASR | " + " | ".join(f"{n} (class)" for n in rules())
-              + " |", "|---|---|---|---|" + "---|" * len(rules())]
-    for a in attacks:
-        vals = []
-        for fn in rules().values():
-            z = fn(np.asarray(a["statistic"]))
-            vals.append(f"{z.max():.2f} ({int(z.argmax())})")
+            lines.append(f"| {name} | {thr} | {sum(v > thr for v, _ in p['calib'])}/{len(calib)} | "
+                         f"{sum(v > thr for v, _ in p['held'])}/{len(held)} | {detected(p['eff'], thr)}/{len(eff)} |")
+    lines += ["", "## Clean models (max anomaly per rule)", "", "| seed | acc | " + " | ".join(rule) + " |",
+              "|---|---|" + "---|" * len(rule)]
+    for i, o in enumerate(clean):
+        lines.append(f"| {o['seed']} | {o['accuracy']:.3f} | " + " | ".join(f"{pk[n]['clean'][i][0]:.2f}" for n in rule) + " |")
+    lines += ["", "## Backdoored models", "", "| attack | seed | rows | ASR | " + " | ".join(f"{n} (class)" for n in rule)
+              + " |", "|---|---|---|---|" + "---|" * len(rule)]
+    for i, a in enumerate(attacks):
+        vals = [f"{pk[n]['attacks'][i][0]:.2f} ({pk[n]['attacks'][i][1]})" for n in rule]
         lines.append(f"| {a['label']} | {a['seed']} | {a['poison_rows']} | {a['asr']:.2f} | " + " | ".join(vals) + " |")
     secs = [o["seconds"] for o in clean + attacks]
-    lines += ["", f"Scan seconds per model: {np.mean(secs):.2f} ± {np.std(secs):.2f} (2 jobs on 2 busy cores)."]
+    lines += ["", f"Scan seconds per model: {np.mean(secs):.2f} ± {np.std(secs):.2f} ({args.jobs} job(s) on 2 busy cores)."]
     return "\n".join(lines) + "\n"
 
 

@@ -352,7 +352,7 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
     clean = [t for t in ok if t["clean"]]
     att = [t for t in ok if not t["clean"]]
     eff = [t for t in att if t["effective"]]
-    places = sorted({t.get("placement", "first") for t in ok})
+    places = sorted({t["placement"] for t in ok})
     lines = [f"# Red-team sweep on digits: upstream poison, placed in: {', '.join(PLACE[p] for p in places)} "
              "(issue 12, deliverable 4)", "",
              f"Machine: {platform.machine()} CPU box, 2 cores shared with other jobs, one torch thread per process, "
@@ -367,7 +367,7 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
              f"{args.append_size} rows for an attack; clean runs cycle through {args.clean_append_sizes} rows); "
              "the layers are read on the second release, judged against the first one as champion.", ""]
     for place in places:
-        pa = [t for t in att if t.get("placement", "first") == place]
+        pa = [t for t in att if t["placement"] == place]
         pe = [t for t in pa if t["effective"]]
         lines += [f"## Detection per gate layer, {PLACE[place]} (effective attacks: ASR >= 0.5 or recall drop >= 0.1)", "",
                   "| family | effective / run | data gate | inspect | scan | ASR (scan set) | recall | blocked (any check) |",
@@ -380,7 +380,7 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
         if pe:
             lines.append(f"| **all** | {len(pe)} / {len(pa)} | " + " | ".join(
                 f"{sum(t['layers'][l] for t in pe)}/{len(pe)}" for l in LAYERS) + f" | **{sum(t['blocked'] for t in pe)}/{len(pe)}** |")
-        pc = [t for t in clean if t.get("placement", "first") == place]
+        pc = [t for t in clean if t["placement"] == place]
         lines += ["", f"**Clean runs, {PLACE[place]}: {sum(t['blocked'] for t in pc)}/{len(pc)} blocked** "
                   f"(failed checks: {', '.join(sorted({f for t in pc for f in t['failed']})) or 'none'}).", ""]
         if place == "append" and pc:
@@ -393,12 +393,12 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
               "bench/results/calibrate_scan.md.", "",
               "## Every trial", "", "| placement | attack | rate | rows | effect | eff | acc | max tail | scan (class) | robust P/R | failed checks |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in sorted(ok, key=lambda t: (t.get("placement", "first"), t["clean"], label(t["attack"]), (t["attack"] or {}).get("rate", 0))):
+    for t in sorted(ok, key=lambda t: (t["placement"], t["clean"], label(t["attack"]), (t["attack"] or {}).get("rate", 0))):
         eff_v = t.get("asr", t.get("recall_drop"))
         rec = ((t["inspect"].get("record") or {}).get("detectors") or {}).get("robust")
         pr = f"{rec['precision']:.2f}/{rec['recall']:.2f}" if rec else "—"
-        rows = t["poison_rows"] if t.get("placement", "first") == "first" else f"{t['poison_rows']} of {t['append_rows']}"
-        lines.append(f"| {t.get('placement', 'first')} | {label(t['attack'])} | {(t['attack'] or {}).get('rate', '—')} | {rows} | "
+        rows = t["poison_rows"] if t["placement"] == "first" else f"{t['poison_rows']} of {t['append_rows']}"
+        lines.append(f"| {t['placement']} | {label(t['attack'])} | {(t['attack'] or {}).get('rate', '—')} | {rows} | "
                      f"{'—' if eff_v is None else f'{eff_v:.2f}'} | {'yes' if t.get('effective') else 'no'} | {t['accuracy']:.3f} | "
                      f"{t['inspect']['max_tail']:.2f} | {t['inspect']['scan']:.2f} ({t['inspect']['scan_class']}) | {pr} | "
                      f"{', '.join(t['failed']) or 'none'} |")

@@ -100,16 +100,25 @@ def repo_copy(tmp_path: Path) -> RepoCopy:
     return make_repo_copy(tmp_path)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's global thread count set to ``n`` inside, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module, restored after it: on 2 cores shared with other jobs, a
     second thread on tiny digits batches waits more than it computes (3x slower measured)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -198,25 +207,20 @@ class State:
 
         import mlflow
 
-        import torch
-
         mod = importlib.import_module(f"pipeline.{stage}")
         out, err = io.StringIO(), io.StringIO()
-        # One CPU thread for every in-process stage: float sums differ with the thread count, and
-        # other tests change torch's global count, so a re-run would not be byte-identical.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         mp = pytest.MonkeyPatch()
         mp.chdir(self.root)
         mp.setenv("MLFLOW_TRACKING_URI", self.uri)
         mlflow.set_tracking_uri(self.uri)  # as in a fresh stage process: no global URI left from another state
         _forget_artifact_repos()
         try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            # One CPU thread for every in-process stage: float sums differ with the thread count,
+            # and other tests change torch's global count, so a re-run would not be byte-identical.
+            with torch_threads(1), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = mod.main(["--params", params, *STAGE_ARGS[stage], *extra])
         finally:
             mp.undo()
-            torch.set_num_threads(threads)
         return rc, err.getvalue() + out.getvalue()
 
     def client(self):
