@@ -85,6 +85,9 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
     meta, data = build_view(snapshot.id, resolved, records)
     if info is not None:
         meta["crafting"] = info  # diagnostics (seconds, losses/distances): outside the view_id
+    transform = (snapshot.meta.get("source") or {}).get("transform")
+    if transform:  # the resize the rows went through: bound through snapshot_id, copied for reviewers
+        meta["transform"] = transform
     if record is None:
         return meta, data
     from pipeline import remedy
@@ -97,6 +100,8 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
     qmeta, qdata = build_view(snapshot.id, resolved, records, quarantine=remedy.view_spec(record))
     if info is not None:
         qmeta["crafting"] = info
+    if transform:
+        qmeta["transform"] = transform
     return qmeta, qdata
 
 

@@ -64,6 +64,10 @@ class DataConfig:
     # Incremental snapshot: a known file whose (size, mtime) is unchanged is trusted without a read.
     verify_source: bool = False  # true: re-read and re-decode every file, compare pixels (full check)
     recheck_files: int = 32  # files: stat-trusted files re-read and digest-checked per run (spot check)
+    # Variable-size images (issue 19 item 5): [height, width] every image is resized to at ingest;
+    # null refuses a source with more than one image size. Part of the lineage key (a new store lineage).
+    resize: Optional[list[int]] = None
+    resize_mode: str = "fit"  # fit: scale + centre crop (aspect kept) | stretch: scale both sides
 
 
 @dataclass
@@ -362,6 +366,16 @@ def check(cfg: Config) -> None:
     _number("data.max_file_bytes", d.max_file_bytes, 1, 2**40, integer=True)
     _number("data.max_image_pixels", d.max_image_pixels, 1, 2**32, integer=True)
     _number("data.recheck_files", d.recheck_files, 0, 2**31, integer=True)
+    _one_of("data.resize_mode", d.resize_mode, ("fit", "stretch"))
+    if d.resize is not None:
+        r = list(d.resize)
+        if len(r) != 2:
+            raise ConfigError(f"data.resize must be [height, width] in pixels or null, got {r!r}")
+        _number("data.resize[0] (height)", r[0], 1, 8192, integer=True)
+        _number("data.resize[1] (width)", r[1], 1, 8192, integer=True)
+        if d.name == "digits":
+            raise ConfigError("data.resize applies to image files (imagefolder, cifar10); digits are 8x8 arrays: "
+                              "set data.resize: null")
     if d.limit is not None:
         _number("data.limit", d.limit, 1, math.inf, integer=True)
     _number("data.test_fraction", d.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)

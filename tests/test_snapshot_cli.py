@@ -238,3 +238,56 @@ def test_data_watch_is_deprecated_and_ignored(cli, capsys):
     cli.write_params(name="imagefolder", path=str(src), workers=1, watch="/nonexistent/stale")
     rc, err = cli.main(capsys)
     assert rc == 0 and "new snapshot" in err, err
+
+
+def test_resize_records_the_transform_and_appends_incrementally(cli, capsys):
+    """Issue 19 item 5 end to end: a folder of mixed sizes is snapshotted with data.resize, the
+    header (and so the snapshot id) records the transform, an append decodes only the new file, and
+    a changed transform is a new lineage, not a rewrite of the recorded rows."""
+    src = make_folder(cli.tmp / "src", size=8)
+    save(src / "train" / "dog" / "big.png", pixels(3, size=20))
+    cli.write_params(name="imagefolder", path=str(src), workers=1)
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "data.resize: [8, 8]" in err, err
+    cli.write_params(name="imagefolder", path=str(src), workers=1, resize=[8, 8])
+    rc, err = cli.main(capsys)
+    assert rc == 0, err
+    rep = json.loads(cli.report.read_text())
+    assert rep["image_shape"] == [8, 8, 3] and rep["n_rows"] == 19
+    assert rep["source"]["transform"] == {"kind": "resize", "size": [8, 8], "mode": "fit",
+                                          "interpolation": "bilinear", "version": 1}
+    first = rep["snapshot_id"]
+    save(src / "train" / "emu" / "tall.jpg", pixels(4, size=30)[:, :10], fmt="JPEG")
+    rc, err = cli.main(capsys)
+    rep = json.loads(cli.report.read_text())
+    assert rc == 0 and rep["parent"] == first and rep["n_new"] == 1, err
+    assert rep["work"]["source_decoded"] == 1  # only the new file, resized
+    # the view carries the transform next to the attack record
+    from pipeline import poison
+    from pipeline.data import store
+    from pipeline.schema import AttackConfig
+
+    snap = store.load_snapshot(cli.store, rep["snapshot_id"])
+    meta, _ = poison.make_view(snap, AttackConfig())
+    assert meta["transform"] == rep["source"]["transform"]
+    cli.write_params(name="imagefolder", path=str(src), workers=1, resize=[6, 6])
+    rc, err = cli.main(capsys)
+    rep2 = json.loads(cli.report.read_text())
+    assert rc == 0 and rep2["parent"] is None and rep2["image_shape"] == [6, 6, 3], err
+    assert rep2["source"]["key"] != rep["source"]["key"]
+
+
+def test_resize_config_errors_exit_2(cli, capsys):
+    src = make_folder(cli.tmp / "src")
+    for bad, msg in (([8], "must be [height, width]"), ([0, 8], "data.resize[0] (height)"),
+                     ([8, 8.5], "data.resize[1]")):
+        cli.write_params(name="imagefolder", path=str(src), resize=bad)
+        rc, err = cli.main(capsys)
+        assert rc == 2 and msg in err, (bad, err)
+    cli.write_params(name="imagefolder", path=str(src), resize=[8, 8], resize_mode="squash")
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "unknown data.resize_mode 'squash'" in err
+    cli.write_params(name="digits", resize=[8, 8])
+    rc, err = cli.main(capsys)
+    assert rc == 2 and "digits are 8x8 arrays" in err
+    assert not cli.store.exists()

@@ -238,6 +238,51 @@ def test_size_mismatch_refused_naming_the_file(tmp_path):
         load_imagefolder(str(root))
 
 
+def test_size_mismatch_error_names_the_resize_setting(tmp_path):
+    root = make_folder(tmp_path / "src")
+    save(root / "test" / "dog" / "01.png", pixels(5, size=9))
+    with pytest.raises(SourceError, match=r"set data.resize: \[8, 8\]"):
+        load_imagefolder(str(root))
+
+
+def test_resize_accepts_any_sizes_and_keeps_files_untouched(tmp_path):
+    """Issue 19 item 5: JPEG and PNG of several sizes and aspects become one shape; the files are
+    not rewritten, an image already of the target size is not resampled."""
+    root = make_folder(tmp_path / "src", size=12)
+    wide = np.random.default_rng(1).integers(0, 256, (12, 30, 3), dtype=np.uint8)
+    save(root / "train" / "cat" / "wide.jpg", wide, fmt="JPEG", quality=95)
+    save(root / "train" / "dog" / "tall.png", pixels(7, size=40)[:, :20])
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for mode in ("fit", "stretch"):
+        d = load_imagefolder(str(root), workers=1, resize=sources.Resize(12, 12, mode))
+        assert d.images.shape == (len(d.sample_ids), 12, 12, 3)
+        i = d.sample_ids.index("train/cat/00.png")  # already 12x12: the decoded pixels, bit for bit
+        assert np.array_equal(d.images[i], np.asarray(Image.open(root / "train" / "cat" / "00.png")))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    # fit keeps the aspect (scale the short side, crop the middle); stretch squeezes the whole width in
+    fit = load_imagefolder(str(root), workers=1, resize=sources.Resize(12, 12, "fit"))
+    st = load_imagefolder(str(root), workers=1, resize=sources.Resize(12, 12, "stretch"))
+    k = fit.sample_ids.index("train/cat/wide.jpg")
+    assert not np.array_equal(fit.images[k], st.images[k])
+    decoded = np.asarray(Image.open(root / "train" / "cat" / "wide.jpg"))
+    assert np.abs(fit.images[k].astype(int) - decoded[:, 9:21].astype(int)).mean() < 3  # the centre crop
+    # many decode processes give the same rows as one (the transform travels to the workers)
+    par = load_imagefolder(str(root), workers=2, chunk_size=4, resize=sources.Resize(12, 12, "fit"))
+    assert np.array_equal(par.images, fit.images) and par.sample_ids == fit.sample_ids
+
+
+def test_resize_is_part_of_the_lineage_key():
+    base = DataConfig(name="imagefolder", path="/data/x")
+    keys = {sources.source_key(base),
+            sources.source_key(DataConfig(name="imagefolder", path="/data/x", resize=[32, 32])),
+            sources.source_key(DataConfig(name="imagefolder", path="/data/x", resize=[32, 32], resize_mode="stretch")),
+            sources.source_key(DataConfig(name="imagefolder", path="/data/x", resize=[64, 64]))}
+    assert len(keys) == 4
+    assert sources.source_spec(DataConfig(name="imagefolder", path="/data/x", resize=[32, 24]))["transform"] == {
+        "kind": "resize", "size": [32, 24], "mode": "fit", "interpolation": "bilinear", "version": 1}
+    assert "transform" not in sources.source_spec(base)  # stores made before the option keep their key
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -36,7 +36,12 @@ Decisions (each one tested)
   background would invent pixels: the user must decide the background). 16-bit and float images are
   refused (the store holds uint8). A data set mixing 1-channel and 3-channel images is REFUSED
   (converting silently would hide what is most likely a mistake in the data); so is a data set with
-  more than one image size. Both errors name the minority files.
+  more than one image size, unless ``data.resize: [H, W]`` is set: then every image is resized when
+  it is ingested (``data.resize_mode``: ``fit`` = scale and centre-crop, ``stretch``; see
+  :class:`Resize`). The source files stay untouched (each row keeps its file's byte digest), the
+  store holds the resized pixels (their hash is the row's sha256), and the transform is recorded in
+  the snapshot header and is part of the lineage key: changing it starts a new lineage. Both errors
+  name the minority files.
 - Anything in a class folder that Pillow cannot read as an image (including hidden files) is an
   error, never skipped: silently dropping a file would make the snapshot disagree with its source.
 - Symlinks (in a folder or an archive), hard links (a folder file with ``st_nlink > 1``, or a tar
@@ -236,9 +241,53 @@ class _Entry:
 
 
 @dataclass(frozen=True)
+class Resize:
+    """The transform that makes images of any size one shape (``data.resize``, ``data.resize_mode``).
+
+    ``fit``: scale the shorter side to fit, then crop the centre (Pillow's ``ImageOps.fit``, the
+    shape of torchvision's ``Resize`` + ``CenterCrop``); ``stretch``: scale both sides (the aspect
+    ratio changes). Bilinear, Pillow's. An image already of the target size is not resampled.
+    ``VERSION`` names this definition: it is part of the source's lineage key, so a changed
+    transform starts a new lineage instead of rewriting recorded rows.
+    """
+
+    height: int
+    width: int
+    mode: str = "fit"
+
+    VERSION = 1
+    MODES = ("fit", "stretch")
+
+    def record(self) -> dict:
+        return {"kind": "resize", "size": [self.height, self.width], "mode": self.mode,
+                "interpolation": "bilinear", "version": self.VERSION}
+
+    def apply(self, img: np.ndarray) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        if img.shape[:2] == (self.height, self.width):
+            return img
+        im = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img)
+        size = (self.width, self.height)
+        out = (ImageOps.fit(im, size, method=Image.Resampling.BILINEAR) if self.mode == "fit"
+               else im.resize(size, Image.Resampling.BILINEAR))
+        return _as_hwc(np.asarray(out))
+
+
+def resize_of(cfg: DataConfig) -> Optional[Resize]:
+    r = getattr(cfg, "resize", None)
+    if r is None:
+        return None
+    return Resize(int(r[0]), int(r[1]), str(getattr(cfg, "resize_mode", "fit")))
+
+
+@dataclass(frozen=True)
 class _Limits:
+    """How a file becomes a row: the bounds checked before decoding, and the resize transform."""
+
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resize: Optional[Resize] = None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -252,7 +301,11 @@ def source_spec(cfg: DataConfig) -> dict:
     """
     if cfg.name == "digits":
         return {"name": "digits", "test_fraction": float(cfg.test_fraction), "seed": int(cfg.seed)}
-    return {"name": cfg.name, "path": os.path.normpath(resolve_path(cfg))}
+    spec = {"name": cfg.name, "path": os.path.normpath(resolve_path(cfg))}
+    r = resize_of(cfg)
+    if r is not None:  # only when set: every source without a transform keeps its key
+        spec["transform"] = r.record()
+    return spec
 
 
 def source_key(cfg: DataConfig) -> str:
@@ -271,7 +324,7 @@ def resolve_path(cfg: DataConfig) -> str:
 
 def _limits(cfg: DataConfig) -> _Limits:
     return _Limits(int(getattr(cfg, "max_file_bytes", DEFAULT_MAX_FILE_BYTES)),
-                   int(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)))
+                   int(getattr(cfg, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)), resize_of(cfg))
 
 
 def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
@@ -283,7 +336,8 @@ def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
     elif cfg.name == "imagefolder":
         lim = _limits(cfg)
         data = load_imagefolder(resolve_path(cfg), cfg.limit, cfg.workers, progress=progress,
-                                max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels)
+                                max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels,
+                                resize=lim.resize)
     else:
         raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
     return SourceData(
@@ -448,9 +502,10 @@ def download_cifar10(dest: Path, progress: Progress = None) -> None:
 def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *,
                      chunk_size: int = CHUNK_SIZE, progress: Progress = None,
                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> SourceData:
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     resize: Optional[Resize] = None) -> SourceData:
     """Decode a folder / archive / archive pair in ImageFolder layout (see the module docstring)."""
-    read = _read_imagefolder(path, limit, workers, limits=_Limits(max_file_bytes, max_image_pixels),
+    read = _read_imagefolder(path, limit, workers, limits=_Limits(max_file_bytes, max_image_pixels, resize),
                              known=KnownRows.empty(), stat=None, previous=None, verify=True, recheck=0,
                              chunk_size=chunk_size, progress=progress)
     return SourceData(images=read.images, labels=read.labels, class_names=read.class_names, splits=read.splits,
@@ -698,7 +753,7 @@ def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
     errors: list[str] = []
     bar = progress_bar(desc="decode", unit="img")
     try:
-        for tags, results in _decode_stream(to_decode(), workers, chunk_size, limits.max_pixels):
+        for tags, results in _decode_stream(to_decode(), workers, chunk_size, limits.max_pixels, limits.resize):
             for i, res in zip(tags, results):
                 if isinstance(res, str):
                     errors.append(f"{uri_of(i)}: {res}")
@@ -956,7 +1011,8 @@ def _check_uniform(path: str, uris: list[str], arrays: list[np.ndarray]) -> None
         odd = [f"{u}: {a.shape[1]}x{a.shape[0]}" for u, a in zip(uris, arrays) if a.shape[:2] != (h, w)]
         raise SourceError(_listing(
             f"{path} has images of more than one size (most are {w}x{h}, {n} images)", odd,
-            f"resize them to {w}x{h} or remove them (one image size per data set)"))
+            f"set data.resize: [{h}, {w}] (and data.resize_mode: fit | stretch) to resize every image when it is "
+            f"ingested, or resize or remove them"))
 
 
 def _listing(head: str, items: list[str], fix: str) -> str:
@@ -994,7 +1050,7 @@ def _chunks(items: Iterable[tuple[object, bytes]], size: int, max_bytes: int = C
 
 
 def _decode_stream(items: Iterable[tuple[object, bytes]], workers: int, chunk_size: int,
-                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, resize: Optional[Resize] = None
                    ) -> Iterator[tuple[list[object], list[tuple[np.ndarray, str] | str]]]:
     """Decode chunk by chunk; a pool only when there is more than one chunk to share out.
 
@@ -1008,9 +1064,9 @@ def _decode_stream(items: Iterable[tuple[object, bytes]], workers: int, chunk_si
     second = next(chunks, None)
     if second is None or workers <= 1:
         for tags, bs in (c for c in (first, second) if c is not None):
-            yield tags, decode_chunk(bs, max_pixels)
+            yield tags, decode_chunk(bs, max_pixels, resize)
         for tags, bs in chunks:
-            yield tags, decode_chunk(bs, max_pixels)
+            yield tags, decode_chunk(bs, max_pixels, resize)
         return
     import multiprocessing as mp
 
@@ -1020,7 +1076,7 @@ def _decode_stream(items: Iterable[tuple[object, bytes]], workers: int, chunk_si
         pending: deque = deque()
 
         def submit(chunk: tuple[list[object], list[bytes]]) -> None:
-            pending.append((chunk[0], pool.apply_async(decode_chunk, (chunk[1], max_pixels))))
+            pending.append((chunk[0], pool.apply_async(decode_chunk, (chunk[1], max_pixels, resize))))
 
         submit(first)
         submit(second)
@@ -1034,14 +1090,18 @@ def _decode_stream(items: Iterable[tuple[object, bytes]], workers: int, chunk_si
             yield tags, res.get()
 
 
-def decode_chunk(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[np.ndarray, str] | str]:
-    """Worker task: decode and hash each blob; an error becomes its message (the parent names the file)."""
+def decode_chunk(blobs: list[bytes], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 resize: Optional[Resize] = None) -> list[tuple[np.ndarray, str] | str]:
+    """Worker task: decode (and resize) and hash each blob; an error becomes its message (the parent
+    names the file). The hash is of the pixels the store keeps, after the transform."""
     from pipeline.core.hashing import sample_hash
 
     out: list[tuple[np.ndarray, str] | str] = []
     for b in blobs:
         try:
             img = decode_image(b, max_pixels)
+            if resize is not None:
+                img = resize.apply(img)
             out.append((img, sample_hash(img)))
         except SourceError as exc:
             out.append(str(exc))
