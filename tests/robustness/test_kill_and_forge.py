@@ -173,6 +173,7 @@ def test_two_dvc_repro_at_once_the_second_is_refused_and_nothing_is_lost(tmp_pat
     from tests.conftest import BIN, make_repo_copy
 
     repo = make_repo_copy(tmp_path)
+    repo.compose()  # the smoke recipe: the lock, not the defaults' epochs, is what is tested here
     first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo.root, env=repo.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

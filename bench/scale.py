@@ -1,0 +1,247 @@
+"""Benchmark: the data path at 10k / 100k / 1M rows, today's code against the code the issue measured
+(issue 19 item 7).
+
+    python bench/scale.py [--sizes 10000,100000] [--old c901d6d] [--new HEAD] [--out bench/results/scale]
+
+For each size N a synthetic ImageFolder source is written once (28x28 grey PNGs, 10 classes, every
+fifth row in test/), then, for each code version, in a fresh workspace (``git archive`` of that
+revision, its own params.yaml composed by its own ``pipeline.config``), the stages are run exactly
+as its own dvc.yaml's ``cmd`` says, one process each:
+
+  cold snapshot    - the snapshot stage on the new source (empty store);
+  1% append        - N/100 new files added, the snapshot stage again;
+  no-op dvc repro  - ``dvc repro --single-item snapshot`` twice; the second is timed. That is the
+                     part of a no-op ``dvc repro`` that grows with N: the old code's ``${data.watch}``
+                     dependency (DVC stats every file), today's always-changed snapshot stage (it
+                     lists the source and finds nothing new). The other stages are skipped by DVC
+                     in both versions at a cost that does not depend on N;
+  validate         - the poison stage (no attack; untimed), then the validate stage;
+  train 1 epoch    - the train stage at train.epochs=1 (small_cnn, batch 64, CPU).
+
+Each step: wall seconds, and peak RSS of the whole process tree (the stage and its decode workers,
+summed, sampled every 20 ms with psutil), in MiB. One trial per cell unless --trials. Writes
+``<out>.md`` (table, ratios new/old, the machine), ``<out>.json`` and ``<out>.png`` (time and
+memory against N, log-log).
+
+The old revision defaults to c901d6d, the last commit of wave 1: the code the issue's numbers were
+taken on (its store.py still re-hashed every row on load and its snapshot re-decoded every file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "validate", "train 1 epoch")
+CLASSES = 10
+
+
+def write_rows(root: Path, start: int, stop: int) -> None:
+    """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; grey noise around a class level, so
+    no two rows are equal (a duplicate would be a data-gate finding, not what this measures)."""
+    from PIL import Image
+
+    for c in range(CLASSES):
+        for split in ("train", "test"):
+            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        c = i % CLASSES
+        img = np.clip(rng.normal(40 + 20 * c, 30, (28, 28)), 0, 255).astype(np.uint8)
+        split = "test" if (i // CLASSES) % 5 == 0 else "train"
+        Image.fromarray(img).save(root / split / f"c{c}" / f"{i:08d}.png", compress_level=1)
+
+
+def workspace(rev: str, dest: Path, source: Path, overrides: list[str]) -> dict:
+    """A fresh copy of ``rev`` with its params.yaml for ``source``; returns its dvc.yaml stages."""
+    dest.mkdir(parents=True)
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    subprocess.run([sys.executable, "-m", "pipeline.config", "compose", "-o", "params.yaml", "data=imagefolder",
+                    f"data.path={source}", "train.epochs=1", *overrides], cwd=dest, check=True, env=env_for(dest),
+                   capture_output=True)
+    return yaml.safe_load((dest / "dvc.yaml").read_text())["stages"]
+
+
+def env_for(ws: Path) -> dict:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{ws}/mlflow.db", POISONGATE_PROGRESS="0", PYTHONPATH=str(ws),
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    return env
+
+
+def measure(argv: list[str], cwd: Path) -> dict:
+    """Wall seconds and peak RSS (MiB) of the process tree; rc and the stderr tail."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env_for(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+            while not done.is_set():
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                    peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                except psutil.Error:
+                    pass
+                done.wait(0.02)
+        except psutil.Error:
+            pass
+
+    t = threading.Thread(target=sample, daemon=True)
+    t0 = time.perf_counter()
+    t.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    done.set()
+    t.join()
+    return {"seconds": round(wall, 2), "rss_mib": round(peak[0] / 2**20, 1), "rc": proc.returncode,
+            "error": err.decode(errors="replace").strip().splitlines()[-3:] if proc.returncode else []}
+
+
+def stage_argv(stages: dict, name: str) -> list[str]:
+    argv = shlex.split(stages[name]["cmd"])
+    return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
+
+
+def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say) -> dict:
+    stages = workspace(rev, ws, source, overrides)
+    out = {}
+
+    def step(label: str, argv: list[str]) -> bool:
+        r = measure(argv, ws)
+        out[label] = r
+        say(f"  {rev[:10]} N={n:>8} {label:<16} {r['seconds']:8.2f} s {r['rss_mib']:8.1f} MiB"
+            + (f"  FAILED rc={r['rc']}: {r['error']}" if r["rc"] else ""))
+        return r["rc"] == 0
+
+    if not step("cold snapshot", stage_argv(stages, "snapshot")):
+        return out
+    write_rows(source, n, n + n // 100)
+    step("1% append", stage_argv(stages, "snapshot"))
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    subprocess.run([*dvc, "init", "--no-scm", "-f", "-q"], cwd=ws, env=env_for(ws), capture_output=True)
+    subprocess.run([*dvc, "repro", "--single-item", "snapshot"], cwd=ws, env=env_for(ws), capture_output=True)
+    step("no-op dvc repro", [*dvc, "repro", "--single-item", "snapshot"])
+    if measure(stage_argv(stages, "poison"), ws)["rc"] == 0:
+        if step("validate", stage_argv(stages, "validate")):
+            step("train 1 epoch", stage_argv(stages, "train"))
+    return out
+
+
+def machine() -> str:
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB, {platform.python_version()}"
+
+
+def table(results: dict, old: str, new: str, sizes: list[int]) -> list[str]:
+    def cell(r, k):
+        return "—" if r is None else (f"failed (rc {r['rc']})" if r["rc"] else f"{r[k]:g}")
+
+    def ratio(o, w, k):
+        return f"{w[k] / o[k]:.2f}" if o and w and not o["rc"] and not w["rc"] and o[k] else "—"
+
+    lines = ["| N | step | old s | new s | new/old time | old peak MiB | new peak MiB | new/old memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        for s in STEPS:
+            o, w = results[old].get(str(n), {}).get(s), results[new].get(str(n), {}).get(s)
+            lines.append(f"| {n:,} | {s} | {cell(o, 'seconds')} | {cell(w, 'seconds')} | {ratio(o, w, 'seconds')} | "
+                         f"{cell(o, 'rss_mib')} | {cell(w, 'rss_mib')} | {ratio(o, w, 'rss_mib')} |")
+    return lines
+
+
+def plot(results: dict, old: str, new: str, sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, unit in ((axes[0], "seconds", "wall seconds"), (axes[1], "rss_mib", "peak RSS, MiB")):
+        for s, colour in zip(STEPS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            for rev, style in ((old, "--"), (new, "-")):
+                pts = [(n, results[rev][str(n)][s][key]) for n in sizes
+                       if s in results[rev].get(str(n), {}) and not results[rev][str(n)][s]["rc"]]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=colour, label=f"{s} ({'old' if rev == old else 'new'})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rows (N)")
+        ax.set_ylabel(unit)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"data path at scale: old {old} (dashed) vs new {new} (solid)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000", help="rows, comma-separated (1000000 takes ~1 h per version)")
+    ap.add_argument("--old", default="c901d6d", help="the revision to compare with (default: wave 1's last commit)")
+    ap.add_argument("--new", default="HEAD")
+    ap.add_argument("--override", action="append", default=[], help="extra Hydra override for both versions")
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    revs = {r: subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", r], check=True, capture_output=True,
+                              text=True).stdout.strip() for r in (args.old, args.new)}
+    old, new = revs[args.old], revs[args.new]
+    scratch = Path(args.work or tempfile.mkdtemp(prefix="pg-scale-"))
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    results: dict = {old: {}, new: {}}
+    t0 = time.time()
+    try:
+        for n in sizes:
+            for rev in (old, new):
+                source = scratch / f"src-{n}-{rev}"  # its own copy: the append changes the source
+                shutil.rmtree(source, ignore_errors=True)
+                t = time.perf_counter()
+                write_rows(source, 0, n)
+                say(f"N={n}: wrote {n} PNGs for {rev} in {time.perf_counter() - t:.1f} s")
+                ws = scratch / f"ws-{n}-{rev}"
+                shutil.rmtree(ws, ignore_errors=True)
+                results[rev][str(n)] = run_version(rev, ws, source, n, args.override, say)
+                shutil.rmtree(ws, ignore_errors=True)
+                shutil.rmtree(source, ignore_errors=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(scratch, ignore_errors=True)
+    minutes = (time.time() - t0) / 60
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"old": old, "new": new, "sizes": sizes, "machine": machine(),
+                                                    "minutes": round(minutes, 1), "results": results}, indent=1))
+    plot(results, old, new, sizes, out.with_suffix(".png"))
+    md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
+          f"`python bench/scale.py --sizes {args.sizes} --old {args.old} --new {args.new}"
+          + "".join(f" --override {o}" for o in args.override) + "`", "",
+          f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: 28x28 grey PNGs, 10 classes, "
+          "20% test; the append adds N/100 files. Peak RSS is the whole process tree's (stage + decode "
+          "workers, summed), sampled every 20 ms. See the script's docstring for what each step runs.", "",
+          *table(results, old, new, sizes), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    say("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
