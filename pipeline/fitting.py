@@ -55,14 +55,17 @@ def progress(epochs: int, desc: str) -> tuple[Callable[[dict[str, Any]], None], 
 
 def train_arrays(images, labels, num_classes: int, cfg: Config, desc: str):
     """Build and fit ``cfg.model`` on uint8 NHWC arrays with ``cfg.train``; ``(model, args, history, s)``."""
+    from pipeline.core.data import choose_data_path, pixel_bytes
     from pipeline.core.train import resolve_device, train_model
 
     try:
         device = resolve_device(cfg.train.device)
     except RuntimeError as exc:  # cuda asked for without one
         raise UserError(str(exc)) from None
+    path = choose_data_path(pixel_bytes(images), cfg.train.data_path, cfg.train.resident_max_mib)
     print(f"{desc}: {len(images)} images {tuple(images.shape[1:])}, {num_classes} classes, "
-          f"{cfg.model.name}, {cfg.train.epochs} epochs on {device}", file=sys.stderr)
+          f"{cfg.model.name}, {cfg.train.epochs} epochs on {device}, batches {path} "
+          f"({pixel_bytes(images) / 2**20:.0f} MiB of pixels; train.data_path={cfg.train.data_path})", file=sys.stderr)
     cb, close = progress(cfg.train.epochs, desc)
     t0 = time.perf_counter()
     try:

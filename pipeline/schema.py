@@ -155,6 +155,11 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA: pays off only over many models per process
+    # issue 19 item 3: resident = the whole set on the device (fast path); stream = DataLoader batches
+    # from the host array; auto = resident when the pixels fit in resident_max_mib, else stream
+    data_path: str = "auto"
+    resident_max_mib: int = 2048  # MiB of training pixels the auto path keeps on the device in one piece
+    loader_workers: int = 0  # DataLoader processes gathering streamed batches ahead (0 = in the loop)
     tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
     # loss (issue 13): ce = softmax cross-entropy; lgm = large-margin Gaussian mixture
     # (core.losses; the model then gets an LGM head whose likelihood inspect uses as a score)
@@ -414,6 +419,9 @@ def check(cfg: Config) -> None:
     t = cfg.train
     _number("train.epochs", t.epochs, 1, 100_000, integer=True)
     _number("train.batch_size", t.batch_size, 2, 1 << 20, integer=True)
+    _one_of("train.data_path", t.data_path, ("auto", "resident", "stream"))
+    _number("train.resident_max_mib", t.resident_max_mib, 0, 1 << 30, integer=True)
+    _number("train.loader_workers", t.loader_workers, 0, 256, integer=True)
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _number("train.lr", t.lr, 0.0, 100.0, lo_open=True)
     _number("train.weight_decay", t.weight_decay, 0.0, 1.0)

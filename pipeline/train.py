@@ -168,7 +168,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     runs.probe(cfg.mlflow.experiment)  # a dead or corrupt tracking store fails here, before training
     t_load = time.perf_counter()
-    tv = view_mod.load_training_view(args.view, args.store, verify=True)  # IntegrityError on tamper
+    # lazy: the rows are read from the packs as training asks for them (issue 19 item 3)
+    tv = view_mod.load_training_view(args.view, args.store, verify=True, lazy=True)  # IntegrityError on tamper
     t_load = time.perf_counter() - t_load
     require_lineage(tv, {"view_id": meta["view_id"]}, what="the loaded view", against=f"{args.view}",
                     fix="the view changed while training started: re-run the pipeline")

@@ -171,6 +171,51 @@ def test_fit_is_deterministic_for_a_seed():
     assert set(h1[0]) >= {"epoch", "loss", "train_accuracy", "lr", "seconds", "images_per_s"}
 
 
+def test_streamed_batches_train_exactly_like_the_resident_set(digits, tmp_path):
+    """Issue 19 item 3: the streamed path (a DataLoader over an np.memmap of the rows, gathering
+    each batch on the host) trains on the same batches in the same order as the resident path:
+    the same weights, bit for bit, on the CPU. With a worker process gathering ahead too."""
+    xtr, ytr, *_ = digits
+    x, y = xtr[:300], ytr[:300]
+    mm = np.lib.format.open_memmap(tmp_path / "rows.npy", mode="w+", dtype=np.uint8, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    rows = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    base = dict(epochs=2, batch_size=32, lr=0.003, seed=1, device="cpu")
+    models = {}
+    for name, images, extra in (("resident", x, {"data_path": "resident"}),
+                                ("stream", rows, {"data_path": "stream"}),
+                                ("stream_workers", rows, {"data_path": "stream", "loader_workers": 1}),
+                                ("auto_over_budget", rows, {"resident_max_mib": 0})):
+        models[name], _, h = train_model(images, y, 10, "small_cnn", 8, TrainSpec(**base, **extra))
+        assert np.isfinite(h[-1]["loss"])
+    ref = models["resident"].state_dict()
+    for name in ("stream", "stream_workers", "auto_over_budget"):
+        for k, v in models[name].state_dict().items():
+            assert torch.equal(v, ref[k]), (name, k)
+
+
+def test_streamed_path_with_augmentation_learns(digits):
+    xtr, ytr, xte, yte, *_ = digits
+    spec = TrainSpec(epochs=6, batch_size=64, lr=0.003, schedule="onecycle", seed=0, device="cpu",
+                     augment=True, aug_pad=1, data_path="stream")
+    model, _, hist = train_model(xtr, ytr, 10, "small_cnn", 16, spec)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert (predict(model, xte, device="cpu") == yte).mean() > 0.8
+
+
+def test_data_path_choice_and_chunked_channel_stats(monkeypatch):
+    assert tdata.choose_data_path(2048 * 2**20) == "resident"
+    assert tdata.choose_data_path(2048 * 2**20 + 1) == "stream"
+    assert tdata.choose_data_path(10, "stream") == "stream" and tdata.choose_data_path(1 << 40, "resident") == "resident"
+    with pytest.raises(ValueError, match="data path"):
+        tdata.choose_data_path(1, "disk")
+    x = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
+    whole = tdata.channel_stats(x)
+    monkeypatch.setattr(tdata, "STATS_CHUNK_ROWS", 7)
+    assert tdata.channel_stats(x) == whole == tdata.channel_stats(torch.from_numpy(x))
+
+
 def test_fit_progress_events_and_sgd_onecycle():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (33, 8, 8, 1), dtype=np.uint8)

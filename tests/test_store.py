@@ -125,6 +125,49 @@ def test_append_ten_files_keeps_old_rows_and_files(env):
     assert np.array_equal(snap.images[:18], old.images)
 
 
+def test_lazy_rows_read_what_an_eager_load_holds(env):
+    """Issue 19 item 3: a lazy load (rows read from the packs on demand) gives the eager load's
+    pixels through every indexing the pipeline uses, across packs, with rows replaced by a view."""
+    from pipeline.data import view as view_mod
+
+    env.run()
+    for i in range(10):
+        save(env.src / ("train" if i < 7 else "test") / ["cat", "dog", "emu"][i % 3] / f"new{i}.png", pixels(500 + i))
+    sid = env.run()["snapshot_id"]
+    eager = store.load_snapshot(env.store, sid)
+    lazy = store.load_snapshot(env.store, sid, lazy=True)
+    rows = lazy.images
+    assert type(rows).__name__ == "LazyRows" and rows.shape == eager.images.shape and len(rows) == 28
+    assert np.array_equal(np.asarray(rows), eager.images)
+    idx = np.array([27, 0, 18, 5, 5, 20])
+    assert np.array_equal(rows[idx], eager.images[idx]) and np.array_equal(rows[-1], eager.images[-1])
+    assert np.array_equal(rows[3:25:4], eager.images[3:25:4])
+    mask = np.arange(28) % 3 == 0
+    assert np.array_equal(rows[mask], eager.images[mask])
+    with pytest.raises(IndexError):
+        rows[28]
+    # the train split stays lazy; records applied lazily equal records applied to arrays
+    (li, ll, lids), (ei, el, eids) = lazy.split("train"), eager.split("train")
+    assert type(li).__name__ == "LazyRows" and lids == eids and np.array_equal(li[:], ei)
+    from pipeline.core.attacks import apply_trigger as at
+    from pipeline.core.hashing import sample_hash as h
+
+    trig = {"kind": "patch", "size": 2, "location": "top_left", "pattern": "white", "alpha": 1.0, "seed": 0}
+    recs = [{"sample_id": eids[k], "original_label": int(el[k]), "new_label": 0, "transform": trig,
+             "sha256_after": h(at(ei[k:k + 1], trig)[0])} for k in (1, 9, 17)]
+    a_img, a_lab, a_rows = view_mod.apply_records(ei, el, eids, recs)
+    b_img, b_lab, b_rows = view_mod.apply_records(li, ll, lids, recs)
+    assert type(b_img).__name__ == "LazyRows" and np.array_equal(np.asarray(b_img), a_img)
+    assert np.array_equal(a_lab, b_lab) and a_rows == b_rows
+    assert np.array_equal(li[:], ei), "the lazy split itself is unchanged (copy on write)"
+    q = {"rows": [{"sample_id": eids[9], "sha256": recs[1]["sha256_after"]}, {"sample_id": eids[2], "sha256": h(ei[2])}]}
+    a = view_mod.drop_quarantined(a_img, a_lab, eids, a_rows, q)
+    b = view_mod.drop_quarantined(b_img, b_lab, lids, b_rows, q)
+    assert np.array_equal(np.asarray(b[0]), a[0]) and b[2] == a[2] and b[3] == a[3] and len(b[0]) == len(eids) - 2
+    with pytest.raises(ValueError, match="not a uint8"):
+        rows.with_rows({0: np.zeros((3, 3, 3), np.uint8)})
+
+
 def test_unchanged_source_writes_nothing(env):
     first = env.run()
     store_before = tree_digest(env.store)

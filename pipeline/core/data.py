@@ -1,14 +1,19 @@
-"""Tensor data on the training device: upload and per-channel statistics.
+"""Tensor data on the training device: upload, streamed batches and per-channel statistics.
 
-The whole data set lives on the device as uint8 NCHW (tiny for digits, 150 MB for CIFAR-10);
-batches are gathered by index there. Normalisation is the model's first layer, so everything
-here stays on the raw 0..255 scale. Augmentation and TTA: :mod:`pipeline.core.augment`.
+Two ways to feed training (``train.data_path``; :func:`choose_data_path` picks one under
+``auto``): *resident*, the whole data set on the device as uint8 NCHW (tiny for digits, 150 MB for
+CIFAR-10), batches gathered by index there; *stream*, batches gathered on the host from any
+(N, H, W, C) uint8 array-like (a numpy array, an ``np.memmap`` over a store pack) by a
+``torch.utils.data.DataLoader`` and uploaded one at a time, so device and host memory grow with
+the batch size, not with N. Normalisation is the model's first layer, so everything here stays
+on the raw 0..255 scale. Augmentation and TTA: :mod:`pipeline.core.augment`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils.data
 
 
 def to_device(images: np.ndarray, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
@@ -23,19 +28,86 @@ def to_device(images: np.ndarray, device: torch.device | str, channels_last: boo
     return t if channels_last else t.contiguous()
 
 
+DATA_PATHS = ("auto", "resident", "stream")
+STATS_CHUNK_ROWS = 65536  # rows per histogram chunk of a host array: bounded memory, same exact counts
+
+
+def pixel_bytes(images) -> int:
+    """Bytes of a (N, H, W, C) uint8 array-like's pixels (read from its shape, nothing loaded)."""
+    return int(np.prod(images.shape, dtype=np.int64)) * np.dtype(images.dtype).itemsize
+
+
+def choose_data_path(nbytes: int, data_path: str = "auto", resident_max_mib: float = 2048) -> str:
+    """``resident`` or ``stream``: ``auto`` keeps the set resident when its pixels fit in
+    ``resident_max_mib`` MiB (the fast path: one upload, gathers on the device), else streams."""
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"unknown data path {data_path!r}: use one of {', '.join(DATA_PATHS)}")
+    if data_path != "auto":
+        return data_path
+    return "resident" if nbytes <= resident_max_mib * 2**20 else "stream"
+
+
+def gather(images, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of an (N, H, W, C) array-like, in ``idx`` order, as one contiguous array.
+
+    Read in sorted row order (a memmap then pages each row in once, front to back) and put back
+    in the batch's order, so a streamed batch equals the resident path's gather of the same idx."""
+    idx = np.asarray(idx, dtype=np.int64)
+    order = np.argsort(idx, kind="stable")
+    out = np.empty((len(idx), *images.shape[1:]), dtype=images.dtype)
+    out[order] = images[idx[order]]
+    return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    """One item = one whole batch (its row indices fixed by the training loop's permutation)."""
+
+    def __init__(self, images, labels: np.ndarray, batches: list[np.ndarray]):
+        self.images, self.labels, self.batches = images, labels, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batches[k]
+        return torch.from_numpy(gather(self.images, idx)), torch.from_numpy(np.asarray(self.labels[idx], np.int64))
+
+
+def batch_loader(images, labels: np.ndarray, batches: list[np.ndarray], workers: int = 0,
+                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``(uint8 NHWC images, int64 labels)`` host tensors, batch by batch,
+    in the given order; ``workers`` > 0 gathers ahead in that many processes (2 batches each)."""
+    # Its own generator: an iterator draws a base seed, and from the global RNG that draw would
+    # shift every later global draw (dropout) away from the resident path's.
+    return torch.utils.data.DataLoader(_Batches(images, labels, batches), batch_size=None, shuffle=False,
+                                       num_workers=int(workers), pin_memory=pin_memory,
+                                       prefetch_factor=2 if workers else None, generator=torch.Generator())
+
+
+def upload(batch: torch.Tensor, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
+    """A host uint8 NHWC batch -> NCHW on ``device`` (as :func:`to_device` does for a whole set)."""
+    t = batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return t if channels_last else t.contiguous()
+
+
 def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (N, H, W, C) uint8 images on the 0..1 scale.
 
     Exact, from a 256-bin histogram per channel (``torch.bincount``; on the tensor's device when
     given a tensor): 0.19 s for CIFAR-10's 150 M values on 2 CPU cores, where float64 sums took
     2.24 s of every model's training time (bench/train_setup_cost.py)."""
-    t = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
-    if t.ndim != 4 or t.shape[0] == 0:
-        raise ValueError(f"channel_stats needs a non-empty (N, H, W, C) array, got {tuple(t.shape)}")
-    if t.dtype != torch.uint8:
-        raise ValueError(f"channel_stats needs uint8 images, got {t.dtype}")
-    flat = t.reshape(-1, t.shape[-1])
-    hist = torch.stack([torch.bincount(flat[:, ch], minlength=256) for ch in range(flat.shape[1])])
+    if len(images.shape) != 4 or images.shape[0] == 0:
+        raise ValueError(f"channel_stats needs a non-empty (N, H, W, C) array, got {tuple(images.shape)}")
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}")
+        hist = _histogram(images)
+    else:
+        if images.dtype != np.uint8:
+            raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}")
+        # a host array (maybe a memmap) in chunks: memory stays at one chunk, the counts are exact
+        hist = sum(_histogram(torch.from_numpy(np.array(images[a:a + STATS_CHUNK_ROWS])))
+                   for a in range(0, len(images), STATS_CHUNK_ROWS))
     hist = hist.cpu().to(torch.float64)  # counts < 2**53: exact
     v = torch.arange(256, dtype=torch.float64)
     n = hist.sum(1)
@@ -44,3 +116,8 @@ def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[
     std = var.sqrt()
     std = torch.where(std < 1e-3, torch.full_like(std, 255.0), std)  # constant channel: no scaling
     return [float(m / 255) for m in mean], [float(s / 255) for s in std]
+
+
+def _histogram(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1, t.shape[-1])
+    return torch.stack([torch.bincount(flat[:, ch], minlength=256) for ch in range(flat.shape[1])])

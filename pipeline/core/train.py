@@ -158,7 +158,12 @@ def fit(
     unless ``init_from_data=False`` (fine-tuning a trained model on a small reserve must keep
     the layers initialised from the full training set). The criterion is
     :func:`pipeline.core.losses.make_loss` of ``spec.loss``.
-    The data is uploaded once and stays on the device. All randomness of the loop (the
+    The data is uploaded once and stays on the device (``resident``), or, when its pixels exceed
+    ``spec.resident_max_mib`` (``spec.data_path: auto``) or ``data_path: stream``, is gathered
+    batch by batch on the host through a DataLoader (``spec.loader_workers`` processes) and
+    uploaded per batch: memory then grows with the batch size, not with N, and ``images`` may be
+    any (N, H, W, C) uint8 array-like (an ``np.memmap``). Without augmentation both paths train on
+    the same batches in the same order (tests/test_train_eval.py). All randomness of the loop (the
     per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
     training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
     gives the same run on the same device (CPU and CUDA draw different numbers). With
@@ -191,9 +196,15 @@ def fit(
     pad = augment_pad(model, spec.aug_pad)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(spec.seed))
-    x_all = tdata.to_device(images, device, channels_last=channels_last)
-    y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
     n = len(images)
+    path = tdata.choose_data_path(tdata.pixel_bytes(images), getattr(spec, "data_path", "auto"),
+                                  getattr(spec, "resident_max_mib", 2048))
+    if path == "resident":
+        x_all = tdata.to_device(images, device, channels_last=channels_last)
+        y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
+    else:
+        x_all = y_all = None
+        labels_host = np.asarray(labels, dtype=np.int64)
 
     opt = make_optimizer(model, spec)
     steps = steps_per_epoch(n, spec.batch_size)
@@ -208,20 +219,39 @@ def fit(
     for epoch in range(1, spec.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        x_ep = aug.random_crop_flip(x_all, pad, gen) if spec.augment else x_all
-        if channels_last:
-            x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
+        if path == "resident":
+            x_ep = aug.random_crop_flip(x_all, pad, gen) if spec.augment else x_all
+            if channels_last:
+                x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
+        batches = None
+        if path == "stream":  # the same permutation and batches as resident, gathered on the host
+            host_perm = perm.cpu()
+            shards = []
+            for s in range(steps):
+                b = host_perm[s * spec.batch_size : (s + 1) * spec.batch_size]
+                shards.append((parallel.shard(b) if parallel is not None else b).numpy())
+            batches = iter(tdata.batch_loader(images, labels_host, shards, getattr(spec, "loader_workers", 0),
+                                              pin_memory=cuda))
         for step in range(steps):
             idx = perm[step * spec.batch_size : (step + 1) * spec.batch_size]
             global_n = len(idx)
             if parallel is not None:  # issue 14: this rank's shard of the global batch
                 idx = parallel.shard(idx)
-            xb = x_ep[idx]  # an index gather keeps x_ep's channels_last layout (tests/test_gpu.py)
-            yb = y_all[idx]
+            if batches is None:
+                xb = x_ep[idx]  # an index gather keeps x_ep's channels_last layout (tests/test_gpu.py)
+                yb = y_all[idx]
+            else:
+                xh, yh = next(batches)
+                xb = tdata.upload(xh, device, channels_last=channels_last)
+                yb = yh.to(device, non_blocking=True)
+                if spec.augment:  # per batch: the draws differ from the resident path's per-epoch ones
+                    xb = aug.random_crop_flip(xb, pad, gen)
+                    if channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = forward(xb)
                 loss = loss_fn(logits.float(), yb)

@@ -134,7 +134,7 @@ def restore_hint(store: str | Path) -> str:
 class Snapshot:
     id: str
     manifest: pd.DataFrame  # MANIFEST_COLUMNS; label, pack_index, file_size int64
-    images: np.ndarray  # uint8 (N, H, W, C), row-aligned with manifest
+    images: np.ndarray  # uint8 (N, H, W, C), row-aligned with manifest (a rows.LazyRows when loaded lazy)
     class_names: list[str]
     image_shape: tuple[int, int, int]
     meta: dict = field(default_factory=dict)  # the header, plus "id"
@@ -146,7 +146,8 @@ class Snapshot:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images, labels, sample_ids) of one split, in manifest order."""
         mask = (self.manifest["split"] == name).to_numpy()
-        return self.images[mask], self.labels[mask], self.manifest["sample_id"][mask].tolist()
+        images = self.images.subset(mask) if hasattr(self.images, "subset") else self.images[mask]
+        return images, self.labels[mask], self.manifest["sample_id"][mask].tolist()
 
 
 @dataclass(frozen=True)
@@ -693,7 +694,8 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
     return Parent(snapshot_id, manifest, headers[-1], tuple(h["id"] for h in headers))
 
 
-def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False) -> Snapshot:
+def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
+                  lazy: bool = False) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
     ``verify`` checks the chain (headers, deltas) and hashes every pack file: since a pack is named
@@ -710,8 +712,19 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     if verify or deep:
         verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
-    images = np.empty((len(manifest), *shape), dtype=np.uint8)
     index = manifest["pack_index"].to_numpy()
+    if lazy:  # pixels read on demand (pipeline.data.rows): memory grows with what is read
+        from pipeline.data.rows import LazyRows
+
+        packs, pack_of = [], np.zeros(len(manifest), np.int32)
+        for k, (pack, rows) in enumerate(_rows_by_pack(headers, manifest).items()):
+            arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
+            packs.append((_pack_path(store, pack), int(arr.offset), int(arr.shape[0])))
+            pack_of[rows] = k
+            del arr
+        lazy_images = LazyRows(packs, pack_of, index, shape)
+        return Snapshot(snapshot_id, manifest, lazy_images, list(meta["class_names"]), shape, meta)
+    images = np.empty((len(manifest), *shape), dtype=np.uint8)
     for pack, rows in _rows_by_pack(headers, manifest).items():
         arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
         images[rows] = arr[index[rows]]

@@ -236,7 +236,9 @@ def apply_records(
     row's original label, or (``verify``) the rebuilt row does not hash to ``sha256_after``.
     """
     index = {str(s): i for i, s in enumerate(sample_ids)}
-    images = images.copy()
+    lazy = hasattr(images, "with_rows")  # a rows.LazyRows: the changed rows go in as replacements
+    images = images if lazy else images.copy()
+    updates: dict[int, np.ndarray] = {}
     labels = np.asarray(labels, np.int64).copy()
     rows: list[int] = []
     bad: list[str] = []
@@ -248,12 +250,17 @@ def apply_records(
             raise IntegrityError(
                 f"view record {r['sample_id']!r} says original label {r['original_label']}, the snapshot says {int(labels[i])}"
             )
+        img = updates[i] if i in updates else images[i]
         if r["transform"] and "delta" in r["transform"]:  # clean-label: before + stored perturbation
-            images[i] = _apply_delta(images[i], r)
+            img = _apply_delta(img, r)
         elif r["transform"]:
-            images[i] = apply_trigger(images[i : i + 1], r["transform"])[0]
+            img = apply_trigger(img[None], r["transform"])[0]
+        if lazy:
+            updates[i] = img
+        else:
+            images[i] = img
         labels[i] = int(r["new_label"])
-        if verify and sample_hash(images[i]) != r["sha256_after"]:
+        if verify and sample_hash(img) != r["sha256_after"]:
             bad.append(r["sample_id"])
         rows.append(i)
     if bad:
@@ -261,7 +268,7 @@ def apply_records(
             f"{len(bad)} poisoned row(s) do not hash to their recorded sha256_after: {', '.join(bad[:5])}"
             f"{' ...' if len(bad) > 5 else ''}"
         )
-    return images, labels, rows
+    return (images.with_rows(updates) if lazy and updates else images), labels, rows
 
 
 def quarantined_ids(quarantine: Optional[dict]) -> set[str]:
@@ -291,7 +298,8 @@ def drop_quarantined(images: np.ndarray, labels: np.ndarray, sample_ids: Sequenc
     new_index = -np.ones(len(sample_ids), np.int64)
     new_index[keep] = np.arange(len(keep))
     poisoned = [int(new_index[i]) for i in poisoned_rows if not drop[i]]
-    return images[keep], np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
+    kept = images.subset(keep) if hasattr(images, "subset") else images[keep]
+    return kept, np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
 
 
 def without_rows(snap, ids: set[str]):
@@ -318,12 +326,16 @@ class TrainingView:
     quarantine: Optional[dict] = None  # view.json's quarantine (rows left out), None when none
 
 
-def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool = True) -> TrainingView:
-    """The train split of the view's snapshot with the view's records re-applied (see module doc)."""
+def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool = True,
+                       lazy: bool = False) -> TrainingView:
+    """The train split of the view's snapshot with the view's records re-applied (see module doc).
+
+    ``lazy``: ``images`` is a :class:`pipeline.data.rows.LazyRows` over the store's packs (only
+    the rows the records change are held in memory); pixels are read when the trainer asks."""
     from pipeline.data import store
 
     meta, records = read_view(view_dir)
-    snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify)
+    snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify, lazy=lazy)
     images, labels, ids = snap.split("train")
     images, labels, rows = apply_records(images, labels, list(ids), records, verify=verify)
     quarantine = meta.get("quarantine")

@@ -1,0 +1,99 @@
+"""Rows read on demand from the store's packs: a read-only (N, H, W, C) uint8 array-like.
+
+Issue 19 item 3: the train stage must not hold the data set in RAM two or three times (the
+snapshot, its train split, the view with its records applied). :class:`LazyRows` holds, per row,
+which pack it is in and where, plus the few rows a view replaces (poison records); pixels are
+read only when indexed. Indexing follows numpy: an integer gives one row, a slice, an index
+array or a boolean mask gives a new in-memory array of those rows (so the training loop's
+DataLoader, ``channel_stats`` and fastnet's strided sample work unchanged); ``subset`` and
+``with_rows`` give new lazy views without reading a pixel; ``np.asarray(rows)`` reads them all
+(the resident fast path).
+
+Each read maps the pack for that call only: a mapping kept open would leave every page it ever
+touched counted in the process's resident memory, which would then grow with N over an epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+class LazyRows:
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, packs: list[tuple[Path, int, int]], pack_of: np.ndarray, index: np.ndarray,
+                 image_shape: tuple[int, ...], replaced: Optional[dict[int, np.ndarray]] = None):
+        """``packs``: (path, header bytes, rows) of each .npy pack; ``pack_of``/``index``: each
+        row's pack number and row inside it; ``replaced``: row -> pixels that replace the pack's."""
+        self._packs = packs
+        self._pack_of = np.asarray(pack_of, np.int32)
+        self._index = np.asarray(index, np.int64)
+        self._image_shape = tuple(int(x) for x in image_shape)
+        self._replaced = dict(replaced or {})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self._index), *self._image_shape)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def subset(self, rows) -> "LazyRows":
+        """These rows (an index array or a boolean mask), in that order, still lazy."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, np.int64)
+        where = {int(r): k for k, r in enumerate(rows) if int(r) in self._replaced} if self._replaced else {}
+        return LazyRows(self._packs, self._pack_of[rows], self._index[rows], self._image_shape,
+                        {k: self._replaced[r] for r, k in where.items()})
+
+    def with_rows(self, updates: dict[int, np.ndarray]) -> "LazyRows":
+        """A copy in which row i reads as ``updates[i]`` (copy on write: this one is unchanged)."""
+        for i, img in updates.items():
+            if tuple(img.shape) != self._image_shape or img.dtype != np.uint8:
+                raise ValueError(f"row {i}: {img.dtype} {img.shape} is not a uint8 {self._image_shape} image")
+        return LazyRows(self._packs, self._pack_of, self._index, self._image_shape, {**self._replaced, **updates})
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows")
+            return self._read(np.array([i]))[0]
+        if isinstance(key, slice):
+            return self._read(np.arange(len(self))[key])
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {rows.shape} for {len(self)} rows")
+            rows = np.flatnonzero(rows)
+        return self._read(rows.astype(np.int64))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._read(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self._image_shape), np.uint8)
+        if not len(rows):
+            return out
+        codes = self._pack_of[rows]
+        order = np.argsort(codes, kind="stable")  # one mapping per pack touched, rows in file order
+        bounds = np.flatnonzero(np.diff(codes[order])) + 1
+        for grp in np.split(order, bounds):
+            path, offset, n = self._packs[int(codes[grp[0]])]
+            at = self._index[rows[grp]]
+            srt = np.argsort(at, kind="stable")
+            mm = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n, *self._image_shape))
+            try:
+                out[grp[srt]] = mm[at[srt]]
+            finally:
+                del mm
+        if self._replaced:
+            for k, r in enumerate(rows):
+                img = self._replaced.get(int(r))
+                if img is not None:
+                    out[k] = img
+        return out
