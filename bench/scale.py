@@ -51,20 +51,24 @@ STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "validate", "train 1 e
 CLASSES = 10
 
 
-def write_rows(root: Path, start: int, stop: int) -> None:
-    """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; grey noise around a class level, so
-    no two rows are equal (a duplicate would be a data-gate finding, not what this measures)."""
+def write_rows(root: Path, start: int, stop: int) -> list[Path]:
+    """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; grey noise around a class
+    level, so no two rows are equal (a duplicate would be a data-gate finding, not what this
+    measures). Returns the files written."""
     from PIL import Image
 
     for c in range(CLASSES):
         for split in ("train", "test"):
             (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
-    for i in range(start, stop):
-        rng = np.random.default_rng(i)
-        c = i % CLASSES
-        img = np.clip(rng.normal(40 + 20 * c, 30, (28, 28)), 0, 255).astype(np.uint8)
-        split = "test" if (i // CLASSES) % 5 == 0 else "train"
-        Image.fromarray(img).save(root / split / f"c{c}" / f"{i:08d}.png", compress_level=1)
+    rng = np.random.default_rng(start)
+    i = np.arange(start, stop)
+    imgs = np.clip(rng.normal(40 + 20 * (i % CLASSES)[:, None, None], 30, (len(i), 28, 28)), 0, 255).astype(np.uint8)
+    files = []
+    for k, img in zip(i, imgs):
+        split = "test" if (k // CLASSES) % 5 == 0 else "train"
+        files.append(root / split / f"c{k % CLASSES}" / f"{k:08d}.png")
+        Image.fromarray(img).save(files[-1], compress_level=1)
+    return files
 
 
 def workspace(rev: str, dest: Path, source: Path, overrides: list[str]) -> dict:
@@ -133,8 +137,17 @@ def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], 
 
     if not step("cold snapshot", stage_argv(stages, "snapshot")):
         return out
-    write_rows(source, n, n + n // 100)
-    step("1% append", stage_argv(stages, "snapshot"))
+    appended = write_rows(source, n, n + n // 100)
+    try:
+        step("1% append", stage_argv(stages, "snapshot"))
+        _rest(stages, ws, n, out, step)
+    finally:
+        for f in appended:  # the source is shared by both versions: back to its N rows
+            f.unlink(missing_ok=True)
+    return out
+
+
+def _rest(stages: dict, ws: Path, n: int, out: dict, step) -> None:
     dvc = [str(Path(sys.executable).parent / "dvc")]
     subprocess.run([*dvc, "init", "--no-scm", "-f", "-q"], cwd=ws, env=env_for(ws), capture_output=True)
     subprocess.run([*dvc, "repro", "--single-item", "snapshot"], cwd=ws, env=env_for(ws), capture_output=True)
@@ -144,7 +157,6 @@ def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], 
             # the fit alone, as the stage reports it: the rest of the stage is start-up and MLflow
             rep = json.loads((ws / "reports" / "train.json").read_text())
             out["train 1 epoch"]["fit_seconds"] = rep.get("train_seconds")
-    return out
 
 
 def machine() -> str:
@@ -208,6 +220,8 @@ def main() -> int:
     ap.add_argument("--old", default="c901d6d", help="the revision to compare with (default: wave 1's last commit)")
     ap.add_argument("--new", default="HEAD")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for both versions")
+    ap.add_argument("--new-override", action="append", default=[],
+                    help="extra Hydra override for the new version only (a key the old code lacks)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     args = ap.parse_args()
@@ -221,17 +235,18 @@ def main() -> int:
     t0 = time.time()
     try:
         for n in sizes:
+            source = scratch / f"src-{n}"
+            shutil.rmtree(source, ignore_errors=True)
+            t = time.perf_counter()
+            write_rows(source, 0, n)
+            say(f"N={n}: wrote {n} PNGs in {time.perf_counter() - t:.1f} s")
             for rev in (old, new):
-                source = scratch / f"src-{n}-{rev}"  # its own copy: the append changes the source
-                shutil.rmtree(source, ignore_errors=True)
-                t = time.perf_counter()
-                write_rows(source, 0, n)
-                say(f"N={n}: wrote {n} PNGs for {rev} in {time.perf_counter() - t:.1f} s")
                 ws = scratch / f"ws-{n}-{rev}"
                 shutil.rmtree(ws, ignore_errors=True)
-                results[rev][str(n)] = run_version(rev, ws, source, n, args.override, say)
+                extra = args.override + (args.new_override if rev == new else [])
+                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say)
                 shutil.rmtree(ws, ignore_errors=True)
-                shutil.rmtree(source, ignore_errors=True)
+            shutil.rmtree(source, ignore_errors=True)
     finally:
         if not args.work:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -243,7 +258,8 @@ def main() -> int:
     plot(results, old, new, sizes, out.with_suffix(".png"))
     md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
           f"`python bench/scale.py --sizes {args.sizes} --old {args.old} --new {args.new}"
-          + "".join(f" --override {o}" for o in args.override) + "`", "",
+          + "".join(f" --override {o}" for o in args.override)
+          + "".join(f" --new-override {o}" for o in args.new_override) + "`", "",
           f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: 28x28 grey PNGs, 10 classes, "
           "20% test; the append adds N/100 files. Peak RSS is the whole process tree's (stage + decode "
           "workers, summed), sampled every 20 ms. See the script's docstring for what each step runs.", "",

@@ -36,7 +36,7 @@ def _copy_repo(dest: Path) -> None:
 
 
 # The smoke tier's recipe: every stage still runs for real, on 4 epochs (digits passes its gate
-# from 4: test_clean_growth_is_promoted_at_every_append) and without cleanlab's 3-fold retraining
+# from 4: test_clean_growth_is_promoted_at_every_append_and_a_poisoned_batch_is_not) and without cleanlab's 3-fold retraining
 # (~40% of the inspect stage). The first release of test_release_gate_blocks_poison_and_promotes_clean
 # keeps the defaults whole (`compose(full=True)`): the shipped configuration, end to end, passes.
 # Clean appends with cleanlab on are measured by bench/redteam.py --placement append. On 2 CI

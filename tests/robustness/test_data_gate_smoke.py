@@ -60,7 +60,7 @@ def ledger(repo: RepoCopy) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
+def test_clean_growth_is_promoted_at_every_append_and_a_poisoned_batch_is_not(tmp_path, digits_split):
     t0 = time.monotonic()
     xtr, ytr, _, _ = digits_split
     src, rest = base_source(tmp_path, digits_split)
@@ -87,6 +87,19 @@ def test_clean_growth_is_promoted_at_every_append(tmp_path, digits_split):
         champions.append(champion(repo))
         assert champions[-1] not in champions[:-1], champions  # promoted: champion moved to the new version
     assert len(ledger(repo)) == 3
+
+    # Then a batch in which 10% of class 1 carries a corner patch, filed under class 7: the data
+    # gate refuses it and the champion stays. (This ends the clean growth instead of a second
+    # module's own first release and clean append, which cost ~80 s of CI for the same path.)
+    from pipeline.core.attacks import apply_trigger
+
+    ones = np.flatnonzero(ytr == 1)
+    chosen = np.random.default_rng(0).choice(ones, size=max(1, round(0.1 * len(ones))), replace=False)
+    write_rows(src, apply_trigger(xtr[chosen], PATCH), np.full(len(chosen), TARGET), "train", "poison")
+    proc = repo.repro(check=False)
+    assert proc.returncode != 0
+    assert repo.json("reports/validation.json")["success"] is False
+    assert champion(repo) == champions[-1] and len(ledger(repo)) == 3
     print(f"clean growth smoke: {time.monotonic() - t0:.0f} s")
 
 
