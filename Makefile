@@ -16,7 +16,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch 2.14.1 / torchvision 0.29.1 come from this machine's disk (the pip constraint file caps them).
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	# The same .pyc files pip would write, on every core instead of one: a fresh install took 131 s
+	# on 2 cores against ~174 s with pip's own compile. Like pip, it skips files in a newer Python's
+	# syntax (torch ships a few), hence -qq and `|| true`.
+	$(BIN)/python -m compileall -qq -j 0 $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || true
 	touch $(STAMP)
 
 params: install

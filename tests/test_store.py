@@ -160,6 +160,8 @@ def test_lazy_rows_read_what_an_eager_load_holds(env):
     assert type(b_img).__name__ == "LazyRows" and np.array_equal(np.asarray(b_img), a_img)
     assert np.array_equal(a_lab, b_lab) and a_rows == b_rows
     assert np.array_equal(li[:], ei), "the lazy split itself is unchanged (copy on write)"
+    rep = np.array([9, 1, 9, 0])  # a replaced row twice: both positions read the replacement
+    assert np.array_equal(b_img.subset(rep)[:], a_img[rep]) and np.array_equal(b_img[rep], a_img[rep])
     q = {"rows": [{"sample_id": eids[9], "sha256": recs[1]["sha256_after"]}, {"sample_id": eids[2], "sha256": h(ei[2])}]}
     a = view_mod.drop_quarantined(a_img, a_lab, eids, a_rows, q)
     b = view_mod.drop_quarantined(b_img, b_lab, lids, b_rows, q)

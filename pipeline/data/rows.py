@@ -45,9 +45,14 @@ class LazyRows:
     def subset(self, rows) -> "LazyRows":
         """These rows (an index array or a boolean mask), in that order, still lazy."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, np.int64)
-        where = {int(r): k for k, r in enumerate(rows) if int(r) in self._replaced} if self._replaced else {}
+        hit = self._hits(rows)  # every position of a replaced row, a repeated one included
         return LazyRows(self._packs, self._pack_of[rows], self._index[rows], self._image_shape,
-                        {k: self._replaced[r] for r, k in where.items()})
+                        {int(k): self._replaced[int(rows[k])] for k in hit})
+
+    def _hits(self, rows: np.ndarray) -> np.ndarray:
+        if not self._replaced:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.isin(rows, np.fromiter(self._replaced, np.int64, len(self._replaced))))
 
     def with_rows(self, updates: dict[int, np.ndarray]) -> "LazyRows":
         """A copy in which row i reads as ``updates[i]`` (copy on write: this one is unchanged)."""
@@ -91,9 +96,6 @@ class LazyRows:
                 out[grp[srt]] = mm[at[srt]]
             finally:
                 del mm
-        if self._replaced:
-            for k, r in enumerate(rows):
-                img = self._replaced.get(int(r))
-                if img is not None:
-                    out[k] = img
+        for k in self._hits(rows):
+            out[k] = self._replaced[int(rows[k])]
         return out
