@@ -163,7 +163,7 @@ def fit(
     batch by batch on the host through a DataLoader (``spec.loader_workers`` processes) and
     uploaded per batch: memory then grows with the batch size, not with N, and ``images`` may be
     any (N, H, W, C) uint8 array-like (an ``np.memmap``). Without augmentation both paths train on
-    the same batches in the same order (tests/test_train_eval.py). All randomness of the loop (the
+    the same batches in the same order (tests/test_core.py). All randomness of the loop (the
     per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
     training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
     gives the same run on the same device (CPU and CUDA draw different numbers). With
