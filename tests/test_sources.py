@@ -271,6 +271,14 @@ def test_resize_accepts_any_sizes_and_keeps_files_untouched(tmp_path):
     assert np.array_equal(par.images, fit.images) and par.sample_ids == fit.sample_ids
 
 
+def test_load_source_resizes_every_kind_of_file_source(tmp_path):
+    root = make_folder(tmp_path / "src", classes=sources.CIFAR10_CLASSES, n=1, size=12)
+    save(root / "train" / "cat" / "big.png", pixels(3, size=20))
+    for name in ("cifar10", "imagefolder"):
+        d = load_source(DataConfig(name=name, path=str(root), workers=1, resize=[8, 8]))
+        assert d.images.shape[1:] == (8, 8, 3) and d.spec["transform"]["size"] == [8, 8]
+
+
 def test_resize_is_part_of_the_lineage_key():
     base = DataConfig(name="imagefolder", path="/data/x")
     keys = {sources.source_key(base),

@@ -168,6 +168,26 @@ def test_lazy_rows_read_what_an_eager_load_holds(env):
     assert np.array_equal(np.asarray(b[0]), a[0]) and b[2] == a[2] and b[3] == a[3] and len(b[0]) == len(eids) - 2
     with pytest.raises(ValueError, match="not a uint8"):
         rows.with_rows({0: np.zeros((3, 3, 3), np.uint8)})
+    # negative positions keep their replacement; rows only; masks and keys are checked
+    last = len(eids) - 1
+    assert np.array_equal(b_img[np.array([-len(eids) + 1])], a_img[[1]])
+    with pytest.raises(TypeError, match="rows only"):
+        rows[0, 0]
+    with pytest.raises(IndexError):
+        li.subset(np.ones(3, bool))
+    with pytest.raises(IndexError):
+        li.with_rows({last + 1: ei[0]})
+    mine = ei[0].copy()
+    held = li.with_rows({-1: mine})
+    mine[:] = 0
+    assert np.array_equal(held[last], ei[0]), "with_rows keeps its own copy"
+    # a pack replaced after the load is refused at the next read, not trained on
+    pack = next((env.store / "packs").iterdir())
+    data = pack.read_bytes()
+    pack.unlink()
+    pack.write_bytes(data)
+    with pytest.raises(store.DamagedStore, match="changed after it was verified"):
+        np.asarray(rows)
 
 
 def test_unchanged_source_writes_nothing(env):

@@ -95,23 +95,32 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: Optional[torch.Genera
     ``x.device`` (or be None for the global RNG). ``x``: uint8 or float (N, C, H, W); the output
     has the same shape, dtype and value range.
     """
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
     if mode == "reflect" and pad > min(x.shape[-2:]) - 1:
         raise ValueError(f"reflect pad {pad} must be smaller than the image side {tuple(x.shape[-2:])}")
-    n = x.shape[0]
-    dev = x.device
-    if pad > 0:
-        oy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-        ox = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
-    else:
-        oy = ox = torch.zeros(n, dtype=torch.long, device=dev)
-    if flip:
-        fl = torch.randint(0, 2, (n,), device=dev, generator=generator).bool()
-    else:
-        fl = torch.zeros(n, dtype=torch.bool, device=dev)
+    oy, ox, fl = crop_flip_draws(x.shape[0], pad, x.device, generator, flip)
     # window at offset o in the padded image = input shifted by (pad - o)
     return shift_images(x, pad - oy, pad - ox, fl, mode=mode)
+
+
+def crop_flip_draws(n: int, pad: int, device, generator: Optional[torch.Generator] = None,
+                    flip: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(oy, ox, flip)`` draws of :func:`random_crop_flip` for ``n`` images, in its order.
+
+    The streamed training path draws them for the whole set once per epoch and applies each
+    batch's share with :func:`shift_images`: the same crops as the resident path, and every
+    data-parallel rank's generator advances alike whatever its shard of a batch."""
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    if pad > 0:
+        oy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    else:
+        oy = ox = torch.zeros(n, dtype=torch.long, device=device)
+    if flip:
+        fl = torch.randint(0, 2, (n,), device=device, generator=generator).bool()
+    else:
+        fl = torch.zeros(n, dtype=torch.bool, device=device)
+    return oy, ox, fl
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def to_device(images: np.ndarray, device: torch.device | str, channels_last: boo
 
 
 DATA_PATHS = ("auto", "resident", "stream")
-STATS_CHUNK_ROWS = 65536  # rows per histogram chunk of a host array: bounded memory, same exact counts
+STATS_CHUNK_BYTES = 64 * 2**20  # bytes per histogram chunk of a host array: bounded memory, same exact counts
 
 
 def pixel_bytes(images) -> int:
@@ -105,9 +105,10 @@ def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[
     else:
         if images.dtype != np.uint8:
             raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}")
-        # a host array (maybe a memmap) in chunks: memory stays at one chunk, the counts are exact
-        hist = sum(_histogram(torch.from_numpy(np.array(images[a:a + STATS_CHUNK_ROWS])))
-                   for a in range(0, len(images), STATS_CHUNK_ROWS))
+        # a host array (maybe a memmap or store rows) in chunks: memory stays at one chunk
+        step = max(1, STATS_CHUNK_BYTES // max(1, pixel_bytes(images) // len(images)))
+        hist = sum(_histogram(torch.from_numpy(_writable(images[a:a + step])))
+                   for a in range(0, len(images), step))
     hist = hist.cpu().to(torch.float64)  # counts < 2**53: exact
     v = torch.arange(256, dtype=torch.float64)
     n = hist.sum(1)
@@ -116,6 +117,13 @@ def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[
     std = var.sqrt()
     std = torch.where(std < 1e-3, torch.full_like(std, 255.0), std)  # constant channel: no scaling
     return [float(m / 255) for m in mean], [float(s / 255) for s in std]
+
+
+def _writable(chunk) -> np.ndarray:
+    """The chunk itself when torch can wrap it (a slice of a plain array), else a copy (a read-only
+    memmap slice: torch refuses to wrap non-writable memory without a warning)."""
+    a = np.asarray(chunk)
+    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a)
 
 
 def _histogram(t: torch.Tensor) -> torch.Tensor:

@@ -162,8 +162,8 @@ def fit(
     ``spec.resident_max_mib`` (``spec.data_path: auto``) or ``data_path: stream``, is gathered
     batch by batch on the host through a DataLoader (``spec.loader_workers`` processes) and
     uploaded per batch: memory then grows with the batch size, not with N, and ``images`` may be
-    any (N, H, W, C) uint8 array-like (an ``np.memmap``). Without augmentation both paths train on
-    the same batches in the same order (tests/test_core.py). All randomness of the loop (the
+    any (N, H, W, C) uint8 array-like (an ``np.memmap``). Both paths train on the same batches in
+    the same order, with the same crops and flips (tests/test_core.py). All randomness of the loop (the
     per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
     training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
     gives the same run on the same device (CPU and CUDA draw different numbers). With
@@ -223,6 +223,10 @@ def fit(
             x_ep = aug.random_crop_flip(x_all, pad, gen) if spec.augment else x_all
             if channels_last:
                 x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
+        elif spec.augment:  # the resident path's draws for every row, in its order (same crops)
+            if pad > min(images.shape[1:3]) - 1:
+                raise ValueError(f"reflect pad {pad} must be smaller than the image side {tuple(images.shape[1:3])}")
+            oy, ox, fl = aug.crop_flip_draws(n, pad, device, gen)
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -248,8 +252,8 @@ def fit(
                 xh, yh = next(batches)
                 xb = tdata.upload(xh, device, channels_last=channels_last)
                 yb = yh.to(device, non_blocking=True)
-                if spec.augment:  # per batch: the draws differ from the resident path's per-epoch ones
-                    xb = aug.random_crop_flip(xb, pad, gen)
+                if spec.augment:
+                    xb = aug.shift_images(xb, pad - oy[idx], pad - ox[idx], fl[idx])
                     if channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):

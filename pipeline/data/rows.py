@@ -11,24 +11,35 @@ DataLoader, ``channel_stats`` and fastnet's strided sample work unchanged); ``su
 
 Each read maps the pack for that call only: a mapping kept open would leave every page it ever
 touched counted in the process's resident memory, which would then grow with N over an epoch.
+The packs were hashed when the snapshot was loaded; each read opens the file, and its
+(device, inode, size, mtime) must still be the ones recorded then, else ``DamagedStore``: a pack
+replaced or rewritten during a long training run is refused, not trained on.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 
+def file_identity(path: Path | str) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime_ns) of a pack: what a read checks against the verified file."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class LazyRows:
     ndim = 4
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, packs: list[tuple[Path, int, int]], pack_of: np.ndarray, index: np.ndarray,
+    def __init__(self, packs: list[tuple[Path, int, int, tuple]], pack_of: np.ndarray, index: np.ndarray,
                  image_shape: tuple[int, ...], replaced: Optional[dict[int, np.ndarray]] = None):
-        """``packs``: (path, header bytes, rows) of each .npy pack; ``pack_of``/``index``: each
-        row's pack number and row inside it; ``replaced``: row -> pixels that replace the pack's."""
+        """``packs``: (path, header bytes, rows, :func:`file_identity` when verified) of each .npy
+        pack; ``pack_of``/``index``: each row's pack number and row inside it; ``replaced``:
+        row -> pixels that replace the pack's."""
         self._packs = packs
         self._pack_of = np.asarray(pack_of, np.int32)
         self._index = np.asarray(index, np.int64)
@@ -44,7 +55,7 @@ class LazyRows:
 
     def subset(self, rows) -> "LazyRows":
         """These rows (an index array or a boolean mask), in that order, still lazy."""
-        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, np.int64)
+        rows = self._positions(rows)
         hit = self._hits(rows)  # every position of a replaced row, a repeated one included
         return LazyRows(self._packs, self._pack_of[rows], self._index[rows], self._image_shape,
                         {int(k): self._replaced[int(rows[k])] for k in hit})
@@ -55,13 +66,35 @@ class LazyRows:
         return np.flatnonzero(np.isin(rows, np.fromiter(self._replaced, np.int64, len(self._replaced))))
 
     def with_rows(self, updates: dict[int, np.ndarray]) -> "LazyRows":
-        """A copy in which row i reads as ``updates[i]`` (copy on write: this one is unchanged)."""
+        """A copy in which row i reads as ``updates[i]`` (copy on write: neither this one nor the
+        caller's arrays are shared)."""
+        new = {}
         for i, img in updates.items():
+            k = int(self._positions(np.array([i]))[0])
+            img = np.asarray(img)
             if tuple(img.shape) != self._image_shape or img.dtype != np.uint8:
                 raise ValueError(f"row {i}: {img.dtype} {img.shape} is not a uint8 {self._image_shape} image")
-        return LazyRows(self._packs, self._pack_of, self._index, self._image_shape, {**self._replaced, **updates})
+            new[k] = img.copy()
+        return LazyRows(self._packs, self._pack_of, self._index, self._image_shape, {**self._replaced, **new})
+
+    def _positions(self, key) -> np.ndarray:
+        """Row positions of an index array (negatives from the end) or a boolean mask, range-checked."""
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise IndexError(f"boolean index of shape {rows.shape} for {len(self)} rows")
+            return np.flatnonzero(rows)
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"rows are indexed by integers or a boolean mask, not {rows.dtype}")
+        rows = rows.astype(np.int64).reshape(-1)
+        if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        return np.where(rows < 0, rows + len(self), rows)
 
     def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):  # rows only: numpy's per-axis indexing would need the pixels first
+            raise TypeError("LazyRows is indexed by rows only (int, slice, index array, boolean mask); "
+                            "index the returned array for pixels")
         if isinstance(key, (int, np.integer)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
@@ -69,12 +102,7 @@ class LazyRows:
             return self._read(np.array([i]))[0]
         if isinstance(key, slice):
             return self._read(np.arange(len(self))[key])
-        rows = np.asarray(key)
-        if rows.dtype == bool:
-            if rows.shape != (len(self),):
-                raise IndexError(f"boolean index of shape {rows.shape} for {len(self)} rows")
-            rows = np.flatnonzero(rows)
-        return self._read(rows.astype(np.int64))
+        return self._read(self._positions(key))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self._read(np.arange(len(self)))
@@ -88,14 +116,21 @@ class LazyRows:
         order = np.argsort(codes, kind="stable")  # one mapping per pack touched, rows in file order
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         for grp in np.split(order, bounds):
-            path, offset, n = self._packs[int(codes[grp[0]])]
+            path, offset, n, identity = self._packs[int(codes[grp[0]])]
             at = self._index[rows[grp]]
             srt = np.argsort(at, kind="stable")
-            mm = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(n, *self._image_shape))
-            try:
-                out[grp[srt]] = mm[at[srt]]
-            finally:
-                del mm
+            with open(path, "rb") as fh:  # the identity of the file actually mapped, not of the path
+                st = os.fstat(fh.fileno())
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
+                    from pipeline.data.store import DamagedStore
+
+                    raise DamagedStore(Path(path).parent.parent, path, "changed after it was verified (replaced or "
+                                       "rewritten while it was being read)")
+                mm = np.memmap(fh, dtype=np.uint8, mode="r", offset=offset, shape=(n, *self._image_shape))
+                try:
+                    out[grp[srt]] = mm[at[srt]]
+                finally:
+                    del mm
         for k in self._hits(rows):
             out[k] = self._replaced[int(rows[k])]
         return out

@@ -439,7 +439,7 @@ def load_cifar10(cfg: DataConfig, progress: Progress = None) -> SourceData:
         _cifar10_missing(cfg, path, progress)
     lim = _limits(cfg)
     data = load_imagefolder(path, cfg.limit, cfg.workers, progress=progress,
-                            max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels)
+                            max_file_bytes=lim.max_file_bytes, max_image_pixels=lim.max_pixels, resize=lim.resize)
     if tuple(data.class_names) != CIFAR10_CLASSES:
         raise SourceError(
             f"{path}: class folders {data.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "

@@ -714,12 +714,14 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     shape = tuple(int(x) for x in meta["image_shape"])
     index = manifest["pack_index"].to_numpy()
     if lazy:  # pixels read on demand (pipeline.data.rows): memory grows with what is read
-        from pipeline.data.rows import LazyRows
+        from pipeline.data.rows import LazyRows, file_identity
 
         packs, pack_of = [], np.zeros(len(manifest), np.int32)
         for k, (pack, rows) in enumerate(_rows_by_pack(headers, manifest).items()):
             arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
-            packs.append((_pack_path(store, pack), int(arr.offset), int(arr.shape[0])))
+            # the identity recorded here (after verify hashed the pack) is checked at every read
+            packs.append((_pack_path(store, pack), int(arr.offset), int(arr.shape[0]),
+                          file_identity(_pack_path(store, pack))))
             pack_of[rows] = k
             del arr
         lazy_images = LazyRows(packs, pack_of, index, shape)

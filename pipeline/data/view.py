@@ -256,7 +256,8 @@ def apply_records(
         elif r["transform"]:
             img = apply_trigger(img[None], r["transform"])[0]
         if lazy:
-            updates[i] = img
+            if r["transform"] or i in updates:  # a pure label flip leaves the pack's pixels as they are
+                updates[i] = img
         else:
             images[i] = img
         labels[i] = int(r["new_label"])
@@ -309,7 +310,8 @@ def without_rows(snap, ids: set[str]):
     import dataclasses
 
     keep = ~snap.manifest["sample_id"].astype(str).isin(ids).to_numpy()
-    return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=snap.images[keep])
+    images = snap.images.subset(keep) if hasattr(snap.images, "subset") else snap.images[keep]
+    return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=images)
 
 
 @dataclass
