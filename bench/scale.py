@@ -19,12 +19,13 @@ as its own dvc.yaml's ``cmd`` says, one process each:
   train 1 epoch    - the train stage at train.epochs=1 (small_cnn, batch 64, CPU).
 
 Each step: wall seconds, and peak RSS of the whole process tree (the stage and its decode workers,
-summed, sampled every 20 ms with psutil), in MiB. One trial per cell unless --trials. Writes
+summed, sampled every 20 ms with psutil), in MiB. One trial per cell (run it again for another). Writes
 ``<out>.md`` (table, ratios new/old, the machine), ``<out>.json`` and ``<out>.png`` (time and
 memory against N, log-log).
 
-The old revision defaults to c901d6d, the last commit of wave 1: the code the issue's numbers were
-taken on (its store.py still re-hashed every row on load and its snapshot re-decoded every file).
+The old revision defaults to c901d6d, the last commit of wave 1, before any wave-2 work: the code
+the issue's numbers were taken on (its store re-hashed every row on load and its snapshot stage
+re-decoded every file).
 """
 
 from __future__ import annotations
