@@ -34,7 +34,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline.data import store as store_mod
 
     snapshot_id = store_mod.read_pointer(args.pointer)["snapshot_id"]
-    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True)
+    # lazy, as in the train stage: rows read from the packs as training asks (issue 19 item 3)
+    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True)
     images, labels, _ids = snap.split("train")
     class_names = list(snap.class_names)
     del snap
