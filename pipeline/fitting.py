@@ -62,10 +62,11 @@ def train_arrays(images, labels, num_classes: int, cfg: Config, desc: str):
         device = resolve_device(cfg.train.device)
     except RuntimeError as exc:  # cuda asked for without one
         raise UserError(str(exc)) from None
-    path = choose_data_path(pixel_bytes(images), cfg.train.data_path, cfg.train.resident_max_mib)
+    nbytes = pixel_bytes(images)
+    path = choose_data_path(nbytes, cfg.train.data_path, cfg.train.resident_max_mib)
     print(f"{desc}: {len(images)} images {tuple(images.shape[1:])}, {num_classes} classes, "
           f"{cfg.model.name}, {cfg.train.epochs} epochs on {device}, batches {path} "
-          f"({pixel_bytes(images) / 2**20:.0f} MiB of pixels; train.data_path={cfg.train.data_path})", file=sys.stderr)
+          f"({nbytes / 2**20:.0f} MiB of pixels; train.data_path={cfg.train.data_path})", file=sys.stderr)
     cb, close = progress(cfg.train.epochs, desc)
     t0 = time.perf_counter()
     try:

@@ -95,11 +95,16 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: Optional[torch.Genera
     ``x.device`` (or be None for the global RNG). ``x``: uint8 or float (N, C, H, W); the output
     has the same shape, dtype and value range.
     """
-    if mode == "reflect" and pad > min(x.shape[-2:]) - 1:
-        raise ValueError(f"reflect pad {pad} must be smaller than the image side {tuple(x.shape[-2:])}")
+    check_pad(pad, tuple(x.shape[-2:]), mode)
     oy, ox, fl = crop_flip_draws(x.shape[0], pad, x.device, generator, flip)
     # window at offset o in the padded image = input shifted by (pad - o)
     return shift_images(x, pad - oy, pad - ox, fl, mode=mode)
+
+
+def check_pad(pad: int, side: tuple[int, int], mode: str = "reflect") -> None:
+    """Refuse a reflect pad that reaches past the image (``side``: (H, W))."""
+    if mode == "reflect" and pad > min(side) - 1:
+        raise ValueError(f"reflect pad {pad} must be smaller than the image side {tuple(side)}")
 
 
 def crop_flip_draws(n: int, pad: int, device, generator: Optional[torch.Generator] = None,

@@ -197,8 +197,7 @@ def fit(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(spec.seed))
     n = len(images)
-    path = tdata.choose_data_path(tdata.pixel_bytes(images), getattr(spec, "data_path", "auto"),
-                                  getattr(spec, "resident_max_mib", 2048))
+    path = tdata.choose_data_path(tdata.pixel_bytes(images), spec.data_path, spec.resident_max_mib)
     if path == "resident":
         x_all = tdata.to_device(images, device, channels_last=channels_last)
         y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
@@ -224,8 +223,7 @@ def fit(
             if channels_last:
                 x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
         elif spec.augment:  # the resident path's draws for every row, in its order (same crops)
-            if pad > min(images.shape[1:3]) - 1:
-                raise ValueError(f"reflect pad {pad} must be smaller than the image side {tuple(images.shape[1:3])}")
+            aug.check_pad(pad, tuple(images.shape[1:3]))
             oy, ox, fl = aug.crop_flip_draws(n, pad, device, gen)
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
@@ -238,8 +236,7 @@ def fit(
             for s in range(steps):
                 b = host_perm[s * spec.batch_size : (s + 1) * spec.batch_size]
                 shards.append((parallel.shard(b) if parallel is not None else b).numpy())
-            batches = iter(tdata.batch_loader(images, labels_host, shards, getattr(spec, "loader_workers", 0),
-                                              pin_memory=cuda))
+            batches = iter(tdata.batch_loader(images, labels_host, shards, spec.loader_workers, pin_memory=cuda))
         for step in range(steps):
             idx = perm[step * spec.batch_size : (step + 1) * spec.batch_size]
             global_n = len(idx)

@@ -31,6 +31,11 @@ def file_identity(path: Path | str) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def take(images, rows):
+    """``images[rows]`` for a numpy array; a still-lazy :meth:`LazyRows.subset` for lazy rows."""
+    return images.subset(rows) if isinstance(images, LazyRows) else images[rows]
+
+
 class LazyRows:
     ndim = 4
     dtype = np.dtype(np.uint8)

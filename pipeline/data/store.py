@@ -146,8 +146,9 @@ class Snapshot:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images, labels, sample_ids) of one split, in manifest order."""
         mask = (self.manifest["split"] == name).to_numpy()
-        images = self.images.subset(mask) if hasattr(self.images, "subset") else self.images[mask]
-        return images, self.labels[mask], self.manifest["sample_id"][mask].tolist()
+        from pipeline.data.rows import take
+
+        return take(self.images, mask), self.labels[mask], self.manifest["sample_id"][mask].tolist()
 
 
 @dataclass(frozen=True)
@@ -719,9 +720,9 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
         packs, pack_of = [], np.zeros(len(manifest), np.int32)
         for k, (pack, rows) in enumerate(_rows_by_pack(headers, manifest).items()):
             arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
+            path = _pack_path(store, pack)
             # the identity recorded here (after verify hashed the pack) is checked at every read
-            packs.append((_pack_path(store, pack), int(arr.offset), int(arr.shape[0]),
-                          file_identity(_pack_path(store, pack))))
+            packs.append((path, int(arr.offset), int(arr.shape[0]), file_identity(path)))
             pack_of[rows] = k
             del arr
         lazy_images = LazyRows(packs, pack_of, index, shape)

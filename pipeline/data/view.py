@@ -299,8 +299,9 @@ def drop_quarantined(images: np.ndarray, labels: np.ndarray, sample_ids: Sequenc
     new_index = -np.ones(len(sample_ids), np.int64)
     new_index[keep] = np.arange(len(keep))
     poisoned = [int(new_index[i]) for i in poisoned_rows if not drop[i]]
-    kept = images.subset(keep) if hasattr(images, "subset") else images[keep]
-    return kept, np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
+    from pipeline.data.rows import take
+
+    return take(images, keep), np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
 
 
 def without_rows(snap, ids: set[str]):
@@ -309,9 +310,10 @@ def without_rows(snap, ids: set[str]):
         return snap
     import dataclasses
 
+    from pipeline.data.rows import take
+
     keep = ~snap.manifest["sample_id"].astype(str).isin(ids).to_numpy()
-    images = snap.images.subset(keep) if hasattr(snap.images, "subset") else snap.images[keep]
-    return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=images)
+    return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=take(snap.images, keep))
 
 
 @dataclass
