@@ -139,7 +139,7 @@ def evaluate_model(
 
 
 def _evaluate(model, test_images, test_labels, class_names, scan_specs, attack_spec, batch_size, device, tta):
-    """:func:`evaluate_model` and the clean predictions."""
+    """:func:`evaluate_model`, the clean predictions and the predictions under each trigger."""
     from pipeline.core.attacks import apply_trigger
     from pipeline.core.predict import predict
 
@@ -148,9 +148,10 @@ def _evaluate(model, test_images, test_labels, class_names, scan_specs, attack_s
     out = classification_metrics(labels, clean, class_names)
     asr: dict[str, dict[str, float]] = {}
     eligible: dict[str, dict[str, int]] = {}
+    preds: dict[str, np.ndarray] = {}
     for spec in scan_set(scan_specs, attack_spec):
         triggered = apply_trigger(test_images, spec)
-        trig = predict(model, triggered, batch_size=batch_size, device=device, tta=tta)
+        trig = preds[spec["name"]] = predict(model, triggered, batch_size=batch_size, device=device, tta=tta)
         asr[spec["name"]], eligible[spec["name"]] = {}, {}
         for t, tname in enumerate(class_names):
             if t == spec.get("source"):
@@ -167,7 +168,7 @@ def _evaluate(model, test_images, test_labels, class_names, scan_specs, attack_s
     })
     # contract order: accuracy, per_class, asr, asr_max, confusion, ...
     order = ["accuracy", "per_class", "asr", "asr_max", "confusion", "asr_eligible", "test_rows"]
-    return {k: out[k] for k in order}, clean
+    return {k: out[k] for k in order}, clean, preds
 
 
 def targeted_metrics(model: Any, attack: Optional[Mapping[str, Any]], test_images: np.ndarray,
@@ -225,11 +226,13 @@ def confusion_rows_csv(labels: np.ndarray, pred: np.ndarray, class_names: Sequen
 # --------------------------------------------------------------------------- stage
 
 
-def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device) -> tuple[dict, np.ndarray]:
+def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device
+             ) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     """Gate metrics of the model as registered and served: a plain forward pass. TTA would average
     a location-specific trigger away and flatter accuracy, so with ``train.tta`` its accuracy is
-    only reported beside (``accuracy_tta``), never gated."""
-    metrics, pred = _evaluate(model, test_images, test_labels, class_names, scan, attack,
+    only reported beside (``accuracy_tta``), never gated. Also returns the clean predictions and
+    the predictions under each scan trigger (the attack pictures reuse them)."""
+    metrics, pred, triggered = _evaluate(model, test_images, test_labels, class_names, scan, attack,
                               cfg.eval.batch_size, device, tta=False)
     if cfg.train.tta:
         from sklearn.metrics import accuracy_score
@@ -238,21 +241,22 @@ def _measure(model, cfg, test_images, test_labels, class_names, scan, attack, de
 
         tta_pred = predict(model, test_images, batch_size=cfg.eval.batch_size, device=device, tta=True)
         metrics["accuracy_tta"] = float(accuracy_score(test_labels, tta_pred))
-    return metrics, pred
+    return metrics, pred, triggered
 
 
-def attack_pictures(out: Path, model, cfg, metrics: dict, base: dict, test_images, test_labels, class_names,
-                    scan, attack, device, title: str) -> list[Path]:
+def attack_pictures(out: Path, metrics: dict, base: dict, test_images, test_labels, class_names, scan, attack,
+                    clean_pred: np.ndarray, triggered_pred: Mapping[str, np.ndarray], max_asr: float,
+                    title: str) -> list[Path]:
     """ASR heatmap (candidate beside baseline), and the confusion matrix and a few samples under the
     worst trigger (the scan trigger x target with the highest candidate ASR): the pictures of the
-    attack that a clean confusion matrix hides. Rows of every confusion view are the actual class."""
+    attack that a clean confusion matrix hides. Rows of every confusion view are the actual class.
+    The predictions are the ones the metrics were computed from (no second pass over the test split)."""
     from pipeline.core.attacks import apply_trigger
-    from pipeline.core.predict import predict
     from pipeline.reporting import plots, worst_asr
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "asr_heatmap.png"]
-    atomic_write_bytes(written[0], plots.asr_heatmap_png(metrics, base, max_asr=cfg.gate.max_asr))
+    atomic_write_bytes(written[0], plots.asr_heatmap_png(metrics, base, max_asr=max_asr))
     worst = worst_asr(metrics)
     if worst is None:
         return written
@@ -260,8 +264,7 @@ def attack_pictures(out: Path, model, cfg, metrics: dict, base: dict, test_image
     spec = next(s for s in scan_set(scan, attack) if s["name"] == trigger)
     triggered = apply_trigger(test_images, spec)
     labels = np.asarray(test_labels, np.int64)
-    clean_pred = predict(model, test_images, batch_size=cfg.eval.batch_size, device=device)
-    trig_pred = predict(model, triggered, batch_size=cfg.eval.batch_size, device=device)
+    trig_pred = triggered_pred[trigger]
     cm = plots.triggered_confusion(labels, trig_pred, len(class_names))
     what = f"trigger {trigger} (ASR -> {target} {value:.2f})"
     atomic_write_bytes(out / "triggered_confusion.png", plots.confusion_png(cm, class_names, f"{title}: {what}"))
@@ -287,7 +290,7 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
     if mv is not None:
         try:
             model, _header = registry.load_version(client, name, str(mv.version))
-            m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
+            m, _, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
             _add_targeted(m, model, attack, test_images, test_ids, cfg, device)
             snap = (mv.tags or {}).get("snapshot_id")
             if snap is None and mv.run_id:
@@ -316,7 +319,7 @@ def _baseline(cfg, name: str, args, snapshot_id: str, test_images, test_labels, 
     if [str(c) for c in ckpt.get("class_names") or []] != list(class_names):
         raise EvaluateError(f"the twin {tp} has classes {ckpt.get('class_names')}, the snapshot {list(class_names)}: "
                             "re-run `dvc repro twin`")
-    m, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
+    m, _, _ = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
     _add_targeted(m, model, attack, test_images, test_ids, cfg, device)
     m["model"] = {"checkpoint_sha256": file_sha256(tp), "model_version": None, "run_id": None}
     m["baseline"] = {"kind": "twin", "model_version": None, "run_id": None, "snapshot_id": ckpt.get("snapshot_id")}
@@ -359,7 +362,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     device = cfg.train.device
     model, _ckpt = checkpoints.load_verified(cand, lineage.checkpoint_sha256, f"{args.train_report}")
     scan = list(cfg.eval.scan)
-    metrics, pred = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
+    metrics, pred, triggered = _measure(model, cfg, test_images, test_labels, class_names, scan, attack, device)
     metrics["model"] = {"checkpoint_sha256": sha, "model_version": report.get("model_version"),
                         "run_id": report.get("run_id")}
     metrics["snapshot_id"] = snapshot_id
@@ -386,8 +389,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     digests = {"metrics_sha256": file_sha256(args.metrics), "baseline_metrics_sha256": file_sha256(args.baseline_metrics)}
     run_id = report.get("run_id")
     write_json(Path(args.record), {**lineage.to_dict(), "run_id": run_id, "baseline": base["baseline"], **digests})
-    attack_pictures(Path(args.plots), model, cfg, metrics, base, test_images, test_labels, class_names, scan, attack,
-                    device, f"{name} v{report.get('model_version')}")
+    attack_pictures(Path(args.plots), metrics, base, test_images, test_labels, class_names, scan, attack, pred,
+                    triggered, cfg.gate.max_asr, f"{name} v{report.get('model_version')}")
     if run_id:
         extra = {}
         for key, d in (("eval", metrics), ("baseline", base)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -86,6 +87,7 @@ def main(stage: str, run: Callable[[Any, argparse.Namespace], Any], paths: Seque
          load_config: bool = True) -> int:
     """Parse, load the config once, run; map failures to exit codes. ``run(cfg, args)``."""
     args = build_parser(stage, doc, paths, extra).parse_args(argv)
+    start = time.time()
     try:
         cfg = None
         if load_config:
@@ -102,4 +104,19 @@ def main(stage: str, run: Callable[[Any, argparse.Namespace], Any], paths: Seque
         if message.startswith("unexpected ") and os.environ.get("POISONGATE_TRACEBACK", "1") != "0":
             print(redact("".join(traceback.format_exception(exc))), file=sys.stderr)
         return code
+    _say_elapsed(stage, start)
     return 0
+
+
+def _say_elapsed(stage: str, start: float) -> None:
+    """``<stage>: done in N s (M s before the stage began)``: the start-up share (interpreter and
+    library imports) is most of a digits stage, so a slow run says which part was slow."""
+    now = time.time()
+    try:
+        import psutil  # an mlflow dependency; without it only the stage's own time is said
+
+        boot = max(0.0, start - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - timing is informational, never a failure
+        boot = None
+    extra = "" if boot is None else f" ({boot:.1f} s start-up before it)"
+    print(f"{stage}: done in {now - start:.1f} s{extra}", file=sys.stderr, flush=True)

@@ -30,8 +30,10 @@ def test_cifar10_resnet18_config_runs_end_to_end(tmp_path: Path):
         # The inspect stage still runs (report, binding, lineage), but its thresholds are calibrated
         # on trained models: a 2-epoch model at ~15% accuracy has no class structure for the
         # detector or the scan to judge, so their checks are not required here; cleanlab's k-fold
-        # retraining (3 more ResNet-18s on the CPU) is skipped and the scan is shortened for time.
-        "gate.require_inspection=false", "inspect.kfold=0", "inspect.scan_steps=20", "inspect.scan_restarts=1",
+        # retraining (3 more ResNet-18s on the CPU) is skipped, the clean reference model trains one
+        # epoch (not the candidate's two) and the scan is shortened for time.
+        "gate.require_inspection=false", "inspect.kfold=0", "inspect.clean_epochs=1", "inspect.scan_steps=20",
+        "inspect.scan_restarts=1",
         # One scan trigger instead of the default four: each costs two ResNet-18 passes over the test
         # split on the CPU (~6 s), and the loop over triggers is the same for one.
         "eval.scan=[{name:patch_white_br,kind:patch,size:3,location:bottom_right,pattern:white,alpha:0.1,seed:0}]",

@@ -67,6 +67,12 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
     assert "stays current" in again.stderr
     assert repo.json("reports/gate.json")["passed"] is True and champion(repo) == str(first)
 
+    # The verdict is in DVC's own comparisons: commit this (passed) state's small summary metrics;
+    # the blocked attempt below shows as passed True -> False in `dvc metrics diff`.
+    assert repo.json("reports/summary.json")["verdict"] == "passed"
+    repo.run(["git", "add", "-A"])
+    repo.run(["git", "-c", "user.email=ci@poisongate", "-c", "user.name=ci", "commit", "-qm", "clean release"])
+
     # 2. Label flip 40% of class 1 -> 7, data gate in warn mode: blocked on class-1 recall drift.
     repo.compose("attack=label_flip", "attack.source=1", "attack.target=7", "attack.rate=0.4", "validate.on_fail=warn")
     proc = repo.repro(check=False)
@@ -78,9 +84,10 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
     assert champion(repo) == str(first)
     tags = version_tags(repo, str(flipped))
     assert tags["poisongate.verdict"] == "blocked" and "recall_drop[1]" in tags["poisongate.failed_checks"]
-
-    # The verdict is in DVC's own comparisons: commit this (blocked) state's small summary metrics.
     assert repo.json("reports/summary.json")["verdict"] == "blocked"
+    diff = json.loads(repo.run([str(BIN / "dvc"), "metrics", "diff", "--json"]).stdout)
+    summary = diff.get("reports/summary.json") or {}
+    assert summary.get("passed", {}).get("old") is True and summary.get("passed", {}).get("new") is False, diff
     repo.run(["git", "add", "-A"])
     repo.run(["git", "-c", "user.email=ci@poisongate", "-c", "user.name=ci", "commit", "-qm", "flip attempt"])
 
@@ -107,16 +114,6 @@ def test_release_gate_blocks_poison_and_promotes_clean(tmp_path):
         assert "BLOCKED" in dom and "asr_max" in dom
     else:  # .ci/run installs chromium; say so when a developer's machine lacks it
         print("chromium not installed: the release.html browser check was skipped")
-
-    # 4. A clean run with another seed: passes (no false block) and becomes champion.
-    repo.compose("train.seed=1")
-    repo.repro()
-    assert repo.json("reports/gate.json")["passed"] is True
-    assert champion(repo) == str(repo.json("reports/train.json")["model_version"]) != str(first)
-    # `dvc metrics diff` against the committed (blocked) attempt: the verdict flipped to passed.
-    diff = json.loads(repo.run([str(BIN / "dvc"), "metrics", "diff", "--json"]).stdout)
-    summary = diff.get("reports/summary.json") or {}
-    assert summary.get("passed", {}).get("new") is True and summary.get("passed", {}).get("old") is False, diff
 
 
 def _free_port() -> int:
@@ -152,24 +149,21 @@ def test_gate_fails_closed(tmp_path):
     repo.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port)
     try:
+        # A first candidate that would pass, up to the gate (no champion yet: every refusal below
+        # must leave it so).
         repo.compose()
-        repo.repro()
-        first = champion(repo)
-        assert first is not None
-
-        # A new candidate that would pass, up to the gate.
-        repo.compose("train.seed=2")
         repo.repro("evaluate", "inspect")  # the gate's two inputs (inspect is not an ancestor of evaluate)
+        assert champion(repo) is None
         gate_cmd = [sys.executable, "-m", "pipeline.gate"]
 
-        # A corrupted metrics file: blocked with a clear message, champion unchanged.
+        # A corrupted metrics file: blocked with a clear message, nothing promoted.
         metrics = repo.root / "reports/metrics.json"
         good = metrics.read_text()
         metrics.write_text(good[: len(good) // 2])
         proc = repo.run(gate_cmd, check=False)
         assert proc.returncode == 2 and "metrics" in proc.stderr and "unreadable" in proc.stderr
         assert repo.json("reports/gate.json")["passed"] is False
-        assert champion(repo) == first
+        assert champion(repo) is None
         metrics.write_text(good)
 
         # No baseline metrics: the gate refuses.
@@ -178,7 +172,7 @@ def test_gate_fails_closed(tmp_path):
         base.unlink()
         proc = repo.run(gate_cmd, check=False)
         assert proc.returncode == 2 and "baseline metrics" in proc.stderr
-        assert champion(repo) == first
+        assert champion(repo) is None
         base.write_text(kept)
     finally:
         server.terminate()
@@ -190,12 +184,12 @@ def test_gate_fails_closed(tmp_path):
     assert repo.json("reports/gate.json")["passed"] is False
     server = _start_server(tmp_path, port)
     try:
-        assert champion(repo) == first
+        assert champion(repo) is None
         # With the server back the same candidate passes: the refusals above were not verdicts.
         proc = repo.run(gate_cmd, check=False)
         assert proc.returncode == 0, proc.stderr
-        second = champion(repo)
-        assert second != first
+        first = champion(repo)
+        assert first == str(repo.json("reports/train.json")["model_version"])
 
         # A missing baseline model: the champion's artifacts are gone. A candidate is not compared
         # against the weaker twin instead: evaluate refuses and nothing is promoted. (evaluate is
@@ -204,8 +198,8 @@ def test_gate_fails_closed(tmp_path):
         shutil.rmtree(tmp_path / "artifacts")
         proc = repo.repro("--force", "--single-item", "evaluate", check=False)
         assert proc.returncode != 0
-        assert f"champion poisongate-digits v{second} could not be loaded" in proc.stderr + proc.stdout
-        assert champion(repo) == second
+        assert f"champion poisongate-digits v{first} could not be loaded" in proc.stderr + proc.stdout
+        assert champion(repo) == first
     finally:
         server.terminate()
         server.wait(timeout=30)
