@@ -51,7 +51,7 @@ import pyarrow as pa
 from pipeline import stage
 from pipeline.data import sources, stats, store
 from pipeline.data.sources import KnownRows, StatTable
-from pipeline.schema import Config, DataConfig
+from pipeline.schema import Config, DataConfig, ValidateConfig
 
 PATHS = (
     stage.PathArg("store", "store folder (data/store)"),
@@ -75,8 +75,12 @@ def ingest_time() -> str:
 
 def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: str,
              progress: Optional[Callable[[str], None]] = _say, *, verify_source: bool = False,
-             stat_cache: Optional[str] = None) -> dict:
-    """Snapshot the configured source; returns the report. Raises the project's errors."""
+             stat_cache: Optional[str] = None, detector: Optional[ValidateConfig] = None) -> dict:
+    """Snapshot the configured source; returns the report. Raises the project's errors.
+
+    ``detector`` (``conf/validate``): the new rows' data-gate columns (``stats.row_features``) are
+    computed while their pixels are in memory and stored with the snapshot, so the data gate reads
+    columns instead of pixels (issue 19 item 2). None stores none (the gate computes them)."""
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     key = sources.source_key(cfg)
@@ -109,13 +113,19 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                                    file_sha256=read.file_sha256)
     t_plan = time.perf_counter()
     manifest = plan.manifest
+    t_features = t_plan
     if plan.unchanged:
         sid = parent_id
         store.set_head(store_dir, key, sid)  # no-op unless heads/<key> was missing
         say(f"source unchanged: {len(plan.manifest)} rows, snapshot {sid[:12]} stays current")
     else:
         source_meta = {**read.spec, "key": key}
-        sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now)
+        features = None
+        if detector is not None:
+            say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
+            features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
+        t_features = time.perf_counter()
+        sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features)
         say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
             + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
     if stat_path is not None and read.stat is not None:
@@ -151,7 +161,8 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             "verify": round(t_verify - t0, 3),
             "read": round(t_read - t_verify, 3),
             "plan": round(t_plan - t_read, 3),
-            "write": round(t_write - t_plan, 3),
+            "features": round(t_features - t_plan, 3),
+            "write": round(t_write - t_features, 3),
             "total": round(time.perf_counter() - t0, 3),
         },
         "work": {
@@ -255,7 +266,7 @@ def _extra(ap: argparse.ArgumentParser) -> None:
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     report = snapshot(cfg.data, args.store, args.pointer, args.report, verify_source=args.verify,
-                      stat_cache=args.stat_cache)
+                      stat_cache=args.stat_cache, detector=cfg.validate)
     dup = report["duplicates"]
     _say(f"snapshot {report['snapshot_id'][:12]}: {report['n_rows']} rows, provenance coverage "
          f"{report['provenance']['coverage']:.3f}, {dup['n_groups']} duplicate group(s) "

@@ -112,11 +112,14 @@ def _say_elapsed(stage: str, start: float) -> None:
     """``<stage>: done in N s (M s before the stage began)``: the start-up share (interpreter and
     library imports) is most of a digits stage, so a slow run says which part was slow."""
     now = time.time()
-    try:
-        import psutil  # an mlflow dependency; without it only the stage's own time is said
+    boot = None
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main_spec, "name", None) == f"pipeline.{stage}":  # a process of its own (`python -m`)
+        try:
+            import psutil  # an mlflow dependency; without it only the stage's own time is said
 
-        boot = max(0.0, start - psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - timing is informational, never a failure
-        boot = None
+            boot = max(0.0, start - psutil.Process().create_time())
+        except Exception:  # noqa: BLE001 - timing is informational, never a failure
+            boot = None
     extra = "" if boot is None else f" ({boot:.1f} s start-up before it)"
     print(f"{stage}: done in {now - start:.1f} s{extra}", file=sys.stderr, flush=True)

@@ -149,27 +149,95 @@ class Measured:
     all_hashes: list[str]
     all_labels: np.ndarray
     poisoned: list[int]  # train-row indices the view changed
+    from_pixels: int = -1  # train rows measured from their pixels (the rest: columns stored at ingest)
 
 
-def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfig, phash: bool = True) -> Measured:
-    """Apply the view's records to the snapshot's train rows and measure every row."""
+def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfig, phash: bool = True,
+                 features: Optional[pd.DataFrame] = None) -> Measured:
+    """Apply the view's records to the snapshot's train rows and measure every row.
+
+    ``features`` (``store.load_features``, row-aligned with ``snap.manifest``): the per-row
+    columns stored at ingest. A train row whose pixels the view left alone and that has stored
+    columns is measured from them without reading its pixels; the others (a row the view changed,
+    a snapshot stored without columns or with other detector settings) are measured from their
+    pixels, in chunks. A row read for that (and not rebuilt by a record, which ``apply_records``
+    checks against ``sha256_after``) is checked against its manifest sha256 first: the caller may
+    have skipped hashing the packs. Without ``features`` every row is measured from its pixels."""
     man = snap.manifest
     train = (man["split"] == "train").to_numpy()
     tr_img, tr_lab, tr_ids = snap.split("train")
     view_img, view_lab, poisoned = apply_records(tr_img, tr_lab, tr_ids, records, verify=True)
     after = {r["sample_id"]: r["sha256_after"] for r in records}
-    tr_hash = [after.get(str(i), h) for i, h in zip(tr_ids, man.loc[train, "sha256"].astype(str))]
+    tr_sha = man.loc[train, "sha256"].astype(str).tolist()
+    tr_hash = [after.get(str(i), h) for i, h in zip(tr_ids, tr_sha)]
     te_ids = man.loc[~train, "sample_id"].astype(str).tolist()
     all_hashes = tr_hash + man.loc[~train, "sha256"].astype(str).tolist()
     all_labels = np.concatenate([np.asarray(view_lab, np.int64), man.loc[~train, "label"].to_numpy(np.int64)])
     dup = stats.duplicate_mask(all_hashes)[: len(tr_ids)]
-    flags = stats.block_flags_cfg(view_img, v)
+    n = len(tr_ids)
+    changed = np.zeros(n, bool)  # rows whose pixels a record rebuilt (a pure label flip keeps them)
+    index = {str(i): k for k, i in enumerate(tr_ids)}
+    for r in records:
+        if r.get("transform"):
+            changed[index[str(r["sample_id"])]] = True
+    if features is None:
+        need = np.arange(n)
+        flags = pd.DataFrame({"abnormal_block": np.zeros(n, bool), "abnormal_block_at": [""] * n})
+        hashes = np.zeros(n, np.uint64)
+    else:
+        if len(features) != len(man):
+            raise ValidationError(f"{len(features)} rows of stored data-gate columns for {len(man)} snapshot rows")
+        f = features.loc[train].reset_index(drop=True)
+        need = np.flatnonzero(~f["stored"].to_numpy(bool) | changed)
+        flags = pd.DataFrame({"abnormal_block": f["abnormal_block"].to_numpy(bool),
+                              "abnormal_block_at": f["abnormal_block_at"].astype(str).to_numpy(object)})
+        hashes = f["phash"].to_numpy(np.uint64).copy()
+    if len(need):
+        unchecked = need[~changed[need]]
+        if features is not None and len(unchecked):
+            _check_rows(view_img, unchecked, tr_ids, tr_sha)
+        measured = stats.row_features(view_img, v, need)
+        flags.loc[need, "abnormal_block"] = measured["abnormal_block"].to_numpy(bool)
+        flags.loc[need, "abnormal_block_at"] = measured["abnormal_block_at"].to_numpy(object)
+        hashes[need] = measured["phash"].to_numpy(np.uint64)
+    _say(f"measured {n} train rows: {n - len(need)} from the columns stored at ingest, {len(need)} from pixels")
     rows = sig.ViewRows(np.asarray([str(i) for i in tr_ids], object), np.asarray(tr_hash, object),
                         np.asarray(view_lab, np.int64), flags["abnormal_block"].to_numpy(bool), dup,
-                        tuple(str(c) for c in snap.class_names),
-                        stats.perceptual_hashes(view_img) if phash and len(view_img) else (
-                            np.zeros(0, np.uint64) if phash else None))
-    return Measured(rows, view_img, flags, [str(i) for i in tr_ids] + te_ids, all_hashes, all_labels, poisoned)
+                        tuple(str(c) for c in snap.class_names), hashes if phash else None)
+    return Measured(rows, view_img, flags, [str(i) for i in tr_ids] + te_ids, all_hashes, all_labels, poisoned,
+                    int(len(need)))
+
+
+def _check_rows(images, rows: np.ndarray, ids: Sequence[str], sha: Sequence[str]) -> None:
+    """Rows read from packs that were not hashed must hash to their manifest sha256."""
+    from pipeline.core.hashing import sample_hash
+    from pipeline.data.rows import take
+
+    bad = []
+    for s in range(0, len(rows), stats.FEATURE_CHUNK_ROWS):
+        part = rows[s:s + stats.FEATURE_CHUNK_ROWS]
+        for k, img in zip(part, np.asarray(take(images, part))):
+            if sample_hash(img) != sha[k]:
+                bad.append(str(ids[k]))
+    if bad:
+        raise store.IntegrityError(f"{len(bad)} stored row(s) do not hash to their manifest sha256 "
+                                   f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): the store's packs changed; "
+                                   "`python -m pipeline.data.store verify` names the file")
+
+
+def _load_measurable(store_dir: str | Path, snapshot_id: str, v: ValidateConfig) -> tuple[store.Snapshot, pd.DataFrame]:
+    """A snapshot as the data gate reads it: the chain and manifest verified, pixels lazy and
+    unhashed (``measure_view`` checks every row it reads), and the columns stored at ingest."""
+    snap = store.load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False)
+    return snap, store.load_features(store_dir, snapshot_id, stats.detector_settings(v))
+
+
+def _without(snap: store.Snapshot, features: pd.DataFrame, gone: set[str]) -> tuple[store.Snapshot, pd.DataFrame]:
+    """``view.without_rows`` on the snapshot and its row-aligned columns alike."""
+    if not gone:
+        return snap, features
+    keep = ~snap.manifest["sample_id"].astype(str).isin(gone).to_numpy()
+    return without_rows(snap, gone), features[keep].reset_index(drop=True)
 
 
 def as_reference(m: Measured, view_id: str, snapshot_id: str) -> sig.Reference:
@@ -194,8 +262,8 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     counts = entry["counts"]
     if entry["detector"] != stats.detector_settings(v):
         _say(f"the block detector settings changed since approved view {entry['view_id'][:12]}: re-measuring it")
-        m = measure_view(without_rows(store.load_snapshot(store_dir, sid, verify=True), gone),
-                         [r for r in records if r["sample_id"] not in gone], v, phash=False)
+        snap, features = _without(*_load_measurable(store_dir, sid, v), gone)
+        m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, phash=False, features=features)
         counts = m.rows.counts().to_dict(m.rows.class_names)
     return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
 
@@ -259,6 +327,7 @@ def build_tables(snap: store.Snapshot, m: Measured, v: ValidateConfig, last: Opt
         "n_train": int(len(rows.ids)),
         "n_poisoned_rows": int(len(m.poisoned)),
         "n_new_rows": int(new.sum()),
+        "train_rows_measured_from_pixels": int(m.from_pixels),
         "new_rows_per_class": {c: int(x) for c, x in zip(names, np.bincount(rows.labels[new], minlength=len(names)))},
         "provenance_coverage": float(frames["samples"][list(PROVENANCE_COLUMNS)].notna().all(axis=1).mean())
         if len(frames["samples"]) else 1.0,
@@ -509,12 +578,12 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     require_lineage(meta, {"snapshot_id": ptr["snapshot_id"]}, what=f"the view in {args.view}",
                     against=f"the current snapshot ({args.pointer})", fix="re-run the poison stage")
     ledger = read_ledger(args.approved)  # a damaged history is refused before anything is measured
-    snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True)
+    snap, features = _load_measurable(args.store, ptr["snapshot_id"], v)
     # a quarantined view (remedy=quarantine) is judged without the rows it leaves out
     gone = quarantined_ids(meta.get("quarantine"))
-    snap = without_rows(snap, gone)
+    snap, features = _without(snap, features, gone)
     source_key = str((snap.meta.get("source") or {}).get("key", ""))
-    m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v)
+    m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, features=features)
     last_e, root_e = history(ledger, source_key, meta["view_id"])
     last = reference_of(last_e, args.store, args.approved, v) if last_e else None
     root = reference_of(root_e, args.store, args.approved, v) if root_e else None

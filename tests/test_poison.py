@@ -163,3 +163,66 @@ def test_validate_stage_end_to_end(digits_store, tmp_path, capsys):
     vj = json.loads((tmp_path / "validated.json").read_text())
     assert vj["success"] is False and vj["on_fail"] == "warn"
     assert len(validate.read_ledger(approved)) == 1
+
+
+def test_the_data_gate_reads_the_columns_stored_at_ingest_not_the_pixels(digits_store, tmp_path):
+    """Issue 19 item 2: the snapshot stage stores each new row's data-gate columns (perceptual hash,
+    block scan) bound by its header; the data gate measures from them and reads pixels only for
+    rows a record rebuilt, with results identical to measuring every row from its pixels."""
+    import dataclasses
+    import shutil
+
+    from pipeline.data import stats
+
+    v = config.load(write_params(tmp_path / "p.yaml")).validate
+    st = digits_store["store"]
+    sid = json.loads(digits_store["pointer"].read_text())["snapshot_id"]
+    detector = stats.detector_settings(v)
+    assert store.read_meta(st, sid)["features"]["detector"] == detector
+    feats = store.load_features(st, sid, detector)
+    snap = store.load_snapshot(st, sid)
+    assert len(feats) == len(snap.manifest) and feats["stored"].all()
+    expect = stats.row_features(snap.images, v)
+    assert (feats["phash"].to_numpy(np.uint64) == expect["phash"].to_numpy(np.uint64)).all()
+    assert (feats["abnormal_block"].to_numpy() == expect["abnormal_block"].to_numpy()).all()
+
+    rc, bad_view, _ = run_poison(digits_store, tmp_path / "bad", "attack=backdoor", "attack.rate=0.1")
+    assert rc == 0
+    _meta, records = view.read_view(bad_view)
+    rebuilt = sum(1 for r in records if r["transform"])
+    lazy = store.load_snapshot(st, sid, lazy=True, hash_packs=False)
+    stored = validate.measure_view(lazy, records, v, features=feats)
+    pixels = validate.measure_view(snap, records, v)
+    n_train = int((snap.manifest["split"] == "train").sum())
+    assert stored.from_pixels == rebuilt > 0 and pixels.from_pixels == n_train
+    assert (stored.rows.block == pixels.rows.block).all() and stored.rows.block.sum() >= rebuilt // 2
+    assert (stored.rows.phash == pixels.rows.phash).all()
+    assert stored.flags["abnormal_block_at"].tolist() == pixels.flags["abnormal_block_at"].tolist()
+
+    # Other detector settings: nothing stored for them, so every row is measured from its pixels.
+    other = dataclasses.replace(v, block_size=v.block_size + 1)
+    assert not store.load_features(st, sid, stats.detector_settings(other))["stored"].any()
+
+    # Pixels the gate reads from unhashed packs are checked row by row: a pack changed after the
+    # snapshot is refused, not measured.
+    copy = tmp_path / "store"
+    shutil.copytree(st, copy)
+    row = snap.manifest[snap.manifest["split"] == "train"].iloc[0]
+    pack = copy / "packs" / f"{row['pack']}.npy"
+    arr = np.load(pack, mmap_mode="r")
+    at = arr.offset + int(row["pack_index"]) * int(np.prod(arr.shape[1:]))  # the row's first pixel
+    del arr
+    data = bytearray(pack.read_bytes())
+    data[at] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    with pytest.raises(store.IntegrityError, match="do not hash to their manifest sha256"):
+        validate.measure_view(store.load_snapshot(copy, sid, lazy=True, hash_packs=False), [], other,
+                              features=store.load_features(copy, sid, stats.detector_settings(other)))
+
+    # An edited features file is a damaged store, named.
+    f = next((copy / "features").glob("*.parquet"))
+    f.write_bytes(f.read_bytes()[:-8])
+    with pytest.raises(store.DamagedStore, match="data-gate columns"):
+        store.load_features(copy, sid, detector)
+    ok, _reports, _notes = store.verify_store(copy)
+    assert not ok

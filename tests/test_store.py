@@ -98,7 +98,7 @@ def test_first_snapshot_layout_ids_and_load(env):
     assert rep["provenance"]["coverage"] == 1.0 and rep["duplicates"]["n_groups"] == 0
     assert rep["counts"]["train"]["per_class"] == {"cat": 4, "dog": 4, "emu": 4}
     assert rep["counts"] == stats.counts(man, meta["class_names"])  # the header's fast bincount agrees
-    assert set(rep["seconds"]) == {"verify", "read", "plan", "write", "total"}
+    assert set(rep["seconds"]) == {"verify", "read", "plan", "features", "write", "total"}
 
 
 def test_append_ten_files_keeps_old_rows_and_files(env):

@@ -319,6 +319,33 @@ def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
     return out
 
 
+FEATURE_COLUMNS = ("phash", "abnormal_block", "abnormal_block_at")
+FEATURE_CHUNK_ROWS = 4096  # rows per chunk: the block scan's integral images are ~8x the chunk's pixels
+
+
+def row_features(images, v: ValidateConfig, rows: Sequence[int] | np.ndarray | None = None) -> pd.DataFrame:
+    """What the data gate needs of each row's pixels, once per row (issue 19 item 2): the 64-bit
+    perceptual hash and the block scan of ``conf/validate`` (:func:`block_flags_cfg`), columns
+    ``FEATURE_COLUMNS``. The snapshot stage computes them as rows enter the store; the data gate
+    computes them only for rows it has no stored columns for (a poisoned row, another detector
+    setting). ``images`` may be lazy (``pipeline.data.rows``): chunks of ``FEATURE_CHUNK_ROWS``
+    rows are read at a time, so memory stays flat whatever the row count."""
+    from pipeline.data.rows import take
+
+    idx = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
+    phash = np.empty(len(idx), np.uint64)
+    flag = np.zeros(len(idx), bool)
+    at = np.full(len(idx), "", dtype=object)
+    for s in range(0, len(idx), FEATURE_CHUNK_ROWS):
+        chunk = np.asarray(take(images, idx[s:s + FEATURE_CHUNK_ROWS]))
+        e = s + len(chunk)
+        phash[s:e] = perceptual_hashes(chunk)
+        f = block_flags_cfg(chunk, v)
+        flag[s:e] = f["abnormal_block"].to_numpy(bool)
+        at[s:e] = f["abnormal_block_at"].to_numpy(object)
+    return pd.DataFrame({"phash": phash, "abnormal_block": flag, "abnormal_block_at": at.astype(str)})
+
+
 def label_shares(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Fraction of the rows in each class (reports)."""
     labels = np.asarray(labels, np.int64)

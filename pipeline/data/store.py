@@ -5,6 +5,7 @@ Layout (format 2; docs/store.md has the full story)::
     data/store/FORMAT                          "poisongate-store 2"
     data/store/packs/<sha256>.npy              uint8 (n, H, W, C): the pixels one snapshot ingested
     data/store/deltas/<sha256>.parquet         delta manifest: the rows one snapshot added
+    data/store/features/<sha256>.parquet       the data gate's per-row columns of those rows (optional)
     data/store/snapshots/<snapshot_id>.json    header; its sha256 IS the snapshot id
     data/store/heads/<source-key>              the current snapshot of one source lineage (the only ref)
 
@@ -20,6 +21,11 @@ Every file is named by the sha256 of its bytes, so every file can be checked aga
   ``sample_id, sha256, label, split, source_uri, ingest_time, pack, pack_index, file_size,
   file_sha256`` (``sha256`` = pixel hash, ``core.hashing.sample_hash``; ``file_sha256`` = sha256 of
   the source file's bytes at ingest, what makes the next snapshot incremental).
+- a **features** file (Parquet, ``FEATURE_SCHEMA``, optional: ``header["features"]`` names it with
+  the detector settings it was computed with) holds, row-aligned with the delta, what the data gate
+  needs of each new row's pixels: ``phash``, ``abnormal_block``, ``abnormal_block_at``
+  (``stats.row_features``). Computed once, at ingest, so the data gate reads columns, not pixels
+  (issue 19 item 2); bound by the header like the delta, so an edited file is a DamagedStore.
 - the **full manifest** of a snapshot is its chain's deltas concatenated, root first, with a
   ``snapshot_id`` column naming the snapshot that first ingested each row (derived from the chain,
   not stored: a delta cannot contain the hash of the header that names it).
@@ -91,6 +97,7 @@ DELTA_SCHEMA = pa.schema([
     ("file_sha256", pa.string()),  # "": idem
 ])
 DELTA_COLUMNS = DELTA_SCHEMA.names
+FEATURE_SCHEMA = pa.schema([("phash", pa.uint64()), ("abnormal_block", pa.bool_()), ("abnormal_block_at", pa.string())])
 _INT_COLUMNS = ("label", "pack_index", "file_size")
 HEADER_KEYS = {"format", "parent", "delta", "packs", "class_names", "image_shape", "source", "created",
                "n_rows", "n_new", "counts"}
@@ -201,6 +208,14 @@ def header_bytes(header: dict) -> bytes:
 def delta_bytes(rows: pd.DataFrame) -> bytes:
     """The Parquet bytes of a delta manifest (the new rows of one snapshot)."""
     table = pa.Table.from_pydict({c: rows[c].tolist() for c in DELTA_COLUMNS}, schema=DELTA_SCHEMA)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue().to_pybytes()
+
+
+def features_bytes(features: pd.DataFrame) -> bytes:
+    """The Parquet bytes of a features file (``FEATURE_SCHEMA``, row-aligned with its delta)."""
+    table = pa.Table.from_pydict({c: features[c].tolist() for c in FEATURE_SCHEMA.names}, schema=FEATURE_SCHEMA)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
@@ -441,6 +456,10 @@ def _header_problem(h: object) -> str:
         return "has no source key"
     if not all(isinstance(h[k], int) and h[k] >= 0 for k in ("n_rows", "n_new")):
         return "has malformed row counts"
+    f = h.get("features")
+    if f is not None and not (isinstance(f, dict) and isinstance(f.get("sha256"), str) and _HEX64.match(f["sha256"])
+                              and f.get("rows") == h["n_new"] and isinstance(f.get("detector"), dict)):
+        return f"has a malformed features entry {f!r}"
     return ""
 
 
@@ -509,6 +528,57 @@ def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.T
     if table.num_rows != header["n_new"]:
         raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
     return table
+
+
+def _features_path(store: Path, digest: str) -> Path:
+    return store / "features" / f"{digest}.parquet"
+
+
+def read_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
+    """The features file a header names, checked against its sha256, schema and row count."""
+    store = Path(store_dir)
+    digest = header["features"]["sha256"]
+    path = _features_path(store, digest)
+    if not path.is_file():
+        raise DamagedStore(store, path, f"is missing (the data-gate columns of snapshot {header['id'][:12]}, "
+                                        f"{header['n_new']} rows)")
+    data = path.read_bytes()
+    actual = _sha256(data)
+    if actual != digest:
+        raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the data-gate columns of "
+                                        f"snapshot {header['id'][:12]} were edited or truncated")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if [(f.name, f.type) for f in table.schema] != [(f.name, f.type) for f in FEATURE_SCHEMA]:
+        raise DamagedStore(store, path, "has columns other than the features schema")
+    if table.num_rows != header["n_new"]:
+        raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
+    return table.to_pandas()
+
+
+def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
+                  headers: Optional[list[dict]] = None) -> pd.DataFrame:
+    """The data gate's stored per-row columns of a snapshot, row-aligned with its full manifest:
+    ``FEATURE_SCHEMA`` plus ``stored`` (bool). A snapshot whose header names no features file, or
+    one computed with other ``detector`` settings (``stats.detector_settings``), contributes rows
+    with ``stored`` False: the caller computes those from the pixels."""
+    store = Path(store_dir)
+    headers = headers if headers is not None else chain(store, snapshot_id)
+    parts = []
+    for h in headers:
+        f = h.get("features")
+        if f is not None and f["detector"] == detector:
+            df = read_features(store, h)
+            df["stored"] = True
+        else:
+            df = pd.DataFrame({"phash": np.zeros(h["n_new"], np.uint64), "abnormal_block": np.zeros(h["n_new"], bool),
+                               "abnormal_block_at": [""] * h["n_new"], "stored": np.zeros(h["n_new"], bool)})
+        parts.append(df)
+    if not parts:
+        return pd.DataFrame({c: [] for c in [*FEATURE_SCHEMA.names, "stored"]})
+    return pd.concat(parts, ignore_index=True)
 
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
@@ -696,7 +766,7 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
-                  lazy: bool = False) -> Snapshot:
+                  lazy: bool = False, hash_packs: bool = True) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
     ``verify`` checks the chain (headers, deltas) and hashes every pack file: since a pack is named
@@ -704,13 +774,17 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     written, this proves the rows are the ingested ones without hashing each sample. ``deep`` also
     re-hashes every row. A mismatch raises :class:`DamagedStore` (an IntegrityError) naming the file
     and, for a pack, the rows that changed.
+
+    ``hash_packs=False`` (with ``lazy``) skips hashing the packs: for a reader of a few rows that
+    checks each row it reads against its sha256 itself (the data gate), rather than read every
+    pixel of the store to prove rows it never uses.
     """
     store = Path(store_dir)
     check_format(store)
     headers = chain(store, snapshot_id)
     meta = headers[-1]
     manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers)
-    if verify or deep:
+    if deep or (verify and (hash_packs or not lazy)):
         verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
     index = manifest["pack_index"].to_numpy()
@@ -768,8 +842,11 @@ def _write_object(path: Path, data: bytes, digest: str) -> None:
     write_file(path, data)
 
 
-def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str) -> tuple[str, pd.DataFrame]:
-    """Write a planned snapshot (pack, delta, header, heads); returns its id and final manifest."""
+def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str,
+                   features: Optional[tuple[pd.DataFrame, dict]] = None) -> tuple[str, pd.DataFrame]:
+    """Write a planned snapshot (pack, delta, features, header, heads); returns its id and final
+    manifest. ``features``: the new rows' data-gate columns (``stats.row_features``) and the
+    detector settings they were computed with; the header names them."""
     store = Path(store_dir)
     check_format(store)
     if not (store / FORMAT_FILE).is_file():
@@ -796,7 +873,17 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     delta = delta_bytes(rows)
     ddigest = _sha256(delta)
     _write_object(_delta_path(store, ddigest), delta, ddigest)
+    extra = {}
+    if features is not None:
+        frame, detector = features
+        if len(frame) != plan.n_new:
+            raise ValueError(f"features for {len(frame)} rows, the snapshot adds {plan.n_new}")
+        fb = features_bytes(frame)
+        fdigest = _sha256(fb)
+        _write_object(_features_path(store, fdigest), fb, fdigest)
+        extra["features"] = {"sha256": fdigest, "rows": plan.n_new, "detector": detector}
     header = {
+        **extra,
         "format": FORMAT_VERSION,
         "parent": plan.parent,
         "delta": {"sha256": ddigest, "rows": plan.n_new},
@@ -883,6 +970,7 @@ def verify_store(store_dir: str | Path, deep: bool = False,
     reached: set[str] = set()
     used_deltas: set[str] = set()
     used_packs: set[str] = set()
+    used_features: set[str] = set()
     for key in sorted(keys):
         t0 = time.perf_counter()
         st = VerifyStats()
@@ -894,11 +982,15 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             hs = chain(store, head)
             manifest = load_manifest(store, head, verify=True, headers=hs)
             verify_packs(store, hs, manifest, deep=deep, stats_out=st)
+            for h in hs:
+                if h.get("features") is not None:
+                    read_features(store, h)
             st.snapshots, st.rows = len(hs), len(manifest)
             st.seconds = time.perf_counter() - t0
             reached |= {h["id"] for h in hs}
             used_deltas |= {h["delta"]["sha256"] for h in hs}
             used_packs |= {p for h in hs for p in h["packs"]}
+            used_features |= {h["features"]["sha256"] for h in hs if h.get("features")}
             deep_note = f", {st.rows_rehashed} samples re-hashed" if deep else ""
             msg = (f"lineage {key}: ok: {st.snapshots} snapshot(s), {st.rows} rows, head {head[:12]}, "
                    f"{st.packs} pack(s), {st.bytes_hashed / 1e6:.1f} MB hashed{deep_note} in {st.seconds:.2f} s")
@@ -919,7 +1011,10 @@ def verify_store(store_dir: str | Path, deep: bool = False,
                          f"branch); it is checked against its id, nothing uses it")
             used_deltas.add(h["delta"]["sha256"])
             used_packs |= set(h["packs"])
-    for folder, used, suffix in (("deltas", used_deltas, ".parquet"), ("packs", used_packs, ".npy")):
+            if h.get("features"):
+                used_features.add(h["features"]["sha256"])
+    for folder, used, suffix in (("deltas", used_deltas, ".parquet"), ("packs", used_packs, ".npy"),
+                                 ("features", used_features, ".parquet")):
         d = store / folder
         for p in sorted(d.iterdir()) if d.is_dir() else []:
             if p.name.endswith(suffix) and p.name[: -len(suffix)] in used:
