@@ -502,32 +502,38 @@ def _delta_path(store: Path, digest: str) -> Path:
     return store / "deltas" / f"{digest}.parquet"
 
 
-def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.Table:
-    """The delta manifest a header names, checked against its sha256, schema and row count."""
-    store = Path(store_dir)
-    digest = header["delta"]["sha256"]
-    path = _delta_path(store, digest)
+def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema,
+                verify: bool = True) -> pa.Table:
+    """A Parquet object a header names (``what`` it is, for the messages), checked against its
+    sha256 (``verify``), ``schema`` and the header's new-row count."""
     if not path.is_file():
-        raise DamagedStore(store, path, f"is missing (the delta manifest of snapshot {header['id'][:12]}, "
+        raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]}, "
                                         f"{header['n_new']} rows)")
     data = path.read_bytes()
     if verify:
         actual = _sha256(data)
         if actual != digest:
-            raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the delta manifest of "
+            raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the {what} of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
-        # threads pay off on a big delta; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
+        # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
         table = pf.read(use_threads=pf.metadata.num_rows > 20_000)
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     got = [(f.name, f.type) for f in table.schema]
-    if got != [(f.name, f.type) for f in DELTA_SCHEMA]:
-        raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the delta schema")
+    if got != [(f.name, f.type) for f in schema]:
+        raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the {what}'s schema")
     if table.num_rows != header["n_new"]:
         raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
     return table
+
+
+def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.Table:
+    """The delta manifest a header names, checked against its sha256, schema and row count."""
+    store = Path(store_dir)
+    digest = header["delta"]["sha256"]
+    return _read_table(store, _delta_path(store, digest), digest, header, "delta manifest", DELTA_SCHEMA, verify)
 
 
 def _features_path(store: Path, digest: str) -> Path:
@@ -538,24 +544,8 @@ def read_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
     """The features file a header names, checked against its sha256, schema and row count."""
     store = Path(store_dir)
     digest = header["features"]["sha256"]
-    path = _features_path(store, digest)
-    if not path.is_file():
-        raise DamagedStore(store, path, f"is missing (the data-gate columns of snapshot {header['id'][:12]}, "
-                                        f"{header['n_new']} rows)")
-    data = path.read_bytes()
-    actual = _sha256(data)
-    if actual != digest:
-        raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the data-gate columns of "
-                                        f"snapshot {header['id'][:12]} were edited or truncated")
-    try:
-        table = pq.read_table(pa.BufferReader(data))
-    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
-        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    if [(f.name, f.type) for f in table.schema] != [(f.name, f.type) for f in FEATURE_SCHEMA]:
-        raise DamagedStore(store, path, "has columns other than the features schema")
-    if table.num_rows != header["n_new"]:
-        raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
-    return table.to_pandas()
+    return _read_table(store, _features_path(store, digest), digest, header, "data-gate columns",
+                       FEATURE_SCHEMA).to_pandas()
 
 
 def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
