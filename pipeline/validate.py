@@ -195,7 +195,7 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
     if len(need):
         unchecked = need[~changed[need]]
         if features is not None and len(unchecked):
-            _check_rows(view_img, unchecked, tr_ids, tr_sha)
+            store.check_rows(view_img, unchecked, tr_ids, tr_sha)
         measured = stats.row_features(view_img, v, need)
         flags.loc[need, "abnormal_block"] = measured["abnormal_block"].to_numpy(bool)
         flags.loc[need, "abnormal_block_at"] = measured["abnormal_block_at"].to_numpy(object)
@@ -206,23 +206,6 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
                         tuple(str(c) for c in snap.class_names), hashes if phash else None)
     return Measured(rows, view_img, flags, [str(i) for i in tr_ids] + te_ids, all_hashes, all_labels, poisoned,
                     int(len(need)))
-
-
-def _check_rows(images, rows: np.ndarray, ids: Sequence[str], sha: Sequence[str]) -> None:
-    """Rows read from packs that were not hashed must hash to their manifest sha256."""
-    from pipeline.core.hashing import sample_hash
-    from pipeline.data.rows import take
-
-    bad = []
-    for s in range(0, len(rows), stats.FEATURE_CHUNK_ROWS):
-        part = rows[s:s + stats.FEATURE_CHUNK_ROWS]
-        for k, img in zip(part, np.asarray(take(images, part))):
-            if sample_hash(img) != sha[k]:
-                bad.append(str(ids[k]))
-    if bad:
-        raise store.IntegrityError(f"{len(bad)} stored row(s) do not hash to their manifest sha256 "
-                                   f"({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}): the store's packs changed; "
-                                   "`python -m pipeline.data.store verify` names the file")
 
 
 def _load_measurable(store_dir: str | Path, snapshot_id: str, v: ValidateConfig) -> tuple[store.Snapshot, pd.DataFrame]:

@@ -172,6 +172,37 @@ def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
     assert not (p["models"] / "candidate.pt").exists()
 
 
+def test_evaluate_reads_only_the_test_split_and_checks_each_row_it_reads(backdoor_run, tmp_path, capsys):
+    """Issue 19 item 2: evaluate reads the test rows only (the packs are not hashed whole) and
+    checks each against its manifest sha256: a changed train row is not its business (training
+    refuses it), a changed test row is refused, named."""
+    from pipeline import evaluate
+    from pipeline.data import store
+
+    p = backdoor_run
+    copy = tmp_path / "store"
+    shutil.copytree(p["store"], copy)
+    q = {**p, "store": copy}
+    man = store.read_manifest(copy, store.read_pointer(p["pointer"])["snapshot_id"])
+
+    def flip(row) -> None:
+        pack = copy / "packs" / f"{row['pack']}.npy"
+        pack.chmod(0o644)
+        arr = np.load(pack)
+        arr[int(row["pack_index"]), 4, 4, 0] ^= 0x01
+        np.save(pack, arr)
+
+    flip(man[man["split"] == "train"].iloc[3])
+    assert evaluate.main(evaluate_argv(q, "_train_row_changed")) == 0
+    got = json.loads((p["reports"] / "metrics_train_row_changed.json").read_text())
+    assert got["accuracy"] == json.loads((p["reports"] / "metrics.json").read_text())["accuracy"]
+    row = man[man["split"] == "test"].iloc[2]
+    flip(row)
+    assert evaluate.main(evaluate_argv(q, "_test_row_changed")) == 1
+    err = capsys.readouterr().err
+    assert "integrity check failed" in err and row["sample_id"] in err
+
+
 # --------------------------------------------------------------------------- the chain
 
 

@@ -684,6 +684,24 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
     return st
 
 
+def check_rows(images, rows: np.ndarray, ids: Sequence[str], sha: Sequence[str], chunk: int = 4096) -> None:
+    """``images[rows]`` (numpy or lazy) must hash to ``sha[rows]``: what a reader that skipped
+    hashing the packs (``load_snapshot(hash_packs=False)``) checks of the rows it does read, so
+    reading a few rows never costs hashing the whole store. IntegrityError names the rows."""
+    from pipeline.data.rows import take
+
+    rows = np.asarray(rows, np.int64)
+    bad = []
+    for s in range(0, len(rows), chunk):
+        part = rows[s:s + chunk]
+        for k, img in zip(part, np.asarray(take(images, part))):
+            if sample_hash(img) != sha[k]:
+                bad.append(str(ids[k]))
+    if bad:
+        raise IntegrityError(f"{len(bad)} stored row(s) do not hash to their manifest sha256 ({_few(bad)}): the "
+                             "store's packs changed; `python -m pipeline.data.store verify` names the file")
+
+
 def _bad_rows(arr: np.ndarray, rows: np.ndarray, manifest: pd.DataFrame) -> list[str]:
     index = manifest["pack_index"].to_numpy()
     ids = manifest["sample_id"].to_numpy()
