@@ -82,6 +82,7 @@ def make_repo_copy(dest: Path) -> RepoCopy:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{dest / 'mlflow.db'}"
     env["GX_ANALYTICS_ENABLED"] = "false"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.pop("CUDA_VISIBLE_DEVICES", None)
     # One torch thread per stage process: `make test` runs one pytest worker per core, and a
     # second thread per process on tiny digits batches only oversubscribes the cores.
