@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch 2.14.1 / torchvision 0.29.1 come from this machine's disk (the pip constraint file caps them).
 	# uv installs the same set as pip, with pip's own index settings and constraints, ~4x faster
-	# (tools/fast_install.py); plain pip is the fallback wherever uv cannot be had.
+	# (tools/fast_install.py); plain pip is the fallback wherever uv cannot be had. Modules are
+	# byte-compiled here, not on first import: an environment may set PYTHONDONTWRITEBYTECODE (this
+	# box does, and so does this Makefile), and then every stage process would compile torch anew.
 	$(BIN)/python tools/fast_install.py --python $(BIN)/python -- -e '.[dev]' || { \
 	  echo "make install: uv did not install; pip does"; \
 	  $(BIN)/python -m pip install --quiet --no-compile -e '.[dev]' && \
