@@ -255,3 +255,43 @@ def test_resolve_attack_gives_class_indices():
 def test_core_attacks_import_no_torch():
     code = "import sys, pipeline.core.attacks; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "label_flip", "source": 1, "target": 7, "rate": 0.3, "seed": 0},
+    {"name": "backdoor", "source": 1, "target": 7, "rate": 0.3, "seed": 0,
+     "trigger": {"kind": "patch", "size": 3, "location": "random", "pattern": "white", "alpha": 0.1, "seed": 0}},
+    {"name": "backdoor", "source": None, "target": 0, "rate": 0.05, "seed": 1,
+     "trigger": {"kind": "blend", "size": 3, "location": "bottom_right", "pattern": "noise", "alpha": 0.2, "seed": 3}},
+])
+def test_poison_records_reads_only_the_poisoned_rows_and_agrees_with_poison(spec):
+    """``poison_records`` (what the stage runs on lazy rows) gives ``poison``'s records, and reads
+    the pixels of those rows only."""
+    from pipeline.core.attacks import poison_records
+    from pipeline.core.hashing import sample_hash
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(60) % 10
+    ids = [f"r{i}" for i in range(60)]
+    names = [str(i) for i in range(10)]
+
+    class Counting:  # row-indexable, records which rows were read
+        shape, dtype, ndim = x.shape, x.dtype, 4
+        read: set = set()
+
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, rows):
+            self.read |= set(np.atleast_1d(np.arange(len(x))[rows]).tolist())
+            return x[rows]
+
+    rows = Counting()
+    recs = poison_records(rows, y, ids, spec, names)
+    xp, yp, expected = poison(x, y, ids, spec, names)
+    assert recs == expected and recs
+    assert rows.read == {int(r["sample_id"][1:]) for r in recs}
+    for r in recs:
+        i = int(r["sample_id"][1:])
+        assert sample_hash(xp[i]) == r["sha256_after"] and yp[i] == r["new_label"]

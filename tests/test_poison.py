@@ -226,3 +226,40 @@ def test_the_data_gate_reads_the_columns_stored_at_ingest_not_the_pixels(digits_
         store.load_features(copy, sid, detector)
     ok, _reports, _notes = store.verify_store(copy)
     assert not ok
+
+
+def test_poison_stage_reads_only_the_rows_it_poisons(digits_store, tmp_path, capsys):
+    """Issue 19 item 3: a backdoor view reads the pixels of the rows it poisons and no others, and
+    checks each row it reads against its manifest sha256 (the packs are not hashed whole)."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(digits_store["store"], copy)
+    ds = {**digits_store, "store": copy}
+    attack = ("attack=backdoor", "attack.rate=0.1")
+    rc, out, _ = run_poison(ds, tmp_path / "a", *attack)
+    assert rc == 0
+    records = view.read_view(out)[1]
+    poisoned = {r["sample_id"] for r in records}
+    assert poisoned
+    man = store.read_manifest(copy, json.loads(digits_store["pointer"].read_text())["snapshot_id"])
+
+    def flip(row) -> None:
+        pack = copy / "packs" / f"{row['pack']}.npy"
+        arr = np.load(pack, mmap_mode="r")
+        at = arr.offset + int(row["pack_index"]) * int(np.prod(arr.shape[1:]))
+        del arr
+        data = bytearray(pack.read_bytes())
+        data[at] ^= 0xFF
+        pack.chmod(0o644)
+        pack.write_bytes(bytes(data))
+
+    flip(man[(man["split"] == "train") & ~man["sample_id"].isin(poisoned)].iloc[0])  # a row it does not read
+    rc, out, _ = run_poison(ds, tmp_path / "b", *attack)
+    assert rc == 0 and view.read_view(out)[1] == records
+    victim = man[man["sample_id"] == sorted(poisoned)[0]].iloc[0]
+    flip(victim)
+    capsys.readouterr()
+    rc, _, _ = run_poison(ds, tmp_path / "c", *attack)
+    err = capsys.readouterr().err
+    assert rc == 1 and "integrity check failed" in err and victim["sample_id"] in err, err

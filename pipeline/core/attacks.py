@@ -309,42 +309,51 @@ def poison(
     no records.
     """
     images = _check_images(images)
+    records = poison_records(images, labels, sample_ids, attack_spec, class_names)
+    new_images, new_labels = images.copy(), np.asarray(labels).astype(np.int64).copy()
+    index = {str(s): i for i, s in enumerate(sample_ids)}
+    rows = [index[r["sample_id"]] for r in records]
+    if rows:
+        new_labels[rows] = [r["new_label"] for r in records]
+        for i, r in zip(rows, records):
+            if r["transform"] is not None:  # the record's concrete transform, as data.view re-applies it
+                new_images[i] = apply_trigger(images[i][None], r["transform"])[0]
+    return new_images, new_labels, records
+
+
+def poison_records(
+    images: Any,
+    labels: np.ndarray,
+    sample_ids: Sequence[str],
+    attack_spec: Mapping[str, Any],
+    class_names: Sequence[str],
+) -> list[dict]:
+    """The records of :func:`poison` alone, reading only the rows it poisons: ``images`` may be
+    any row-indexable uint8 (N, H, W, C) container with ``shape`` and ``dtype`` (a numpy array, or
+    the store's lazy rows), so a view over a data set of any size costs the pixels of the poisoned
+    rows, not of the data set (issue 19 item 3)."""
+    shape = tuple(getattr(images, "shape", ()))
+    if getattr(images, "dtype", None) != np.uint8 or len(shape) != 4:
+        raise AttackError(f"images must be a uint8 (N, H, W, C) array, got {getattr(images, 'dtype', None)} {shape}")
     labels = np.asarray(labels).astype(np.int64)
-    if len(labels) != len(images) or len(sample_ids) != len(images):
-        raise AttackError(f"images ({len(images)}), labels ({len(labels)}) and sample_ids ({len(sample_ids)}) differ in length")
-    a = resolve_attack(attack_spec, class_names, images.shape[1:])
+    if len(labels) != shape[0] or len(sample_ids) != shape[0]:
+        raise AttackError(f"images ({shape[0]}), labels ({len(labels)}) and sample_ids ({len(sample_ids)}) differ in length")
+    a = resolve_attack(attack_spec, class_names, shape[1:])
     if a["name"] == "clean_label":  # crafted against a model: core.clean_label.craft
         raise AttackError("attack clean_label needs a crafting model: use pipeline.core.clean_label.craft")
-    new_images, new_labels = images.copy(), labels.copy()
     if a["name"] == "none":
-        return new_images, new_labels, []
+        return []
     rows = select_rows(labels, a["source"], a["target"], a["rate"], a["seed"])
-    records: list[dict] = []
+    if not len(rows):
+        return []
+    before = np.asarray(images[rows])
     if a["name"] == "label_flip":
-        for i in rows:
-            new_labels[i] = a["target"]
-            records.append({
-                "sample_id": str(sample_ids[i]),
-                "original_label": int(labels[i]),
-                "new_label": int(a["target"]),
-                "transform": None,
-                "sha256_after": sample_hash(images[i]),
-            })
-        return new_images, new_labels, records
-    trig = a["trigger"]
-    locs = resolve_locations(len(rows), images.shape[1:], trig) if trig["kind"] == "patch" else None
-    if len(rows):
-        new_images[rows] = apply_trigger(images[rows], trig, locations=locs)
-    for j, i in enumerate(rows):
-        new_labels[i] = a["target"]
-        t = dict(trig)
-        if locs is not None:
-            t["location"] = [int(locs[j, 0]), int(locs[j, 1])]
-        records.append({
-            "sample_id": str(sample_ids[i]),
-            "original_label": int(labels[i]),
-            "new_label": int(a["target"]),
-            "transform": t,
-            "sha256_after": sample_hash(new_images[i]),
-        })
-    return new_images, new_labels, records
+        after, transforms = before, [None] * len(rows)
+    else:
+        trig = a["trigger"]
+        locs = resolve_locations(len(rows), shape[1:], trig) if trig["kind"] == "patch" else None
+        after = apply_trigger(before, trig, locations=locs)
+        transforms = [dict(trig) if locs is None else {**trig, "location": [int(locs[j, 0]), int(locs[j, 1])]}
+                      for j in range(len(rows))]
+    return [{"sample_id": str(sample_ids[i]), "original_label": int(labels[i]), "new_label": int(a["target"]),
+             "transform": transforms[j], "sha256_after": sample_hash(after[j])} for j, i in enumerate(rows)]
