@@ -169,19 +169,21 @@ def test_validated_json_forged_to_passed_for_the_refused_view_is_not_promoted(re
 @pytest.mark.smoke
 def test_two_dvc_repro_at_once_the_second_is_refused_and_nothing_is_lost(tmp_path):
     """A second `dvc repro` in the same working copy while one runs: DVC's repository lock refuses
-    it at once (non-zero, naming the lock), and the first run completes a release unharmed."""
+    it at once (non-zero, naming the lock), and the first run completes unharmed. Both target the
+    data gate (snapshot, twin, poison, validate): the lock is the repository's, whatever the target,
+    and the stages after it would only add a training to the test."""
     from tests.conftest import BIN, make_repo_copy
 
     repo = make_repo_copy(tmp_path)
     repo.compose()  # the smoke recipe: the lock, not the defaults' epochs, is what is tested here
-    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo.root, env=repo.env,
+    first = subprocess.Popen([str(BIN / "dvc"), "repro", "validate"], cwd=repo.root, env=repo.env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
         while not (repo.root / "data/snapshot.json").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)  # the first run is past its start, holding the lock
         assert first.poll() is None, "the first run ended before the second could start"
-        second = repo.repro(check=False)
+        second = repo.repro("validate", check=False)
         assert second.returncode != 0
         assert "lock" in (second.stdout + second.stderr).lower(), second.stdout[-2000:] + second.stderr[-2000:]
         out, err = first.communicate(timeout=900)
@@ -189,5 +191,7 @@ def test_two_dvc_repro_at_once_the_second_is_refused_and_nothing_is_lost(tmp_pat
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, out[-3000:] + err[-3000:]
-    assert repo.json("reports/gate.json")["passed"] is True
-    assert json.loads((repo.root / "data/snapshot.json").read_text())["snapshot_id"]
+    validation = repo.json("reports/validation.json")
+    assert validation["success"] is True
+    assert validation["snapshot_id"] == json.loads((repo.root / "data/snapshot.json").read_text())["snapshot_id"]
+    assert repo.json("data/validated.json")["success"] is True
