@@ -1,8 +1,10 @@
 """Smoke tier of the data gate on growth (issue 11): the real `dvc repro` in a temp copy of the
 repository, an ImageFolder source built from digits (650 train / 450 test rows written as PNGs).
 
-- clean growth: a base release, then two clean appends of 150 and 230 rows drawn from the
-  same distribution; every release passes the data gate and is promoted (`champion` moves).
+- clean growth: a base release, then a clean append of 230 rows drawn from the same
+  distribution; both releases pass the data gate and are promoted (`champion` moves). (A second
+  append cost ~45 s of CI for the same path; approvals chained over several appends are the drip
+  test's, below, and the ledger's unit tests'.)
   `train.epochs=4` keeps it shorter (the release gate still passes every clean release);
 - drip: after an approved base, appends of 150 rows each carrying 3 patched rows filed under
   class 7 (2% of the append, under the per-append threshold): the first two pass the data gate,
@@ -72,7 +74,7 @@ def test_clean_growth_is_promoted_at_every_append_and_a_poisoned_batch_is_not(tm
     champions = [champion(repo)]
     assert champions[0] is not None
     pos = 0
-    for k, size in enumerate((150, 230)):  # two appends of the 20-500 range users grow by (a third cost ~40 s of CI)
+    for k, size in enumerate((230,)):  # an append in the 20-500 range users grow by
         idx = rest[pos:pos + size]
         pos += size
         write_rows(src, xtr[idx], ytr[idx], "train", f"app{k}_")
@@ -86,7 +88,7 @@ def test_clean_growth_is_promoted_at_every_append_and_a_poisoned_batch_is_not(tm
         assert gate["passed"] is True, gate["checks"]  # at 4 epochs the tightest margin seen: asr_increase 0.058 of 0.1
         champions.append(champion(repo))
         assert champions[-1] not in champions[:-1], champions  # promoted: champion moved to the new version
-    assert len(ledger(repo)) == 3
+    assert len(ledger(repo)) == 2
 
     # Then a batch in which 10% of class 1 carries a corner patch, filed under class 7: the data
     # gate refuses it and the champion stays. (This ends the clean growth instead of a second
@@ -99,7 +101,7 @@ def test_clean_growth_is_promoted_at_every_append_and_a_poisoned_batch_is_not(tm
     proc = repo.repro(check=False)
     assert proc.returncode != 0
     assert repo.json("reports/validation.json")["success"] is False
-    assert champion(repo) == champions[-1] and len(ledger(repo)) == 3
+    assert champion(repo) == champions[-1] and len(ledger(repo)) == 2
     print(f"clean growth smoke: {time.monotonic() - t0:.0f} s")
 
 
