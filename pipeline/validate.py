@@ -193,10 +193,12 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
                               "abnormal_block_at": f["abnormal_block_at"].astype(str).to_numpy(object)})
         hashes = f["phash"].to_numpy(np.uint64).copy()
     if len(need):
-        unchecked = need[~changed[need]]
-        if features is not None and len(unchecked):
-            store.check_rows(view_img, unchecked, tr_ids, tr_sha)
-        measured = stats.row_features(view_img, v, need)
+        def check(pos: np.ndarray, pixels: np.ndarray) -> None:  # the rows not rebuilt by a record
+            keep = np.flatnonzero(~changed[pos])
+            if len(keep):
+                store.check_rows(pixels, keep, [tr_ids[p] for p in pos], [tr_sha[p] for p in pos])
+
+        measured = stats.row_features(view_img, v, need, on_chunk=check if features is not None else None)
         flags.loc[need, "abnormal_block"] = measured["abnormal_block"].to_numpy(bool)
         flags.loc[need, "abnormal_block_at"] = measured["abnormal_block_at"].to_numpy(object)
         hashes[need] = measured["phash"].to_numpy(np.uint64)

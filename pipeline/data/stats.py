@@ -19,7 +19,7 @@ with integral images. Nothing here imports torch or GX; imagehash is imported on
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -319,17 +319,18 @@ def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
     return out
 
 
-FEATURE_COLUMNS = ("phash", "abnormal_block", "abnormal_block_at")
 FEATURE_CHUNK_ROWS = 4096  # rows per chunk: the block scan's integral images are ~8x the chunk's pixels
 
 
-def row_features(images, v: ValidateConfig, rows: Sequence[int] | np.ndarray | None = None) -> pd.DataFrame:
+def row_features(images, v: ValidateConfig, rows: Sequence[int] | np.ndarray | None = None,
+                 on_chunk: Callable[[np.ndarray, np.ndarray], None] | None = None) -> pd.DataFrame:
     """What the data gate needs of each row's pixels, once per row (issue 19 item 2): the 64-bit
     perceptual hash and the block scan of ``conf/validate`` (:func:`block_flags_cfg`), columns
-    ``FEATURE_COLUMNS``. The snapshot stage computes them as rows enter the store; the data gate
+    ``phash``, ``abnormal_block``, ``abnormal_block_at``. The snapshot stage computes them as rows enter the store; the data gate
     computes them only for rows it has no stored columns for (a poisoned row, another detector
     setting). ``images`` may be lazy (``pipeline.data.rows``): chunks of ``FEATURE_CHUNK_ROWS``
-    rows are read at a time, so memory stays flat whatever the row count."""
+    rows are read at a time, so memory stays flat whatever the row count. ``on_chunk(rows, pixels)``
+    sees each chunk as it is read (the data gate checks the rows' hashes there: one read a row)."""
     from pipeline.data.rows import take
 
     idx = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
@@ -338,6 +339,8 @@ def row_features(images, v: ValidateConfig, rows: Sequence[int] | np.ndarray | N
     at = np.full(len(idx), "", dtype=object)
     for s in range(0, len(idx), FEATURE_CHUNK_ROWS):
         chunk = np.asarray(take(images, idx[s:s + FEATURE_CHUNK_ROWS]))
+        if on_chunk is not None:
+            on_chunk(idx[s:s + FEATURE_CHUNK_ROWS], chunk)
         e = s + len(chunk)
         phash[s:e] = perceptual_hashes(chunk)
         f = block_flags_cfg(chunk, v)

@@ -205,20 +205,21 @@ def header_bytes(header: dict) -> bytes:
     return (json.dumps(header, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def delta_bytes(rows: pd.DataFrame) -> bytes:
-    """The Parquet bytes of a delta manifest (the new rows of one snapshot)."""
-    table = pa.Table.from_pydict({c: rows[c].tolist() for c in DELTA_COLUMNS}, schema=DELTA_SCHEMA)
+def _parquet_bytes(frame: pd.DataFrame, schema: pa.Schema) -> bytes:
+    table = pa.Table.from_pydict({c: frame[c].tolist() for c in schema.names}, schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
+
+
+def delta_bytes(rows: pd.DataFrame) -> bytes:
+    """The Parquet bytes of a delta manifest (the new rows of one snapshot)."""
+    return _parquet_bytes(rows, DELTA_SCHEMA)
 
 
 def features_bytes(features: pd.DataFrame) -> bytes:
     """The Parquet bytes of a features file (``FEATURE_SCHEMA``, row-aligned with its delta)."""
-    table = pa.Table.from_pydict({c: features[c].tolist() for c in FEATURE_SCHEMA.names}, schema=FEATURE_SCHEMA)
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue().to_pybytes()
+    return _parquet_bytes(features, FEATURE_SCHEMA)
 
 
 def counts(manifest: pd.DataFrame, class_names: list[str]) -> dict:
