@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Mapping
 from typing import Any, Optional
 
 from pipeline.errors import UserError
@@ -35,6 +36,7 @@ LOCATIONS = NAMED_LOCATIONS + ("random",)
 PATCH_PATTERNS = ("white", "black", "checker", "noise")
 BLEND_PATTERNS = ("noise", "checker")
 ON_FAIL = ("stop", "warn")
+ENGINES = ("pandas", "spark")
 REMEDY_NAMES = ("none", "quarantine", "finetune")
 REMEDY_METHODS = ("finetune", "fine_prune")
 RESERVE_SOURCES = ("champion", "trusted")
@@ -128,6 +130,11 @@ class ValidateConfig:
     block_max_std: float = 4.0
     block_min_contrast: float = 64.0  # 0..255: a flagged block differs this much from its ring and the image median
     docs: bool = True
+    # issue 19 item 6: where the statistics and the GX suites run (pipeline.data.spark_gate)
+    engine: str = "pandas"  # pandas | spark
+    spark_master: str = "local[*]"  # a Spark master URL: local[N], spark://host:7077, yarn, k8s://...
+    spark_store: str = ""  # the store's URI as the executors see it (s3a://..., hdfs://...); "" = --store
+    spark_conf: dict[str, str] = field(default_factory=dict)  # extra SparkSession settings
 
 
 @dataclass
@@ -412,6 +419,12 @@ def check(cfg: Config) -> None:
         _fail("validate.block_low", v.block_low, f"must be below validate.block_high ({v.block_high})")
     _number("validate.block_max_std", v.block_max_std, 0.0, 255.0)
     _number("validate.block_min_contrast", v.block_min_contrast, 0.0, 255.0)
+    _one_of("validate.engine", v.engine, ENGINES)
+    if not isinstance(v.spark_master, str) or not v.spark_master.strip():
+        _fail("validate.spark_master", v.spark_master, "a Spark master URL, e.g. local[*] or spark://host:7077")
+    if not isinstance(v.spark_conf, Mapping) or not all(isinstance(k, str) and k.startswith("spark.")
+                                                         for k in v.spark_conf):
+        _fail("validate.spark_conf", v.spark_conf, "a mapping of Spark settings, e.g. {spark.executor.memory: 4g}")
 
     _one_of("model.name", cfg.model.name, MODEL_NAMES)
     _number("model.width", cfg.model.width, 1, 4096, integer=True)

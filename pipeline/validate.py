@@ -253,6 +253,16 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
 
 
+def _ref_spec(approved_dir: str | Path, entry: Optional[dict]):
+    """An approved entry as the Spark engine reads it (what :func:`reference_of` reads)."""
+    if entry is None:
+        return None
+    from pipeline.data.spark_gate import RefSpec
+
+    gone = quarantined_ids(entry.get("quarantine"))
+    return RefSpec(entry, [r for r in saved_records(approved_dir, entry) if r["sample_id"] not in gone], frozenset(gone))
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -400,9 +410,36 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def _spark_frame(spark: Any, df: pd.DataFrame) -> Any:
+    """A small judged table as a Spark DataFrame with an explicit schema (Spark cannot infer the
+    type of a column that is all None, and GX reads the values as they are)."""
+    df = _gx_frame(df)
+    kinds, cols = [], {}
+    for c in df.columns:
+        dt = df[c].dtype
+        if pd.api.types.is_bool_dtype(dt):
+            kinds.append(f"`{c}` boolean")
+            cols[c] = df[c].astype(object)
+        elif pd.api.types.is_integer_dtype(dt):
+            kinds.append(f"`{c}` bigint")
+            cols[c] = df[c].astype(object).map(int)
+        elif pd.api.types.is_float_dtype(dt):
+            kinds.append(f"`{c}` double")
+            cols[c] = df[c].astype(object).map(float)
+        else:
+            kinds.append(f"`{c}` string")
+            cols[c] = df[c].map(lambda x: None if x is None or (isinstance(x, float) and np.isnan(x)) else str(x))
+    rows = list(zip(*[cols[c].tolist() for c in df.columns])) if len(df.columns) else []
+    return spark.createDataFrame(rows, ", ".join(kinds))
+
+
 def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir: str | Path | None,
-           run_name: str = "poisongate", history_dir: str | Path | None = None) -> tuple[bool, list[dict]]:
+           run_name: str = "poisongate", history_dir: str | Path | None = None,
+           spark: Any = None) -> tuple[bool, list[dict]]:
     """Validate the tables with GX; build Data Docs into ``docs_dir`` (index.html) when given.
+
+    ``spark`` (``validate.engine=spark``): GX's Spark execution engine judges every table; the
+    samples table is then already a Spark DataFrame, the others are turned into small ones.
 
     The Data Docs are reviewer-ready: each validation is named after the view (``run_name``) and
     its data asset, failing per-class rows are listed by class name, the results of earlier runs
@@ -441,7 +478,7 @@ def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir)},
         })
-    ds = ctx.data_sources.add_pandas("poisongate")
+    ds = ctx.data_sources.add_spark("poisongate") if spark is not None else ctx.data_sources.add_pandas("poisongate")
     suites = build_suites(frames, v)
     results: list[dict] = []
     success = True
@@ -453,11 +490,13 @@ def run_gx(tables: Tables | dict[str, pd.DataFrame], v: ValidateConfig, docs_dir
         for e in exps:
             suite.add_expectation(e)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(data=bd, suite=suite, name=f"{run_name}_{tname}"))
-        per_class = "class_name" in frames[tname].columns and len(frames[tname]) <= 10_000
+        big = not isinstance(frames[tname], pd.DataFrame)  # the Spark engine's samples table
+        per_class = not big and "class_name" in frames[tname].columns and len(frames[tname]) <= 10_000
         # per-class tables: every failing value is listed with its class; the big sample table: a summary
         fmt = ({"result_format": "COMPLETE", "unexpected_index_column_names": ["class_name"]} if per_class
                else "SUMMARY")
-        out = vd.run(batch_parameters={"dataframe": _gx_frame(frames[tname])}, result_format=fmt, run_id=run_id)
+        data = frames[tname] if big else (_spark_frame(spark, frames[tname]) if spark is not None else _gx_frame(frames[tname]))
+        out = vd.run(batch_parameters={"dataframe": data}, result_format=fmt, run_id=run_id)
         _name_the_asset(results_store, run_id, suite.name, out, tname)
         success &= bool(out.success)
         for er in out.results:
@@ -563,29 +602,45 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     require_lineage(meta, {"snapshot_id": ptr["snapshot_id"]}, what=f"the view in {args.view}",
                     against=f"the current snapshot ({args.pointer})", fix="re-run the poison stage")
     ledger = read_ledger(args.approved)  # a damaged history is refused before anything is measured
-    snap, features = _load_measurable(args.store, ptr["snapshot_id"], v)
-    # a quarantined view (remedy=quarantine) is judged without the rows it leaves out
-    gone = quarantined_ids(meta.get("quarantine"))
-    snap, features = _without(snap, features, gone)
-    source_key = str((snap.meta.get("source") or {}).get("key", ""))
-    m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, features=features)
-    last_e, root_e = history(ledger, source_key, meta["view_id"])
-    last = reference_of(last_e, args.store, args.approved, v) if last_e else None
-    root = reference_of(root_e, args.store, args.approved, v) if root_e else None
-    tables = build_tables(snap, m, v, last, root)
+    gone = quarantined_ids(meta.get("quarantine"))  # a quarantined view is judged without the rows it leaves out
+    kept = [r for r in records if r["sample_id"] not in gone]
+    spark = None
+    if v.engine == "spark":
+        from pipeline.data import spark_gate
+
+        source_key = str((store.read_meta(args.store, ptr["snapshot_id"]).get("source") or {}).get("key", ""))
+        last_e, root_e = history(ledger, source_key, meta["view_id"])
+        spark = spark_gate.session(v)
+        _say(f"engine spark: master {v.spark_master}, Spark {spark.version}")
+        j = spark_gate.judge_view(spark, args.store, ptr["snapshot_id"], kept, gone, v,
+                                  _ref_spec(args.approved, last_e), _ref_spec(args.approved, root_e),
+                                  data_checks.rate_checks())
+        tables, class_names, full, last, root = Tables(j.frames, j.statistics), j.class_names, j.counts, j.last, j.root
+        snap_id = ptr["snapshot_id"]
+    else:
+        snap, features = _load_measurable(args.store, ptr["snapshot_id"], v)
+        snap, features = _without(snap, features, gone)
+        source_key = str((snap.meta.get("source") or {}).get("key", ""))
+        m = measure_view(snap, kept, v, features=features)
+        last_e, root_e = history(ledger, source_key, meta["view_id"])
+        last = reference_of(last_e, args.store, args.approved, v) if last_e else None
+        root = reference_of(root_e, args.store, args.approved, v) if root_e else None
+        tables = build_tables(snap, m, v, last, root)
+        class_names, full, snap_id = m.rows.class_names, m.rows.counts(), snap.id
     frames = tables.frames
     success, results = run_gx(tables, v, args.docs if v.docs else None, run_name=f"view-{meta['view_id'][:12]}",
-                              history_dir=args.history)
+                              history_dir=args.history, spark=spark)
 
     skipped = [{"check": c.name, "reason": "first release of this source: no approved view to compare with"}
                for c in data_checks.CHECKS if c.table not in frames]
     reasons = _reasons(frames, v) if not success else []
     report = {
         "success": bool(success),
-        "snapshot_id": snap.id,
+        "snapshot_id": snap_id,
         "view_id": meta["view_id"],
+        "engine": v.engine,
         "reference": {"kind": "approved" if last else "source",
-                      "snapshot_id": last.snapshot_id if last else snap.id,
+                      "snapshot_id": last.snapshot_id if last else snap_id,
                       "view_id": last.view_id if last else None,
                       "root": {"snapshot_id": root.snapshot_id, "view_id": root.view_id} if root else None,
                       "source_key": source_key},
@@ -598,18 +653,17 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         "thresholds": _jsonable({k: getattr(v, k) for k in v.__dataclass_fields__}),
     }
     write_json(Path(args.report), report)
-    write_json(Path(args.validated), {"snapshot_id": snap.id, "view_id": meta["view_id"],
+    write_json(Path(args.validated), {"snapshot_id": snap_id, "view_id": meta["view_id"],
                                       "success": bool(success), "on_fail": v.on_fail})
     Path(args.approved).mkdir(parents=True, exist_ok=True)
     if success:
-        full = m.rows.counts()
         save_records(args.approved, meta["view_id"], records)
         append_ledger(args.approved, {
-            "snapshot_id": snap.id, "view_id": meta["view_id"], "source_key": source_key,
+            "snapshot_id": snap_id, "view_id": meta["view_id"], "source_key": source_key,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "attack": meta["attack"], "n_poisoned": len(records),
-            "class_names": list(m.rows.class_names),
-            "counts": full.to_dict(m.rows.class_names),
+            "class_names": list(class_names),
+            "counts": full.to_dict(class_names),
             "detector": stats.detector_settings(v),
             "reference_view_id": last.view_id if last else None,
             "label_shares": tables.statistics["label_shares"], "block_rates": tables.statistics["block_rates"],

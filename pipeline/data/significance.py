@@ -86,7 +86,7 @@ numpy, pandas and scipy only; no GX, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -189,32 +189,44 @@ def near_duplicate_clusters(phashes: np.ndarray, labels: Sequence[int], radius: 
     Columns: ``cluster``, ``n_rows``, ``n_labels``, ``labels``, ``rows``, ``max_distance``, then
     the judged columns (a cluster under two labels blocks).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     labels = np.asarray(labels, np.int64)
     h = np.asarray(phashes, np.uint64)
     if len(h) != len(labels):
         raise StatsError(f"{len(h)} hashes but {len(labels)} labels: pass one of each per row")
     pairs = near_duplicate_pairs(h, radius)
+    involved = np.unique(np.r_[pairs["i"].to_numpy(), pairs["j"].to_numpy()]).astype(np.int64)
+    return clusters_from_pairs(pairs, involved, labels[involved], spanning_only)
+
+
+def clusters_from_pairs(pairs: pd.DataFrame, rows: np.ndarray, labels: np.ndarray,
+                        spanning_only: bool = True) -> pd.DataFrame:
+    """The cluster table of :func:`near_duplicate_clusters` from its within-radius ``pairs``
+    (columns ``i``, ``j``, ``distance``), given the label of every row a pair involves (``rows``,
+    ``labels`` aligned): all the validate stage's Spark engine brings back to the driver. Clusters
+    are numbered by their first row."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     cols = ["cluster", "n_rows", "n_labels", "labels", "rows", "max_distance"]
     if pairs.empty:
         return _rule_table(pd.DataFrame(columns=cols), "near_duplicate_clusters")
-    n = len(h)
-    g = coo_matrix((np.ones(len(pairs)), (pairs["i"], pairs["j"])), shape=(n, n))
-    _, comp = connected_components(g, directed=False)
-    involved = np.unique(np.r_[pairs["i"].to_numpy(), pairs["j"].to_numpy()])
-    pair_comp = comp[pairs["i"].to_numpy()]
-    maxd = pd.Series(pairs["distance"].to_numpy()).groupby(pair_comp).max()
-    rows = []
-    for cid in np.unique(comp[involved]):
+    rows = np.asarray(rows, np.int64)
+    order = np.argsort(rows)
+    rows, labels = rows[order], np.asarray(labels, np.int64)[order]
+    i = np.searchsorted(rows, pairs["i"].to_numpy(np.int64))
+    j = np.searchsorted(rows, pairs["j"].to_numpy(np.int64))
+    m = len(rows)
+    _, comp = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(m, m)), directed=False)
+    maxd = pd.Series(pairs["distance"].to_numpy()).groupby(comp[i]).max()
+    out = []
+    for cid in np.unique(comp):  # numbered by first row: rows are sorted, so components are too
         idx = np.flatnonzero(comp == cid)
         labs = sorted(set(labels[idx].tolist()))
         if spanning_only and len(labs) < 2:
             continue
-        rows.append({"cluster": int(cid), "n_rows": len(idx), "n_labels": len(labs), "labels": labs,
-                     "rows": idx.tolist(), "max_distance": int(maxd[cid])})
-    return _rule_table(pd.DataFrame(rows, columns=cols), "near_duplicate_clusters")
+        out.append({"cluster": len(out), "n_rows": len(idx), "n_labels": len(labs), "labels": labs,
+                    "rows": rows[idx].tolist(), "max_distance": int(maxd[cid])})
+    return _rule_table(pd.DataFrame(out, columns=cols), "near_duplicate_clusters")
 
 
 def _rule_table(df: pd.DataFrame, check: str) -> pd.DataFrame:
@@ -620,6 +632,88 @@ def class_set_table(current: Sequence[str], reference: Sequence[str], v: Validat
 CLASS_SET_OK = ("shared", "new (accepted)", "removed (accepted)")
 
 
+class Counter(Protocol):
+    """Per-class counts of a view's train rows, as :func:`count_tables` needs them: of all rows,
+    of the rows new against the last approved view (``"new"``) and of those new against the root
+    (``"since"``). :class:`RowCounter` counts from rows in memory; the validate stage's Spark
+    engine from aggregates it computed on the cluster."""
+
+    class_names: tuple[str, ...]
+
+    def present(self) -> tuple[str, ...]: ...
+
+    def counts(self, which: Optional[str], names: Sequence[str]) -> ClassCounts: ...
+
+    def since_differs(self) -> bool: ...
+
+
+@dataclass(frozen=True, eq=False)
+class RowCounter:
+    rows: ViewRows
+    new: Optional[np.ndarray] = None
+    since: Optional[np.ndarray] = None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.rows.class_names
+
+    def present(self) -> tuple[str, ...]:
+        return self.rows.present()
+
+    def counts(self, which: Optional[str], names: Sequence[str]) -> ClassCounts:
+        return self.rows.counts({None: None, "new": self.new, "since": self.since}[which], names)
+
+    def since_differs(self) -> bool:
+        return self.since is not None and bool((self.since != self.new).any())
+
+
+def row_counter(rows: ViewRows, last: Optional[Reference], root: Optional[Reference]) -> RowCounter:
+    """The new-row masks of :class:`RowCounter`: a row is new when its (id, hash, class) key is not
+    among the reference's."""
+    if last is None:
+        return RowCounter(rows)
+    keys = rows.keys()
+    new = np.array([k not in last.keys for k in keys], bool)
+    since = (np.array([k not in root.keys for k in keys], bool)
+             if root is not None and root.view_id != last.view_id else None)
+    return RowCounter(rows, new, since)
+
+
+def count_tables(counter: Counter, v: ValidateConfig, *, last: Optional[Reference], root: Optional[Reference],
+                 rate_checks: Iterable[str] = RATE_CHECKS + (PRIOR_CHECK,)) -> dict[str, pd.DataFrame]:
+    """The tables judged from per-class counts: ``class_set`` (with a reference) and one table
+    per rate check (``block_rate``, ``duplicate_rate``, ``label_share`` with a reference;
+    ``block_rate_prior`` always). Rate rows carry the snapshot's class index."""
+    rate_checks = tuple(rate_checks)
+    frames: dict[str, pd.DataFrame] = {}
+    present = counter.present()
+    comps: list[Comparison] = []
+    if last is None:
+        comps.append(Comparison("prior", counter.counts(None, present), None, present))
+        rate_checks = tuple(c for c in rate_checks if c == PRIOR_CHECK)
+    else:
+        frames["class_set"] = class_set_table(present, last.present(), v)
+        shared = tuple(c for c in present if c in set(last.present()))
+        comps.append(Comparison("last_approved", counter.counts("new", shared), last.class_counts(shared), shared))
+        differs = counter.since_differs()
+        if root is not None and root.view_id != last.view_id:
+            shared_root = tuple(c for c in shared if c in set(root.present()))
+            root_c = root.class_counts(shared_root)
+            comps.append(Comparison("root", counter.counts("new", shared_root), root_c, shared_root))
+            if differs:
+                comps.append(Comparison("since_root", counter.counts("since", shared_root), root_c, shared_root))
+        # the prior needs no reference: every class of the view, a new one included
+        comps.append(Comparison("prior", counter.counts("new", present), None, present))
+        if differs:
+            comps.append(Comparison("since_root_prior", counter.counts("since", present), None, present))
+    table = comparison_table(comps, v, rate_checks)
+    index = {c: i for i, c in enumerate(counter.class_names)}
+    table["class_index"] = table["class_name"].map(index).astype(np.int64)
+    for check in rate_checks:
+        frames[check] = table[table["check"] == check].reset_index(drop=True)
+    return frames
+
+
 def gate_tables(rows: ViewRows, v: ValidateConfig, *, last: Optional[Reference], root: Optional[Reference],
                 all_hashes: Sequence[str], all_labels: Sequence[int], all_ids: Optional[Sequence[str]] = None,
                 rate_checks: Iterable[str] = RATE_CHECKS + (PRIOR_CHECK,)) -> dict[str, pd.DataFrame]:
@@ -632,41 +726,10 @@ def gate_tables(rows: ViewRows, v: ValidateConfig, *, last: Optional[Reference],
                  and label, then the test rows), for exact label conflicts across splits;
     rate_checks  the rate checks to build (``gates.data_checks.rate_checks()``: the one table).
 
-    Tables: ``class_set`` (with a reference), one table per rate check (``block_rate``,
-    ``duplicate_rate``, ``label_share`` with a reference; ``block_rate_prior`` always), and the
-    rules ``label_conflicts`` (all rows) and ``near_duplicate_clusters`` (train rows; needs
-    ``rows.phash``). Rate rows carry the snapshot's class index.
+    Tables: those of :func:`count_tables`, and the rules ``label_conflicts`` (all rows) and
+    ``near_duplicate_clusters`` (train rows; needs ``rows.phash``).
     """
-    rate_checks = tuple(rate_checks)
-    frames: dict[str, pd.DataFrame] = {}
-    present = rows.present()
-    comps: list[Comparison] = []
-    if last is None:
-        comps.append(Comparison("prior", rows.counts(names=present), None, present))
-        rate_checks = tuple(c for c in rate_checks if c == PRIOR_CHECK)
-    else:
-        frames["class_set"] = class_set_table(present, last.present(), v)
-        keys = rows.keys()
-        new = np.array([k not in last.keys for k in keys], bool)
-        shared = tuple(c for c in present if c in set(last.present()))
-        comps.append(Comparison("last_approved", rows.counts(new, shared), last.class_counts(shared), shared))
-        since = None
-        if root is not None and root.view_id != last.view_id:
-            since = np.array([k not in root.keys for k in keys], bool)
-            shared_root = tuple(c for c in shared if c in set(root.present()))
-            root_c = root.class_counts(shared_root)
-            comps.append(Comparison("root", rows.counts(new, shared_root), root_c, shared_root))
-            if (since != new).any():
-                comps.append(Comparison("since_root", rows.counts(since, shared_root), root_c, shared_root))
-        # the prior needs no reference: every class of the view, a new one included
-        comps.append(Comparison("prior", rows.counts(new, present), None, present))
-        if since is not None and (since != new).any():
-            comps.append(Comparison("since_root_prior", rows.counts(since, present), None, present))
-    table = comparison_table(comps, v, rate_checks)
-    index = {c: i for i, c in enumerate(rows.class_names)}
-    table["class_index"] = table["class_name"].map(index).astype(np.int64)
-    for check in rate_checks:
-        frames[check] = table[table["check"] == check].reset_index(drop=True)
+    frames = count_tables(row_counter(rows, last, root), v, last=last, root=root, rate_checks=rate_checks)
     names = rows.class_names
     conflicts = label_conflicts(list(all_hashes), list(all_labels))
     conflicts["labels"] = conflicts["labels"].map(lambda ls: [names[int(i)] for i in ls])
