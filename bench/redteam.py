@@ -1,7 +1,7 @@
 """Red-team sweep on digits: poison placed upstream (in the source's first snapshot), the pipeline's own
 stages run in-process, and which gate layer blocks each attack.
 
-    python bench/redteam.py [--jobs 2] [--clean 4] [--full] [--every N] [--limit N]
+    python bench/redteam.py [--jobs 2] [--clean 4] [--full] [--every N [--offset K]] [--seed-base S] [--limit N]
 
 Each trial writes an ImageFolder source (the digits train split, some rows poisoned *in the
 files*, and the clean test split), composes params.yaml (data=imagefolder, attack=none: the
@@ -421,6 +421,10 @@ def main() -> int:
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--limit", type=int, default=None, help="run only the first N attack trials (smoke)")
     ap.add_argument("--every", type=int, default=1, help="run every N-th attack trial of the grid (time budget)")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="with --every N: start at this trial of the grid (0..N-1), so N runs cover the whole grid")
+    ap.add_argument("--seed-base", type=int, default=0,
+                    help="attack seed of the first trial (trial i poisons with seed base + i): other poison draws")
     ap.add_argument("--placement", choices=("first", "append", "both"), default="first",
                     help="poison in the first snapshot, in a later append after a clean first release, or both")
     ap.add_argument("--append-size", type=int, default=300,
@@ -436,16 +440,19 @@ def main() -> int:
         cut = [c for c in cut if not c.startswith("placement:")]
     if args.placement == "append":
         cut.append("placement: a later append only (a clean first release, then the append; --placement append)")
+    if not 0 <= args.offset < max(args.every, 1):
+        ap.error(f"--offset must be in 0..{max(args.every, 1) - 1}")
     if args.every > 1:
-        grid = grid[:: args.every]
-        cut.append(f"--every {args.every}: every {args.every}-th trial of the grid above ({len(grid)} trials)")
+        grid = grid[args.offset:: args.every]
+        cut.append(f"--every {args.every} --offset {args.offset}: every {args.every}-th trial of the grid above, "
+                   f"from trial {args.offset} ({len(grid)} trials)")
     if args.limit:
         grid = grid[: args.limit]
         cut.append(f"--limit {args.limit}: only the first {args.limit} attack trials of the grid")
     sizes = [int(v) for v in args.clean_append_sizes.split(",")]
     jobs = [(CLEAN_SEED0 + args.first_clean_seed + i, None, p, sizes[i % len(sizes)])
             for p in placements for i in range(args.clean)]
-    jobs += [(i, t, p, args.append_size) for p in placements for i, t in enumerate(grid)]
+    jobs += [(args.seed_base + i, t, p, args.append_size) for p in placements for i, t in enumerate(grid)]
     t0 = time.perf_counter()
     res = []
     with mp.get_context("spawn").Pool(args.jobs, initializer=_init, maxtasksperchild=8) as pool:

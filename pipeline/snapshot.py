@@ -125,7 +125,14 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
             features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
         t_features = time.perf_counter()
-        sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features)
+        base = None
+        if store.base_due(parent):  # a base keeps loads from reading the whole history (issue 19 item 4)
+            say(f"consolidating {len(parent.manifest)} rows of {parent.id[:12]} into a base "
+                f"({parent.since_base} snapshots since the last one)")
+            base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None)
+        sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base)
+        if base is not None and store.read_header(store_dir, sid).get("base") == base:
+            store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
         say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
             + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
     if stat_path is not None and read.stat is not None:

@@ -507,3 +507,76 @@ def test_rerun_after_a_crash_between_header_and_heads_adopts_the_header(env, mon
     rep = env.run()
     assert rep["snapshot_id"] == leftover[0]  # adopted, not forked
     assert len(store.list_snapshots(env.store)) == 2
+
+
+def test_bases_keep_loads_short_and_equal_to_the_whole_history(env, monkeypatch):
+    """Issue 19 item 4: every BASE_EVERY snapshots the next one carries a base (its parent's
+    manifest, pixels and data-gate columns in one place). A load reads from the newest base on
+    disk, and gets exactly what reading the whole history gives; a superseded base is removed and
+    loads of its snapshots walk the history; a damaged base is a DamagedStore; verify checks each
+    base against the history it stands for."""
+    from test_validate import default_vcfg
+
+    monkeypatch.setattr(store, "BASE_EVERY", 2)
+    v = default_vcfg()
+    det = stats.detector_settings(v)
+    ids = []
+    for k in range(6):
+        if k:
+            for i in range(2):
+                save(env.src / "train" / ["cat", "dog", "emu"][(k + i) % 3] / f"a{k}_{i}.png", pixels(900 + 10 * k + i))
+        ids.append(snapshot.snapshot(env.cfg(), str(env.store), str(env.pointer), str(env.report),
+                                     detector=v, progress=None)["snapshot_id"])
+    heads = [store.read_header(env.store, s) for s in ids]
+    assert [h.get("base", {}).get("of") for h in heads] == [None, None, ids[1], None, ids[3], None]
+    tip = ids[-1]
+    assert [h["id"] for h in store.resolve(env.store, tip)] == ids[4:]  # from the newest base, not the root
+    whole = store.chain(env.store, tip)
+    assert len(whole) == 6
+    # the same manifest, features and pixels as the whole history gives (eager and lazy)
+    pd.testing.assert_frame_equal(store.load_manifest(env.store, tip),
+                                  store.load_manifest(env.store, tip, headers=whole))
+    pd.testing.assert_frame_equal(store.load_features(env.store, tip, det),
+                                  store.load_features(env.store, tip, det, headers=whole))
+    assert store.load_features(env.store, tip, det)["stored"].all()
+    snap = store.load_snapshot(env.store, tip)
+    assert np.array_equal(np.asarray(store.load_snapshot(env.store, tip, lazy=True).images), snap.images)
+    assert [sample_hash(x) for x in snap.images] == snap.manifest["sha256"].tolist()
+    # only the newest base is kept: ids[2]'s was superseded, its loads walk the history
+    bases = sorted(p.name for p in (env.store / "bases").iterdir())
+    b = heads[4]["base"]
+    assert bases == sorted([f"{b['manifest']}.parquet", f"{b['pixels']}.npy", f"{b['features']['sha256']}.parquet"])
+    assert [h["id"] for h in store.resolve(env.store, ids[3])] == ids[:4]
+    old = store.load_snapshot(env.store, ids[3])
+    assert np.array_equal(old.images, snap.images[: len(old.images)])
+    ok, reports, notes = store.verify_store(env.store)
+    assert ok and any("base of snapshot" in n and "not on disk" in n for n in notes), notes
+    assert reports[0].stats.rows_rehashed == b["rows"]  # every base row checked against the history
+
+    # a damaged base is refused, naming the file; without the base, loads walk the history again
+    px = env.store / "bases" / f"{b['pixels']}.npy"
+    good = px.read_bytes()
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    px.write_bytes(bytes(bad))
+    with pytest.raises(store.DamagedStore, match="bases/"):
+        store.load_snapshot(env.store, tip)
+    assert not store.verify_store(env.store)[0]
+    px.unlink()
+    assert [h["id"] for h in store.resolve(env.store, tip)] == ids
+    assert np.array_equal(store.load_snapshot(env.store, tip).images, snap.images)
+    px.write_bytes(good)
+
+    # a base whose files hash right but that is not its parent (a buggy or forged writer): a new
+    # header names it, and verify says the base is not the parent's manifest
+    man = store.read_base(env.store, heads[4])
+    man.loc[0, "label"] = (int(man.loc[0, "label"]) + 1) % 3
+    mb = store._parquet_bytes(man, store.BASE_SCHEMA)
+    (env.store / "bases" / f"{store._sha256(mb)}.parquet").write_bytes(mb)
+    forged = {k: v for k, v in heads[4].items() if k != "id"}
+    forged["base"] = {**forged["base"], "manifest": store._sha256(mb)}
+    hb = store.header_bytes(forged)
+    (env.store / "snapshots" / f"{store._sha256(hb)}.json").write_bytes(hb)
+    store.set_head(env.store, heads[4]["source"]["key"], store._sha256(hb))
+    ok, reports, _ = store.verify_store(env.store)
+    assert not ok and any("is not the manifest of" in r.message for r in reports), [r.message for r in reports]

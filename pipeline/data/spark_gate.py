@@ -212,7 +212,9 @@ def _record_rows(spark, rows, store_dir: Path, headers: list[dict], records: Seq
     for pack, part in got.groupby("pack"):
         if pack not in named:
             raise store.DamagedStore(store_dir, store._pack_path(store_dir, pack), "is not a pack the chain names")
-        arr = store._open_pack(store_dir, pack, shape, part.index.to_numpy(), got, headers[-1]["id"])
+        src = store._Source(store._pack_path(store_dir, pack), pack, part.index.to_numpy(),
+                            part["pack_index"].to_numpy(np.int64), "pack")
+        arr = store._open_pack(store_dir, src, shape, got, headers[-1]["id"])
         imgs[part.index.to_numpy()] = arr[part["pack_index"].to_numpy(np.int64)]
     store.check_rows(imgs, np.arange(len(got)), got["sample_id"].tolist(), got["sha256"].tolist())
     # apply_records names a record whose row is not a train row of the snapshot

@@ -26,6 +26,11 @@ Every file is named by the sha256 of its bytes, so every file can be checked aga
   needs of each new row's pixels: ``phash``, ``abnormal_block``, ``abnormal_block_at``
   (``stats.row_features``). Computed once, at ingest, so the data gate reads columns, not pixels
   (issue 19 item 2); bound by the header like the delta, so an edited file is a DamagedStore.
+- a **base** (optional; ``header["base"]``, every ``BASE_EVERY`` snapshots): the parent's full
+  manifest, its pixels in manifest order and its data-gate columns, bound by sha256 like a delta.
+  Loads (:func:`resolve`) start at the newest base on disk instead of the root, so they read at
+  most ``BASE_EVERY`` deltas and packs whatever the history's length (issue 19 item 4); a base
+  that is not on disk (superseded and removed) only means walking further back.
 - the **full manifest** of a snapshot is its chain's deltas concatenated, root first, with a
   ``snapshot_id`` column naming the snapshot that first ingested each row (derived from the chain,
   not stored: a delta cannot contain the hash of the header that names it).
@@ -62,6 +67,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -98,6 +104,15 @@ DELTA_SCHEMA = pa.schema([
 ])
 DELTA_COLUMNS = DELTA_SCHEMA.names
 FEATURE_SCHEMA = pa.schema([("phash", pa.uint64()), ("abnormal_block", pa.bool_()), ("abnormal_block_at", pa.string())])
+BASE_SCHEMA = pa.schema([*DELTA_SCHEMA, ("snapshot_id", pa.string())])  # a base's manifest: every row of its parent
+BASE_FEATURE_SCHEMA = pa.schema([*FEATURE_SCHEMA, ("stored", pa.bool_())])
+# Snapshots since the last base (or the root) after which the next snapshot writes a base: a load
+# then reads at most this many deltas and packs plus one base, however long the history (issue 19
+# item 4). Each base copies its parent's pixels once; the one before it is removed, so the store
+# holds at most one consolidated copy per lineage. 32: a 1% append's fixed cost stays ~1/32 of a
+# full copy, and 32 small files load in ~40 ms (bench/results/store_load.md).
+BASE_EVERY = 32
+_BASE_USED = "base_used"  # set on the first header of a resolve(): its base stands for the rows before it
 _INT_COLUMNS = ("label", "pack_index", "file_size")
 HEADER_KEYS = {"format", "parent", "delta", "packs", "class_names", "image_shape", "source", "created",
                "n_rows", "n_new", "counts"}
@@ -166,6 +181,8 @@ class Parent:
     manifest: pd.DataFrame  # MANIFEST_COLUMNS
     meta: dict
     history: tuple[str, ...] = ()  # the chain's ids, root first (ends with id)
+    since_base: int = 0  # headers a load of it reads: since its newest base on disk, else since the root
+    base: Optional[dict] = None  # that base's header entry (None: loads read from the root)
 
 
 @dataclass(frozen=True)
@@ -461,13 +478,40 @@ def _header_problem(h: object) -> str:
     if f is not None and not (isinstance(f, dict) and isinstance(f.get("sha256"), str) and _HEX64.match(f["sha256"])
                               and f.get("rows") == h["n_new"] and isinstance(f.get("detector"), dict)):
         return f"has a malformed features entry {f!r}"
+    b = h.get("base")
+    if b is not None:
+        hexes = [b.get(k) for k in ("manifest", "pixels")] if isinstance(b, dict) else []
+        bf = b.get("features") if isinstance(b, dict) else None
+        if not (isinstance(b, dict) and b.get("of") == h["parent"] and h["parent"] is not None
+                and isinstance(b.get("rows"), int) and b["rows"] + h["n_new"] == h["n_rows"]
+                and all(isinstance(x, str) and _HEX64.match(x) for x in hexes) and len(hexes) == 2
+                and (bf is None or (isinstance(bf, dict) and isinstance(bf.get("sha256"), str)
+                                    and _HEX64.match(bf["sha256"]) and isinstance(bf.get("detector"), dict)))):
+            return f"has a malformed base entry {b!r}"
     return ""
 
 
 def chain(store_dir: str | Path, snapshot_id: str) -> list[dict]:
     """The verified headers from the root to ``snapshot_id``: every header hashes to its id, each
     names an existing parent of the same lineage, and the counts, classes and shape add up."""
-    store = Path(store_dir)
+    return _walk(Path(store_dir), snapshot_id, stop_at_base=False)
+
+
+def resolve(store_dir: str | Path, snapshot_id: str) -> list[dict]:
+    """The verified headers a load reads: from the newest one whose base is on disk (its first
+    header then carries ``base_used``: the base stands for every row before it) or, without one,
+    from the root, to ``snapshot_id``. Loads read these, so their cost does not grow with the
+    length of the history (issue 19 item 4); :func:`chain` still walks it all."""
+    return _walk(Path(store_dir), snapshot_id, stop_at_base=True)
+
+
+def _base_usable(store: Path, h: dict) -> bool:
+    b = h.get("base")
+    return b is not None and _base_path(store, b["manifest"], "parquet").is_file() and \
+        _base_path(store, b["pixels"], "npy").is_file()
+
+
+def _walk(store: Path, snapshot_id: str, stop_at_base: bool) -> list[dict]:
     headers: list[dict] = []
     seen: set[str] = set()
     cur: Optional[str] = snapshot_id
@@ -479,11 +523,14 @@ def chain(store_dir: str | Path, snapshot_id: str) -> list[dict]:
         h = read_header(store, cur, missing="not found" if child is None else
                         f"is missing: snapshot {child[:12]} names it as its parent")
         headers.append(h)
+        if stop_at_base and _base_usable(store, h):
+            headers[-1] = {**h, _BASE_USED: True}
+            break
         child, cur = cur, h["parent"]
     headers.reverse()
-    root = headers[0]
-    if root["n_rows"] != root["n_new"]:
-        raise DamagedStore(store, header_path(store, root["id"]), f"is a root with n_rows {root['n_rows']} != n_new {root['n_new']}")
+    first = headers[0]
+    if first["parent"] is None and first["n_rows"] != first["n_new"]:
+        raise DamagedStore(store, header_path(store, first["id"]), f"is a root with n_rows {first['n_rows']} != n_new {first['n_new']}")
     for p, c in zip(headers, headers[1:]):
         where = header_path(store, c["id"])
         if c["source"]["key"] != p["source"]["key"]:
@@ -497,6 +544,15 @@ def chain(store_dir: str | Path, snapshot_id: str) -> list[dict]:
         if c["image_shape"] != p["image_shape"]:
             raise DamagedStore(store, where, "changes its parent's image shape")
     return headers
+
+
+def _base_of(headers: list[dict]) -> Optional[dict]:
+    """The base a :func:`resolve` list starts from (None for a list from the root)."""
+    return headers[0]["base"] if headers and headers[0].get(_BASE_USED) else None
+
+
+def _base_path(store: Path, digest: str, ext: str) -> Path:
+    return store / "bases" / f"{digest}.{ext}"
 
 
 def _delta_path(store: Path, digest: str) -> Path:
@@ -549,6 +605,24 @@ def read_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
                        FEATURE_SCHEMA).to_pandas()
 
 
+def read_base(store_dir: str | Path, header: dict, verify: bool = True) -> pd.DataFrame:
+    """The manifest of the base a header names (every row of its parent, ``MANIFEST_COLUMNS``),
+    checked against its sha256, schema and row count."""
+    store = Path(store_dir)
+    b = header["base"]
+    path = _base_path(store, b["manifest"], "parquet")
+    t = _read_table(store, path, b["manifest"], {**header, "n_new": b["rows"]}, "base manifest", BASE_SCHEMA, verify)
+    return t.to_pandas()[MANIFEST_COLUMNS]
+
+
+def read_base_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
+    """The data-gate columns of a header's base (``BASE_FEATURE_SCHEMA``: with ``stored``)."""
+    store = Path(store_dir)
+    b = header["base"]
+    return _read_table(store, _base_path(store, b["features"]["sha256"], "parquet"), b["features"]["sha256"],
+                       {**header, "n_new": b["rows"]}, "base's data-gate columns", BASE_FEATURE_SCHEMA).to_pandas()
+
+
 def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
                   headers: Optional[list[dict]] = None) -> pd.DataFrame:
     """The data gate's stored per-row columns of a snapshot, row-aligned with its full manifest:
@@ -556,8 +630,14 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
     one computed with other ``detector`` settings (``stats.detector_settings``), contributes rows
     with ``stored`` False: the caller computes those from the pixels."""
     store = Path(store_dir)
-    headers = headers if headers is not None else chain(store, snapshot_id)
+    headers = headers if headers is not None else resolve(store, snapshot_id)
     parts = []
+    base = _base_of(headers)
+    if base is not None:
+        if base.get("features") is None or base["features"]["detector"] != detector:
+            # the base holds other settings' columns (or none): the rows before it from the whole history
+            return load_features(store, snapshot_id, detector, chain(store, snapshot_id))
+        parts.append(read_base_features(store, headers[0]))
     for h in headers:
         f = h.get("features")
         if f is not None and f["detector"] == detector:
@@ -574,9 +654,10 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
                   headers: Optional[list[dict]] = None) -> pd.DataFrame:
-    """The full manifest of a snapshot: its chain's deltas, root first, with ``snapshot_id``."""
+    """The full manifest of a snapshot: its base (if :func:`resolve` starts at one), then its
+    chain's deltas, root first, with ``snapshot_id``."""
     store = Path(store_dir)
-    headers = headers if headers is not None else chain(store, snapshot_id)
+    headers = headers if headers is not None else resolve(store, snapshot_id)
     tables = []
     for h in headers:
         t = read_delta(store, h, verify)
@@ -593,10 +674,17 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     df = table.to_pandas()
     df.insert(COLUMNS.index("snapshot_id"), "snapshot_id",
               np.repeat(np.array([h["id"] for h in headers], dtype=object), [h["n_new"] for h in headers]))
+    df = df[MANIFEST_COLUMNS]
+    if _base_of(headers) is not None:
+        base = read_base(store, headers[0], verify)
+        if verify and len(base) and (base["label"].min() < 0 or base["label"].max() >= len(headers[0]["class_names"])):
+            raise DamagedStore(store, _base_path(store, headers[0]["base"]["manifest"], "parquet"),
+                               "has labels outside its class list")
+        df = pd.concat([base, df], ignore_index=True)
     if verify and df["sample_id"].duplicated().any():
         dup = df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
         raise DamagedStore(store, header_path(store, headers[-1]["id"]), f"its history ingests rows twice: {_few(dup)}")
-    return df[MANIFEST_COLUMNS]
+    return df
 
 
 def read_manifest(store_dir: str | Path, snapshot_id: str) -> pd.DataFrame:
@@ -623,28 +711,54 @@ def _pack_groups(manifest: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
     return [(str(p), order[bounds[k]:bounds[k + 1]]) for k, p in enumerate(names)]
 
 
-def _open_pack(store: Path, pack: str, shape: tuple[int, ...], rows: np.ndarray, manifest: pd.DataFrame,
-               snapshot: str) -> np.ndarray:
-    path = _pack_path(store, pack)
+@dataclass(frozen=True)
+class _Source:
+    """A file holding pixels of a snapshot: a pack, or a base's consolidated pixels."""
+
+    path: Path
+    digest: str  # the sha256 the file must hash to (its name)
+    rows: np.ndarray  # the manifest rows it holds
+    index: np.ndarray  # their places in the file
+    what: str  # for messages
+
+
+def _sources(store: Path, headers: list[dict], manifest: pd.DataFrame) -> list[_Source]:
+    """Where every row's pixels are: the base's pixels for the rows before the first header of a
+    :func:`resolve` list, then each pack the headers name (also those holding no manifest row)."""
+    out, start = [], 0
+    base = _base_of(headers)
+    if base is not None:
+        start = base["rows"]
+        out.append(_Source(_base_path(store, base["pixels"], "npy"), base["pixels"], np.arange(start),
+                           np.arange(start), "base pixels"))
+    index = manifest["pack_index"].to_numpy()
+    groups = _rows_by_pack(headers, manifest, start)
+    named = {p for h in headers for p in h["packs"]}
+    for pack in sorted(named | set(groups)):
+        rows = groups.get(pack, np.zeros(0, np.int64))
+        out.append(_Source(_pack_path(store, pack), pack, rows, index[rows], "pack"))
+    return out
+
+
+def _open_pack(store: Path, src: _Source, shape: tuple[int, ...], manifest: pd.DataFrame, snapshot: str) -> np.ndarray:
+    path = src.path
     if not path.is_file():
-        ids = manifest["sample_id"].to_numpy()[rows]
-        raise DamagedStore(store, path, f"is missing ({len(rows)} row(s) of snapshot {snapshot[:12]}: {_few(ids)})")
+        ids = manifest["sample_id"].to_numpy()[src.rows]
+        raise DamagedStore(store, path, f"is missing ({len(src.rows)} row(s) of snapshot {snapshot[:12]}: {_few(ids)})")
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise DamagedStore(store, path, f"is unreadable ({exc})") from None
-    index = manifest["pack_index"].to_numpy()[rows]
-    if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != tuple(shape) or (len(index) and index.max() >= len(arr)):
+    if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != tuple(shape) or (len(src.index) and src.index.max() >= len(arr)):
         raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
     return arr
 
 
-def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Rows of each pack. A header's rows are one contiguous run of the full manifest, and the
-    writer puts them in one pack, so this is a slice per header; a header naming several packs is
-    grouped (valid, never written by this code)."""
+def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame, start: int = 0) -> dict[str, np.ndarray]:
+    """Rows of each pack, the headers' rows starting at manifest row ``start``. A header's rows are
+    one contiguous run of the full manifest, and the writer puts them in one pack, so this is a
+    slice per header; a header naming several packs is grouped (valid, never written by this code)."""
     out: dict[str, list[np.ndarray]] = {}
-    start = 0
     for h in headers:
         end = start + h["n_new"]
         if end > start:
@@ -659,29 +773,26 @@ def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame) -> dict[str, np.n
 
 def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFrame, deep: bool = False,
                  stats_out: Optional[VerifyStats] = None) -> VerifyStats:
-    """Hash every pack the chain names (and, ``deep``, every sample) against its recorded sha256."""
+    """Hash every pack the headers name, and the base they start from (``deep``: every sample too)
+    against its recorded sha256."""
     store = Path(store_dir)
     st = stats_out or VerifyStats()
     shape = tuple(headers[-1]["image_shape"])
-    named = {p for h in headers for p in h["packs"]}
-    groups = _rows_by_pack(headers, manifest)
-    for pack in sorted(named | set(groups)):
-        rows = groups.get(pack, np.zeros(0, np.int64))
-        arr = _open_pack(store, pack, shape, rows, manifest, headers[-1]["id"])
-        path = _pack_path(store, pack)
-        actual = file_sha256(path)
-        st.bytes_hashed += path.stat().st_size
+    for src in _sources(store, headers, manifest):
+        arr = _open_pack(store, src, shape, manifest, headers[-1]["id"])
+        actual = file_sha256(src.path)
+        st.bytes_hashed += src.path.stat().st_size
         st.packs += 1
-        if actual != pack:
-            bad = _bad_rows(arr, rows, manifest)
+        if actual != src.digest:
+            bad = _bad_rows(arr, src, manifest)
             detail = (f"{len(bad)} row(s) of snapshot {headers[-1]['id'][:12]} do not match their sha256: {_few(bad)}"
                       if bad else "its rows still match, so bytes outside them changed")
-            raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...); {detail}")
+            raise DamagedStore(store, src.path, f"does not match its sha256 (now {actual[:12]}...); {detail}")
         if deep:
-            bad = _bad_rows(arr, rows, manifest)
-            st.rows_rehashed += len(rows)
-            if bad:  # the pack hashes right but its rows do not: an ingest bug, or forged deltas
-                raise DamagedStore(store, path, f"{len(bad)} row(s) do not match their recorded sha256: {_few(bad)}")
+            bad = _bad_rows(arr, src, manifest)
+            st.rows_rehashed += len(src.rows)
+            if bad:  # the file hashes right but its rows do not: an ingest bug, or forged deltas
+                raise DamagedStore(store, src.path, f"{len(bad)} row(s) do not match their recorded sha256: {_few(bad)}")
     return st
 
 
@@ -703,11 +814,10 @@ def check_rows(images, rows: np.ndarray, ids: Sequence[str], sha: Sequence[str],
                              "store's packs changed; `python -m pipeline.data.store verify` names the file")
 
 
-def _bad_rows(arr: np.ndarray, rows: np.ndarray, manifest: pd.DataFrame) -> list[str]:
-    index = manifest["pack_index"].to_numpy()
+def _bad_rows(arr: np.ndarray, src: _Source, manifest: pd.DataFrame) -> list[str]:
     ids = manifest["sample_id"].to_numpy()
     want = manifest["sha256"].to_numpy()
-    return [ids[r] for r in rows if sample_hash(np.asarray(arr[index[r]])) != want[r]]
+    return [ids[r] for r, i in zip(src.rows, src.index) if sample_hash(np.asarray(arr[i])) != want[r]]
 
 
 def list_snapshots(store_dir: str | Path) -> list[dict]:
@@ -764,25 +874,28 @@ def current_snapshot(store_dir: str | Path, key: str) -> Optional[str]:
 
 
 def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None) -> Parent:
-    """The parent of the next snapshot, its whole chain verified (headers, deltas, pack hashes)."""
-    headers = chain(store_dir, snapshot_id)
+    """The parent of the next snapshot, verified as a load reads it (headers, deltas and pack
+    hashes from its base, or from the root); ``history`` walks every header back to the root."""
+    history = tuple(h["id"] for h in chain(store_dir, snapshot_id))
+    headers = resolve(store_dir, snapshot_id)
     manifest = load_manifest(store_dir, snapshot_id, verify=True, headers=headers)
     verify_packs(store_dir, headers, manifest, stats_out=stats_out)
     if stats_out is not None:
         stats_out.snapshots += len(headers)
         stats_out.rows += len(manifest)
-    return Parent(snapshot_id, manifest, headers[-1], tuple(h["id"] for h in headers))
+    return Parent(snapshot_id, manifest, headers[-1], history, len(headers), _base_of(headers))
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
                   lazy: bool = False, hash_packs: bool = True) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
-    ``verify`` checks the chain (headers, deltas) and hashes every pack file: since a pack is named
-    by its hash and every row's pixels were hashed into the (verified) manifest when the pack was
-    written, this proves the rows are the ingested ones without hashing each sample. ``deep`` also
-    re-hashes every row. A mismatch raises :class:`DamagedStore` (an IntegrityError) naming the file
-    and, for a pack, the rows that changed.
+    ``verify`` checks the headers and deltas a load reads (:func:`resolve`: from the newest base
+    on disk, else the root) and hashes every pack file and the base's pixels: since a file is
+    named by its hash and every row's pixels were hashed into the (verified) manifest when the file
+    was written, this proves the rows are the ingested ones without hashing each sample. ``deep``
+    also re-hashes every row. A mismatch raises :class:`DamagedStore` (an IntegrityError) naming
+    the file and, for a pack, the rows that changed.
 
     ``hash_packs=False`` (with ``lazy``) skips hashing the packs: for a reader of a few rows that
     checks each row it reads against its sha256 itself (the data gate), rather than read every
@@ -790,30 +903,31 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     """
     store = Path(store_dir)
     check_format(store)
-    headers = chain(store, snapshot_id)
+    headers = resolve(store, snapshot_id)
     meta = headers[-1]
     manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers)
     if deep or (verify and (hash_packs or not lazy)):
         verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
-    index = manifest["pack_index"].to_numpy()
+    meta = {k: v for k, v in meta.items() if k != _BASE_USED}
+    sources = [src for src in _sources(store, headers, manifest) if len(src.rows)]
     if lazy:  # pixels read on demand (pipeline.data.rows): memory grows with what is read
         from pipeline.data.rows import LazyRows, file_identity
 
-        packs, pack_of = [], np.zeros(len(manifest), np.int32)
-        for k, (pack, rows) in enumerate(_rows_by_pack(headers, manifest).items()):
-            arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
-            path = _pack_path(store, pack)
+        packs, pack_of, index = [], np.zeros(len(manifest), np.int32), np.zeros(len(manifest), np.int64)
+        for k, src in enumerate(sources):
+            arr = _open_pack(store, src, shape, manifest, snapshot_id)
             # the identity recorded here (after verify hashed the pack) is checked at every read
-            packs.append((path, int(arr.offset), int(arr.shape[0]), file_identity(path)))
-            pack_of[rows] = k
+            packs.append((src.path, int(arr.offset), int(arr.shape[0]), file_identity(src.path)))
+            pack_of[src.rows] = k
+            index[src.rows] = src.index
             del arr
         lazy_images = LazyRows(packs, pack_of, index, shape)
         return Snapshot(snapshot_id, manifest, lazy_images, list(meta["class_names"]), shape, meta)
     images = np.empty((len(manifest), *shape), dtype=np.uint8)
-    for pack, rows in _rows_by_pack(headers, manifest).items():
-        arr = _open_pack(store, pack, shape, rows, manifest, snapshot_id)
-        images[rows] = arr[index[rows]]
+    for src in sources:
+        arr = _open_pack(store, src, shape, manifest, snapshot_id)
+        images[src.rows] = arr[src.index]
     return Snapshot(snapshot_id, manifest, images, list(meta["class_names"]), shape, meta)
 
 
@@ -852,10 +966,12 @@ def _write_object(path: Path, data: bytes, digest: str) -> None:
 
 
 def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str,
-                   features: Optional[tuple[pd.DataFrame, dict]] = None) -> tuple[str, pd.DataFrame]:
+                   features: Optional[tuple[pd.DataFrame, dict]] = None,
+                   base: Optional[dict] = None) -> tuple[str, pd.DataFrame]:
     """Write a planned snapshot (pack, delta, features, header, heads); returns its id and final
     manifest. ``features``: the new rows' data-gate columns (``stats.row_features``) and the
-    detector settings they were computed with; the header names them."""
+    detector settings they were computed with; the header names them. ``base``: the entry
+    :func:`write_base` returned for the parent; the header names it."""
     store = Path(store_dir)
     check_format(store)
     if not (store / FORMAT_FILE).is_file():
@@ -891,6 +1007,11 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         fdigest = _sha256(fb)
         _write_object(_features_path(store, fdigest), fb, fdigest)
         extra["features"] = {"sha256": fdigest, "rows": plan.n_new, "detector": detector}
+    if base is not None:
+        if base["of"] != plan.parent or base["rows"] != n - plan.n_new:
+            raise ValueError(f"a base of {base['of'][:12]} ({base['rows']} rows) for a snapshot of parent "
+                             f"{str(plan.parent)[:12]} with {n - plan.n_new} rows before its new ones")
+        extra["base"] = base
     header = {
         **extra,
         "format": FORMAT_VERSION,
@@ -911,6 +1032,66 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     set_head(store, source["key"], sid)
     manifest.loc[new, "snapshot_id"] = sid
     return sid, manifest
+
+
+def base_due(parent: Optional[Parent], every: Optional[int] = None) -> bool:
+    """Whether the child of ``parent`` should carry a base: its loads would read ``every``
+    (default ``BASE_EVERY``) or more headers otherwise."""
+    every = BASE_EVERY if every is None else every
+    return parent is not None and every > 0 and parent.since_base >= every
+
+
+def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] = None,
+               chunk: int = 65536) -> dict:
+    """Consolidate ``parent`` (verified by :func:`load_parent`) into ``bases/``: its full manifest,
+    its pixels in manifest order (each row re-hashed against the manifest as it is copied, so the
+    base is right by construction, not by trust), and, with ``detector``, its data-gate columns.
+    Streams the pixels in chunks of ``chunk`` rows; returns the header entry naming the files."""
+    store = Path(store_dir)
+    snap = load_snapshot(store, parent.id, verify=False, lazy=True)
+    man = snap.manifest
+    if not man["sample_id"].reset_index(drop=True).equals(parent.manifest["sample_id"].reset_index(drop=True)):
+        raise IntegrityError(f"snapshot {parent.id[:12]} reads back other rows than it was verified with")
+    (store / "bases").mkdir(parents=True, exist_ok=True)
+    tmp = store / "bases" / f".tmp-{parent.id}-{os.getpid()}.npy"
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(man), *snap.image_shape))
+        sha = man["sha256"].tolist()
+        ids = man["sample_id"].tolist()
+        for s0 in range(0, len(man), chunk):
+            rows = np.arange(s0, min(s0 + chunk, len(man)))
+            block = np.asarray(snap.images[rows])
+            check_rows(block, np.arange(len(rows)), ids[s0:s0 + len(rows)], sha[s0:s0 + len(rows)])
+            out[rows] = block
+        out.flush()
+        del out
+        pixels = file_sha256(tmp)
+        os.replace(tmp, _base_path(store, pixels, "npy"))
+    finally:
+        tmp.unlink(missing_ok=True)
+    mb = _parquet_bytes(man, BASE_SCHEMA)
+    entry = {"of": parent.id, "rows": len(man), "manifest": _sha256(mb), "pixels": pixels, "features": None}
+    _write_object(_base_path(store, entry["manifest"], "parquet"), mb, entry["manifest"])
+    if detector is not None:
+        fb = _parquet_bytes(load_features(store, parent.id, detector), BASE_FEATURE_SCHEMA)
+        entry["features"] = {"sha256": _sha256(fb), "detector": detector}
+        _write_object(_base_path(store, entry["features"]["sha256"], "parquet"), fb, entry["features"]["sha256"])
+    return entry
+
+
+def prune_base(store_dir: str | Path, old: Optional[dict], keep: Optional[dict]) -> None:
+    """Remove the files of base ``old`` (the one a new base supersedes) that ``keep`` does not
+    use. The headers that name ``old`` stay valid: a load of them walks their whole history."""
+    if old is None:
+        return
+    store = Path(store_dir)
+    used = set() if keep is None else {keep["manifest"], keep["pixels"], (keep.get("features") or {}).get("sha256")}
+    files = [(old["manifest"], "parquet"), (old["pixels"], "npy")]
+    if old.get("features"):
+        files.append((old["features"]["sha256"], "parquet"))
+    for digest, ext in files:
+        if digest not in used:
+            _base_path(store, digest, ext).unlink(missing_ok=True)
 
 
 def _adopt_leftover(store: Path, plan: Plan, key: str, rows: pd.DataFrame) -> Optional[tuple[str, pd.DataFrame]]:
@@ -980,6 +1161,8 @@ def verify_store(store_dir: str | Path, deep: bool = False,
     used_deltas: set[str] = set()
     used_packs: set[str] = set()
     used_features: set[str] = set()
+    used_bases: set = set()
+    notes_base: list[str] = []
     for key in sorted(keys):
         t0 = time.perf_counter()
         st = VerifyStats()
@@ -994,6 +1177,14 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             for h in hs:
                 if h.get("features") is not None:
                     read_features(store, h)
+                if h.get("base") is not None:
+                    if _base_usable(store, h):
+                        _check_base(store, h, manifest, hs, st)
+                        b = h["base"]
+                        used_bases |= {b["manifest"], b["pixels"], (b.get("features") or {}).get("sha256")}
+                    else:
+                        notes_base.append(f"the base of snapshot {h['id'][:12]} is not on disk (superseded by a "
+                                          f"newer one): loads of it read its whole history; nothing is lost")
             st.snapshots, st.rows = len(hs), len(manifest)
             st.seconds = time.perf_counter() - t0
             reached |= {h["id"] for h in hs}
@@ -1013,7 +1204,7 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             while cur in headers and cur not in reached:  # what the damaged chain still names
                 reached.add(cur)
                 cur = headers[cur]["parent"]
-    notes: list[str] = []
+    notes: list[str] = list(notes_base)
     for sid, h in sorted(headers.items()):
         if sid not in reached:
             notes.append(f"{header_path(store, sid)}: snapshot in no head's history (a crash leftover or an abandoned "
@@ -1022,16 +1213,50 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             used_packs |= set(h["packs"])
             if h.get("features"):
                 used_features.add(h["features"]["sha256"])
-    for folder, used, suffix in (("deltas", used_deltas, ".parquet"), ("packs", used_packs, ".npy"),
-                                 ("features", used_features, ".parquet")):
+            if h.get("base"):
+                b = h["base"]
+                used_bases |= {b["manifest"], b["pixels"], (b.get("features") or {}).get("sha256")}
+    for folder, used, suffixes in (("deltas", used_deltas, (".parquet",)), ("packs", used_packs, (".npy",)),
+                                   ("features", used_features, (".parquet",)), ("bases", used_bases, (".parquet", ".npy"))):
         d = store / folder
         for p in sorted(d.iterdir()) if d.is_dir() else []:
-            if p.name.endswith(suffix) and p.name[: -len(suffix)] in used:
+            if any(p.name.endswith(x) and p.name[: -len(x)] in used for x in suffixes):
                 continue
             notes.append(f"{p}: referenced by no snapshot (a leftover of an interrupted write); safe to delete")
     for note in notes:
         say(f"note: {note}")
     return ok, reports, notes
+
+
+def _check_base(store: Path, h: dict, manifest: pd.DataFrame, hs: list[dict], st: VerifyStats) -> None:
+    """A base must be its parent, exactly: its manifest the first rows of the chain's, each of its
+    pixel rows hashing to that manifest's sha256, its data-gate columns those the chain stores."""
+    b = h["base"]
+    base = read_base(store, h)
+    ref = manifest.iloc[: b["rows"]].reset_index(drop=True)
+    if not base.reset_index(drop=True).equals(ref):
+        raise DamagedStore(store, _base_path(store, b["manifest"], "parquet"),
+                           f"is not the manifest of {b['of'][:12]}, the parent of snapshot {h['id'][:12]} that it stands for")
+    src = _Source(_base_path(store, b["pixels"], "npy"), b["pixels"], np.arange(b["rows"]), np.arange(b["rows"]), "base pixels")
+    arr = _open_pack(store, src, tuple(h["image_shape"]), manifest, h["id"])
+    actual = file_sha256(src.path)
+    st.bytes_hashed += src.path.stat().st_size
+    if actual != src.digest:
+        raise DamagedStore(store, src.path, f"does not match its sha256 (now {actual[:12]}...)")
+    bad = _bad_rows(arr, src, manifest)
+    st.rows_rehashed += b["rows"]
+    if bad:
+        raise DamagedStore(store, src.path, f"{len(bad)} row(s) are not the pixels of {b['of'][:12]}: {_few(bad)}")
+    if b.get("features"):
+        k = next(i for i, x in enumerate(hs) if x["id"] == b["of"])
+        want = load_features(store, b["of"], b["features"]["detector"], hs[: k + 1])
+        got = read_base_features(store, h)
+        stored = want["stored"].to_numpy(bool)
+        if not (np.array_equal(got["stored"].to_numpy(bool), stored)
+                and got[stored].drop(columns="stored").reset_index(drop=True).equals(
+                    want[stored].drop(columns="stored").reset_index(drop=True))):
+            raise DamagedStore(store, _base_path(store, b["features"]["sha256"], "parquet"),
+                               f"are not the data-gate columns the history of {b['of'][:12]} stores")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
