@@ -883,7 +883,8 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
     if stats_out is not None:
         stats_out.snapshots += len(headers)
         stats_out.rows += len(manifest)
-    return Parent(snapshot_id, manifest, headers[-1], history, len(headers), _base_of(headers))
+    meta = {k: v for k, v in headers[-1].items() if k != _BASE_USED}
+    return Parent(snapshot_id, manifest, meta, history, len(headers), _base_of(headers))
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
