@@ -28,6 +28,19 @@ except ImportError:
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=f"the Spark engine needs it: {_SKIP}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_spark():
+    """The validate stage's process exits with its Spark session; in-process tests stop it, so
+    the worker's later tests do not share the CPU with idle executors."""
+    yield
+    if not _SKIP:
+        from pyspark.sql import SparkSession
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+
+
 def _compose(tmp: Path, src: Path, name: str, *overrides: str) -> Path:
     from pipeline import config
 
