@@ -348,13 +348,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     # Only the test split is read (issue 19 item 2): the chain and manifest are verified, the packs
     # are not hashed whole; each test row read is checked against its manifest sha256 instead.
-    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True, hash_packs=False)
-    test_images, test_labels, test_ids = snap.split("test")
-    test_images = np.asarray(test_images)
-    test_sha = snap.manifest.loc[(snap.manifest["split"] == "test").to_numpy(), "sha256"].astype(str).tolist()
-    store_mod.check_rows(test_images, np.arange(len(test_images)), test_ids, test_sha)
-    class_names = [str(c) for c in snap.class_names]
-    del snap
+    test_images, test_labels, test_ids, class_names = store_mod.read_split(args.store, snapshot_id, "test")
     if len(test_labels) == 0:
         raise EvaluateError(f"snapshot {snapshot_id[:12]} has no test rows: check data.* (test split)")
 

@@ -213,9 +213,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     tv = view_mod.load_training_view(args.view, args.store, verify=True)  # IntegrityError on tamper
     require_lineage(tv, lineage, what=f"the view {args.view}", against=f"the candidate ({args.train_report})",
                     fix=fix, fields=("view_id", "snapshot_id"))
-    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True)
-    ref_images, ref_labels, _ = snap.split("test")
-    del snap
+    ref_images, ref_labels, _, _ = store_mod.read_split(args.store, snapshot_id, "test")  # only the test rows
     class_names = [str(c) for c in tv.class_names]
     k = len(class_names)
     labels = np.asarray(tv.labels, np.int64)

@@ -580,3 +580,29 @@ def test_bases_keep_loads_short_and_equal_to_the_whole_history(env, monkeypatch)
     store.set_head(env.store, heads[4]["source"]["key"], store._sha256(hb))
     ok, reports, _ = store.verify_store(env.store)
     assert not ok and any("is not the manifest of" in r.message for r in reports), [r.message for r in reports]
+
+
+def test_read_split_reads_only_its_rows_and_checks_each(env):
+    """Issue 19 (stages read what they need): evaluate and inspect read the test split alone. A
+    changed train row is not its business; a changed test row is refused, named."""
+    sid = env.run()["snapshot_id"]
+    man = store.read_manifest(env.store, sid)
+    full = store.load_snapshot(env.store, sid)
+    imgs, labels, ids, names = store.read_split(env.store, sid, "test")
+    test = (man["split"] == "test").to_numpy()
+    assert np.array_equal(imgs, full.images[test]) and ids == man.loc[test, "sample_id"].tolist()
+    assert np.array_equal(labels, man.loc[test, "label"].to_numpy()) and names == full.class_names
+
+    def flip(row) -> None:
+        pack = env.store / "packs" / f"{row['pack']}.npy"
+        pack.chmod(0o644)
+        arr = np.load(pack)
+        arr[int(row["pack_index"]), 0, 0, 0] ^= 0x01
+        np.save(pack, arr)
+
+    flip(man[man["split"] == "train"].iloc[1])
+    assert np.array_equal(store.read_split(env.store, sid, "test")[0], imgs)
+    row = man[man["split"] == "test"].iloc[2]
+    flip(row)
+    with pytest.raises(IntegrityError, match=row["sample_id"]):
+        store.read_split(env.store, sid, "test")
