@@ -414,6 +414,26 @@ def report(trials: list[dict], cut: list[str], wall: float, args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(args) -> int:
+    """``--combine``: the report and plots of the trials of several runs, as one."""
+    res = []
+    for f in args.combine:
+        res += json.loads(Path(f).read_text())
+    _, cut = build_grid(False)
+    cut = [c for c in cut if not c.startswith("placement:")]
+    cut.append(f"combined from {', '.join(Path(f).name for f in args.combine)} (each one's own report gives its "
+               "command and its grid cut)")
+    out = Path(args.out)
+    import re
+
+    text = re.sub(r"Wall [0-9.]+ min\.", "Wall: in each run's own report.", report(res, cut, 0.0, args), count=1)
+    out.with_suffix(".md").write_text(text)
+    if [t for t in res if "error" not in t and not t["clean"]]:
+        plots(res, out)
+    print(text)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=2)
@@ -433,7 +453,12 @@ def main() -> int:
                     help="append sizes the clean runs cycle through (placement append)")
     ap.add_argument("--first-clean-seed", type=int, default=0, help="train seed of the first clean run")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "redteam_digits"))
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="no trials: one report of the trials of several runs' JSON files (e.g. the --offset runs "
+                         "that together cover a grid)")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args)
     grid, cut = build_grid(args.full)
     placements = ("first", "append") if args.placement == "both" else (args.placement,)
     if args.placement != "first":
