@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import validate as V
@@ -147,10 +148,33 @@ def test_spark_engine_clean_append_passes_and_is_approved_like_pandas(tmp_path):
     lines = [V.read_ledger(tmp_path / f"run-{e}" / "approved")[-1] for e in ("pandas", "spark")]
     assert lines[0]["counts"] == lines[1]["counts"] and lines[0]["view_id"] == lines[1]["view_id"]
 
+    # a quarantined view (remedy=quarantine) is judged without the rows it leaves out, alike
+    from pipeline.data import spark_gate, store
 
-def test_spark_engine_refuses_a_store_without_the_ingest_columns(tmp_path, digits_split):
-    """A snapshot stored without the data-gate columns is refused with what to do, not measured
-    some other way."""
+    sid = store.read_pointer(state / "snapshot.json")["snapshot_id"]
+    man = store.read_manifest(state / "store", sid)
+    gone = set(man.loc[man["split"] == "train", "sample_id"].iloc[::37].tolist())
+    ledger = V.read_ledger(state / "approved")
+    v = default_vcfg()
+    snap, feats = V._without(*V._load_measurable(state / "store", sid, v), gone)
+    ref = V.reference_of(ledger[-1], state / "store", state / "approved", v)
+    want = V.build_tables(snap, V.measure_view(snap, [], v, features=feats), v, ref, ref)
+    from pyspark.sql import SparkSession
+
+    got = spark_gate.judge_view(SparkSession.getActiveSession(), state / "store", sid, [], sorted(gone), v,
+                                V._ref_spec(state / "approved", ledger[-1]), V._ref_spec(state / "approved", ledger[-1]),
+                                V.data_checks.rate_checks())
+    assert got.statistics == want.statistics and got.statistics["n_train"] == 420 - len(gone)
+    for name in want.frames:
+        if name != "samples":
+            pd.testing.assert_frame_equal(got.frames[name].reset_index(drop=True),
+                                          want.frames[name].reset_index(drop=True), check_dtype=False, obj=name)
+
+
+def test_spark_engine_refuses_other_detector_settings_and_edited_manifests(tmp_path, digits_split):
+    """Columns stored with other block-detector settings are refused with what to do, not measured
+    some other way; a delta or features file edited after ingest is a damaged store before Spark
+    reads a byte of it."""
     from pipeline.data import spark_gate, store
     from pipeline.errors import UserError
 
@@ -163,6 +187,16 @@ def test_spark_engine_refuses_a_store_without_the_ingest_columns(tmp_path, digit
     sid = store.read_pointer(tmp_path / "snapshot.json")["snapshot_id"]
     h = store.read_header(tmp_path / "store", sid)
     v = default_vcfg()
+    root = tmp_path / "store"
+    assert spark_gate._paths(root, str(root), [h], spark_gate.stats.detector_settings(v))  # the stored settings
     v.block_size = 4  # other detector settings than the stored columns'
     with pytest.raises(UserError, match="other block-detector settings.*engine=pandas"):
-        spark_gate._paths(tmp_path / "store", str(tmp_path / "store"), [h], spark_gate.stats.detector_settings(v))
+        spark_gate._paths(root, str(root), [h], spark_gate.stats.detector_settings(v))
+    # what Spark will read is hashed first: an edited delta or features file is a damaged store
+    for path in (root / "deltas" / f"{h['delta']['sha256']}.parquet", root / "features" / f"{h['features']['sha256']}.parquet"):
+        good = path.read_bytes()
+        path.chmod(0o644)
+        path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        with pytest.raises(store.DamagedStore, match=path.name[:12]):
+            spark_gate._paths(root, str(root), [h], spark_gate.stats.detector_settings(default_vcfg()))
+        path.write_bytes(good)
