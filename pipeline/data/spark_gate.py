@@ -256,8 +256,14 @@ def _view_rows(spark, rows, overrides: pd.DataFrame, gone: Sequence[str], class_
     if gone:
         g = spark.createDataFrame([(str(i),) for i in sorted(gone)], "sample_id string")
         df = df.join(F.broadcast(g), "sample_id", "left_anti")
-    names = F.array(*[F.lit(str(c)) for c in class_names])
-    return df.withColumn("class_name", F.element_at(names, F.col("label_now").cast("int") + 1))
+    return df.withColumn("class_name", _class_name(class_names))
+
+
+def _class_name(class_names: Sequence[str]) -> Any:
+    """``label_now`` as its class name (the keys compare names, as the pandas engine's do)."""
+    from pyspark.sql import functions as F
+
+    return F.element_at(F.array(*[F.lit(str(c)) for c in class_names]), F.col("label_now").cast("int") + 1)
 
 
 def _ref_keys(spark, store_dir: Path, uri: str, ref: RefSpec) -> Any:
@@ -276,8 +282,7 @@ def _ref_keys(spark, store_dir: Path, uri: str, ref: RefSpec) -> Any:
     if ref.gone:
         g = spark.createDataFrame([(str(i),) for i in sorted(ref.gone)], "sample_id string")
         df = df.join(F.broadcast(g), "sample_id", "left_anti")
-    arr = F.array(*[F.lit(c) for c in names])
-    return df.select("sample_id", "sha_now", F.element_at(arr, F.col("label_now").cast("int") + 1).alias("class_name"))
+    return df.select("sample_id", "sha_now", _class_name(names).alias("class_name"))
 
 
 def _reference(ref: Optional[RefSpec], class_detector: dict) -> Optional[sig.Reference]:

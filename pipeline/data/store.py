@@ -524,10 +524,11 @@ def _walk(store: Path, snapshot_id: str, stop_at_base: bool) -> list[dict]:
                         f"is missing: snapshot {child[:12]} names it as its parent")
         headers.append(h)
         if stop_at_base and _base_usable(store, h):
-            headers[-1] = {**h, _BASE_USED: True}
             break
         child, cur = cur, h["parent"]
     headers.reverse()
+    if stop_at_base:
+        headers = _from_base(store, headers)
     first = headers[0]
     if first["parent"] is None and first["n_rows"] != first["n_new"]:
         raise DamagedStore(store, header_path(store, first["id"]), f"is a root with n_rows {first['n_rows']} != n_new {first['n_new']}")
@@ -543,6 +544,15 @@ def _walk(store: Path, snapshot_id: str, stop_at_base: bool) -> list[dict]:
             raise DamagedStore(store, where, "renames or reorders its parent's classes")
         if c["image_shape"] != p["image_shape"]:
             raise DamagedStore(store, where, "changes its parent's image shape")
+    return headers
+
+
+def _from_base(store: Path, headers: list[dict]) -> list[dict]:
+    """The headers a load reads of a verified list (root or base first): from the newest one
+    whose base is on disk, marked ``base_used``; the whole list when none has one."""
+    for j in range(len(headers) - 1, -1, -1):
+        if _base_usable(store, headers[j]):
+            return [{**headers[j], _BASE_USED: True}, *headers[j + 1:]]
     return headers
 
 
@@ -876,8 +886,9 @@ def current_snapshot(store_dir: str | Path, key: str) -> Optional[str]:
 def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None) -> Parent:
     """The parent of the next snapshot, verified as a load reads it (headers, deltas and pack
     hashes from its base, or from the root); ``history`` walks every header back to the root."""
-    history = tuple(h["id"] for h in chain(store_dir, snapshot_id))
-    headers = resolve(store_dir, snapshot_id)
+    whole = chain(store_dir, snapshot_id)
+    history = tuple(h["id"] for h in whole)
+    headers = _from_base(Path(store_dir), whole)  # the same headers resolve() would read, not read twice
     manifest = load_manifest(store_dir, snapshot_id, verify=True, headers=headers)
     verify_packs(store_dir, headers, manifest, stats_out=stats_out)
     if stats_out is not None:
