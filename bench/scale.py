@@ -15,8 +15,14 @@ as its own dvc.yaml's ``cmd`` says, one process each:
                      dependency (DVC stats every file), today's always-changed snapshot stage (it
                      lists the source and finds nothing new). The other stages are skipped by DVC
                      in both versions at a cost that does not depend on N;
-  validate         - the poison stage (no attack; untimed), then the validate stage;
-  train 1 epoch    - the train stage at train.epochs=1 (small_cnn, batch 64, CPU).
+  poison           - the poison stage with no attack (it builds the training view);
+  validate         - the validate stage (the data gate);
+  train 1 epoch    - the train stage at train.epochs=1 (small_cnn, batch 64, CPU);
+  twin 1 epoch     - the twin stage (the clean baseline model, same settings);
+  evaluate         - the evaluate stage (candidate and twin over the test split, scan set, ASR).
+
+The inspect stage is not run: its k-fold training is ``inspect.folds`` more fits, which at 1M rows
+on this CPU box is hours; its memory is that of the train step per fold (the same loop).
 
 Each step: wall seconds, and peak RSS of the whole process tree (the stage and its decode workers,
 summed, sampled every 20 ms with psutil), in MiB. One trial per cell (run it again for another). Writes
@@ -48,7 +54,8 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "validate", "train 1 epoch")
+STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "poison", "validate", "train 1 epoch", "twin 1 epoch",
+         "evaluate")
 CLASSES = 10
 
 
@@ -153,11 +160,13 @@ def _rest(stages: dict, ws: Path, n: int, out: dict, step) -> None:
     subprocess.run([*dvc, "init", "--no-scm", "-f", "-q"], cwd=ws, env=env_for(ws), capture_output=True)
     subprocess.run([*dvc, "repro", "--single-item", "snapshot"], cwd=ws, env=env_for(ws), capture_output=True)
     step("no-op dvc repro", [*dvc, "repro", "--single-item", "snapshot"])
-    if measure(stage_argv(stages, "poison"), ws)["rc"] == 0:
+    if step("poison", stage_argv(stages, "poison")):
         if step("validate", stage_argv(stages, "validate")) and step("train 1 epoch", stage_argv(stages, "train")):
             # the fit alone, as the stage reports it: the rest of the stage is start-up and MLflow
             rep = json.loads((ws / "reports" / "train.json").read_text())
             out["train 1 epoch"]["fit_seconds"] = rep.get("train_seconds")
+            if step("twin 1 epoch", stage_argv(stages, "twin")):
+                step("evaluate", stage_argv(stages, "evaluate"))
 
 
 def machine() -> str:
@@ -179,6 +188,14 @@ def table(results: dict, old: str, new: str, sizes: list[int]) -> list[str]:
             o, w = results[old].get(str(n), {}).get(s), results[new].get(str(n), {}).get(s)
             lines.append(f"| {n:,} | {s} | {cell(o, 'seconds')} | {cell(w, 'seconds')} | {ratio(o, w, 'seconds')} | "
                          f"{cell(o, 'rss_mib')} | {cell(w, 'rss_mib')} | {ratio(o, w, 'rss_mib')} |")
+    lines += ["", "The 1% append as a share of the cold snapshot (issue 19 item 1: at most 10% at 100k):", "",
+              "| N | old append/cold | new append/cold |", "|---|---|---|"]
+    for n in sizes:
+        shares = []
+        for r in (old, new):
+            c, a = (results[r].get(str(n), {}).get(s) for s in ("cold snapshot", "1% append"))
+            shares.append(f"{a['seconds'] / c['seconds']:.1%}" if c and a and not c["rc"] and not a["rc"] else "—")
+        lines.append(f"| {n:,} | {shares[0]} | {shares[1]} |")
     fits = [(n, results[r].get(str(n), {}).get("train 1 epoch", {}).get("fit_seconds")) for n in sizes for r in (old, new)]
     if any(f is not None for _, f in fits):
         lines += ["", "The train step's fit alone (`train_seconds` of reports/train.json; the rest of the step is the "
