@@ -64,6 +64,9 @@ _say = partial(stage.say, "snapshot")
 STAT_FORMAT = "poisongate-stat 2"
 STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
                          ("file_sha256", pa.string()), ("sha256", pa.string())])
+# Decoded pixels wait here (in the store's file system, not /tmp, which may be RAM) between the
+# decode and the pack: the stage's memory stays flat however many rows a snapshot adds.
+SPILL_DIR = ".spill"
 _VOLATILE = ("seconds", "work")  # report keys that do not make a report "changed"
 
 
@@ -100,44 +103,53 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
     stat = read_stat_cache(stat_path)
     scan_ns = time.time_ns()
+    spill = Path(store_dir) / SPILL_DIR
+    sources.clear_spill(spill)
     read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
-                               verify=verify_source, progress=progress)
-    t_read = time.perf_counter()
-    now = ingest_time()
-    if read.unchanged and parent is not None:
-        plan = store.Plan(parent.id, parent.manifest, np.zeros((0, *parent.meta["image_shape"]), np.uint8),
-                          list(parent.meta["class_names"]), tuple(parent.meta["image_shape"]))
-    else:
-        plan = store.plan_snapshot(parent, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
-                                   read.uris, read.images, now, decoded=read.decoded, file_sizes=read.file_sizes,
-                                   file_sha256=read.file_sha256)
-    t_plan = time.perf_counter()
-    manifest = plan.manifest
-    t_features = t_plan
-    if plan.unchanged:
-        sid = parent_id
-        store.set_head(store_dir, key, sid)  # no-op unless heads/<key> was missing
-        say(f"source unchanged: {len(plan.manifest)} rows, snapshot {sid[:12]} stays current")
-    else:
-        source_meta = {**read.spec, "key": key}
-        features = None
-        if detector is not None:
-            say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
-            features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
-        t_features = time.perf_counter()
-        base = None
-        if store.base_due(parent):  # a base keeps loads from reading the whole history (issue 19 item 4)
-            say(f"consolidating {len(parent.manifest)} rows of {parent.id[:12]} into a base "
-                f"({parent.since_base} snapshots since the last one)")
-            base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None)
-        sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base)
-        if base is not None and store.read_header(store_dir, sid).get("base") == base:
-            store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
-        say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
-            + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
-    if stat_path is not None and read.stat is not None:
-        write_stat_cache(stat_path, read.stat, scan_ns, stat.scan_ns if stat is not None else 0, read.stat_changed)
-    t_write = time.perf_counter()
+                               verify=verify_source, progress=progress, spill_dir=spill)
+    try:
+        t_read = time.perf_counter()
+        now = ingest_time()
+        if read.unchanged and parent is not None:
+            plan = store.Plan(parent.id, parent.manifest, np.zeros((0, *parent.meta["image_shape"]), np.uint8),
+                              list(parent.meta["class_names"]), tuple(parent.meta["image_shape"]))
+        else:
+            plan = store.plan_snapshot(parent, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
+                                       read.uris, read.images, now, decoded=read.decoded, file_sizes=read.file_sizes,
+                                       file_sha256=read.file_sha256)
+        t_plan = time.perf_counter()
+        manifest = plan.manifest
+        t_features = t_plan
+        if plan.unchanged:
+            sid = parent_id
+            store.set_head(store_dir, key, sid)  # no-op unless heads/<key> was missing
+            say(f"source unchanged: {len(plan.manifest)} rows, snapshot {sid[:12]} stays current")
+        else:
+            source_meta = {**read.spec, "key": key}
+            features = None
+            if detector is not None:
+                say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
+                features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
+            t_features = time.perf_counter()
+            base = None
+            if store.base_due(parent):  # a base keeps loads from reading the whole history (issue 19 item 4)
+                say(f"consolidating {len(parent.manifest)} rows of {parent.id[:12]} into a base "
+                    f"({parent.since_base} snapshots since the last one)")
+                base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None)
+            sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base)
+            if base is not None and store.read_header(store_dir, sid).get("base") == base:
+                store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
+            say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
+                + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
+        if stat_path is not None and read.stat is not None:
+            write_stat_cache(stat_path, read.stat, scan_ns, stat.scan_ns if stat is not None else 0, read.stat_changed)
+        t_write = time.perf_counter()
+    finally:
+        read.discard()  # the spilled pixels: in the pack now, or not needed
+        try:
+            spill.rmdir()  # when empty: the store holds only what its snapshots name
+        except OSError:
+            pass
 
     meta = store.read_meta(store_dir, sid)
     class_names = list(meta["class_names"])

@@ -422,3 +422,47 @@ def test_cifar10_download_exports_imagefolder_pngs(tmp_path, monkeypatch):
 def test_hashes_differ_per_image(tmp_path):
     d = load_imagefolder(str(make_folder(tmp_path / "src")))
     assert len(set(sample_hashes(d.images))) == len(d)
+
+
+def test_spilled_read_matches_the_in_memory_one_and_cleans_up(tmp_path):
+    """Issue 19 item 3: with ``spill_dir`` the decoded pixels go to a file as they arrive and the
+    read's images are lazy rows of it (a cold snapshot holds decode chunks, not the data set);
+    they equal the in-memory read's, for a folder and for an archive pair, and ``discard`` removes
+    the file. A refused read (a second image size, here the first arrival's) leaves no file."""
+    from pipeline.data.rows import LazyRows
+
+    root = make_folder(tmp_path / "src", n=5)
+    cfg = DataConfig(name="imagefolder", path=str(root), workers=1)
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for split in ("train", "test"):
+        make_tar(root, pair / f"x-{split}.tar.gz", [split])
+    for path in (root, pair):
+        mem = load_imagefolder(str(path))
+        spill = tmp_path / f"spill-{path.name}"
+        read = sources.read_source(DataConfig(name="imagefolder", path=str(path), workers=1), spill_dir=spill)
+        assert isinstance(read.images, LazyRows) and len(list(spill.iterdir())) == 1
+        assert read.sample_ids == mem.sample_ids and np.array_equal(np.asarray(read.images), mem.images)
+        assert read.hashes == sample_hashes(mem.images)
+        read.discard()
+        assert list(spill.iterdir()) == []
+    odd = sorted((root / "train" / "cat").iterdir())[0]
+    save(odd, pixels(9, size=9))  # the first file decoded has the minority size
+    spill = tmp_path / "spill-odd"
+    with pytest.raises(SourceError, match=rf"(?s)more than one size \(most are 8x8.*{odd.name}: 9x9"):
+        sources.read_source(cfg, spill_dir=spill)
+    assert list(spill.iterdir()) == []
+
+
+def test_clear_spill_removes_only_files_of_dead_processes(tmp_path):
+    import subprocess
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"decoded-{gone.pid}-x.u8"
+    live = tmp_path / f"decoded-{os.getpid()}-y.u8"
+    other = tmp_path / "notes.txt"
+    for f in (dead, live, other):
+        f.write_bytes(b"1")
+    sources.clear_spill(tmp_path)
+    assert not dead.exists() and live.exists() and other.exists()

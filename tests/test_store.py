@@ -395,6 +395,7 @@ def test_incremental_run_decodes_only_what_changed(env):
     age(env.src)
     first = run_cached(env, recheck_files=0)
     assert first["work"]["source_decoded"] == 18 and first["work"]["store_bytes_hashed"] == 0
+    assert not (env.store / snapshot.SPILL_DIR).exists()  # the decoded pixels' spill file went into the pack
     again = run_cached(env, recheck_files=0)  # stat cache vouches for all 18: not one file opened
     assert again["snapshot_id"] == first["snapshot_id"]
     assert again["work"]["source_trusted"] == 18 and again["work"].get("source_read", 0) == 0
@@ -606,3 +607,26 @@ def test_read_split_reads_only_its_rows_and_checks_each(env):
     flip(row)
     with pytest.raises(IntegrityError, match=row["sample_id"]):
         store.read_split(env.store, sid, "test")
+
+
+def test_packs_are_written_in_chunks_byte_for_byte_as_np_save(tmp_path):
+    """Issue 19 item 3: a pack is streamed a chunk of rows at a time (numpy or lazy rows) and is
+    byte-identical to ``np.save`` of the whole array, so its name (sha256) does not depend on how
+    it was written."""
+    import io
+
+    from pipeline.data.rows import LazyRows, file_identity
+
+    x = np.random.default_rng(0).integers(0, 256, (10, 5, 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    want = hashlib.sha256(buf.getvalue()).hexdigest()
+    raw = tmp_path / "rows.u8"
+    raw.write_bytes(x[::-1].tobytes())
+    lazy = LazyRows([(raw, 0, 10, file_identity(raw))], np.zeros(10, np.int32), np.arange(9, -1, -1), x.shape[1:])
+    for images, chunk in ((x, 3), (lazy, 4), (x, 100)):
+        digest = store._write_pack(tmp_path / "s", images, chunk=chunk)
+        assert digest == want
+        path = store._pack_path(tmp_path / "s", digest)
+        assert path.read_bytes() == buf.getvalue() and np.array_equal(np.load(path), x)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left

@@ -95,6 +95,7 @@ import re
 import stat as stat_mod
 import sys
 import tarfile
+import tempfile
 import time
 import warnings
 import zlib
@@ -217,6 +218,13 @@ class SourceRead:
     stat: Optional[StatTable] = None  # the stat cache after this read (folder sources)
     stat_changed: bool = False  # stat differs from the cache it started from
     unchanged: bool = False
+    decoded_rows: Optional["_Decoded"] = None  # owns the spill file behind a lazy ``images``
+
+    def discard(self) -> None:
+        """Remove the spill file of the decoded pixels (``read_source(spill_dir=...)``): call it
+        once the snapshot is written; ``images`` cannot be read after."""
+        if self.decoded_rows is not None:
+            self.decoded_rows.discard()
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -348,12 +356,14 @@ def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
 
 def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Optional[StatTable] = None,
                 previous: Optional[dict] = None, verify: bool = False, recheck: Optional[int] = None,
-                progress: Progress = None) -> SourceRead:
+                progress: Progress = None, spill_dir: Optional[str | Path] = None) -> SourceRead:
     """Read the configured source, decoding only the rows ``known`` cannot vouch for.
 
     ``known``: what the parent snapshot recorded; ``stat``: the local stat cache; ``previous``:
     the parent snapshot's ``source`` record (archive digests, limit); ``verify``: decode
-    everything (full check). See "Incremental read" in the module docstring.
+    everything (full check). See "Incremental read" in the module docstring. ``spill_dir``: the
+    decoded pixels of an image source go to a file there as they are decoded and ``images`` reads
+    them lazily, so memory does not grow with the rows decoded; call ``discard()`` after.
     """
     if cfg.name not in ("digits", "cifar10", "imagefolder"):
         raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
@@ -373,7 +383,8 @@ def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Option
             _cifar10_missing(cfg, path, progress)
         read = _read_imagefolder(path, cfg.limit, cfg.workers, limits=_limits(cfg), known=known or KnownRows.empty(),
                                  stat=stat, previous=previous, verify=verify, recheck=recheck,
-                                 chunk_size=CHUNK_SIZE, progress=progress)
+                                 chunk_size=CHUNK_SIZE, progress=progress,
+                                 spill_dir=Path(spill_dir) if spill_dir is not None else None)
         if cfg.name == "cifar10" and not read.unchanged and tuple(read.class_names) != CIFAR10_CLASSES:
             raise SourceError(
                 f"{path}: class folders {read.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "
@@ -531,13 +542,15 @@ def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
 
 def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: _Limits, known: KnownRows,
                       stat: Optional[StatTable], previous: Optional[dict], verify: bool, recheck: int,
-                      chunk_size: int, progress: Progress) -> SourceRead:
+                      chunk_size: int, progress: Progress, spill_dir: Optional[Path] = None) -> SourceRead:
     t0 = time.perf_counter()
     kind, parts = _layout(path)
     if kind == "folder":
-        read = _read_folder(parts[0][1], path, limit, workers, limits, known, stat, verify, recheck, chunk_size)
+        read = _read_folder(parts[0][1], path, limit, workers, limits, known, stat, verify, recheck, chunk_size,
+                            spill_dir)
     else:
-        read = _read_archives(path, parts, limit, workers, limits, known, previous, verify, chunk_size, progress)
+        read = _read_archives(path, parts, limit, workers, limits, known, previous, verify, chunk_size, progress,
+                              spill_dir)
     if not read.unchanged:
         w = read.work
         _say(progress, f"decoded {int(read.decoded.sum())} images from {path} in {time.perf_counter() - t0:.1f} s "
@@ -547,7 +560,8 @@ def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: 
 
 
 def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limits: _Limits, known: KnownRows,
-                 stat: Optional[StatTable], verify: bool, recheck: int, chunk_size: int) -> SourceRead:
+                 stat: Optional[StatTable], verify: bool, recheck: int, chunk_size: int,
+                 spill_dir: Optional[Path] = None) -> SourceRead:
     """A folder source, column by column: list with one stat per file, trust what the stat cache
     vouches for, read and digest the rest, decode what the digests cannot vouch for."""
     work: Counter = Counter()
@@ -594,14 +608,18 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     def expect(i: int) -> tuple[str, str, str, str]:
         return k_sha[i], k_fsha[i], c_fsha[i], c_sha[i]
 
-    arrays = _ingest(items, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits, work, path)
-    decoded_idx = sorted(arrays)
-    _check_uniform(path, [uri_of(i) for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    dec = _ingest(items, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits, work, path, spill_dir)
+    try:
+        dec.check(path, uri_of)
+    except BaseException:
+        dec.discard()
+        raise
+    decoded_idx = np.sort(np.asarray(dec.rows, np.int64))
     class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
     decoded = np.zeros(n, dtype=bool)
     decoded[decoded_idx] = True
-    images = np.stack([arrays[i] for i in decoded_idx]) if arrays else np.zeros((0, 1, 1, 1), np.uint8)
+    images = dec.images(decoded_idx)
     keep_stat = (hashes != "") & (fsha != "")
     new_stat = StatTable([ids[i] for i in np.flatnonzero(keep_stat)] if not keep_stat.all() else list(ids),
                          hashes[keep_stat], fsha[keep_stat], size=sizes[keep_stat], mtime_ns=mtimes[keep_stat],
@@ -620,12 +638,13 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         work=dict(work),
         stat=new_stat,
         stat_changed=not new_stat.same_as(stat),
+        decoded_rows=dec,
     )
 
 
 def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], limit: Optional[int], workers: int,
                    limits: _Limits, known: KnownRows, previous: Optional[dict], verify: bool, chunk_size: int,
-                   progress: Progress) -> SourceRead:
+                   progress: Progress, spill_dir: Optional[Path] = None) -> SourceRead:
     """An archive source: hashed whole first (the no-op shortcut), else streamed member by member."""
     work: Counter = Counter()
     archives = []
@@ -674,21 +693,27 @@ def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], li
         k = known.get(entries[i].sample_id)
         return (k[0], k[1], "", "") if k is not None else ("", "", "", "")
 
-    arrays = _ingest(appended(), lambda i: entries[i].uri, expect, hashes, fsha, verify, workers, chunk_size,
-                     limits, work, path)
-    work["listed"] = len(entries)
-    if limit is None:
-        _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e in entries))
-    decoded_idx = sorted(arrays)
-    _check_uniform(path, [entries[i].uri for i in decoded_idx], [arrays[i] for i in decoded_idx])
+    dec = _ingest(appended(), lambda i: entries[i].uri, expect, hashes, fsha, verify, workers, chunk_size,
+                  limits, work, path, spill_dir)
+    try:
+        work["listed"] = len(entries)
+        if limit is None:
+            _check_layout(path, dirs, Counter(f"{e.split}/{e.cls}" for e in entries))
+        dec.check(path, lambda i: entries[i].uri)
+    except BaseException:
+        dec.discard()
+        raise
     order = sorted(range(len(entries)), key=lambda i: entries[i].order)  # members come in archive order
     entries, hashes, fsha = [entries[i] for i in order], [hashes[i] for i in order], [fsha[i] for i in order]
-    arrays = {new: arrays[old] for new, old in enumerate(order) if old in arrays}
     n = len(entries)
+    arrived = np.asarray(dec.rows, np.int64)  # in the members' order
+    decoded = np.zeros(n, dtype=bool)
+    if len(arrived):
+        renumber = np.empty(n, np.int64)
+        renumber[np.asarray(order, np.int64)] = np.arange(n)
+        decoded[renumber[arrived]] = True
     class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
-    decoded = np.zeros(n, dtype=bool)
-    decoded[list(arrays)] = True
     return SourceRead(
         sample_ids=[e.sample_id for e in entries],
         class_names=class_names,
@@ -699,9 +724,10 @@ def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], li
         file_sizes=np.array([e.size for e in entries], dtype=np.int64),
         file_sha256=fsha,
         decoded=decoded,
-        images=np.stack([arrays[i] for i in sorted(arrays)]) if arrays else np.zeros((0, 1, 1, 1), np.uint8),
+        images=dec.images(np.asarray(order, np.int64)[decoded]),  # the kept rows, by their old numbers
         spec=spec,
         work=dict(work),
+        decoded_rows=dec,
     )
 
 
@@ -728,9 +754,11 @@ def _too_big(uri: str, size: Optional[int], max_file_bytes: int) -> str:
 
 def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
             expect: Callable[[int], tuple[str, str, str, str]], hashes, fsha, verify: bool, workers: int,
-            chunk_size: int, limits: _Limits, work: Counter, path: str = "the source") -> dict[int, np.ndarray]:
+            chunk_size: int, limits: _Limits, work: Counter, path: str = "the source",
+            spill_dir: Optional[Path] = None) -> _Decoded:
     """Digest what was read; decode what the digests cannot vouch for. Fills ``hashes`` and
-    ``fsha`` in place (by row index); returns the decoded arrays by row index.
+    ``fsha`` in place (by row index); returns the decoded rows (:class:`_Decoded`: spilled to a
+    file in ``spill_dir`` as they arrive, if given).
 
     ``expect(i)`` = (pixel hash and file digest the store recorded, file digest and pixel hash
     the stat cache recorded), "" where unknown: a row whose bytes hash to a recorded digest is
@@ -749,7 +777,7 @@ def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
                 continue
             yield i, data
 
-    arrays: dict[int, np.ndarray] = {}
+    dec = _Decoded(spill_dir)
     errors: list[str] = []
     bar = progress_bar(desc="decode", unit="img")
     try:
@@ -758,15 +786,19 @@ def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
                 if isinstance(res, str):
                     errors.append(f"{uri_of(i)}: {res}")
                 else:
-                    arrays[i], hashes[i] = res
+                    dec.add(i, res[0])
+                    hashes[i] = res[1]
             work["decoded"] += len(tags)
             bar.update(len(tags))
+        if errors:
+            raise SourceError(_listing(f"{len(errors)} file(s) in {path} are not usable images", errors,
+                                       "fix or remove them (every file in a class folder must be an image)"))
+    except BaseException:
+        dec.discard()
+        raise
     finally:
         bar.close()
-    if errors:
-        raise SourceError(_listing(f"{len(errors)} file(s) in {path} are not usable images", errors,
-                                   "fix or remove them (every file in a class folder must be an image)"))
-    return arrays
+    return dec
 
 
 def _is_archive(p: Path) -> bool:
@@ -995,29 +1027,122 @@ def _check_layout(path: str, dirs: set[str], counts: Counter) -> None:
                                    "add images to them or remove the folders"))
 
 
-def _check_uniform(path: str, uris: list[str], arrays: list[np.ndarray]) -> None:
-    if not arrays:
-        return
-    channels = Counter(a.shape[2] for a in arrays)
-    if len(channels) > 1:
-        major = channels.most_common(1)[0][0]
-        odd = [f"{u}: {a.shape[2]} channel(s)" for u, a in zip(uris, arrays) if a.shape[2] != major]
+class _Decoded:
+    """The decoded rows of one read, as they arrive from the decode workers (issue 19 item 3).
+
+    With ``spill_dir`` the pixels go to a file there as they arrive, and :meth:`images` is a lazy
+    (:class:`pipeline.data.rows.LazyRows`) view of it: a cold snapshot of 1M rows holds a few decode
+    chunks in memory, not the data set (the old dict of arrays, its stack, the plan's copy and
+    the pack's buffer were four copies). Without, they stay in memory (``load_imagefolder``).
+    Rows of another shape than the first are counted, not kept: they make the read fail
+    (:meth:`check`), and a few of each shape are remembered to be named."""
+
+    def __init__(self, spill_dir: Optional[Path] = None):
+        self.spill_dir = spill_dir
+        self.shape: Optional[tuple[int, ...]] = None
+        self.rows: list[int] = []  # row index of each kept image, in arrival order
+        self.arrays: list[np.ndarray] = []
+        self.path: Optional[Path] = None
+        self._fh = None
+        self.shapes: Counter = Counter()
+        self.named: dict[tuple[int, ...], list[int]] = {}  # up to MAX_LISTED rows of each shape
+
+    def add(self, i: int, arr: np.ndarray) -> None:
+        shape = tuple(arr.shape)
+        self.shapes[shape] += 1
+        named = self.named.setdefault(shape, [])
+        if len(named) < MAX_LISTED:
+            named.append(i)
+        if self.shape is None:
+            self.shape = shape
+            if self.spill_dir is not None:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f"decoded-{os.getpid()}-", suffix=".u8", dir=self.spill_dir)
+                self.path, self._fh = Path(tmp), os.fdopen(fd, "wb")
+        if shape != self.shape:
+            return  # the read fails in check(); its pixels are never used
+        self.rows.append(i)
+        if self._fh is not None:
+            self._fh.write(np.ascontiguousarray(arr, np.uint8).tobytes())
+        else:
+            self.arrays.append(arr)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check(self, path: str, uri_of: Callable[[int], str]) -> None:
+        """One channel count and one size, or a SourceError naming the odd files."""
+        if len(self.shapes) < 2:
+            return
+        channels = Counter()
+        for shape, n in self.shapes.items():
+            channels[shape[2]] += n
+        if len(channels) > 1:
+            major = channels.most_common(1)[0][0]
+            odd = [(i, f"{uri_of(i)}: {shape[2]} channel(s)") for shape, rows in self.named.items()
+                   if shape[2] != major for i in rows]
+            raise SourceError(_listing(
+                f"{path} mixes grayscale and colour images ({dict(channels)} by channel count)", [m for _, m in sorted(odd)],
+                f"convert them to {'RGB' if major == 3 else 'grayscale (L)'} like the other {channels[major]} images",
+                total=sum(n for shape, n in self.shapes.items() if shape[2] != major)))
+        (h, w, _c), n = self.shapes.most_common(1)[0]
+        odd = [(i, f"{uri_of(i)}: {shape[1]}x{shape[0]}") for shape, rows in self.named.items()
+               if shape[:2] != (h, w) for i in rows]
         raise SourceError(_listing(
-            f"{path} mixes grayscale and colour images ({dict(channels)} by channel count)", odd,
-            f"convert them to {'RGB' if major == 3 else 'grayscale (L)'} like the other {channels[major]} images"))
-    sizes = Counter(a.shape[:2] for a in arrays)
-    if len(sizes) > 1:
-        (h, w), n = sizes.most_common(1)[0]
-        odd = [f"{u}: {a.shape[1]}x{a.shape[0]}" for u, a in zip(uris, arrays) if a.shape[:2] != (h, w)]
-        raise SourceError(_listing(
-            f"{path} has images of more than one size (most are {w}x{h}, {n} images)", odd,
+            f"{path} has images of more than one size (most are {w}x{h}, {n} images)", [m for _, m in sorted(odd)],
             f"set data.resize: [{h}, {w}] (and data.resize_mode: fit | stretch) to resize every image when it is "
-            f"ingested, or resize or remove them"))
+            f"ingested, or resize or remove them", total=sum(k for shape, k in self.shapes.items() if shape[:2] != (h, w))))
+
+    def images(self, rows: np.ndarray):
+        """The kept images of ``rows`` (row indices, each kept), in that order: a numpy array, or
+        lazy rows of the spill file."""
+        rows = np.asarray(rows, np.int64)
+        if not len(self.rows):
+            return np.zeros((0, 1, 1, 1), np.uint8)
+        arrival = np.asarray(self.rows, np.int64)
+        order = np.argsort(arrival, kind="stable")
+        at = order[np.searchsorted(arrival[order], rows)]  # arrival position of each requested row
+        if self._fh is None:
+            return np.stack([self.arrays[k] for k in at]) if len(at) else np.zeros((0, *self.shape), np.uint8)
+        from pipeline.data.rows import LazyRows, file_identity
+
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        self.spill_dir = None  # closed: nothing more is added
+        return LazyRows([(self.path, 0, len(self.rows), file_identity(self.path))], np.zeros(len(at), np.int32),
+                        at, self.shape)
+
+    def discard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
-def _listing(head: str, items: list[str], fix: str) -> str:
+def clear_spill(spill_dir: Path) -> None:
+    """Remove the spill files (:class:`_Decoded`) of processes that are gone (a killed snapshot)."""
+    if not spill_dir.is_dir():
+        return
+    for f in spill_dir.glob("decoded-*.u8"):
+        m = re.fullmatch(r"decoded-(\d+)-.*\.u8", f.name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, another user's: not ours to remove
+
+
+def _listing(head: str, items: list[str], fix: str, total: Optional[int] = None) -> str:
+    """``total``: how many there are when ``items`` names only some of them."""
+    total = len(items) if total is None else total
     shown = "\n  ".join(items[:MAX_LISTED])
-    more = f"\n  ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    more = f"\n  ... and {total - min(len(items), MAX_LISTED)} more" if total > min(len(items), MAX_LISTED) else ""
     return f"{head}: {fix}\n  {shown}{more}"
 
 

@@ -70,6 +70,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,7 @@ class Plan:
 
     parent: Optional[str]
     manifest: pd.DataFrame  # full manifest; the new rows last, their snapshot_id and pack still ""
-    new_images: np.ndarray  # uint8 (n_new, H, W, C), in the order of the new rows
+    new_images: np.ndarray  # uint8 (n_new, H, W, C) or lazy rows (pipeline.data.rows), in the order of the new rows
     class_names: list[str]
     image_shape: tuple[int, int, int]
 
@@ -317,7 +318,12 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     }, columns=MANIFEST_COLUMNS)
     manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
     if new_pos:
-        new_images = np.ascontiguousarray(images[dec_pos[np.array(new_pos, dtype=np.int64)]])
+        from pipeline.data.rows import take
+
+        at = dec_pos[np.array(new_pos, dtype=np.int64)]
+        # A cold snapshot, and an append that decoded only its new files, take every decoded row in
+        # order: no copy, so lazy (spilled) images stay lazy and memory stays flat (issue 19 item 3).
+        new_images = images if len(at) == len(images) and bool((at == np.arange(len(at))).all()) else take(images, at)
     else:
         new_images = np.zeros((0, *image_shape), np.uint8)
     return Plan(parent.id if parent else None, manifest, new_images, store_classes, image_shape)
@@ -989,6 +995,47 @@ def _write_object(path: Path, data: bytes, digest: str) -> None:
     write_file(path, data)
 
 
+PACK_CHUNK_ROWS = 8192  # rows per write of a pack: its memory is one chunk, whatever the pack's size
+
+
+def _write_pack(store: Path, images, chunk: int = PACK_CHUNK_ROWS) -> str:
+    """Write ``images`` (numpy or lazy rows) as a ``.npy`` pack named by its sha256, a chunk of
+    rows at a time, hashed as written; the bytes are exactly ``np.save``'s. Returns the digest."""
+    from pipeline.data.rows import take
+
+    shape = (len(images), *(int(x) for x in images.shape[1:]))
+    folder = _pack_path(store, "0" * 64).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".pack-", suffix=".tmp", dir=folder)
+    tmp = Path(name)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                        "fortran_order": False, "shape": shape})
+            for part in (head.getvalue(), *(np.ascontiguousarray(take(images, np.arange(s0, min(s0 + chunk, shape[0]))),
+                                                                 np.uint8).tobytes()
+                                            for s0 in range(0, shape[0], chunk))):
+                h.update(part)
+                fh.write(part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = h.hexdigest()
+        final = _pack_path(store, digest)
+        if final.is_file() and file_sha256(final) == digest:
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+        return digest
+    except OSError as exc:
+        if not exc.filename:
+            exc.poisongate_path = str(tmp)  # type: ignore[attr-defined]
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str,
                    features: Optional[tuple[pd.DataFrame, dict]] = None,
                    base: Optional[dict] = None) -> tuple[str, pd.DataFrame]:
@@ -1005,11 +1052,7 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     new = np.arange(n - plan.n_new, n)
     packs: list[str] = []
     if plan.n_new:
-        buf = io.BytesIO()
-        np.save(buf, plan.new_images, allow_pickle=False)
-        data = buf.getvalue()
-        pack = _sha256(data)
-        _write_object(_pack_path(store, pack), data, pack)
+        pack = _write_pack(store, plan.new_images)
         manifest.loc[new, "pack"] = pack
         packs.append(pack)
     rows = manifest.iloc[new]
