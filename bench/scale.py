@@ -3,7 +3,8 @@
 
     python bench/scale.py [--sizes 10000,100000] [--old c901d6d] [--new HEAD] [--out bench/results/scale]
 
-For each size N a synthetic ImageFolder source is written once (28x28 grey PNGs, 10 classes, every
+For each size N a synthetic ImageFolder source is written once (``--image``, default 28x28 grey
+PNGs; ``--sources`` keeps them for the next run), 10 classes, every
 fifth row in test/), then, for each code version, in a fresh workspace (``git archive`` of that
 revision, its own params.yaml composed by its own ``pipeline.config``), the stages are run exactly
 as its own dvc.yaml's ``cmd`` says, one process each:
@@ -24,8 +25,10 @@ as its own dvc.yaml's ``cmd`` says, one process each:
 The inspect stage is not run: its k-fold training is ``inspect.folds`` more fits, which at 1M rows
 on this CPU box is hours; its memory is that of the train step per fold (the same loop).
 
-Each step: wall seconds, and peak RSS of the whole process tree (the stage and its decode workers,
-summed, sampled every 20 ms with psutil), in MiB. One trial per cell (run it again for another). Writes
+Each step: wall seconds, and the peak memory of the whole process tree (the stage and its decode
+workers: the sum of their PSS, so pages a forked worker shares with its parent count once; sampled
+every 20 ms with psutil), in MiB; the main process's own peak RSS goes to the JSON. One trial per
+cell (run it again for another). Writes
 ``<out>.md`` (table, ratios new/old, the machine), ``<out>.json`` and ``<out>.png`` (time and
 memory against N, log-log).
 
@@ -59,23 +62,25 @@ STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "poison", "validate", 
 CLASSES = 10
 
 
-def write_rows(root: Path, start: int, stop: int) -> list[Path]:
-    """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; grey noise around a class
+def write_rows(root: Path, start: int, stop: int, image: tuple[int, int, int] = (28, 28, 1)) -> list[Path]:
+    """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; noise around a class
     level, so no two rows are equal (a duplicate would be a data-gate finding, not what this
-    measures). Returns the files written."""
+    measures). ``image``: (height, width, channels). Returns the files written."""
     from PIL import Image
 
     for c in range(CLASSES):
         for split in ("train", "test"):
             (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(start)
-    i = np.arange(start, stop)
-    imgs = np.clip(rng.normal(40 + 20 * (i % CLASSES)[:, None, None], 30, (len(i), 28, 28)), 0, 255).astype(np.uint8)
     files = []
-    for k, img in zip(i, imgs):
-        split = "test" if (k // CLASSES) % 5 == 0 else "train"
-        files.append(root / split / f"c{k % CLASSES}" / f"{k:08d}.png")
-        Image.fromarray(img).save(files[-1], compress_level=1)
+    for s0 in range(start, stop, 10000):  # in blocks: 1M rows of noise at once would be GBs
+        rng = np.random.default_rng(s0)
+        i = np.arange(s0, min(s0 + 10000, stop))
+        imgs = np.clip(rng.normal(40 + 20 * (i % CLASSES)[:, None, None, None], 30, (len(i), *image)),
+                       0, 255).astype(np.uint8)
+        for k, img in zip(i, imgs):
+            split = "test" if (k // CLASSES) % 5 == 0 else "train"
+            files.append(root / split / f"c{k % CLASSES}" / f"{k:08d}.png")
+            Image.fromarray(img[..., 0] if image[2] == 1 else img).save(files[-1], compress_level=1)
     return files
 
 
@@ -98,9 +103,11 @@ def env_for(ws: Path) -> dict:
 
 
 def measure(argv: list[str], cwd: Path) -> dict:
-    """Wall seconds and peak RSS (MiB) of the process tree; rc and the stderr tail."""
+    """Wall seconds, the peak memory (MiB) of the process tree and of its main process; rc and the
+    stderr tail. The tree's memory is the sum of each process's PSS (proportional set size): a
+    forked decode worker shares its parent's pages, and summing RSS would count them twice."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env_for(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = [0]
+    peak = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
@@ -109,7 +116,8 @@ def measure(argv: list[str], cwd: Path) -> dict:
             while not done.is_set():
                 try:
                     tree = [root, *root.children(recursive=True)]
-                    peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+                    peak[0] = max(peak[0], sum(p.memory_full_info().pss for p in tree if p.is_running()))
+                    peak[1] = max(peak[1], root.memory_info().rss)
                 except psutil.Error:
                     pass
                 done.wait(0.02)
@@ -123,7 +131,8 @@ def measure(argv: list[str], cwd: Path) -> dict:
     wall = time.perf_counter() - t0
     done.set()
     t.join()
-    return {"seconds": round(wall, 2), "rss_mib": round(peak[0] / 2**20, 1), "rc": proc.returncode,
+    return {"seconds": round(wall, 2), "rss_mib": round(peak[0] / 2**20, 1), "main_rss_mib": round(peak[1] / 2**20, 1),
+            "rc": proc.returncode,
             "error": err.decode(errors="replace").strip().splitlines()[-3:] if proc.returncode else []}
 
 
@@ -132,7 +141,8 @@ def stage_argv(stages: dict, name: str) -> list[str]:
     return [sys.executable, *argv[1:]] if argv[0] == "python" else argv
 
 
-def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say) -> dict:
+def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say,
+                image: tuple[int, int, int] = (28, 28, 1)) -> dict:
     stages = workspace(rev, ws, source, overrides)
     out = {}
 
@@ -145,7 +155,7 @@ def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], 
 
     if not step("cold snapshot", stage_argv(stages, "snapshot")):
         return out
-    appended = write_rows(source, n, n + n // 100)
+    appended = write_rows(source, n, n + n // 100, image)
     try:
         step("1% append", stage_argv(stages, "snapshot"))
         _rest(stages, ws, n, out, step)
@@ -214,7 +224,7 @@ def plot(results: dict, old: str, new: str, sizes: list[int], path: Path) -> Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, unit in ((axes[0], "seconds", "wall seconds"), (axes[1], "rss_mib", "peak RSS, MiB")):
+    for ax, key, unit in ((axes[0], "seconds", "wall seconds"), (axes[1], "rss_mib", "peak memory (PSS of the tree), MiB")):
         for s, colour in zip(STEPS, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             for rev, style in ((old, "--"), (new, "-")):
                 pts = [(n, results[rev][str(n)][s][key]) for n in sizes
@@ -241,9 +251,15 @@ def main() -> int:
     ap.add_argument("--new-override", action="append", default=[],
                     help="extra Hydra override for the new version only (a key the old code lacks)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--sources", default=None,
+                    help="keep the generated sources here and reuse them on the next run (1M PNGs take minutes)")
+    ap.add_argument("--image", default="28x28x1", help="height x width x channels of the generated images")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    image = tuple(int(x) for x in args.image.lower().split("x"))
+    if len(image) != 3 or image[2] not in (1, 3):
+        ap.error(f"--image {args.image}: expected HxWxC with C 1 or 3, e.g. 28x28x1")
     revs = {r: subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", r], check=True, capture_output=True,
                               text=True).stdout.strip() for r in (args.old, args.new)}
     old, new = revs[args.old], revs[args.new]
@@ -253,18 +269,22 @@ def main() -> int:
     t0 = time.time()
     try:
         for n in sizes:
-            source = scratch / f"src-{n}"
-            shutil.rmtree(source, ignore_errors=True)
-            t = time.perf_counter()
-            write_rows(source, 0, n)
-            say(f"N={n}: wrote {n} PNGs in {time.perf_counter() - t:.1f} s")
+            keep = Path(args.sources) if args.sources else None
+            source = (keep or scratch) / f"src-{n}-{args.image}"
+            if not (keep and (source / ".complete").is_file()):
+                shutil.rmtree(source, ignore_errors=True)
+                t = time.perf_counter()
+                write_rows(source, 0, n, image)
+                (source / ".complete").write_text("")
+                say(f"N={n}: wrote {n} PNGs in {time.perf_counter() - t:.1f} s")
             for rev in (old, new):
                 ws = scratch / f"ws-{n}-{rev}"
                 shutil.rmtree(ws, ignore_errors=True)
                 extra = args.override + (args.new_override if rev == new else [])
-                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say)
+                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image)
                 shutil.rmtree(ws, ignore_errors=True)
-            shutil.rmtree(source, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(source, ignore_errors=True)
     finally:
         if not args.work:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -275,12 +295,13 @@ def main() -> int:
                                                     "minutes": round(minutes, 1), "results": results}, indent=1))
     plot(results, old, new, sizes, out.with_suffix(".png"))
     md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
-          f"`python bench/scale.py --sizes {args.sizes} --old {args.old} --new {args.new}"
+          f"`python bench/scale.py --sizes {args.sizes} --image {args.image} --old {args.old} --new {args.new}"
           + "".join(f" --override {o}" for o in args.override)
           + "".join(f" --new-override {o}" for o in args.new_override) + "`", "",
-          f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: 28x28 grey PNGs, 10 classes, "
-          "20% test; the append adds N/100 files. Peak RSS is the whole process tree's (stage + decode "
-          "workers, summed), sampled every 20 ms. See the script's docstring for what each step runs.", "",
+          f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: {args.image} PNGs (HxWxC), 10 classes, "
+          "20% test; the append adds N/100 files. Peak memory is the whole process tree's (stage + decode "
+          "workers, the sum of their PSS: shared pages counted once), sampled every 20 ms; the main process's "
+          "own peak RSS is in the JSON (`main_rss_mib`). See the script's docstring for what each step runs.", "",
           *table(results, old, new, sizes), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     say("\n".join(md))
