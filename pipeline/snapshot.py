@@ -116,7 +116,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         else:
             plan = store.plan_snapshot(parent, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
                                        read.uris, read.images, now, decoded=read.decoded, file_sizes=read.file_sizes,
-                                       file_sha256=read.file_sha256)
+                                       file_sha256=read.file_sha256, raw=read.raw)
         t_plan = time.perf_counter()
         manifest = plan.manifest
         t_features = t_plan

@@ -630,3 +630,54 @@ def test_packs_are_written_in_chunks_byte_for_byte_as_np_save(tmp_path):
         path = store._pack_path(tmp_path / "s", digest)
         assert path.read_bytes() == buf.getvalue() and np.array_equal(np.load(path), x)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_a_transformed_source_keeps_its_raw_bytes_and_they_derive_its_pixels_again(env, tmp_path):
+    """Issue 19 item 5: with ``data.resize`` the store keeps every new file's bytes untouched next to
+    the resized pixels (one raw pack per snapshot, named in the header); the bytes equal the
+    source files', the recorded (versioned) transform applied to them gives the stored pixels
+    row for row, ``export-raw`` writes them back out as a source that snapshots to the same rows
+    without the original, and a damaged raw pack is caught by verify and by the reader."""
+    save(env.src / "train" / "dog" / "big.png", pixels(3, size=20))
+    save(env.src / "train" / "cat" / "wide.jpg", pixels(4, size=30)[:, :12], fmt="JPEG")
+    first = env.run(resize=[8, 8])
+    sid = first["snapshot_id"]
+    header = json.loads((env.store / "snapshots" / f"{sid}.json").read_text())
+    assert header["raw"]["rows"] == first["n_rows"] == 20
+    man = store.read_manifest(env.store, sid)
+    raw = dict(store.read_raw(env.store, sid))
+    assert list(raw) == man["sample_id"].tolist()
+    assert all(data == (env.src / i).read_bytes() for i, data in raw.items())
+    t = header["source"]["transform"]
+    assert t["version"] == sources.Resize.VERSION
+    resize = sources.Resize(*t["size"], t["mode"])
+    assert [sample_hash(resize.apply(sources.decode_image(raw[i]))) for i in man["sample_id"]] == man["sha256"].tolist()
+
+    save(env.src / "test" / "dog" / "new.png", pixels(5, size=11))
+    grown = env.run(resize=[8, 8])
+    gh = json.loads((env.store / "snapshots" / f"{grown['snapshot_id']}.json").read_text())
+    assert gh["raw"]["rows"] == grown["n_new"] == 1  # an append keeps only its own files
+    assert [i for i, _ in store.read_raw(env.store, grown["snapshot_id"])][-1] == "test/dog/new.png"
+
+    out = tmp_path / "exported"
+    assert store.main(["export-raw", "--store", str(env.store), "--snapshot", grown["snapshot_id"], "--out", str(out)]) == 0
+    again = snapshot.snapshot(env.cfg(path=str(out), resize=[8, 8]), str(tmp_path / "s2"), str(tmp_path / "p2.json"),
+                              str(tmp_path / "r2.json"), progress=None)
+    m2 = store.read_manifest(tmp_path / "s2", again["snapshot_id"])
+    m1 = store.read_manifest(env.store, grown["snapshot_id"])
+    assert dict(zip(m2["sample_id"], m2["sha256"])) == dict(zip(m1["sample_id"], m1["sha256"]))
+    assert store.main(["export-raw", "--store", str(env.store), "--snapshot", sid, "--out", str(out)]) == 2  # no overwrite
+
+    small = make_folder(tmp_path / "small")
+    untransformed = snapshot.snapshot(env.cfg(path=str(small)), str(env.store), str(tmp_path / "p4.json"),
+                                      str(tmp_path / "r4.json"), progress=None)
+    assert "raw" not in json.loads((env.store / "snapshots" / f"{untransformed['snapshot_id']}.json").read_text())
+
+    pack = env.store / "raw" / f"{header['raw']['sha256']}.bin"
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 1
+    pack.write_bytes(bytes(data))
+    ok, _, _ = store.verify_store(env.store)
+    assert not ok
+    with pytest.raises(store.DamagedStore, match=r"raw/.*do not hash to its recorded file_sha256"):
+        list(store.read_raw(env.store, sid))

@@ -219,6 +219,7 @@ class SourceRead:
     stat_changed: bool = False  # stat differs from the cache it started from
     unchanged: bool = False
     decoded_rows: Optional["_Decoded"] = None  # owns the spill file behind a lazy ``images``
+    raw: Optional[object] = None  # the decoded rows' file bytes (rows.RawBlobs), when a transform is set
 
     def discard(self) -> None:
         """Remove the spill file of the decoded pixels (``read_source(spill_dir=...)``): call it
@@ -639,6 +640,7 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         stat=new_stat,
         stat_changed=not new_stat.same_as(stat),
         decoded_rows=dec,
+        raw=dec.raw(decoded_idx),
     )
 
 
@@ -728,6 +730,7 @@ def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], li
         spec=spec,
         work=dict(work),
         decoded_rows=dec,
+        raw=dec.raw(np.asarray(order, np.int64)[decoded]),
     )
 
 
@@ -764,6 +767,8 @@ def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
     the stat cache recorded), "" where unknown: a row whose bytes hash to a recorded digest is
     confirmed without decoding (unless ``verify``)."""
 
+    dec = _Decoded(spill_dir, keep_raw=limits.resize is not None)
+
     def to_decode() -> Iterator[tuple[int, bytes]]:
         for i, data in items:
             digest = hashlib.sha256(data).hexdigest()
@@ -775,9 +780,9 @@ def _ingest(items: Iterable[tuple[int, bytes]], uri_of: Callable[[int], str],
                 hashes[i] = k_sha
                 work["confirmed_by_digest"] += 1
                 continue
+            dec.add_raw(i, data)
             yield i, data
 
-    dec = _Decoded(spill_dir)
     errors: list[str] = []
     bar = progress_bar(desc="decode", unit="img")
     try:
@@ -1037,8 +1042,15 @@ class _Decoded:
     Rows of another shape than the first are counted, not kept: they make the read fail
     (:meth:`check`), and a few of each shape are remembered to be named."""
 
-    def __init__(self, spill_dir: Optional[Path] = None):
+    def __init__(self, spill_dir: Optional[Path] = None, keep_raw: bool = False):
         self.spill_dir = spill_dir
+        # The files' bytes too (issue 19 item 5: a transformed source's raw bytes stay in the
+        # store, so its pixels can be derived again under another transform without the source).
+        self.keep_raw = keep_raw and spill_dir is not None
+        self.raw_rows: list[int] = []
+        self.raw_lengths: list[int] = []
+        self.raw_path: Optional[Path] = None
+        self._raw_fh = None
         self.shape: Optional[tuple[int, ...]] = None
         self.rows: list[int] = []  # row index of each kept image, in arrival order
         self.arrays: list[np.ndarray] = []
@@ -1067,8 +1079,41 @@ class _Decoded:
         else:
             self.arrays.append(arr)
 
+    def add_raw(self, i: int, data: bytes) -> None:
+        if not self.keep_raw:
+            return
+        if self._raw_fh is None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"raw-{os.getpid()}-", suffix=".u8", dir=self.spill_dir)
+            self.raw_path, self._raw_fh = Path(tmp), os.fdopen(fd, "wb")
+        self._raw_fh.write(data)
+        self.raw_rows.append(i)
+        self.raw_lengths.append(len(data))
+
     def __len__(self) -> int:
         return len(self.rows)
+
+    def raw(self, rows: np.ndarray):
+        """The kept files' bytes of ``rows`` (row indices, each kept), in that order
+        (:class:`pipeline.data.rows.RawBlobs`); None unless ``keep_raw``."""
+        if not self.keep_raw:
+            return None
+        from pipeline.data.rows import RawBlobs
+
+        rows = np.asarray(rows, np.int64)
+        if self._raw_fh is not None:
+            self._raw_fh.flush()
+            os.fsync(self._raw_fh.fileno())
+            self._raw_fh.close()
+            self._raw_fh = None
+        if not len(self.raw_rows):
+            return RawBlobs(self.spill_dir / "none", np.zeros(0, np.int64), np.zeros(0, np.int64))
+        arrival = np.asarray(self.raw_rows, np.int64)
+        lengths = np.asarray(self.raw_lengths, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        order = np.argsort(arrival, kind="stable")
+        at = order[np.searchsorted(arrival[order], rows)]
+        return RawBlobs(self.raw_path, offsets[at], lengths[at])
 
     def check(self, path: str, uri_of: Callable[[int], str]) -> None:
         """One channel count and one size, or a SourceError naming the odd files."""
@@ -1115,19 +1160,21 @@ class _Decoded:
                         at, self.shape)
 
     def discard(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        for fh in (self._fh, self._raw_fh):
+            if fh is not None:
+                fh.close()
+        self._fh = self._raw_fh = None
+        for path in (self.path, self.raw_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 def clear_spill(spill_dir: Path) -> None:
     """Remove the spill files (:class:`_Decoded`) of processes that are gone (a killed snapshot)."""
     if not spill_dir.is_dir():
         return
-    for f in spill_dir.glob("decoded-*.u8"):
-        m = re.fullmatch(r"decoded-(\d+)-.*\.u8", f.name)
+    for f in spill_dir.glob("*.u8"):
+        m = re.fullmatch(r"(?:decoded|raw)-(\d+)-.*\.u8", f.name)
         if m is None:
             continue
         try:

@@ -74,7 +74,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -195,6 +195,7 @@ class Plan:
     new_images: np.ndarray  # uint8 (n_new, H, W, C) or lazy rows (pipeline.data.rows), in the order of the new rows
     class_names: list[str]
     image_shape: tuple[int, int, int]
+    new_raw: Optional[object] = None  # the new rows' file bytes (rows.RawBlobs), same order; None: not kept
 
     @property
     def n_new(self) -> int:
@@ -266,11 +267,14 @@ def file_sha256(path: Path) -> str:
 def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[str], labels: np.ndarray,
                   class_names: list[str], splits: np.ndarray, uris: list[str], images: np.ndarray,
                   ingest_time: str, *, decoded: Optional[np.ndarray] = None,
-                  file_sizes: Optional[np.ndarray] = None, file_sha256: Optional[list[str]] = None) -> Plan:
+                  file_sizes: Optional[np.ndarray] = None, file_sha256: Optional[list[str]] = None,
+                  raw=None) -> Plan:
     """Compare a source with its parent; refuse a rewrite of history, else plan the append.
 
     ``images`` holds the rows marked in ``decoded`` (all rows when ``decoded`` is None); a row that
     was not decoded carries the hash the parent recorded for it, vouched for by the source reader.
+    ``raw``: the decoded rows' file bytes (``rows.RawBlobs``, same order as ``images``), kept in the
+    store for a transformed source (issue 19 item 5).
     """
     n = len(sample_ids)
     decoded = np.ones(n, bool) if decoded is None else np.asarray(decoded, bool)
@@ -325,8 +329,17 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         # order: no copy, so lazy (spilled) images stay lazy and memory stays flat (issue 19 item 3).
         new_images = images if len(at) == len(images) and bool((at == np.arange(len(at))).all()) else take(images, at)
     else:
+        at = np.zeros(0, np.int64)
         new_images = np.zeros((0, *image_shape), np.uint8)
-    return Plan(parent.id if parent else None, manifest, new_images, store_classes, image_shape)
+    new_raw = None
+    if raw is not None:
+        new_raw = raw.subset(at)
+        changed = [sample_ids[i] for i, k, n in zip(new_pos, new_raw.lengths.tolist(), sizes[new_pos].tolist())
+                   if n >= 0 and k != n]
+        if changed:
+            raise StoreError(f"{len(changed)} file(s) changed size between the listing and the read ({_few(changed)}): "
+                             "something is writing to the source; re-run when it is stable")
+    return Plan(parent.id if parent else None, manifest, new_images, store_classes, image_shape, new_raw)
 
 
 def _empty_manifest() -> pd.DataFrame:
@@ -494,6 +507,10 @@ def _header_problem(h: object) -> str:
                 and (bf is None or (isinstance(bf, dict) and isinstance(bf.get("sha256"), str)
                                     and _HEX64.match(bf["sha256"]) and isinstance(bf.get("detector"), dict)))):
             return f"has a malformed base entry {b!r}"
+    r = h.get("raw")
+    if r is not None and not (isinstance(r, dict) and isinstance(r.get("sha256"), str) and _HEX64.match(r["sha256"])
+                              and r.get("rows") == h["n_new"] and isinstance(r.get("bytes"), int) and r["bytes"] >= 0):
+        return f"has a malformed raw entry {r!r}"
     return ""
 
 
@@ -1036,6 +1053,89 @@ def _write_pack(store: Path, images, chunk: int = PACK_CHUNK_ROWS) -> str:
         tmp.unlink(missing_ok=True)
 
 
+def _raw_path(store: Path, digest: str) -> Path:
+    return store / "raw" / f"{digest}.bin"
+
+
+def _write_raw(store: Path, blobs) -> tuple[str, int]:
+    """The new rows' file bytes, back to back in row order, as ``raw/<sha256>.bin`` (streamed,
+    hashed as written); returns (digest, bytes). Row k's bytes start at the sum of the file sizes
+    (the manifest's ``file_size``) before it, so no offsets are stored."""
+    folder = _raw_path(store, "0" * 64).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=folder)
+    tmp = Path(name)
+    h, total = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for data in blobs.iter_bytes():
+                h.update(data)
+                fh.write(data)
+                total += len(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = h.hexdigest()
+        final = _raw_path(store, digest)
+        if final.is_file() and file_sha256(final) == digest:
+            tmp.unlink()
+        else:
+            os.replace(tmp, final)
+        return digest, total
+    except OSError as exc:
+        if not exc.filename:
+            exc.poisongate_path = str(tmp)  # type: ignore[attr-defined]
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_raw(store_dir: str | Path, snapshot_id: str, deep: bool = True) -> Iterator[tuple[str, bytes]]:
+    """``(sample_id, file bytes)`` of every row whose snapshot kept its source file's bytes (a
+    source with a transform: issue 19 item 5), from the root to ``snapshot_id``, in manifest
+    order. Each row's bytes are checked against the ``file_sha256`` recorded at ingest (``deep``;
+    else only each raw file's own sha256, after its last row): the bytes are the file as it was
+    read, untouched, so its pixels can be derived again under another transform."""
+    store = Path(store_dir)
+    for h in chain(store, snapshot_id):
+        r = h.get("raw")
+        if r is None:
+            continue
+        delta = read_delta(store, h).select(["sample_id", "file_size", "file_sha256"]).to_pydict()
+        path = _raw_path(store, r["sha256"])
+        if not path.is_file():
+            raise DamagedStore(store, path, f"is missing (the raw bytes of snapshot {h['id'][:12]})")
+        sizes = delta["file_size"]
+        if sum(sizes) != r["bytes"] or path.stat().st_size != r["bytes"]:
+            raise DamagedStore(store, path, f"holds {path.stat().st_size} bytes; snapshot {h['id'][:12]} records "
+                                            f"{r['bytes']} for files of {sum(sizes)} bytes")
+        whole = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for sid, n, fsha in zip(delta["sample_id"], sizes, delta["file_sha256"]):
+                data = fh.read(n)
+                whole.update(data)
+                if deep and hashlib.sha256(data).hexdigest() != fsha:
+                    raise DamagedStore(store, path, f"the bytes of {sid} do not hash to its recorded file_sha256")
+                yield sid, data
+        if whole.hexdigest() != r["sha256"]:
+            raise DamagedStore(store, path, "does not match its sha256")
+
+
+def export_raw(store_dir: str | Path, snapshot_id: str, out: str | Path) -> int:
+    """Write every kept raw file of ``snapshot_id``'s history under ``out`` at its sample id
+    (``train/<class>/<name>``: an ImageFolder source again); refuses to overwrite. Returns the count."""
+    out = Path(out)
+    n = 0
+    for sid, data in read_raw(store_dir, snapshot_id):
+        dest = out / sid
+        if not dest.resolve().is_relative_to(out.resolve()):
+            raise StoreError(f"sample id {sid!r} leaves {out}: refused")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "xb") as fh:  # x: an existing file is an error, never overwritten
+            fh.write(data)
+        n += 1
+    return n
+
+
 def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str,
                    features: Optional[tuple[pd.DataFrame, dict]] = None,
                    base: Optional[dict] = None) -> tuple[str, pd.DataFrame]:
@@ -1074,6 +1174,9 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         fdigest = _sha256(fb)
         _write_object(_features_path(store, fdigest), fb, fdigest)
         extra["features"] = {"sha256": fdigest, "rows": plan.n_new, "detector": detector}
+    if plan.new_raw is not None and plan.n_new:
+        rdigest, total = _write_raw(store, plan.new_raw)
+        extra["raw"] = {"sha256": rdigest, "rows": plan.n_new, "bytes": total}
     if base is not None:
         if base["of"] != plan.parent or base["rows"] != n - plan.n_new:
             raise ValueError(f"a base of {base['of'][:12]} ({base['rows']} rows) for a snapshot of parent "
@@ -1228,6 +1331,7 @@ def verify_store(store_dir: str | Path, deep: bool = False,
     used_deltas: set[str] = set()
     used_packs: set[str] = set()
     used_features: set[str] = set()
+    used_raw: set[str] = set()
     used_bases: set = set()
     notes_base: list[str] = []
     for key in sorted(keys):
@@ -1241,6 +1345,9 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             hs = chain(store, head)
             manifest = load_manifest(store, head, verify=True, headers=hs)
             verify_packs(store, hs, manifest, deep=deep, stats_out=st)
+            if any(h.get("raw") for h in hs):
+                for _ in read_raw(store, head, deep=deep):  # each raw file's sha256 (deep: each row's)
+                    pass
             for h in hs:
                 if h.get("features") is not None:
                     read_features(store, h)
@@ -1258,6 +1365,7 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             used_deltas |= {h["delta"]["sha256"] for h in hs}
             used_packs |= {p for h in hs for p in h["packs"]}
             used_features |= {h["features"]["sha256"] for h in hs if h.get("features")}
+            used_raw |= {h["raw"]["sha256"] for h in hs if h.get("raw")}
             deep_note = f", {st.rows_rehashed} samples re-hashed" if deep else ""
             msg = (f"lineage {key}: ok: {st.snapshots} snapshot(s), {st.rows} rows, head {head[:12]}, "
                    f"{st.packs} pack(s), {st.bytes_hashed / 1e6:.1f} MB hashed{deep_note} in {st.seconds:.2f} s")
@@ -1280,11 +1388,14 @@ def verify_store(store_dir: str | Path, deep: bool = False,
             used_packs |= set(h["packs"])
             if h.get("features"):
                 used_features.add(h["features"]["sha256"])
+            if h.get("raw"):
+                used_raw.add(h["raw"]["sha256"])
             if h.get("base"):
                 b = h["base"]
                 used_bases |= {b["manifest"], b["pixels"], (b.get("features") or {}).get("sha256")}
     for folder, used, suffixes in (("deltas", used_deltas, (".parquet",)), ("packs", used_packs, (".npy",)),
-                                   ("features", used_features, (".parquet",)), ("bases", used_bases, (".parquet", ".npy"))):
+                                   ("features", used_features, (".parquet",)), ("bases", used_bases, (".parquet", ".npy")),
+                                   ("raw", used_raw, (".bin",))):
         d = store / folder
         for p in sorted(d.iterdir()) if d.is_dir() else []:
             if any(p.name.endswith(x) and p.name[: -len(x)] in used for x in suffixes):
@@ -1334,10 +1445,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     v = sub.add_parser("verify", help="check every snapshot chain of a store (exit 0 ok, 1 damaged, 2 error)")
     v.add_argument("--store", default="data/store", help="store folder (default data/store)")
     v.add_argument("--deep", action="store_true", help="also re-hash every sample (reads every pixel)")
+    x = sub.add_parser("export-raw", help="write the source files a transformed snapshot kept (data.resize) "
+                                          "back out as an ImageFolder tree, checked against their recorded digests")
+    x.add_argument("--store", default="data/store", help="store folder (default data/store)")
+    x.add_argument("--snapshot", default=None, help="snapshot id (default: the one data/snapshot.json names)")
+    x.add_argument("--pointer", default="data/snapshot.json", help="pointer file naming the snapshot")
+    x.add_argument("--out", required=True, help="folder to write train/<class>/<file> and test/... into")
     args = ap.parse_args(argv)
 
     def say(msg: str) -> None:
         print(f"store: {msg}", file=sys.stderr, flush=True)
+
+    if args.cmd == "export-raw":
+        try:
+            sid = args.snapshot or read_pointer(args.pointer)["snapshot_id"]
+            n = export_raw(args.store, sid, args.out)
+        except FileExistsError as exc:
+            print(f"error: {exc.filename} exists: export into an empty folder", file=sys.stderr, flush=True)
+            return 2
+        except StoreError as exc:
+            print(f"error: {exc.prefix}{exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
+        if n == 0:
+            say(f"snapshot {sid[:12]} kept no raw files: they are kept only for a source with data.resize set")
+            return 1
+        say(f"wrote {n} file(s) of snapshot {sid[:12]} under {args.out}")
+        return 0
 
     try:
         ok, reports, notes = verify_store(args.store, deep=args.deep, say=say)
