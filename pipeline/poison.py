@@ -54,15 +54,31 @@ class PoisonError(stage.UserError):
 
 
 def clean_label_view(snapshot, spec: dict, model, crafted_by: dict, device: str = "cpu") -> tuple[dict, list[dict], dict]:
-    """``(resolved attack, view records, crafting info)`` of a clean-label attack on a snapshot."""
-    from pipeline.core.clean_label import craft, resolve_clean_label
+    """``(resolved attack, view records, crafting info)`` of a clean-label attack on a snapshot.
 
-    images, labels, ids = snapshot.split("train")
-    resolved = resolve_clean_label(spec, snapshot.class_names, images.shape[1:])
+    Reads only the rows the crafting uses (issue 19 item 3): the train rows of the class it
+    poisons and, for feature collision, the test rows of its target instances' class; each is
+    checked against its manifest sha256 as it is read (a lazy snapshot's packs are not hashed).
+    Both methods draw their rows within those classes, so the records are the ones a craft over
+    whole splits would give."""
+    from pipeline.core.clean_label import craft, resolve_clean_label
+    from pipeline.data.rows import take
+
+    resolved = resolve_clean_label(spec, snapshot.class_names, tuple(snapshot.image_shape))
     resolved["craft_model"] = dict(crafted_by)
-    test_images, test_labels, test_ids = snapshot.split("test")
-    result, targets = craft(model, images, labels, [str(i) for i in ids], resolved, test_images, test_labels,
-                            [str(i) for i in test_ids], device=device)
+    man = snapshot.manifest
+    split, labels = man["split"].astype(str).to_numpy(), snapshot.labels
+    ids, sha = man["sample_id"].astype(str).to_numpy(), man["sha256"].astype(str).to_numpy()
+
+    def rows_of(name: str, cls: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        idx = np.flatnonzero((split == name) & (labels == cls))
+        images = np.asarray(take(snapshot.images, idx))
+        store.check_rows(images, np.arange(len(idx)), ids[idx].tolist(), sha[idx].tolist())
+        return images, labels[idx], ids[idx].tolist()
+
+    images, train_labels, train_ids = rows_of("train", resolved["target"])
+    test = rows_of("test", resolved["source"]) if resolved["method"] == "feature_collision" else (None, None, None)
+    result, targets = craft(model, images, train_labels, train_ids, resolved, *test, device=device)
     if resolved["method"] == "feature_collision":
         resolved["targets"] = [{"sample_id": t["sample_id"], "sha256": t["sha256"]} for t in targets]
     return resolved, clean_label_records(result.records), result.info
@@ -142,11 +158,10 @@ def crafting_model(cfg: Config, args: argparse.Namespace, snapshot_id: str, clas
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     ptr = store.read_pointer(args.pointer)
-    # A label flip or a backdoor reads only the rows it poisons (issue 19 item 3): lazy rows, packs
-    # not hashed whole, and each row read is checked against its manifest sha256 before the view
-    # is written. clean_label crafts over whole classes and loads the snapshot as before.
-    lazy = cfg.attack.name != "clean_label"
-    snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True, lazy=lazy, hash_packs=not lazy)
+    # Every attack reads only the rows it uses (issue 19 item 3): lazy rows, packs not hashed
+    # whole, and each row read is checked against its manifest sha256 before the view is written
+    # (clean_label checks the classes it crafts over as it reads them: clean_label_view).
+    snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True, lazy=True, hash_packs=False)
     record = ancestry = None
     if cfg.remedy.name == "quarantine":
         from pipeline import remedy
@@ -160,12 +175,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
              f"({(crafted_by['checkpoint_sha256'] or '')[:12]})")
     device = cfg.train.device
     meta, data = make_view(snap, cfg.attack, record, ancestry, model, crafted_by, device)
-    if lazy:
-        man = snap.manifest
-        ids = man["sample_id"].astype(str).tolist()
-        read = {r["sample_id"] for r in parse_records(data)}  # the rows the attack read
-        store.check_rows(snap.images, np.flatnonzero(man["sample_id"].astype(str).isin(read).to_numpy()), ids,
-                         man["sha256"].astype(str).tolist())
+    man = snap.manifest
+    ids = man["sample_id"].astype(str).tolist()
+    read = {r["sample_id"] for r in parse_records(data)}  # the rows the attack poisoned
+    store.check_rows(snap.images, np.flatnonzero(man["sample_id"].astype(str).isin(read).to_numpy()), ids,
+                     man["sha256"].astype(str).tolist())
     write_view(Path(args.out), meta, data)
     a = meta["attack"]
     if a["name"] == "clean_label":

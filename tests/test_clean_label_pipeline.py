@@ -207,3 +207,41 @@ def write_params_tmp() -> Path:
 
     p = Path(tempfile.mkdtemp()) / "params.yaml"
     return write_params(p, "attack=clean_label")
+
+
+@pytest.mark.parametrize("overrides", [("attack.eps=64", "attack.steps=3"),
+                                       ("attack.method=feature_collision", "attack.source=3", "attack.target=8",
+                                        "attack.n_targets=2", "attack.steps=3")])
+def test_crafting_reads_only_its_classes_and_equals_a_craft_over_whole_splits(setup, tmp_path, overrides):
+    """Issue 19 item 3: the poison stage loads the snapshot lazily and clean_label reads only the
+    train rows of the class it poisons (and feature collision the test rows of its targets'
+    class); the records equal those of ``craft`` over the whole, eagerly loaded splits. A pack
+    row changed behind the manifest is refused as it is read."""
+    from pipeline.core.clean_label import craft, resolve_clean_label
+
+    params = write_params(tmp_path / "params.yaml", "attack=clean_label", *overrides)
+    cfg = config.load(str(params))
+    model, crafted_by = load(setup["twin"])[0], {"kind": "twin", "model_version": None, "checkpoint_sha256": "x"}
+    sid = store.read_pointer(setup["pointer"])["snapshot_id"]
+    lazy = store.load_snapshot(setup["store"], sid, lazy=True, hash_packs=False)
+    resolved, records, _ = poison.clean_label_view(lazy, as_spec(cfg), model, crafted_by)
+    full = store.load_snapshot(setup["store"], sid)
+    images, labels, ids = full.split("train")
+    spec = resolve_clean_label(as_spec(cfg), full.class_names, images.shape[1:])
+    t_img, t_lab, t_ids = full.split("test")
+    result, targets = craft(model, images, labels, ids, spec, t_img, t_lab, t_ids)
+    assert view.clean_label_records(result.records) == records and len(records) > 0
+    assert [t["sample_id"] for t in targets] == [t["sample_id"] for t in resolved.get("targets", [])]
+
+    man = lazy.manifest
+    row = int(np.flatnonzero((man["split"] == "train").to_numpy() & (lazy.labels == resolved["target"]))[0])
+    changed = lazy.images.with_rows({row: 255 - np.asarray(lazy.images[row])})
+    with pytest.raises(store.IntegrityError, match=man["sample_id"].iloc[row]):
+        poison.clean_label_view(store.Snapshot(lazy.id, man, changed, lazy.class_names, lazy.image_shape, lazy.meta),
+                                as_spec(cfg), model, crafted_by)
+
+
+def as_spec(cfg) -> dict:
+    from pipeline.schema import as_dict
+
+    return as_dict(cfg.attack)
