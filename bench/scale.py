@@ -142,11 +142,13 @@ def stage_argv(stages: dict, name: str) -> list[str]:
 
 
 def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say,
-                image: tuple[int, int, int] = (28, 28, 1)) -> dict:
+                image: tuple[int, int, int] = (28, 28, 1), last: str = STEPS[-1]) -> dict:
     stages = workspace(rev, ws, source, overrides)
     out = {}
 
     def step(label: str, argv: list[str]) -> bool:
+        if STEPS.index(label) > STEPS.index(last):
+            return False  # past --last-step: this and what depends on it are not run
         r = measure(argv, ws)
         out[label] = r
         say(f"  {rev[:10]} N={n:>8} {label:<16} {r['seconds']:8.2f} s {r['rss_mib']:8.1f} MiB"
@@ -244,7 +246,7 @@ def plot(results: dict, old: str, new: str, sizes: list[int], path: Path) -> Non
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="10000,100000", help="rows, comma-separated (1000000 takes ~1 h per version)")
+    ap.add_argument("--sizes", default="10000,100000", help="rows, comma-separated (at 1000000 the epochs dominate: see --last-step)")
     ap.add_argument("--old", default="c901d6d", help="the revision to compare with (default: wave 1's last commit)")
     ap.add_argument("--new", default="HEAD")
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for both versions")
@@ -254,6 +256,9 @@ def main() -> int:
     ap.add_argument("--sources", default=None,
                     help="keep the generated sources here and reuse them on the next run (1M PNGs take minutes)")
     ap.add_argument("--image", default="28x28x1", help="height x width x channels of the generated images")
+    ap.add_argument("--last-step", default=STEPS[-1], choices=STEPS,
+                    help="stop each version after this step (a 1M-row epoch on a 2-core box is ~25 min)")
+    ap.add_argument("--old-last-step", default=None, choices=STEPS, help="the same for the old version only")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -281,7 +286,8 @@ def main() -> int:
                 ws = scratch / f"ws-{n}-{rev}"
                 shutil.rmtree(ws, ignore_errors=True)
                 extra = args.override + (args.new_override if rev == new else [])
-                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image)
+                last = args.old_last_step if rev == old and args.old_last_step else args.last_step
+                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image, last)
                 shutil.rmtree(ws, ignore_errors=True)
             if not keep:
                 shutil.rmtree(source, ignore_errors=True)
@@ -297,11 +303,14 @@ def main() -> int:
     md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
           f"`python bench/scale.py --sizes {args.sizes} --image {args.image} --old {args.old} --new {args.new}"
           + "".join(f" --override {o}" for o in args.override)
-          + "".join(f" --new-override {o}" for o in args.new_override) + "`", "",
+          + "".join(f" --new-override {o}" for o in args.new_override)
+          + (f" --last-step '{args.last_step}'" if args.last_step != STEPS[-1] else "")
+          + (f" --old-last-step '{args.old_last_step}'" if args.old_last_step else "") + "`", "",
           f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: {args.image} PNGs (HxWxC), 10 classes, "
           "20% test; the append adds N/100 files. Peak memory is the whole process tree's (stage + decode "
           "workers, the sum of their PSS: shared pages counted once), sampled every 20 ms; the main process's "
-          "own peak RSS is in the JSON (`main_rss_mib`). See the script's docstring for what each step runs.", "",
+          "own peak RSS is in the JSON (`main_rss_mib`). See the script's docstring for what each step runs. "
+          "— = not run (past --last-step / --old-last-step).", "",
           *table(results, old, new, sizes), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     say("\n".join(md))
