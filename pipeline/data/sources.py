@@ -1107,7 +1107,7 @@ class _Decoded:
             self._raw_fh.close()
             self._raw_fh = None
         if not len(self.raw_rows):
-            return RawBlobs(self.spill_dir / "none", np.zeros(0, np.int64), np.zeros(0, np.int64))
+            return RawBlobs(os.devnull, np.zeros(0, np.int64), np.zeros(0, np.int64))
         arrival = np.asarray(self.raw_rows, np.int64)
         lengths = np.asarray(self.raw_lengths, np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -1147,15 +1147,15 @@ class _Decoded:
         arrival = np.asarray(self.rows, np.int64)
         order = np.argsort(arrival, kind="stable")
         at = order[np.searchsorted(arrival[order], rows)]  # arrival position of each requested row
-        if self._fh is None:
+        if self.path is None:  # kept in memory
             return np.stack([self.arrays[k] for k in at]) if len(at) else np.zeros((0, *self.shape), np.uint8)
         from pipeline.data.rows import LazyRows, file_identity
 
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        self.spill_dir = None  # closed: nothing more is added
+        if self._fh is not None:  # the last row has arrived: the file is complete
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
         return LazyRows([(self.path, 0, len(self.rows), file_identity(self.path))], np.zeros(len(at), np.int32),
                         at, self.shape)
 

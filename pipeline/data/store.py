@@ -1015,67 +1015,25 @@ def _write_object(path: Path, data: bytes, digest: str) -> None:
 PACK_CHUNK_ROWS = 8192  # rows per write of a pack: its memory is one chunk, whatever the pack's size
 
 
-def _write_pack(store: Path, images, chunk: int = PACK_CHUNK_ROWS) -> str:
-    """Write ``images`` (numpy or lazy rows) as a ``.npy`` pack named by its sha256, a chunk of
-    rows at a time, hashed as written; the bytes are exactly ``np.save``'s. Returns the digest."""
-    from pipeline.data.rows import take
-
-    shape = (len(images), *(int(x) for x in images.shape[1:]))
-    folder = _pack_path(store, "0" * 64).parent
+def _write_streamed(path_of: Callable[[str], Path], parts: Iterable[bytes]) -> tuple[str, int]:
+    """Write ``parts`` one after the other into a content-addressed file (``path_of(sha256)``),
+    hashed as written, through a temp file in the same folder (renamed: never half a file);
+    returns (digest, bytes). Memory is one part, whatever the file's size."""
+    folder = path_of("0" * 64).parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".pack-", suffix=".tmp", dir=folder)
-    tmp = Path(name)
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            head = io.BytesIO()
-            np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                        "fortran_order": False, "shape": shape})
-            for part in (head.getvalue(), *(np.ascontiguousarray(take(images, np.arange(s0, min(s0 + chunk, shape[0]))),
-                                                                 np.uint8).tobytes()
-                                            for s0 in range(0, shape[0], chunk))):
-                h.update(part)
-                fh.write(part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = h.hexdigest()
-        final = _pack_path(store, digest)
-        if final.is_file() and file_sha256(final) == digest:
-            tmp.unlink()
-        else:
-            os.replace(tmp, final)
-        return digest
-    except OSError as exc:
-        if not exc.filename:
-            exc.poisongate_path = str(tmp)  # type: ignore[attr-defined]
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _raw_path(store: Path, digest: str) -> Path:
-    return store / "raw" / f"{digest}.bin"
-
-
-def _write_raw(store: Path, blobs) -> tuple[str, int]:
-    """The new rows' file bytes, back to back in row order, as ``raw/<sha256>.bin`` (streamed,
-    hashed as written); returns (digest, bytes). Row k's bytes start at the sum of the file sizes
-    (the manifest's ``file_size``) before it, so no offsets are stored."""
-    folder = _raw_path(store, "0" * 64).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".raw-", suffix=".tmp", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=".write-", suffix=".tmp", dir=folder)
     tmp = Path(name)
     h, total = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as fh:
-            for data in blobs.iter_bytes():
-                h.update(data)
-                fh.write(data)
-                total += len(data)
+            for part in parts:
+                h.update(part)
+                fh.write(part)
+                total += len(part)
             fh.flush()
             os.fsync(fh.fileno())
         digest = h.hexdigest()
-        final = _raw_path(store, digest)
+        final = path_of(digest)
         if final.is_file() and file_sha256(final) == digest:
             tmp.unlink()
         else:
@@ -1087,6 +1045,31 @@ def _write_raw(store: Path, blobs) -> tuple[str, int]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_pack(store: Path, images, chunk: int = PACK_CHUNK_ROWS) -> str:
+    """Write ``images`` (numpy or lazy rows) as a ``.npy`` pack named by its sha256, a chunk of
+    rows at a time; the bytes are exactly ``np.save``'s. Returns the digest."""
+    from pipeline.data.rows import take
+
+    shape = (len(images), *(int(x) for x in images.shape[1:]))
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                "fortran_order": False, "shape": shape})
+    rows = (np.ascontiguousarray(take(images, np.arange(s0, min(s0 + chunk, shape[0]))), np.uint8).tobytes()
+            for s0 in range(0, shape[0], chunk))
+    return _write_streamed(lambda d: _pack_path(store, d), itertools.chain([head.getvalue()], rows))[0]
+
+
+def _raw_path(store: Path, digest: str) -> Path:
+    return store / "raw" / f"{digest}.bin"
+
+
+def _write_raw(store: Path, blobs) -> tuple[str, int]:
+    """The new rows' file bytes, back to back in row order, as ``raw/<sha256>.bin``; returns
+    (digest, bytes). Row k's bytes start at the sum of the file sizes (the manifest's
+    ``file_size``) before it, so no offsets are stored."""
+    return _write_streamed(lambda d: _raw_path(store, d), blobs.iter_bytes())
 
 
 def read_raw(store_dir: str | Path, snapshot_id: str, deep: bool = True) -> Iterator[tuple[str, bytes]]:
