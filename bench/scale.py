@@ -291,15 +291,22 @@ def main() -> int:
                 shutil.rmtree(ws, ignore_errors=True)
             if not keep:
                 shutil.rmtree(source, ignore_errors=True)
+            write_results(args, results, old, new, sizes, time.time() - t0, say)
     finally:
         if not args.work:
             shutil.rmtree(scratch, ignore_errors=True)
-    minutes = (time.time() - t0) / 60
+    return 0
+
+
+def write_results(args, results: dict, old: str, new: str, sizes: list[int], seconds: float, say=print) -> None:
+    """The JSON, the plot and the table of what has run so far (called after every size)."""
+    done = [n for n in sizes if str(n) in results[new] or str(n) in results[old]]
+    minutes = seconds / 60
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"old": old, "new": new, "sizes": sizes, "machine": machine(),
+    out.with_suffix(".json").write_text(json.dumps({"old": old, "new": new, "sizes": done, "machine": machine(),
                                                     "minutes": round(minutes, 1), "results": results}, indent=1))
-    plot(results, old, new, sizes, out.with_suffix(".png"))
+    plot(results, old, new, done, out.with_suffix(".png"))
     md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
           f"`python bench/scale.py --sizes {args.sizes} --image {args.image} --old {args.old} --new {args.new}"
           + "".join(f" --override {o}" for o in args.override)
@@ -311,10 +318,9 @@ def main() -> int:
           "workers, the sum of their PSS: shared pages counted once), sampled every 20 ms; the main process's "
           "own peak RSS is in the JSON (`main_rss_mib`). See the script's docstring for what each step runs. "
           "— = not run (past --last-step / --old-last-step).", "",
-          *table(results, old, new, sizes), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
+          *table(results, old, new, done), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     say("\n".join(md))
-    return 0
 
 
 if __name__ == "__main__":
