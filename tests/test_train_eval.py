@@ -203,6 +203,36 @@ def test_evaluate_reads_only_the_test_split_and_checks_each_row_it_reads(backdoo
     assert "integrity check failed" in err and row["sample_id"] in err
 
 
+def test_triggered_predictions_in_chunks_equal_one_pass_over_the_split():
+    """Issue 19 item 3: evaluate gives the scan triggers to the test split a chunk at a time (lazy
+    rows in, never a triggered copy of the whole split); the predictions equal one
+    ``apply_trigger`` + ``predict`` over the whole split, random patch locations included."""
+    import torch
+
+    from pipeline import evaluate
+    from pipeline.core.attacks import apply_trigger
+    from pipeline.core.models import build_model
+    from pipeline.core.predict import predict
+    from pipeline.data.rows import LazyRows, file_identity
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, 8)
+    x = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    raw = Path(__import__("tempfile").mkdtemp()) / "rows.u8"
+    raw.write_bytes(x.tobytes())
+    lazy = LazyRows([(raw, 0, 50, file_identity(raw))], np.zeros(50, np.int32), np.arange(50), (8, 8, 1))
+    specs = [{"name": "r", "kind": "patch", "size": 2, "location": "random", "pattern": "noise", "seed": 3},
+             {"name": "br", "kind": "patch", "size": 3, "location": "bottom_right", "pattern": "white", "seed": 0},
+             {"name": "b", "kind": "blend", "size": 3, "location": "center", "pattern": "noise", "alpha": 0.2, "seed": 1}]
+    for spec in specs:
+        whole = predict(model, apply_trigger(x, spec), batch_size=16, device="cpu")
+        for images in (x, lazy):
+            got = evaluate.predict_triggered(model, images, spec, batch_size=16, device="cpu", chunk=7)
+            assert np.array_equal(got, whole), spec["name"]
+    # (the random patch's positions differ per row: the same seed drawn per chunk would repeat them)
+    assert len({tuple(r) for r in evaluate._locations(50, (8, 8, 1), specs[0])}) > 10
+
+
 # --------------------------------------------------------------------------- the chain
 
 

@@ -966,13 +966,17 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     return Snapshot(snapshot_id, manifest, images, list(meta["class_names"]), shape, meta)
 
 
-def read_split(store_dir: str | Path, snapshot_id: str, split: str) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def read_split(store_dir: str | Path, snapshot_id: str, split: str, lazy: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """``(images, labels, sample_ids, class_names)`` of one split, reading only its rows (issue 19:
     stages read what they need): the headers and manifest are verified, the packs are not hashed
-    whole, and each row read is checked against its manifest sha256 instead."""
+    whole, and each row read is checked against its manifest sha256 instead. ``lazy``: the images
+    stay lazy rows (``pipeline.data.rows``), checked here a chunk at a time; a later read of a
+    pack replaced since is refused by the rows' file identity check."""
     snap = load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False)
     images, labels, ids = snap.split(split)
-    images = np.asarray(images)
+    if not lazy:
+        images = np.asarray(images)
     sha = snap.manifest.loc[(snap.manifest["split"] == split).to_numpy(), "sha256"].astype(str).tolist()
     check_rows(images, np.arange(len(images)), ids, sha)
     return images, labels, ids, [str(c) for c in snap.class_names]
