@@ -43,6 +43,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -260,7 +261,12 @@ def main() -> int:
                     help="stop each version after this step (a 1M-row epoch on a 2-core box is ~25 min)")
     ap.add_argument("--old-last-step", default=None, choices=STEPS, help="the same for the old version only")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
+    ap.add_argument("--replay", default=None,
+                    help="write the table from the cell lines a run printed (its stdout), e.g. of a run stopped "
+                         "before its last size; no stage is run. Only what those lines carry: seconds and peak MiB")
     args = ap.parse_args()
+    if args.replay:
+        return replay(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     image = tuple(int(x) for x in args.image.lower().split("x"))
     if len(image) != 3 or image[2] not in (1, 3):
@@ -298,7 +304,35 @@ def main() -> int:
     return 0
 
 
-def write_results(args, results: dict, old: str, new: str, sizes: list[int], seconds: float, say=print) -> None:
+CELL = re.compile(r"^  (\w+) N=\s*(\d+) (.+?)\s+([\d.]+) s\s+([\d.]+) MiB(?:  FAILED rc=(\d+).*)?$")
+
+
+def replay(args) -> int:
+    """``--replay LOG``: the results of the cells a run printed, as that run would have written them."""
+    results: dict = {}
+    revs: list[str] = []
+    for line in Path(args.replay).read_text().splitlines():
+        m = CELL.match(line)
+        if m is None or m.group(3) not in STEPS:
+            continue
+        rev, n, step = m.group(1), m.group(2), m.group(3)
+        if rev not in revs:
+            revs.append(rev)
+        results.setdefault(rev, {}).setdefault(n, {})[step] = {
+            "seconds": float(m.group(4)), "rss_mib": float(m.group(5)), "rc": int(m.group(6) or 0), "error": []}
+    if len(revs) != 2:
+        raise SystemExit(f"{args.replay}: expected the cells of two revisions (old, new), found {revs}")
+    old, new = revs
+    sizes = sorted({int(n) for r in results.values() for n in r})
+    args.sizes = ",".join(map(str, sizes))
+    write_results(args, results, old, new, sizes, 0.0, print, note=f"Replayed from the cell lines of `{args.replay}` "
+                  "(`--replay`): the run's printed seconds and peak MiB; its fit seconds and main-process RSS "
+                  "were not printed, so they are not here.")
+    return 0
+
+
+def write_results(args, results: dict, old: str, new: str, sizes: list[int], seconds: float, say=print,
+                  note: str = "") -> None:
     """The JSON, the plot and the table of what has run so far (called after every size)."""
     done = [n for n in sizes if str(n) in results[new] or str(n) in results[old]]
     minutes = seconds / 60
@@ -307,17 +341,19 @@ def write_results(args, results: dict, old: str, new: str, sizes: list[int], sec
     out.with_suffix(".json").write_text(json.dumps({"old": old, "new": new, "sizes": done, "machine": machine(),
                                                     "minutes": round(minutes, 1), "results": results}, indent=1))
     plot(results, old, new, done, out.with_suffix(".png"))
+    cmd = (f"python bench/scale.py --replay {args.replay} --out {args.out}" if args.replay else
+           f"python bench/scale.py --sizes {args.sizes} --image {args.image} --old {args.old} --new {args.new}")
     md = [f"# The data path at scale: {old} (old) against {new} (new)", "",
-          f"`python bench/scale.py --sizes {args.sizes} --image {args.image} --old {args.old} --new {args.new}"
+          f"`{cmd}"
           + "".join(f" --override {o}" for o in args.override)
           + "".join(f" --new-override {o}" for o in args.new_override)
           + (f" --last-step '{args.last_step}'" if args.last_step != STEPS[-1] else "")
           + (f" --old-last-step '{args.old_last_step}'" if args.old_last_step else "") + "`", "",
-          f"Machine: {machine()}; 1 trial per cell; {minutes:.1f} min in all. Sources: {args.image} PNGs (HxWxC), 10 classes, "
+          f"Machine: {machine()}; 1 trial per cell; {'replayed' if args.replay else f'{minutes:.1f} min in all'}. Sources: {args.image} PNGs (HxWxC), 10 classes, "
           "20% test; the append adds N/100 files. Peak memory is the whole process tree's (stage + decode "
           "workers, the sum of their PSS: shared pages counted once), sampled every 20 ms; the main process's "
           "own peak RSS is in the JSON (`main_rss_mib`). See the script's docstring for what each step runs. "
-          "— = not run (past --last-step / --old-last-step).", "",
+          "— = not run (past --last-step / --old-last-step).", *(["", note] if note else []), "",
           *table(results, old, new, done), "", f"![time and memory against N]({out.with_suffix('.png').name})", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     say("\n".join(md))
