@@ -1075,7 +1075,7 @@ class _Decoded:
             return  # the read fails in check(); its pixels are never used
         self.rows.append(i)
         if self._fh is not None:
-            self._fh.write(np.ascontiguousarray(arr, np.uint8).tobytes())
+            _spill_write(self._fh, self.path, np.ascontiguousarray(arr, np.uint8).tobytes())
         else:
             self.arrays.append(arr)
 
@@ -1086,7 +1086,7 @@ class _Decoded:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f"raw-{os.getpid()}-", suffix=".u8", dir=self.spill_dir)
             self.raw_path, self._raw_fh = Path(tmp), os.fdopen(fd, "wb")
-        self._raw_fh.write(data)
+        _spill_write(self._raw_fh, self.raw_path, data)
         self.raw_rows.append(i)
         self.raw_lengths.append(len(data))
 
@@ -1102,10 +1102,8 @@ class _Decoded:
 
         rows = np.asarray(rows, np.int64)
         if self._raw_fh is not None:
-            self._raw_fh.flush()
-            os.fsync(self._raw_fh.fileno())
-            self._raw_fh.close()
-            self._raw_fh = None
+            fh, self._raw_fh = self._raw_fh, None
+            _spill_write(fh, self.raw_path, None)
         if not len(self.raw_rows):
             return RawBlobs(os.devnull, np.zeros(0, np.int64), np.zeros(0, np.int64))
         arrival = np.asarray(self.raw_rows, np.int64)
@@ -1152,21 +1150,40 @@ class _Decoded:
         from pipeline.data.rows import LazyRows, file_identity
 
         if self._fh is not None:  # the last row has arrived: the file is complete
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            _spill_write(fh, self.path, None)
         return LazyRows([(self.path, 0, len(self.rows), file_identity(self.path))], np.zeros(len(at), np.int32),
                         at, self.shape)
 
     def discard(self) -> None:
         for fh in (self._fh, self._raw_fh):
             if fh is not None:
-                fh.close()
+                try:
+                    fh.close()
+                except OSError:
+                    pass  # its buffered bytes cannot be flushed (a full disk): the file goes anyway
         self._fh = self._raw_fh = None
         for path in (self.path, self.raw_path):
             if path is not None:
                 path.unlink(missing_ok=True)
+
+
+def _spill_write(fh, path: Optional[Path], data: Optional[bytes]) -> None:
+    """A write to a spill file (``data`` None: flush, fsync and close it) whose OSError names the
+    file: a full disk reports ENOSPC from a write or a flush without a name."""
+    try:
+        if data is not None:
+            fh.write(data)
+        else:
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            finally:
+                fh.close()
+    except OSError as exc:
+        if not exc.filename:
+            exc.poisongate_path = str(path)  # type: ignore[attr-defined]
+        raise
 
 
 def clear_spill(spill_dir: Path) -> None:
