@@ -143,7 +143,7 @@ class LazyRows:
 
 class RawBlobs:
     """Variable-length byte strings (image files as they were read) stored back to back in one
-    file, read on demand: ``blob(k)`` or :meth:`iter_bytes`. What the snapshot stage keeps of a
+    file, read on demand (:meth:`iter_bytes`, :meth:`subset`). What the snapshot stage keeps of a
     transformed source's files (issue 19 item 5), spilled as they are read and copied into the
     store's raw pack; memory holds offsets, not bytes."""
 
