@@ -446,7 +446,8 @@ def report(results: dict, meta: dict) -> str:
         for k, c in f["copies"].items():
             L.append(f"| {d} | 5 rows copied under another label ({k}) | {c['n']} | - | {pct(c['conflicts'], c['n'])} | "
                      f"{pct(c['near_dup'], c['n'])} | {pct(c['any'], c['n'])} |")
-    L += ["", "## Block scan: clean flag rate, named locations vs all positions (k = 3)", "",
+    L += ["", f"## Block scan: clean flag rate, named locations (k = {meta['params']['block_size']}) vs all positions "
+          f"(k = {meta['params']['block_size']}..{meta['params']['block_size_max']})", "",
           "| data | rows | named: all rows | named: worst class | all positions: all rows | all positions: worst class | time named / all |",
           "|---|---|---|---|---|---|---|"]
     for d, r in results.items():
@@ -497,7 +498,7 @@ def main(argv=None) -> int:
         results[d] = r
         print(f"# {d} done at {time.time() - t0:.0f} s", flush=True)
     keys = ("alpha", "min_effect_block_rate", "min_effect_share", "min_effect_duplicate_rate", "prior_block_rate",
-            "near_dup_radius", "block_size")
+            "near_dup_radius", "block_size", "block_size_max")
     meta = {"machine": f"{platform.machine()} {os.cpu_count()}-core CPU, python {platform.python_version()}, numpy "
                        f"{np.__version__}, pandas {pd.__version__}, scipy {__import__('scipy').__version__}",
             "wall_s": time.time() - t0, "params": {k: getattr(v, k) for k in keys},

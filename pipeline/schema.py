@@ -125,6 +125,7 @@ class ValidateConfig:
     accept_new_classes: list[str] = field(default_factory=list)  # class names allowed to appear
     accept_removed_classes: list[str] = field(default_factory=list)  # class names allowed to lose every train row
     block_size: int = 3
+    block_size_max: int = 4  # every k from block_size to this is scanned
     block_low: int = 16
     block_high: int = 239
     block_max_std: float = 4.0
@@ -413,6 +414,10 @@ def check(cfg: Config) -> None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(c, (str, int)) and str(c) for c in names):
             _fail(f"validate.{key}", names, "a list of class names (strings), e.g. [cat, dog]; [] to acknowledge none")
     _number("validate.block_size", v.block_size, 1, 4096, integer=True)
+    _number("validate.block_size_max", v.block_size_max, 1, 4096, integer=True)
+    if v.block_size_max < v.block_size:
+        _fail("validate.block_size_max", v.block_size_max,
+              f"must be >= validate.block_size ({v.block_size}): the scan covers block_size..block_size_max")
     _number("validate.block_low", v.block_low, 0, 255)
     _number("validate.block_high", v.block_high, 0, 255)
     if v.block_low >= v.block_high:

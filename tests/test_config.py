@@ -81,6 +81,7 @@ def test_missing_required_value_is_refused():
         ("validate", "alpha", -1.0, "validate.alpha"),  # was max_kl (removed by issue 11)
         ("validate", "near_dup_radius", 40, "validate.near_dup_radius"),
         ("validate", "accept_new_classes", "cat", "validate.accept_new_classes"),
+        ("validate", "block_size_max", 2, "must be >= validate.block_size"),
     ],
 )
 def test_bad_values_are_refused(section, key, value, match):

@@ -281,15 +281,28 @@ def block_flags_named(
     return df
 
 
+def block_sizes(v: ValidateConfig, image_shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The block sides the gate scans: ``block_size`` .. ``block_size_max``, cut to the image
+    (an 8x8 digit has no room for k = 9; k = block_size must fit, or the scan refuses)."""
+    top = int(v.block_size_max)
+    if image_shape is not None:
+        top = min(top, int(min(image_shape[0], image_shape[1])))
+    return tuple(range(int(v.block_size), max(int(v.block_size), top) + 1))
+
+
 def block_flags_cfg(images: np.ndarray, v: ValidateConfig) -> pd.DataFrame:
-    """The gate's block scan with the detector settings of ``conf/validate`` (every position)."""
-    return block_flags_all(images, (v.block_size,), v.block_low, v.block_high, v.block_max_std, v.block_min_contrast)
+    """The gate's block scan with the detector settings of ``conf/validate`` (every position, every
+    size in :func:`block_sizes`)."""
+    images = np.asarray(images)
+    sizes = block_sizes(v, images.shape[1:3] if images.ndim == 4 else None)
+    return block_flags_all(images, sizes, v.block_low, v.block_high, v.block_max_std, v.block_min_contrast)
 
 
 def detector_settings(v: ValidateConfig) -> dict:
     """What a per-class block count depends on: the approved ledger records it with the counts, so
     counts measured with other settings are never compared with today's."""
-    return {"scan": "all_positions", "block_size": int(v.block_size), "block_low": float(v.block_low),
+    return {"scan": "all_positions", "block_size": int(v.block_size), "block_size_max": int(v.block_size_max),
+            "block_low": float(v.block_low),
             "block_high": float(v.block_high), "block_max_std": float(v.block_max_std),
             "block_min_contrast": float(v.block_min_contrast)}
 
