@@ -308,8 +308,10 @@ def _inspection_problem(inspection: Any, train_report: Optional[Mapping[str, Any
 def poison_suspects_check(inspection: Any, train_report: Optional[Mapping[str, Any]], t: Thresholds) -> Check:
     """No class may hold a cluster of suspect rows: every class's main tail scan ratio must stay
     below ``max_tail_ratio`` and its shallow-band ratio below ``max_shallow_tail_ratio`` (the
-    two-view robust detector; its thresholds were calibrated in that mode only), and cleanlab's
-    label issues below ``max_label_issue_fraction`` of the rows (when inspect ran cleanlab).
+    two-view robust detector; its thresholds were calibrated in that mode only), at most
+    ``max_flagged_with_block`` rows may be both flagged by that detector and hold an abnormal pixel
+    block (a patch trigger on one or a few rows, below every rate test), and cleanlab's label
+    issues must stay below ``max_label_issue_fraction`` of the rows (when inspect ran cleanlab).
     Value: the largest main tail ratio."""
     name = "poison_suspects"
     if not t.require_inspection:
@@ -340,6 +342,17 @@ def poison_suspects_check(inspection: Any, train_report: Optional[Mapping[str, A
         problems.append(f"class {', '.join(over)} tail ratio >= {t.max_tail_ratio:.2f}")
     if over_shallow:
         problems.append(f"class {', '.join(over_shallow)} shallow tail ratio >= {t.max_shallow_tail_ratio:.2f}")
+    fwb = inspection.get("flagged_with_block")
+    n_both = _number(fwb.get("rows")) if isinstance(fwb, Mapping) else None
+    if n_both is None:
+        return Check(name, worst, t.max_tail_ratio, False,
+                     "the inspect report has no count of flagged rows with an abnormal pixel block "
+                     "(flagged_with_block; written by the inspect stage since issue 12's block rule): "
+                     "re-run `dvc repro inspect`; fails closed")
+    if n_both > t.max_flagged_with_block:
+        ids = [str(x) for x in fwb.get("sample_ids") or []][:5]
+        problems.append(f"{int(n_both)} training row(s) flagged by the robust detector hold an abnormal pixel block "
+                        f"(> {t.max_flagged_with_block}; classes {dict(fwb.get('classes') or {})}; e.g. {', '.join(ids)})")
     cleanlab = "cleanlab not run (inspect.kfold=0)"
     if inspection.get("cleanlab") is not None:
         frac = _number(inspection.get("label_issue_fraction"))
@@ -352,7 +365,8 @@ def poison_suspects_check(inspection: Any, train_report: Optional[Mapping[str, A
         return Check(name, worst, t.max_tail_ratio, False,
                      "; ".join(problems) + ": a cluster of suspect training rows (see reports/suspects.csv)")
     return Check(name, worst, t.max_tail_ratio, True,
-                 f"largest tail ratio {worst:.2f} (class {worst_cls}) < {t.max_tail_ratio:.2f}; {cleanlab}")
+                 f"largest tail ratio {worst:.2f} (class {worst_cls}) < {t.max_tail_ratio:.2f}; {cleanlab}; "
+                 f"{int(n_both)} flagged row(s) with an abnormal pixel block")
 
 
 def backdoor_scan_check(inspection: Any, train_report: Optional[Mapping[str, Any]], t: Thresholds) -> Check:

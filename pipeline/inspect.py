@@ -52,7 +52,8 @@ PATHS = tuple(stage.PathArg(name, help) for name, help in (
 ))
 SUSPECT_COLUMNS = ("row", "sample_id", "sha256", "class", "label", "suspicion", "outlyingness", "foreignness",
                    "foreignness_candidate", "label_quality", "lgm_nll", "flagged_robust", "label_issue", "flagged",
-                   "poisoned")
+                   "abnormal_block", "poisoned")
+MAX_LISTED = 20  # sample ids a report lists per finding (the suspects file has them all)
 
 
 class InspectError(stage.UserError):
@@ -65,7 +66,7 @@ class InspectError(stage.UserError):
 def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.ndarray, class_names: Sequence[str],
                  scores: dict[str, np.ndarray], flagged: np.ndarray, label_quality: Optional[np.ndarray],
                  label_issue: Optional[np.ndarray], poisoned: Optional[np.ndarray],
-                 lgm_nll: Optional[np.ndarray] = None) -> str:
+                 lgm_nll: Optional[np.ndarray] = None, abnormal_block: Optional[np.ndarray] = None) -> str:
     """reports/suspects.csv (columns ``SUSPECT_COLUMNS``; empty cells where a detector did not run,
     the candidate has no LGM head (``lgm_nll``: train.loss=lgm only) or the view has no poison record)."""
     buf = io.StringIO()
@@ -79,9 +80,39 @@ def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.nd
             "" if label_quality is None else f"{float(label_quality[i]):.6g}",
             "" if lgm_nll is None else f"{float(lgm_nll[i]):.6g}",
             int(bool(flagged[i])), "" if issue is None else int(issue), int(bool(flagged[i]) or bool(issue)),
+            "" if abnormal_block is None else int(bool(abnormal_block[i])),
             "" if poisoned is None else int(bool(poisoned[i])),
         ])
     return buf.getvalue()
+
+
+def flagged_with_block(flagged: np.ndarray, block: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str],
+                       class_names: Sequence[str]) -> dict:
+    """Rows the robust detector flags *and* whose pixels hold an abnormal block (the data gate's
+    patch scan): two independent views agreeing on one row. A patch trigger on one row is below
+    every rate test (the data gate's, the tail ratios'), but that row is both foreign to its class
+    and patched; a clean row rarely is both (calibration: conf/gate ``max_flagged_with_block``)."""
+    both = np.flatnonzero(np.asarray(flagged, bool) & np.asarray(block, bool))
+    counts: dict[str, int] = {}
+    for i in both:
+        c = class_names[int(labels[i])]
+        counts[c] = counts.get(c, 0) + 1
+    return {"rows": int(len(both)), "block_rows": int(np.asarray(block, bool).sum()), "classes": counts,
+            "sample_ids": [str(sample_ids[i]) for i in both[:MAX_LISTED]]}
+
+
+def block_scan(images, v) -> np.ndarray:
+    """The data gate's abnormal-block flag of every training-view row (``stats.block_flags_cfg``,
+    the same ``conf/validate`` settings), read in chunks so a lazy view stays lazy."""
+    from pipeline.data import stats
+    from pipeline.data.rows import take
+
+    n = len(images)
+    out = np.zeros(n, bool)
+    for s0 in range(0, n, stats.FEATURE_CHUNK_ROWS):
+        chunk = np.asarray(take(images, np.arange(s0, min(n, s0 + stats.FEATURE_CHUNK_ROWS))))
+        out[s0:s0 + len(chunk)] = stats.block_flags_cfg(chunk, v)["abnormal_block"].to_numpy(bool)
+    return out
 
 
 def detection_quality(poisoned: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict[str, Optional[float]]:
@@ -190,6 +221,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline.core import inspection
     from pipeline.core.hashing import sample_hash
     from pipeline.core.train import resolve_device
+    from pipeline.data import stats
     from pipeline.data import store as store_mod
     from pipeline.data import view as view_mod
 
@@ -272,9 +304,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if tv.poisoned_rows:
         poisoned = np.zeros(len(labels), bool)
         poisoned[np.asarray(tv.poisoned_rows, np.int64)] = True
+    t0 = time.perf_counter()
+    block = block_scan(tv.images, cfg.validate)
+    seconds["block_scan"] = time.perf_counter() - t0
+    both = flagged_with_block(det.flagged, block, labels, tv.sample_ids, class_names)
     sha = [sample_hash(img) for img in tv.images]
     atomic_write_text(Path(args.suspects), suspects_csv(tv.sample_ids, sha, labels, class_names, det.scores,
-                                                        det.flagged, quality, issues, poisoned, lgm_nll))
+                                                        det.flagged, quality, issues, poisoned, lgm_nll, block))
     per_class = inspection.class_summary(det, labels, k, issues)
     record = None
     if poisoned is not None:
@@ -301,6 +337,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         "max_shallow_tail_ratio": float(np.max(shallow)),
         "suspicious_classes": [class_names[c] for c in det.suspicious],
         "flagged_rows": int(det.flagged.sum()),
+        "flagged_with_block": {**both, "detector": stats.detector_settings(cfg.validate)},
         "label_issues": None if issues is None else int(issues.sum()),
         "label_issue_fraction": None if issues is None else float(issues.mean()),
         "cleanlab": None if issues is None else {"k": int(cfg.inspect.kfold),
@@ -334,6 +371,7 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         q = record["detectors"]["robust"]
         rec = f"; vs the poison record ({record['rows']} rows): P {q['precision']:.2f} R {q['recall']:.2f}"
     issues_txt = "" if issues is None else f", cleanlab {int(issues.sum())} label issues"
+    issues_txt += f", {both['rows']} flagged with an abnormal pixel block (of {both['block_rows']} with one)"
     stage.say("inspect", f"max tail ratio {report['max_tail_ratio']:.2f} (suspicious: "
               f"{', '.join(report['suspicious_classes']) or 'none'}), {report['flagged_rows']} rows flagged{issues_txt}; "
               f"scan max anomaly {scan_cand.max_anomaly:.2f} (class {class_names[scan_cand.suspect]}; baseline "

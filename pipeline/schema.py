@@ -218,6 +218,7 @@ class GateConfig:
     max_tail_ratio: float = 1.8  # poison_suspects: a class's main tail scan ratio (unitless)
     max_shallow_tail_ratio: float = 2.5  # poison_suspects: a class's shallow-band ratio (unitless)
     max_label_issue_fraction: float = 0.02  # poison_suspects: cleanlab label issues, fraction of training rows
+    max_flagged_with_block: int = 0  # poison_suspects: rows both flagged by the robust detector and holding an abnormal block
     max_scan_anomaly: float = 3.0  # backdoor_scan: largest anomaly index over target classes (MAD units)
     require_inspection: bool = True  # false: the two checks pass with "not required"
     max_targeted_increase: float = 0.05  # targeted_success: fraction of a red-team attack's target images moved to its base class beyond the baseline
@@ -482,6 +483,7 @@ def check_gate(g: GateConfig) -> None:
     _number("gate.max_tail_ratio", g.max_tail_ratio, 1.0, 100.0, lo_open=True)
     _number("gate.max_shallow_tail_ratio", g.max_shallow_tail_ratio, 1.0, 100.0, lo_open=True)
     _number("gate.max_scan_anomaly", g.max_scan_anomaly, 0.0, 100.0, lo_open=True)
+    _number("gate.max_flagged_with_block", g.max_flagged_with_block, 0, 10**9, integer=True)  # rows
 
 
 def check_clean_label(a: AttackConfig) -> None:

@@ -38,6 +38,7 @@ def report(tail=(1.3, 1.4, 1.5), shallow=(1.5, 1.6, 1.7), anomaly=(0.5, -0.2, 1.
         "mode": "two_view",
         "classes": {str(i): {"tail_ratio": a, "tail_ratio_shallow": b} for i, (a, b) in enumerate(zip(tail, shallow))},
         "cleanlab": {"k": 3, "epochs": 10}, "label_issue_fraction": issues,
+        "flagged_with_block": {"rows": 0, "block_rows": 3, "classes": {}, "sample_ids": []},
         "scan": {"candidate": {"method": "max_margin", "max_anomaly": max(anomaly),
                                "per_class": {str(i): {"statistic": 10.0, "anomaly": a} for i, a in enumerate(anomaly)}},
                  "baseline": {"method": "max_margin", "max_anomaly": 1.0, "kind": "twin"}},
@@ -68,6 +69,25 @@ def test_a_suspect_cluster_fails_and_names_the_class():
     assert poison_suspects_check(report(cleanlab=None, label_issue_fraction=None), TRAIN, T).passed
 
 
+def test_one_suspect_row_with_an_abnormal_block_fails_and_is_named():
+    one = {"rows": 1, "block_rows": 4, "classes": {"2": 1}, "sample_ids": ["train/2/r00010.png"]}
+    c = poison_suspects_check(report(flagged_with_block=one), TRAIN, T)
+    assert not c.passed and "abnormal pixel block" in c.reason and "train/2/r00010.png" in c.reason
+    assert c.value == pytest.approx(1.5)  # the value stays the largest tail ratio
+    relaxed = Thresholds(**{**T.__dict__, "max_flagged_with_block": 1})
+    assert poison_suspects_check(report(flagged_with_block=one), TRAIN, relaxed).passed
+    assert "0 flagged row(s) with an abnormal pixel block" in poison_suspects_check(report(), TRAIN, T).reason
+
+
+def test_flagged_with_block_counts_only_rows_both_views_agree_on():
+    from pipeline.inspect import flagged_with_block
+
+    flagged = np.array([1, 0, 1, 0, 1], bool)
+    block = np.array([1, 1, 0, 0, 1], bool)
+    out = flagged_with_block(flagged, block, np.array([0, 1, 1, 0, 2]), [f"r{i}" for i in range(5)], ["a", "b", "c"])
+    assert out == {"rows": 2, "block_rows": 3, "classes": {"a": 1, "c": 1}, "sample_ids": ["r0", "r4"]}
+
+
 def test_a_scan_outlier_fails_and_names_the_target():
     c = backdoor_scan_check(report(anomaly=(0.1, 9.0, 0.3)), TRAIN, T)
     assert not c.passed and c.value == pytest.approx(9.0) and "target class 1" in c.reason
@@ -80,6 +100,8 @@ def test_a_scan_outlier_fails_and_names_the_target():
     report(classes={}), report(classes={"0": {"tail_ratio": float("nan"), "tail_ratio_shallow": 1.0}}),
     report(classes={"0": {"tail_ratio": "x"}}), report(mode="self"),
     report(label_issue_fraction=None),
+    report(flagged_with_block=None), report(flagged_with_block={"rows": "x"}),
+    report(flagged_with_block={"rows": float("nan")}),
 ])
 def test_missing_or_malformed_report_fails_poison_suspects_closed(bad):
     c = poison_suspects_check(bad, TRAIN, T)
@@ -260,6 +282,13 @@ def test_inspect_flags_the_poison_and_writes_the_csv(poisoned_state):
     assert all(r["class"] == "7" and len(r["sha256"]) == 64 for r in poisoned)
     assert sum(r["flagged"] == "1" for r in poisoned) >= 0.9 * len(poisoned)
     assert not poison_suspects_check(rep, train, T).passed  # the gate would block this candidate
+    # the block column is the data gate's scan; the report counts the rows both views agree on
+    assert sum(r["abnormal_block"] == "1" for r in poisoned) >= 0.9 * len(poisoned)  # a 3x3 white patch
+    both = [r["sample_id"] for r in rows if r["flagged_robust"] == "1" and r["abnormal_block"] == "1"]
+    fwb = rep["flagged_with_block"]
+    assert fwb["rows"] == len(both) >= 0.8 * len(poisoned) and fwb["sample_ids"] == both[:20]
+    assert fwb["block_rows"] == sum(r["abnormal_block"] == "1" for r in rows)
+    assert fwb["detector"]["block_size_max"] == 4 and "block_scan" in rep["seconds"]
 
 
 def test_gate_blocks_on_poison_suspects_and_binds_the_report(poisoned_state, tmp_path):
