@@ -77,12 +77,15 @@ ATTACKS = {
 }
 
 
-def load_vcfg() -> ValidateConfig:
-    from omegaconf import OmegaConf
+PRESET = {"digits": "default", "cifar10": "cifar10"}  # conf/validate/<preset>.yaml each data set is judged with
 
-    from pipeline.config import ValidateConfig as VC
 
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(VC), OmegaConf.load(REPO / "conf/validate/default.yaml")))
+def load_vcfg(dataset: str = "digits") -> ValidateConfig:
+    """The data gate's settings as the pipeline composes them for ``dataset`` (validate=<preset>)."""
+    from pipeline.config import compose, from_container
+
+    preset = PRESET[dataset]
+    return from_container(compose([] if preset == "default" else [f"validate={preset}"])).validate
 
 
 # --------------------------------------------------------------------------- data
@@ -388,7 +391,7 @@ def pct(k: int, n: int) -> str:
 def report(results: dict, meta: dict) -> str:
     L = ["# Data gate on growth: false blocks and detection (bench/calibrate_growth.py)", "",
          f"Machine: {meta['machine']} (timings noisy: shared by several jobs). Wall time {meta['wall_s']:.0f} s. "
-         f"Thresholds (conf/validate/default.yaml): {meta['params']}.",
+         f"Thresholds (conf/validate, per data set): {meta['params']}.",
          f"Seeds: {meta['clean_seeds']} clean sequences per size, {meta['attack_seeds']} poisoned per size "
          f"(seeds 1000+), {meta['first_seeds']} first snapshots, {meta['drip_seeds']} drips; roots "
          f"{ {d: r['root_size'] for d, r in results.items()} } rows.",
@@ -446,13 +449,13 @@ def report(results: dict, meta: dict) -> str:
         for k, c in f["copies"].items():
             L.append(f"| {d} | 5 rows copied under another label ({k}) | {c['n']} | - | {pct(c['conflicts'], c['n'])} | "
                      f"{pct(c['near_dup'], c['n'])} | {pct(c['any'], c['n'])} |")
-    L += ["", f"## Block scan: clean flag rate, named locations (k = {meta['params']['block_size']}) vs all positions "
-          f"(k = {meta['params']['block_size']}..{meta['params']['block_size_max']})", "",
-          "| data | rows | named: all rows | named: worst class | all positions: all rows | all positions: worst class | time named / all |",
-          "|---|---|---|---|---|---|---|"]
+    L += ["", "## Block scan: clean flag rate, named locations (k = block_size) vs all positions (k = block_size..block_size_max)", "",
+          "| data | k (all positions) | rows | named: all rows | named: worst class | all positions: all rows | all positions: worst class | time named / all |",
+          "|---|---|---|---|---|---|---|---|"]
     for d, r in results.items():
         b = r["block_scan"]
-        L.append(f"| {d} | {b['rows']} | {100 * b['named']:.3f}% | {100 * b['named_max_class']:.2f}% | {100 * b['all']:.3f}% | "
+        pd_ = meta["params"].get(d, {})
+        L.append(f"| {d} | {pd_.get('block_size')}..{pd_.get('block_size_max')} | {b['rows']} | {100 * b['named']:.3f}% | {100 * b['named_max_class']:.2f}% | {100 * b['all']:.3f}% | "
                  f"{100 * b['all_max_class']:.2f}% | {b['t_named_s']:.1f} s / {b['t_all_s']:.1f} s |")
     L += ["", "## phash radius: cross-label pairs within r bits over the whole pool", "",
           "| data | closest cross-label pair | " + " | ".join(f"r={r}" for r in range(9)) + " | same-label pairs r<=2 |",
@@ -463,6 +466,10 @@ def report(results: dict, meta: dict) -> str:
         L.append(f"| {d} | {p['closest_cross'] if p['closest_cross'] is not None else '>' + str(max(cw))} bits | "
                  + " | ".join(str(cw.get(k, "n/m")) for k in range(9)) + f" | {p['same_pairs_within'][2]} |")
     return "\n".join(L) + "\n"
+
+
+KEYS = ("alpha", "min_effect_block_rate", "min_effect_share", "min_effect_duplicate_rate", "prior_block_rate",
+        "near_dup_radius", "block_size", "block_size_max")
 
 
 def main(argv=None) -> int:
@@ -478,10 +485,11 @@ def main(argv=None) -> int:
     ap.add_argument("--digits-root", type=int, default=650)
     ap.add_argument("--out", default=str(REPO / "bench/results/calibrate_growth"))
     args = ap.parse_args(argv)
-    v = load_vcfg()
     t0 = time.time()
     results: dict = {}
+    params: dict = {}
     for d in args.datasets:
+        v = load_vcfg(d)
         if d == "digits":
             img, lab, names = load_digits()
             root = args.digits_root
@@ -496,12 +504,11 @@ def main(argv=None) -> int:
         r["drip"] = [run_drip(pool, args.drip_seeds, m) for m in (1, 2)]
         r["first"] = run_first_snapshot(pool, args.first_seeds)
         results[d] = r
+        params[d] = {"preset": f"validate={PRESET[d]}", **{k: getattr(v, k) for k in KEYS}}
         print(f"# {d} done at {time.time() - t0:.0f} s", flush=True)
-    keys = ("alpha", "min_effect_block_rate", "min_effect_share", "min_effect_duplicate_rate", "prior_block_rate",
-            "near_dup_radius", "block_size", "block_size_max")
     meta = {"machine": f"{platform.machine()} {os.cpu_count()}-core CPU, python {platform.python_version()}, numpy "
                        f"{np.__version__}, pandas {pd.__version__}, scipy {__import__('scipy').__version__}",
-            "wall_s": time.time() - t0, "params": {k: getattr(v, k) for k in keys},
+            "wall_s": time.time() - t0, "params": params,
             "clean_seeds": args.clean_seeds, "attack_seeds": args.attack_seeds, "first_seeds": args.first_seeds,
             "drip_seeds": args.drip_seeds}
     md = report(results, meta)

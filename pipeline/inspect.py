@@ -136,6 +136,9 @@ def inspect_metrics(report: dict[str, Any]) -> dict[str, float]:
         "inspect/flagged_rows": report["flagged_rows"],
         "inspect/suspicious_classes": len(report["suspicious_classes"]),
     }
+    if report.get("flagged_with_block") is not None:
+        out["inspect/flagged_with_block"] = report["flagged_with_block"]["rows"]
+        out["inspect/block_rows"] = report["flagged_with_block"]["block_rows"]
     if report.get("label_issue_fraction") is not None:
         out["inspect/label_issues"] = report["label_issues"]
         out["inspect/label_issue_fraction"] = report["label_issue_fraction"]

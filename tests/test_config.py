@@ -33,6 +33,18 @@ def test_cifar10_gate_preset_changes_only_its_two_measured_thresholds():
 
 
 
+def test_cifar10_validate_preset_scans_3x3_blocks_only_and_keeps_every_other_setting():
+    import dataclasses
+
+    base = from_container(compose()).validate
+    cifar = from_container(compose(["data=cifar10", "validate=cifar10"])).validate
+    assert (base.block_size, base.block_size_max) == (3, 4) and (cifar.block_size, cifar.block_size_max) == (3, 3)
+    assert dataclasses.replace(cifar, block_size_max=base.block_size_max) == base
+    # the inspect block rule's CIFAR-10 bound is looser than digits' (chance coincidences; conf says why)
+    assert from_container(compose(["gate=cifar10"])).gate.max_flagged_with_block == 2
+    assert from_container(compose()).gate.max_flagged_with_block == 0
+
+
 def test_cifar10_gate_preset_agrees_with_the_committed_gpu_measurement():
     """conf/gate/cifar10.yaml cites bench/results/cifar10_verdict.json: every measured model
     clears the floor, no pair of clean twins trips the recall rule, every 40%-flip candidate does."""

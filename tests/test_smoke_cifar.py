@@ -20,7 +20,7 @@ def test_cifar10_resnet18_config_runs_end_to_end(tmp_path: Path):
     assert (CIFAR / "cifar10-train.tar.gz").is_file(), f"CIFAR-10 archives not at {CIFAR} (see ../shared/datasets)"
     repo = make_repo_copy(tmp_path)
     repo.compose(
-        "data=cifar10", f"data.path={CIFAR}", "data.limit=300",
+        "data=cifar10", f"data.path={CIFAR}", "data.limit=300", "validate=cifar10",
         "model=resnet18", "train=resnet18", "train.epochs=2", "train.batch_size=32", "train.lr=0.05",
         "train.tta=false",
         # 300 images and two epochs cannot reach the production accuracy floor; the drift checks
