@@ -98,8 +98,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     known = KnownRows.empty()
     if parent is not None:
         m = parent.manifest
-        known = KnownRows(m["sample_id"].tolist(), m["sha256"].to_numpy(dtype=object),
-                          m["file_sha256"].to_numpy(dtype=object))
+        known = KnownRows(m["sample_id"], m["sha256"], m["file_sha256"])  # Arrow columns, not objects
     stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
     stat = read_stat_cache(stat_path)
     scan_ns = time.time_ns()
@@ -229,14 +228,12 @@ def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
     if path is None or not path.is_file():
         return None
     try:
-        with pa.memory_map(str(path)) as source:
+        with pa.OSFile(str(path)) as source:  # read into memory: nothing stays mapped to a file that may be replaced
             t = pa.ipc.open_file(source).read_all()
         meta = t.schema.metadata or {}
         if meta.get(b"format") != STAT_FORMAT.encode() or t.schema.names != list(STAT_SCHEMA.names):
             return None
-        return StatTable(t.column("sample_id").to_pylist(),
-                         t.column("sha256").to_numpy(zero_copy_only=False).astype(object),
-                         t.column("file_sha256").to_numpy(zero_copy_only=False).astype(object),
+        return StatTable(t.column("sample_id"), t.column("sha256"), t.column("file_sha256"),
                          size=t.column("size").to_numpy().astype(np.int64),
                          mtime_ns=t.column("mtime_ns").to_numpy().astype(np.int64),
                          scan_ns=int(meta[b"scan_ns"]))
@@ -251,8 +248,8 @@ def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: in
     if not changed and not aged.any():
         return
     arrow = pa.Table.from_arrays(
-        [pa.array(table.ids, pa.string()), pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()),
-         pa.array(table.file_sha256.tolist(), pa.string()), pa.array(table.sha256.tolist(), pa.string())],
+        [table.ids, pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()), table.file_sha256,
+         table.sha256],
         schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, arrow.schema) as w:

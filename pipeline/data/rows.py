@@ -23,6 +23,30 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+
+
+def as_strings(values) -> pa.Array:
+    """A column of strings as one Arrow ``string`` array: from a list, a numpy array, a pandas
+    column or an Arrow (chunked) array. Arrow, not Python objects: at 1M rows a column of
+    sha256 hex strings is 68 MB here against 121 MB as ``str`` objects (issue 19 item 3)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    if isinstance(values, pa.Array):
+        return values if values.type == pa.string() else values.cast(pa.string())
+    return pa.array(values, pa.string())
+
+
+def as_list(values) -> list:
+    """A column as a Python list (for the per-row paths: error messages, archive members)."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values.to_pylist()
+    return values if isinstance(values, list) else list(values)
+
+
+def blank_strings(n: int) -> pa.Array:
+    """n empty strings (the "unknown" of a string column)."""
+    return pa.array(np.full(n, "", object), pa.string())
 
 
 def file_identity(path: Path | str) -> tuple[int, int, int, int]:

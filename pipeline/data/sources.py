@@ -105,7 +105,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from pipeline.data.rows import as_list, as_strings, blank_strings
 from pipeline.schema import DataConfig
 from pipeline.console import progress_bar
 from pipeline.errors import UserError
@@ -150,30 +153,47 @@ class SourceData:
 
 @dataclass
 class KnownRows:
-    """What the store recorded about its earlier rows, as columns: sample id -> pixel hash and the
-    byte digest of the file the row was ingested from ("" when not a file). Columns, not objects:
-    the snapshot stage builds this for every row on every run."""
+    """What the store recorded about its earlier rows, as Arrow columns: sample id -> pixel hash
+    and the byte digest of the file the row was ingested from ("" when not a file). Columns, not
+    Python objects: the snapshot stage builds this for every row on every run, and at 1M rows a
+    dict of ids and object arrays of hex strings cost ~0.5 GB (issue 19 item 3); lookups are
+    Arrow's hash join (``pc.index_in``)."""
 
-    ids: list[str]
-    sha256: np.ndarray  # object (str)
-    file_sha256: np.ndarray  # object (str)
+    ids: pa.Array
+    sha256: pa.Array
+    file_sha256: pa.Array
     _pos: Optional[dict[str, int]] = None
+
+    def __post_init__(self) -> None:
+        self.ids, self.sha256, self.file_sha256 = (as_strings(c) for c in (self.ids, self.sha256, self.file_sha256))
+        if not len(self.ids) == len(self.sha256) == len(self.file_sha256):
+            raise ValueError(f"{len(self.ids)} ids, {len(self.sha256)} hashes and {len(self.file_sha256)} digests")
 
     @classmethod
     def empty(cls) -> "KnownRows":
-        return cls([], np.zeros(0, object), np.zeros(0, object))
+        return cls([], [], [])
 
-    def positions(self, ids: list[str]) -> np.ndarray:
-        """Row of each id here, -1 when unknown (one C-level dict lookup per id)."""
-        if self._pos is None:
-            self._pos = dict(zip(self.ids, range(len(self.ids))))
-        return np.fromiter(map(self._pos.get, ids, itertools.repeat(-1)), np.int64, count=len(ids))
+    def positions(self, ids) -> np.ndarray:
+        """Row of each id here, -1 when unknown."""
+        if not len(self.ids):
+            return np.full(len(ids), -1, np.int64)
+        pos = pc.index_in(as_strings(ids), value_set=self.ids)
+        return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def take(self, column: str, pos: np.ndarray) -> pa.Array:
+        """``column`` ("sha256" or "file_sha256") at ``pos`` (from :meth:`positions`), "" at -1."""
+        col = getattr(self, column)
+        if not len(col):
+            return blank_strings(len(pos))
+        hit = pos >= 0
+        got = col.take(pa.array(np.where(hit, pos, 0)))
+        return pc.if_else(pa.array(hit), got, pa.scalar("", pa.string()))
 
     def get(self, sample_id: str) -> Optional[tuple[str, str]]:
         if self._pos is None:
-            self._pos = dict(zip(self.ids, range(len(self.ids))))
+            self._pos = dict(zip(self.ids.to_pylist(), range(len(self.ids))))
         i = self._pos.get(sample_id)
-        return None if i is None else (self.sha256[i], self.file_sha256[i])
+        return None if i is None else (self.sha256[i].as_py(), self.file_sha256[i].as_py())
 
 
 @dataclass
@@ -187,9 +207,9 @@ class StatTable(KnownRows):
     scan_ns: int = 0
 
     def same_as(self, other: Optional["StatTable"]) -> bool:
-        return (other is not None and self.ids == other.ids and np.array_equal(self.size, other.size)
+        return (other is not None and self.ids.equals(other.ids) and np.array_equal(self.size, other.size)
                 and np.array_equal(self.mtime_ns, other.mtime_ns)
-                and bool((self.sha256 == other.sha256).all()) and bool((self.file_sha256 == other.file_sha256).all()))
+                and self.sha256.equals(other.sha256) and self.file_sha256.equals(other.file_sha256))
 
 
 @dataclass
@@ -206,10 +226,10 @@ class SourceRead:
     class_names: list[str]
     labels: np.ndarray  # int64, index into class_names
     splits: np.ndarray
-    uris: list[str]
-    hashes: list[str]  # pixel sha256 (core.hashing.sample_hash) of every row
+    uris: list[str] | pa.Array  # a folder source's string columns are Arrow arrays (as_strings / as_list)
+    hashes: list[str] | pa.Array  # pixel sha256 (core.hashing.sample_hash) of every row
     file_sizes: np.ndarray  # int64 bytes of the file each row came from; -1 when not a file
-    file_sha256: list[str]  # sha256 of those bytes; "" when not a file or not read this run
+    file_sha256: list[str] | pa.Array  # sha256 of those bytes; "" when not a file or not read this run
     decoded: np.ndarray  # bool (N,)
     images: np.ndarray  # uint8 (n_decoded, H, W, C)
     key: str = ""
@@ -521,7 +541,7 @@ def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *
                              known=KnownRows.empty(), stat=None, previous=None, verify=True, recheck=0,
                              chunk_size=chunk_size, progress=progress)
     return SourceData(images=read.images, labels=read.labels, class_names=read.class_names, splits=read.splits,
-                      sample_ids=read.sample_ids, uris=read.uris)
+                      sample_ids=read.sample_ids, uris=as_list(read.uris))
 
 
 def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
@@ -576,38 +596,44 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         sizes, mtimes, splits, classes = sizes[keep], mtimes[keep], splits[keep], classes[keep]
     n = len(ids)
     work["listed"] = n
-    kpos = known.positions(ids)
-    k_sha = np.where(kpos >= 0, known.sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
-    k_fsha = np.where(kpos >= 0, known.file_sha256[kpos], "") if len(known.ids) else np.full(n, "", object)
-    hashes = np.full(n, "", dtype=object)
-    fsha = np.full(n, "", dtype=object)
-    if stat is not None and len(stat.ids):
-        cpos = stat.positions(ids)
-        c_sha = np.where(cpos >= 0, stat.sha256[cpos], "")
-        c_fsha = np.where(cpos >= 0, stat.file_sha256[cpos], "")
-    else:
-        cpos = np.full(n, -1, np.int64)
-        c_sha = c_fsha = np.full(n, "", object)
-    if stat is not None and len(stat.ids) and not verify:
+    ids_a = as_strings(ids)
+    # What the store and the stat cache recorded, as Arrow columns ("" where unknown): no Python
+    # string per row is made for the rows the stat cache vouches for (issue 19 item 3).
+    kpos = known.positions(ids_a)
+    k_sha, k_fsha = known.take("sha256", kpos), known.take("file_sha256", kpos)
+    cached = stat is not None and len(stat.ids) > 0
+    cpos = stat.positions(ids_a) if cached else np.full(n, -1, np.int64)
+    c_sha, c_fsha = (stat.take("sha256", cpos), stat.take("file_sha256", cpos)) if cached else (blank_strings(n), blank_strings(n))
+    ok = np.zeros(n, bool)
+    if cached and not verify:
         ok = (cpos >= 0) & (kpos >= 0)
         ok &= np.where(ok, stat.size[cpos] == sizes, False) & np.where(ok, stat.mtime_ns[cpos] == mtimes, False)
         ok &= mtimes <= stat.scan_ns - RACY_NS
-        ok &= c_sha == k_sha
+        ok &= pc.equal(c_sha, k_sha).to_numpy(zero_copy_only=False)
         trusted = np.flatnonzero(ok)
         # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
         spot = np.array(random.SystemRandom().sample(trusted.tolist(), min(max(recheck, 0), len(trusted))), np.int64)
         ok[spot] = False
-        hashes[ok], fsha[ok] = k_sha[ok], c_fsha[ok]
         work["trusted"], work["rechecked"] = int(ok.sum()), len(spot)
         todo = np.flatnonzero(~ok)
     else:
         todo = np.arange(n)
+    # The rows to read get their expectations as Python strings (_ingest compares them one by one);
+    # _ingest fills hashes/fsha for those rows only, the trusted rows take the recorded columns below.
+    hashes = np.full(n, None, dtype=object)
+    fsha = np.full(n, None, dtype=object)
+    slot = np.full(n, -1, np.int64)
+    slot[todo] = np.arange(len(todo))
+    todo_a = pa.array(todo)
+    expected = [col.take(todo_a).to_numpy(zero_copy_only=False) if has else None
+                for col, has in ((k_sha, len(known.ids)), (k_fsha, len(known.ids)), (c_fsha, cached), (c_sha, cached))]
     base = str(root)
     uri_of = (lambda i: f"{path}::{ids[i]}")
     items = ((int(i), _read_file(f"{base}/{ids[i]}", uri_of(i), limits.max_file_bytes)) for i in todo)
 
     def expect(i: int) -> tuple[str, str, str, str]:
-        return k_sha[i], k_fsha[i], c_fsha[i], c_sha[i]
+        j = slot[i]
+        return tuple("" if col is None else col[j] for col in expected)  # type: ignore[return-value]
 
     dec = _ingest(items, uri_of, expect, hashes, fsha, verify, workers, chunk_size, limits, work, path, spill_dir)
     try:
@@ -615,25 +641,30 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     except BaseException:
         dec.discard()
         raise
+    del expected
     decoded_idx = np.sort(np.asarray(dec.rows, np.int64))
     class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
     decoded = np.zeros(n, dtype=bool)
     decoded[decoded_idx] = True
     images = dec.images(decoded_idx)
-    keep_stat = (hashes != "") & (fsha != "")
-    new_stat = StatTable([ids[i] for i in np.flatnonzero(keep_stat)] if not keep_stat.all() else list(ids),
-                         hashes[keep_stat], fsha[keep_stat], size=sizes[keep_stat], mtime_ns=mtimes[keep_stat],
-                         scan_ns=stat.scan_ns if stat is not None else 0)
+    ok_a = pa.array(ok)
+    hashes_a = pc.if_else(ok_a, k_sha, pa.array(hashes, pa.string())).fill_null("")
+    fsha_a = pc.if_else(ok_a, c_fsha, pa.array(fsha, pa.string())).fill_null("")
+    del hashes, fsha, k_sha, k_fsha, c_sha, c_fsha
+    keep = pc.and_(pc.not_equal(hashes_a, ""), pc.not_equal(fsha_a, ""))
+    keep_np = keep.to_numpy(zero_copy_only=False)
+    new_stat = StatTable(ids_a.filter(keep), hashes_a.filter(keep), fsha_a.filter(keep), size=sizes[keep_np],
+                         mtime_ns=mtimes[keep_np], scan_ns=stat.scan_ns if stat is not None else 0)
     return SourceRead(
         sample_ids=list(ids),
         class_names=class_names,
         labels=np.array([index.get(c, -1) for c in classes.tolist()], dtype=np.int64),
         splits=splits.astype(str),
-        uris=[f"{path}::{i}" for i in ids],
-        hashes=hashes.tolist(),
+        uris=pc.binary_join_element_wise(pa.scalar(f"{path}::"), ids_a, pa.scalar("")),
+        hashes=hashes_a,
         file_sizes=sizes.astype(np.int64),
-        file_sha256=fsha.tolist(),
+        file_sha256=fsha_a,
         decoded=decoded,
         images=images,
         work=dict(work),

@@ -79,9 +79,11 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.core.hashing import sample_hash
+from pipeline.data.rows import as_list, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
 
@@ -225,7 +227,8 @@ def header_bytes(header: dict) -> bytes:
 
 
 def _parquet_bytes(frame: pd.DataFrame, schema: pa.Schema) -> bytes:
-    table = pa.Table.from_pydict({c: frame[c].tolist() for c in schema.names}, schema=schema)
+    # column by column into Arrow, no Python object per cell (issue 19 item 3)
+    table = pa.Table.from_arrays([pa.array(frame[c], f.type) for c, f in zip(schema.names, schema)], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue().to_pybytes()
@@ -300,26 +303,32 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         store_classes += sorted(set(class_names) - set(store_classes))
         _refuse_rewrites(parent, sample_ids, hashes, names, splits)
     store_index = {c: i for i, c in enumerate(store_classes)}
-    known = set(old["sample_id"].tolist())
-    new_pos = np.flatnonzero(~np.fromiter(map(known.__contains__, sample_ids), bool, count=n)).tolist()
-    undecoded = [sample_ids[i] for i in new_pos if not decoded[i]]
-    if undecoded:
-        raise ValueError(f"new rows must be decoded: {_few(undecoded)}")
+    ids_a = as_strings(sample_ids)
+    # Which rows are new, by Arrow's hash join: no Python set of every earlier id (issue 19 item 3).
+    is_new = (~pc.is_in(ids_a, value_set=as_strings(old["sample_id"])).to_numpy(zero_copy_only=False) if len(old)
+              else np.ones(n, bool))
+    new_idx = np.flatnonzero(is_new)
+    new_pos = new_idx.tolist()
+    undecoded = new_idx[~decoded[new_idx]]
+    if len(undecoded):
+        raise ValueError(f"new rows must be decoded: {_few(ids_a.take(pa.array(undecoded)).to_pylist())}")
     sizes = np.full(n, -1, np.int64) if file_sizes is None else np.asarray(file_sizes, np.int64)
-    digests = [""] * n if file_sha256 is None else list(file_sha256)
-    new = pd.DataFrame({
-        "sample_id": [sample_ids[i] for i in new_pos],
-        "sha256": [hashes[i] for i in new_pos],
-        "label": np.array([store_index[names[i]] for i in new_pos], dtype=np.int64),
-        "split": [str(splits[i]) for i in new_pos],
-        "source_uri": [uris[i] for i in new_pos],
-        "ingest_time": [ingest_time] * len(new_pos),
-        "snapshot_id": [""] * len(new_pos),
-        "pack": [""] * len(new_pos),
-        "pack_index": np.arange(len(new_pos), dtype=np.int64),
-        "file_size": sizes[new_pos] if new_pos else np.zeros(0, np.int64),
-        "file_sha256": [digests[i] for i in new_pos],
-    }, columns=MANIFEST_COLUMNS)
+    take = pa.array(new_idx, pa.int64())
+    k = len(new_idx)
+    to_store = np.array([store_index[c] for c in class_names] or [0], np.int64)  # source label -> store label
+    new = pa.table({
+        "sample_id": ids_a.take(take),
+        "sha256": as_strings(hashes).take(take),
+        "label": pa.array(to_store[np.asarray(labels, np.int64)[new_idx]] if k else np.zeros(0, np.int64)),
+        "split": as_strings(np.asarray(splits).astype(str)[new_idx]),
+        "source_uri": as_strings(uris).take(take),
+        "ingest_time": pa.array([ingest_time] * k, pa.string()),
+        "snapshot_id": pa.array([""] * k, pa.string()),
+        "pack": pa.array([""] * k, pa.string()),
+        "pack_index": pa.array(np.arange(k, dtype=np.int64)),
+        "file_size": pa.array(sizes[new_idx]),
+        "file_sha256": (blank_strings(n) if file_sha256 is None else as_strings(file_sha256)).take(take),
+    }).to_pandas()[MANIFEST_COLUMNS]
     manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
     if new_pos:
         from pipeline.data.rows import take
@@ -334,7 +343,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     new_raw = None
     if raw is not None:
         new_raw = raw.subset(at)
-        changed = [sample_ids[i] for i, k, n in zip(new_pos, new_raw.lengths.tolist(), sizes[new_pos].tolist())
+        changed = [ids_a[i].as_py() for i, k, n in zip(new_pos, new_raw.lengths.tolist(), sizes[new_pos].tolist())
                    if n >= 0 and k != n]
         if changed:
             raise StoreError(f"{len(changed)} file(s) changed size between the listing and the read ({_few(changed)}): "
@@ -349,18 +358,21 @@ def _empty_manifest() -> pd.DataFrame:
 def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names, splits: np.ndarray) -> None:
     old = parent.manifest
     classes = parent.meta["class_names"]
-    # The common case, vectorised: every earlier row present with the same hash, class and split.
-    where = dict(zip(sample_ids, range(len(sample_ids))))
-    old_ids = old["sample_id"].tolist()
-    pos = np.fromiter(map(where.get, old_ids, itertools.repeat(-1)), np.int64, count=len(old_ids))
-    found = pos >= 0
-    if found.all():
-        p = pos
-        same = ((np.asarray(hashes, dtype=object)[p] == old["sha256"].to_numpy(dtype=object))
+    # The common case, vectorised in Arrow (no Python object per row): every earlier row present
+    # with the same hash, class and split.
+    pos = pc.index_in(as_strings(old["sample_id"]), value_set=as_strings(sample_ids))
+    if pos.null_count == 0 and len(old):
+        p = pos.to_numpy(zero_copy_only=False)
+        same = (pc.equal(as_strings(hashes).take(pos), as_strings(old["sha256"])).to_numpy(zero_copy_only=False)
                 & (np.asarray(names, dtype=object)[p] == np.array(classes, dtype=object)[old["label"].to_numpy()])
-                & (np.asarray(splits, dtype=object)[p] == old["split"].to_numpy(dtype=object)))
+                & pc.equal(as_strings(np.asarray(splits).astype(str)[p]),
+                           as_strings(old["split"])).to_numpy(zero_copy_only=False))
         if same.all():
             return
+    elif not len(old):
+        return
+    sample_ids, hashes = as_list(sample_ids), as_list(hashes)
+    old_ids = old["sample_id"].tolist()
     src = dict(zip(sample_ids, zip(hashes, np.asarray(names).tolist(), np.asarray(splits).tolist())))
     old_ids = set(old_ids)
     # Where vanished pixels went: the same hash under an id the parent did not have.
