@@ -167,6 +167,8 @@ class TrainConfig:
     # from the host array; auto = resident when the pixels fit in resident_max_mib, else stream
     data_path: str = "auto"
     resident_max_mib: int = 2048  # MiB of training pixels the auto path keeps on the device in one piece
+    # on a CPU the device is the host: its resident copy (and the epoch's augmented one) is process memory
+    host_resident_max_mib: int = 256
     loader_workers: int = 0  # DataLoader processes gathering streamed batches ahead (0 = in the loop)
     tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
     # loss (issue 13): ce = softmax cross-entropy; lgm = large-margin Gaussian mixture
@@ -440,6 +442,7 @@ def check(cfg: Config) -> None:
     _number("train.batch_size", t.batch_size, 2, 1 << 20, integer=True)
     _one_of("train.data_path", t.data_path, ("auto", "resident", "stream"))
     _number("train.resident_max_mib", t.resident_max_mib, 0, 1 << 30, integer=True)
+    _number("train.host_resident_max_mib", t.host_resident_max_mib, 0, 1 << 30, integer=True)
     _number("train.loader_workers", t.loader_workers, 0, 256, integer=True)
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _number("train.lr", t.lr, 0.0, 100.0, lo_open=True)

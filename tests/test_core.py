@@ -187,13 +187,15 @@ def test_streamed_batches_train_exactly_like_the_resident_set(digits, tmp_path):
     for name, images, extra in (("resident", x, {"data_path": "resident"}),
                                 ("stream", rows, {"data_path": "stream"}),
                                 ("stream_workers", rows, {"data_path": "stream", "loader_workers": 1}),
-                                ("auto_over_budget", rows, {"resident_max_mib": 0})):
+                                ("auto_over_budget", rows, {"resident_max_mib": 0}),
+                                ("auto_over_host_budget", rows, {"host_resident_max_mib": 0})):
         models[name], _, h = train_model(images, y, 10, "small_cnn", 8, TrainSpec(**base, **extra))
         assert np.isfinite(h[-1]["loss"])
     aug = {**base, "augment": True, "aug_pad": 1}
     models["resident_aug"], _, _ = train_model(x, y, 10, "small_cnn", 8, TrainSpec(**aug, data_path="resident"))
     models["stream_aug"], _, _ = train_model(rows, y, 10, "small_cnn", 8, TrainSpec(**aug, data_path="stream"))
     for name, ref_name in (("stream", "resident"), ("stream_workers", "resident"), ("auto_over_budget", "resident"),
+                           ("auto_over_host_budget", "resident"),
                            ("stream_aug", "resident_aug")):  # with augmentation: the same crops and flips
         ref = models[ref_name].state_dict()
         for k, v in models[name].state_dict().items():
@@ -215,6 +217,9 @@ def test_data_path_choice_and_chunked_channel_stats(monkeypatch):
     assert tdata.choose_data_path(10, "stream") == "stream" and tdata.choose_data_path(1 << 40, "resident") == "resident"
     with pytest.raises(ValueError, match="data path"):
         tdata.choose_data_path(1, "disk")
+    # on a CPU the resident copy is host memory: the host budget caps it; a GPU keeps its own budget
+    assert tdata.resident_budget_mib("cpu", 2048, 256) == 256 and tdata.resident_budget_mib("cuda", 2048, 256) == 2048
+    assert tdata.resident_budget_mib("cpu", 100, 256) == 100
     x = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
     whole = tdata.channel_stats(x)
     monkeypatch.setattr(tdata, "STATS_CHUNK_BYTES", 7 * 4 * 4 * 3)  # chunks of 7 rows

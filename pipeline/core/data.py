@@ -37,6 +37,13 @@ def pixel_bytes(images) -> int:
     return int(np.prod(images.shape, dtype=np.int64)) * np.dtype(images.dtype).itemsize
 
 
+def resident_budget_mib(device_type: str, resident_max_mib: float, host_resident_max_mib: float) -> float:
+    """The ``auto`` path's budget on this device. On a CPU the "device" is the host: the resident
+    copy, plus the augmented copy each epoch makes of it, is the process's own memory (at 1M rows
+    of 28x28, 0.75 GiB each), so the smaller host budget applies; a GPU keeps it in device memory."""
+    return resident_max_mib if device_type != "cpu" else min(resident_max_mib, host_resident_max_mib)
+
+
 def choose_data_path(nbytes: int, data_path: str = "auto", resident_max_mib: float = 2048) -> str:
     """``resident`` or ``stream``: ``auto`` keeps the set resident when its pixels fit in
     ``resident_max_mib`` MiB (the fast path: one upload, gathers on the device), else streams."""

@@ -159,7 +159,7 @@ def fit(
     the layers initialised from the full training set). The criterion is
     :func:`pipeline.core.losses.make_loss` of ``spec.loss``.
     The data is uploaded once and stays on the device (``resident``), or, when its pixels exceed
-    ``spec.resident_max_mib`` (``spec.data_path: auto``) or ``data_path: stream``, is gathered
+    ``spec.resident_max_mib`` (``spec.host_resident_max_mib`` on a CPU; ``spec.data_path: auto``) or ``data_path: stream``, is gathered
     batch by batch on the host through a DataLoader (``spec.loader_workers`` processes) and
     uploaded per batch: memory then grows with the batch size, not with N, and ``images`` may be
     any (N, H, W, C) uint8 array-like (an ``np.memmap``). Both paths train on the same batches in
@@ -197,7 +197,9 @@ def fit(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(spec.seed))
     n = len(images)
-    path = tdata.choose_data_path(tdata.pixel_bytes(images), spec.data_path, spec.resident_max_mib)
+    budget = tdata.resident_budget_mib(torch.device(device).type, spec.resident_max_mib,
+                                       getattr(spec, "host_resident_max_mib", spec.resident_max_mib))
+    path = tdata.choose_data_path(tdata.pixel_bytes(images), spec.data_path, budget)
     if path == "resident":
         x_all = tdata.to_device(images, device, channels_last=channels_last)
         y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
