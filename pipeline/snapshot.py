@@ -106,6 +106,8 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     sources.clear_spill(spill)
     read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
                                verify=verify_source, progress=progress, spill_dir=spill)
+    old_scan_ns = stat.scan_ns if stat is not None else 0
+    del known, stat  # the parent's columns and the old cache: read.stat is the new one (memory, issue 19 item 3)
     try:
         t_read = time.perf_counter()
         now = ingest_time()
@@ -141,7 +143,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
                 + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
         if stat_path is not None and read.stat is not None:
-            write_stat_cache(stat_path, read.stat, scan_ns, stat.scan_ns if stat is not None else 0, read.stat_changed)
+            write_stat_cache(stat_path, read.stat, scan_ns, old_scan_ns, read.stat_changed)
         t_write = time.perf_counter()
     finally:
         read.discard()  # the spilled pixels: in the pack now, or not needed
@@ -149,6 +151,8 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             spill.rmdir()  # when empty: the store holds only what its snapshots name
         except OSError:
             pass
+    source_work = dict(read.work)
+    del read, plan, parent  # the report needs the new manifest only (memory at 1M rows, issue 19 item 3)
 
     meta = store.read_meta(store_dir, sid)
     class_names = list(meta["class_names"])
@@ -187,7 +191,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             "store_snapshots_verified": vstats.snapshots,
             "store_packs_hashed": vstats.packs,
             "store_bytes_hashed": vstats.bytes_hashed,
-            **{f"source_{k}": int(v) for k, v in sorted(read.work.items())},
+            **{f"source_{k}": int(v) for k, v in sorted(source_work.items())},
         },
     }
     store.write_if_changed(Path(pointer_path), _json(pointer))
@@ -251,10 +255,12 @@ def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: in
         [table.ids, pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()), table.file_sha256,
          table.sha256],
         schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, arrow.schema) as w:
-        w.write_table(arrow)
-    store.write_file(path, sink.getvalue().to_pybytes())
+
+    def write(fh) -> None:  # streamed to the file: a 1M-row cache is ~170 MB, never held as bytes
+        with pa.ipc.new_file(fh, arrow.schema) as w:
+            w.write_table(arrow)
+
+    store.write_file_with(path, write)
 
 
 def _json(obj: dict) -> bytes:

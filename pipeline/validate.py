@@ -227,7 +227,7 @@ def _without(snap: store.Snapshot, features: pd.DataFrame, gone: set[str]) -> tu
 
 def as_reference(m: Measured, view_id: str, snapshot_id: str) -> sig.Reference:
     """A measured view as the reference of the next one (what its ledger line will say)."""
-    return sig.Reference(view_id, snapshot_id, m.rows.counts().to_dict(m.rows.class_names), frozenset(m.rows.keys()))
+    return sig.Reference(view_id, snapshot_id, m.rows.counts().to_dict(m.rows.class_names), np.unique(m.rows.keys()))
 
 
 def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v: ValidateConfig) -> sig.Reference:
@@ -238,19 +238,31 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     man = store.read_manifest(store_dir, sid)  # the chain verified: an edited history is a DamagedStore
     names = [str(c) for c in store.read_meta(store_dir, sid)["class_names"]]
     records = saved_records(approved_dir, entry)
-    tr = man[man["split"] == "train"]
-    keyed = {str(i): (str(h), names[int(y)]) for i, h, y in zip(tr["sample_id"], tr["sha256"], tr["label"])}
-    for r in records:
-        keyed[r["sample_id"]] = (r["sha256_after"], names[int(r["new_label"])])
+    tr = man.loc[man["split"] == "train", ["sample_id", "sha256", "label"]].reset_index(drop=True)
+    # The approved view's rows, as columns: the manifest's, with each saved record's hash and class
+    # in place of its row's (a record of a row the manifest lacks adds one), less the quarantined.
+    ids, hashes = tr["sample_id"].astype(str), tr["sha256"].astype(str).to_numpy(object)
+    labels = tr["label"].to_numpy(np.int64).copy()
+    if records:
+        at = pd.Index(ids).get_indexer([str(r["sample_id"]) for r in records])
+        extra = [r for r, k in zip(records, at) if k < 0]
+        for r, k in zip(records, at):
+            if k >= 0:
+                hashes[k], labels[k] = r["sha256_after"], int(r["new_label"])
+        if extra:
+            ids = pd.concat([ids, pd.Series([str(r["sample_id"]) for r in extra], dtype=ids.dtype)], ignore_index=True)
+            hashes = np.concatenate([hashes, np.array([r["sha256_after"] for r in extra], object)])
+            labels = np.concatenate([labels, np.array([int(r["new_label"]) for r in extra], np.int64)])
     gone = quarantined_ids(entry.get("quarantine"))  # rows a quarantined view left out (issue 13)
-    keyed = {i: k for i, k in keyed.items() if i not in gone}
+    keep = ~ids.isin(gone).to_numpy(bool) if gone else np.ones(len(ids), bool)
     counts = entry["counts"]
     if entry["detector"] != stats.detector_settings(v):
         _say(f"the block detector settings changed since approved view {entry['view_id'][:12]}: re-measuring it")
         snap, features = _without(*_load_measurable(store_dir, sid, v), gone)
         m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, phash=False, features=features)
         counts = m.rows.counts().to_dict(m.rows.class_names)
-    return sig.Reference(entry["view_id"], sid, counts, frozenset((i, h, c) for i, (h, c) in keyed.items()))
+    keys = sig.key_digests(ids[keep].reset_index(drop=True), hashes[keep], np.asarray(names, dtype=object)[labels[keep]])
+    return sig.Reference(entry["view_id"], sid, counts, np.unique(keys))
 
 
 def _ref_spec(approved_dir: str | Path, entry: Optional[dict]):
@@ -279,11 +291,12 @@ class Tables:
 
 def samples_table(snap: store.Snapshot, m: Measured) -> pd.DataFrame:
     """One row per snapshot row (identity, provenance); train rows carry the view's label and hash."""
-    s = snap.manifest.reset_index(drop=True).copy()
+    # no deep copies: pandas' copy-on-write keeps the manifest unchanged when a column is set here
+    s = snap.manifest.reset_index(drop=True)
     for col in REQUIRED_COLUMNS + PROVENANCE_COLUMNS:
         if col not in s.columns:
             s[col] = None
-    s = s[list(REQUIRED_COLUMNS + PROVENANCE_COLUMNS)].copy()
+    s = s[list(REQUIRED_COLUMNS + PROVENANCE_COLUMNS)]
     for col in PROVENANCE_COLUMNS + ("sample_id", "sha256", "split"):
         # "" -> missing, in the column's own dtype: a pandas string column stays Arrow-backed
         # (astype(object) made a Python str per cell: ~100 MB per column at 1M rows, issue 19 item 3)
@@ -319,7 +332,7 @@ def build_tables(snap: store.Snapshot, m: Measured, v: ValidateConfig, last: Opt
     })
     frames.update(sig.gate_tables(rows, v, last=last, root=root, all_hashes=m.all_hashes, all_labels=m.all_labels,
                                   all_ids=m.all_ids, rate_checks=data_checks.rate_checks()))
-    new = np.ones(len(rows.ids), bool) if last is None else np.array([k not in last.keys for k in rows.keys()])
+    new = np.ones(len(rows.ids), bool) if last is None else sig.new_against(rows.keys(), last.keys)
     names = rows.class_names
     statistics = {
         "n_rows": int(len(frames["samples"])),
@@ -405,7 +418,7 @@ def _observed(res: dict, table: pd.DataFrame, check: str, col: str | None, v: Va
 
 def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
     """GX wants plain dtypes: nullable Int64 -> object ints/None; list cells -> JSON text."""
-    df = df.copy()
+    df = df.copy(deep=False)  # columns are replaced, never written into: the caller's frame is untouched
     for c in df.columns:
         if str(df[c].dtype) == "Int64":
             df[c] = df[c].astype(object).where(df[c].notna(), None)

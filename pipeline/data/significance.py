@@ -545,6 +545,24 @@ def first_snapshot_tests(rows: ClassCounts, class_names: Sequence[str], v: Valid
 Key = tuple[str, str, str]  # (sample_id, content sha256, class name) of one training row
 
 
+def key_digests(ids, hashes, class_of_row) -> np.ndarray:
+    """Each row's :data:`Key` as a 64-bit digest (pandas' ``hash_pandas_object``: SipHash per
+    column, combined), so a view's keys are one uint64 array, not a set of Python tuples (at 1M
+    rows ~0.5 GB per reference, issue 19 item 3). Two different keys share a digest with
+    probability ~N^2 / 2^65 (3e-8 at 1M rows); a row made to collide on purpose needs a second
+    preimage of SipHash-2-4's 64 bits."""
+    def objects(x) -> np.ndarray:  # one dtype for every caller, so equal keys hash equal
+        return x.to_numpy(object) if isinstance(x, pd.Series) else np.asarray(x, dtype=object)
+
+    frame = pd.DataFrame({"id": objects(ids), "hash": objects(hashes), "cls": objects(class_of_row)}, dtype=object)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+
+
+def new_against(keys: np.ndarray, reference_keys: np.ndarray) -> np.ndarray:
+    """True for each key (:func:`key_digests`) that the reference does not hold."""
+    return ~np.isin(keys, reference_keys)
+
+
 @dataclass(frozen=True, eq=False)
 class ViewRows:
     """The train rows of one view as the gate measures them (arrays aligned by row).
@@ -571,9 +589,9 @@ class ViewRows:
         if n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
             raise StatsError(f"labels must index class_names (0..{len(self.class_names) - 1})")
 
-    def keys(self) -> list[Key]:
-        names = self.class_names
-        return [(str(i), str(h), names[int(y)]) for i, h, y in zip(self.ids, self.hashes, self.labels)]
+    def keys(self) -> np.ndarray:
+        """Each row's (id, hash, class name) key as a digest (:func:`key_digests`)."""
+        return key_digests(self.ids, self.hashes, np.asarray(self.class_names, dtype=object)[np.asarray(self.labels, np.int64)])
 
     def present(self) -> tuple[str, ...]:
         """Classes with at least one train row (a class with none is a removed class)."""
@@ -600,7 +618,7 @@ class Reference:
     view_id: str
     snapshot_id: str
     counts: Mapping[str, Mapping[str, int]]  # {class name: {rows, block, dup}}
-    keys: frozenset
+    keys: np.ndarray  # uint64 key digests of its train rows (key_digests), unique and sorted
 
     def present(self) -> tuple[str, ...]:
         return tuple(c for c, d in self.counts.items() if int(d.get("rows", 0)) > 0)
@@ -673,9 +691,8 @@ def row_counter(rows: ViewRows, last: Optional[Reference], root: Optional[Refere
     if last is None:
         return RowCounter(rows)
     keys = rows.keys()
-    new = np.array([k not in last.keys for k in keys], bool)
-    since = (np.array([k not in root.keys for k in keys], bool)
-             if root is not None and root.view_id != last.view_id else None)
+    new = new_against(keys, last.keys)
+    since = new_against(keys, root.keys) if root is not None and root.view_id != last.view_id else None
     return RowCounter(rows, new, since)
 
 

@@ -627,6 +627,7 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     todo_a = pa.array(todo)
     expected = [col.take(todo_a).to_numpy(zero_copy_only=False) if has else None
                 for col, has in ((k_sha, len(known.ids)), (k_fsha, len(known.ids)), (c_fsha, cached), (c_sha, cached))]
+    del c_sha, k_fsha, kpos, cpos  # only the trusted rows' k_sha and c_fsha are read from here on
     base = str(root)
     uri_of = (lambda i: f"{path}::{ids[i]}")
     items = ((int(i), _read_file(f"{base}/{ids[i]}", uri_of(i), limits.max_file_bytes)) for i in todo)
@@ -651,7 +652,7 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     ok_a = pa.array(ok)
     hashes_a = pc.if_else(ok_a, k_sha, pa.array(hashes, pa.string())).fill_null("")
     fsha_a = pc.if_else(ok_a, c_fsha, pa.array(fsha, pa.string())).fill_null("")
-    del hashes, fsha, k_sha, k_fsha, c_sha, c_fsha
+    del hashes, fsha, k_sha, c_fsha
     keep = pc.and_(pc.not_equal(hashes_a, ""), pc.not_equal(fsha_a, ""))
     keep_np = keep.to_numpy(zero_copy_only=False)
     new_stat = StatTable(ids_a.filter(keep), hashes_a.filter(keep), fsha_a.filter(keep), size=sizes[keep_np],

@@ -293,7 +293,7 @@ def _reference(ref: Optional[RefSpec], class_detector: dict) -> Optional[sig.Ref
             f"approved view {ref.entry['view_id'][:12]} was measured with other block-detector settings: its counts "
             "must be re-measured from its pixels, which the Spark engine never reads; validate this release with "
             "validate.engine=pandas once (the next releases compare with it)")
-    return sig.Reference(ref.entry["view_id"], ref.entry["snapshot_id"], ref.entry["counts"], frozenset())
+    return sig.Reference(ref.entry["view_id"], ref.entry["snapshot_id"], ref.entry["counts"], np.zeros(0, np.uint64))
 
 
 def _index(spark, df) -> Any:

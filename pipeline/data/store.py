@@ -86,6 +86,7 @@ from pipeline.core.hashing import sample_hash
 from pipeline.data.rows import as_list, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
+from pipeline.io import atomic_write_with
 
 FORMAT_VERSION = 2
 FORMAT_FILE = "FORMAT"
@@ -1005,8 +1006,17 @@ def _few(ids: Iterable, k: int = MAX_LISTED) -> str:
 def write_file(path: Path, data: bytes) -> None:
     """Atomic write (temp file + rename) whose OSError always names the file: a full disk reports
     ENOSPC from write(), which carries no file name (stage.describe_oserror reads this one)."""
+    _naming_errors(path, lambda: atomic_write(path, data))
+
+
+def write_file_with(path: Path, write: Callable) -> None:
+    """:func:`write_file` for content that ``write(file)`` streams out (``io.atomic_write_with``)."""
+    _naming_errors(path, lambda: atomic_write_with(path, write))
+
+
+def _naming_errors(path: Path, do: Callable[[], None]) -> None:
     try:
-        atomic_write(path, data)
+        do()
     except OSError as exc:
         if not exc.filename:
             exc.poisongate_path = str(path)  # type: ignore[attr-defined]
