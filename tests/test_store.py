@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -681,3 +683,15 @@ def test_a_transformed_source_keeps_its_raw_bytes_and_they_derive_its_pixels_aga
     assert not ok
     with pytest.raises(store.DamagedStore, match=r"raw/.*do not hash to its recorded file_sha256"):
         list(store.read_raw(env.store, sid))
+
+
+def test_stages_use_the_system_allocator_for_arrow():
+    # pipeline/__init__.py picks Arrow's pool before pyarrow is imported (memory at 1M rows, issue 19
+    # item 3); an explicit ARROW_DEFAULT_MEMORY_POOL still wins
+    code = "import pipeline.snapshot, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "system"
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() != "system"
