@@ -55,7 +55,7 @@ def progress(epochs: int, desc: str) -> tuple[Callable[[dict[str, Any]], None], 
 
 def train_arrays(images, labels, num_classes: int, cfg: Config, desc: str):
     """Build and fit ``cfg.model`` on uint8 NHWC arrays with ``cfg.train``; ``(model, args, history, s)``."""
-    from pipeline.core.data import choose_data_path, pixel_bytes, resident_budget_mib
+    from pipeline.core.data import data_path_for, pixel_bytes
     from pipeline.core.train import resolve_device, train_model
 
     try:
@@ -63,8 +63,7 @@ def train_arrays(images, labels, num_classes: int, cfg: Config, desc: str):
     except RuntimeError as exc:  # cuda asked for without one
         raise UserError(str(exc)) from None
     nbytes = pixel_bytes(images)
-    path = choose_data_path(nbytes, cfg.train.data_path,
-                            resident_budget_mib(device.type, cfg.train.resident_max_mib, cfg.train.host_resident_max_mib))
+    path = data_path_for(images, cfg.train, device.type)
     print(f"{desc}: {len(images)} images {tuple(images.shape[1:])}, {num_classes} classes, "
           f"{cfg.model.name}, {cfg.train.epochs} epochs on {device}, batches {path} "
           f"({nbytes / 2**20:.0f} MiB of pixels; train.data_path={cfg.train.data_path})", file=sys.stderr)

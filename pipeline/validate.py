@@ -301,8 +301,7 @@ def samples_table(snap: store.Snapshot, m: Measured) -> pd.DataFrame:
         # "" -> missing, in the column's own dtype: a pandas string column stays Arrow-backed
         # (astype(object) made a Python str per cell: ~100 MB per column at 1M rows, issue 19 item 3)
         c = s[col]
-        blank = c.isna() | (c == "") if pd.api.types.is_string_dtype(c.dtype) else c.isna() | (c.astype(str) == "")
-        s[col] = c.mask(blank.to_numpy(bool), None)
+        s[col] = c.mask((c.isna() | (c.astype(str) == "")).to_numpy(bool), None)
     s["label"] = pd.to_numeric(s["label"], errors="coerce").astype("Int64")
     train = np.flatnonzero((s["split"] == "train").to_numpy())
     s["poisoned"] = False

@@ -44,6 +44,13 @@ def resident_budget_mib(device_type: str, resident_max_mib: float, host_resident
     return resident_max_mib if device_type != "cpu" else min(resident_max_mib, host_resident_max_mib)
 
 
+def data_path_for(images, spec, device_type: str) -> str:
+    """The path ``spec`` (``data_path``, ``resident_max_mib``, ``host_resident_max_mib``) gives
+    ``images`` on a device of this type: what the training loop uses and the stage reports."""
+    budget = resident_budget_mib(device_type, spec.resident_max_mib, spec.host_resident_max_mib)
+    return choose_data_path(pixel_bytes(images), spec.data_path, budget)
+
+
 def choose_data_path(nbytes: int, data_path: str = "auto", resident_max_mib: float = 2048) -> str:
     """``resident`` or ``stream``: ``auto`` keeps the set resident when its pixels fit in
     ``resident_max_mib`` MiB (the fast path: one upload, gathers on the device), else streams."""

@@ -197,9 +197,7 @@ def fit(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(spec.seed))
     n = len(images)
-    budget = tdata.resident_budget_mib(torch.device(device).type, spec.resident_max_mib,
-                                       getattr(spec, "host_resident_max_mib", spec.resident_max_mib))
-    path = tdata.choose_data_path(tdata.pixel_bytes(images), spec.data_path, budget)
+    path = tdata.data_path_for(images, spec, torch.device(device).type)
     if path == "resident":
         x_all = tdata.to_device(images, device, channels_last=channels_last)
         y_all = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)

@@ -86,6 +86,7 @@ numpy, pandas and scipy only; no GX, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
@@ -591,6 +592,10 @@ class ViewRows:
 
     def keys(self) -> np.ndarray:
         """Each row's (id, hash, class name) key as a digest (:func:`key_digests`)."""
+        return self._keys
+
+    @cached_property
+    def _keys(self) -> np.ndarray:  # hashed once: the row counter and the stage's new-row mask both read them
         return key_digests(self.ids, self.hashes, np.asarray(self.class_names, dtype=object)[np.asarray(self.labels, np.int64)])
 
     def present(self) -> tuple[str, ...]:

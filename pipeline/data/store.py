@@ -359,10 +359,12 @@ def _empty_manifest() -> pd.DataFrame:
 def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], names, splits: np.ndarray) -> None:
     old = parent.manifest
     classes = parent.meta["class_names"]
+    if not len(old):
+        return
     # The common case, vectorised in Arrow (no Python object per row): every earlier row present
     # with the same hash, class and split.
     pos = pc.index_in(as_strings(old["sample_id"]), value_set=as_strings(sample_ids))
-    if pos.null_count == 0 and len(old):
+    if pos.null_count == 0:
         p = pos.to_numpy(zero_copy_only=False)
         same = (pc.equal(as_strings(hashes).take(pos), as_strings(old["sha256"])).to_numpy(zero_copy_only=False)
                 & (np.asarray(names, dtype=object)[p] == np.array(classes, dtype=object)[old["label"].to_numpy()])
@@ -370,8 +372,6 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
                            as_strings(old["split"])).to_numpy(zero_copy_only=False))
         if same.all():
             return
-    elif not len(old):
-        return
     sample_ids, hashes = as_list(sample_ids), as_list(hashes)
     old_ids = old["sample_id"].tolist()
     src = dict(zip(sample_ids, zip(hashes, np.asarray(names).tolist(), np.asarray(splits).tolist())))
