@@ -259,7 +259,8 @@ def main() -> int:
     ap.add_argument("--image", default="28x28x1", help="height x width x channels of the generated images")
     ap.add_argument("--last-step", default=STEPS[-1], choices=STEPS,
                     help="stop each version after this step (a 1M-row epoch on a 2-core box is ~25 min)")
-    ap.add_argument("--old-last-step", default=None, choices=STEPS, help="the same for the old version only")
+    ap.add_argument("--old-last-step", default=None, choices=(*STEPS, "none"),
+                    help="the same for the old version only; none = do not run it (a new-only re-measure)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     ap.add_argument("--replay", default=None,
                     help="write the table from the cell lines a run printed (its stdout), e.g. of a run stopped "
@@ -293,6 +294,8 @@ def main() -> int:
                 shutil.rmtree(ws, ignore_errors=True)
                 extra = args.override + (args.new_override if rev == new else [])
                 last = args.old_last_step if rev == old and args.old_last_step else args.last_step
+                if last == "none":
+                    continue
                 results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image, last)
                 shutil.rmtree(ws, ignore_errors=True)
             if not keep:

@@ -204,6 +204,22 @@ def test_near_duplicate_pairs_match_brute_force():
         assert sorted(zip(got["i"], got["j"])) == sorted(zip(i.tolist(), j.tolist()))
 
 
+def test_batched_phash_is_imagehash_bit_for_bit(digits_split):
+    import imagehash
+    from PIL import Image
+
+    x = digits_split[0][:300]
+    rng = np.random.default_rng(3)
+    cases = [x, rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),  # CIFAR-sized colour
+             rng.integers(0, 256, (20, 57, 31, 1), dtype=np.uint8),  # not square, downsized
+             np.full((3, 8, 8, 1), 200, np.uint8),  # flat: every coefficient ties with the median
+             np.zeros((0, 28, 28, 1), np.uint8)]
+    for imgs in cases:
+        want = [int(str(imagehash.phash(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im))), 16) for im in imgs]
+        got = DS.perceptual_hashes(imgs)
+        assert got.dtype == np.uint64 and got.tolist() == want
+
+
 def test_first_snapshot_near_duplicate_clusters_span_labels(digits_split):
     x, y, *_ = digits_split
     ph = DS.perceptual_hashes(x)

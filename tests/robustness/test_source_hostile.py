@@ -174,3 +174,20 @@ def test_unreadable_new_file_is_named(folder, capsys):
     save(p, pixels(33))
     p.chmod(0)
     _refused(folder, capsys, "train/dog/locked.png: cannot be read")
+
+
+def test_a_file_that_grows_after_its_size_was_read_is_read_whole_or_refused(tmp_path, monkeypatch):
+    # _read_file sizes its buffer by fstat; a file appended to between the fstat and the read must
+    # neither be cut short (a hash of half a file) nor slip past the size cap
+    from pipeline.data import sources
+
+    p = tmp_path / "grows.png"
+    p.write_bytes(bytes(range(100)))
+    class Shrunk:  # the size fstat saw before 90 more bytes were appended
+        st_size = 10
+
+    monkeypatch.setattr(sources.os, "fstat", lambda fd: Shrunk())
+    assert sources._read_file(str(p), "grows.png", 1000) == bytes(range(100))
+    with pytest.raises(sources.SourceError, match="larger than data.max_file_bytes"):
+        sources._read_file(str(p), "grows.png", 50)
+    assert sources._read_file(str(p), "grows.png", 100) == bytes(range(100))
