@@ -20,10 +20,11 @@ as its own dvc.yaml's ``cmd`` says, one process each:
   validate         - the validate stage (the data gate);
   train 1 epoch    - the train stage at train.epochs=1 (small_cnn, batch 64, CPU);
   twin 1 epoch     - the twin stage (the clean baseline model, same settings);
-  evaluate         - the evaluate stage (candidate and twin over the test split, scan set, ASR).
-
-The inspect stage is not run: its k-fold training is ``inspect.folds`` more fits, which at 1M rows
-on this CPU box is hours; its memory is that of the train step per fold (the same loop).
+  evaluate         - the evaluate stage (candidate and twin over the test split, scan set, ASR);
+  inspect          - the inspect stage at the conf's settings (k-fold of 1 epoch each, the clean
+                     reference model matched to the candidate's steps, the two-view detector, the
+                     scans), only at N <= ``--inspect-max-rows`` (default 100k): at 1M rows on this
+                     CPU box its three fold fits and the detector's neighbour search are hours.
 
 Each step: wall seconds, and the peak memory of the whole process tree (the stage and its decode
 workers: the sum of their PSS, so pages a forked worker shares with its parent count once; sampled
@@ -59,7 +60,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "poison", "validate", "train 1 epoch", "twin 1 epoch",
-         "evaluate")
+         "evaluate", "inspect")
 CLASSES = 10
 
 
@@ -143,7 +144,8 @@ def stage_argv(stages: dict, name: str) -> list[str]:
 
 
 def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say,
-                image: tuple[int, int, int] = (28, 28, 1), last: str = STEPS[-1]) -> dict:
+                image: tuple[int, int, int] = (28, 28, 1), last: str = STEPS[-1],
+                inspect_max_rows: int = 100_000) -> dict:
     stages = workspace(rev, ws, source, overrides)
     out = {}
 
@@ -161,14 +163,14 @@ def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], 
     appended = write_rows(source, n, n + n // 100, image)
     try:
         step("1% append", stage_argv(stages, "snapshot"))
-        _rest(stages, ws, n, out, step)
+        _rest(stages, ws, n, out, step, inspect_max_rows)
     finally:
         for f in appended:  # the source is shared by both versions: back to its N rows
             f.unlink(missing_ok=True)
     return out
 
 
-def _rest(stages: dict, ws: Path, n: int, out: dict, step) -> None:
+def _rest(stages: dict, ws: Path, n: int, out: dict, step, inspect_max_rows: int) -> None:
     dvc = [str(Path(sys.executable).parent / "dvc")]
     subprocess.run([*dvc, "init", "--no-scm", "-f", "-q"], cwd=ws, env=env_for(ws), capture_output=True)
     subprocess.run([*dvc, "repro", "--single-item", "snapshot"], cwd=ws, env=env_for(ws), capture_output=True)
@@ -178,8 +180,9 @@ def _rest(stages: dict, ws: Path, n: int, out: dict, step) -> None:
             # the fit alone, as the stage reports it: the rest of the stage is start-up and MLflow
             rep = json.loads((ws / "reports" / "train.json").read_text())
             out["train 1 epoch"]["fit_seconds"] = rep.get("train_seconds")
-            if step("twin 1 epoch", stage_argv(stages, "twin")):
-                step("evaluate", stage_argv(stages, "evaluate"))
+            if step("twin 1 epoch", stage_argv(stages, "twin")) and step("evaluate", stage_argv(stages, "evaluate")) \
+                    and n <= inspect_max_rows:
+                step("inspect", stage_argv(stages, "inspect"))
 
 
 def machine() -> str:
@@ -261,6 +264,8 @@ def main() -> int:
                     help="stop each version after this step (a 1M-row epoch on a 2-core box is ~25 min)")
     ap.add_argument("--old-last-step", default=None, choices=(*STEPS, "none"),
                     help="the same for the old version only; none = do not run it (a new-only re-measure)")
+    ap.add_argument("--inspect-max-rows", type=int, default=100_000,
+                    help="run the inspect step only up to this N (its k-fold fits at 1M rows on a CPU take hours)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     ap.add_argument("--replay", default=None,
                     help="write the table from the cell lines a run printed (its stdout), e.g. of a run stopped "
@@ -296,7 +301,7 @@ def main() -> int:
                 last = args.old_last_step if rev == old and args.old_last_step else args.last_step
                 if last == "none":
                     continue
-                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image, last)
+                results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image, last, args.inspect_max_rows)
                 shutil.rmtree(ws, ignore_errors=True)
             if not keep:
                 shutil.rmtree(source, ignore_errors=True)
@@ -351,6 +356,7 @@ def write_results(args, results: dict, old: str, new: str, sizes: list[int], sec
           + "".join(f" --override {o}" for o in args.override)
           + "".join(f" --new-override {o}" for o in args.new_override)
           + (f" --last-step '{args.last_step}'" if args.last_step != STEPS[-1] else "")
+          + (f" --inspect-max-rows {args.inspect_max_rows}" if getattr(args, "inspect_max_rows", 100_000) != 100_000 else "")
           + (f" --old-last-step '{args.old_last_step}'" if args.old_last_step else "") + "`", "",
           f"Machine: {machine()}; 1 trial per cell; {'replayed' if args.replay else f'{minutes:.1f} min in all'}. Sources: {args.image} PNGs (HxWxC), 10 classes, "
           "20% test; the append adds N/100 files. Peak memory is the whole process tree's (stage + decode "

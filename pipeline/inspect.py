@@ -222,7 +222,7 @@ def _cleanlab(cfg: Config, images, labels, num_classes: int, device: str) -> tup
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline import checkpoints
     from pipeline.core import inspection
-    from pipeline.core.hashing import sample_hash
+    from pipeline.core.hashing import sample_hashes
     from pipeline.core.train import resolve_device
     from pipeline.data import stats
     from pipeline.data import store as store_mod
@@ -311,7 +311,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     block = block_scan(tv.images, cfg.validate)
     seconds["block_scan"] = time.perf_counter() - t0
     both = flagged_with_block(det.flagged, block, labels, tv.sample_ids, class_names)
-    sha = [sample_hash(img) for img in tv.images]
+    sha = [h for s0 in range(0, len(labels), stats.FEATURE_CHUNK_ROWS)  # a chunk per read, not a row
+           for h in sample_hashes(tv.images[s0:s0 + stats.FEATURE_CHUNK_ROWS])]
     atomic_write_text(Path(args.suspects), suspects_csv(tv.sample_ids, sha, labels, class_names, det.scores,
                                                         det.flagged, quality, issues, poisoned, lgm_nll, block))
     per_class = inspection.class_summary(det, labels, k, issues)

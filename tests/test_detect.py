@@ -311,3 +311,34 @@ def test_digits_all_to_one_backdoor_found_where_spectral_signatures_stop(digits_
     assert det.flagged[~pm].mean() < 0.05
     ss = detect.spectral_signatures(f, yp, 10, eps=0.1)
     assert ss.flagged[pm].mean() < 0.5
+
+
+def test_out_of_fold_probs_keep_a_lazy_view_lazy(digits_split, tmp_path):
+    # inspect hands k-fold the store's lazy training view: at 1M rows, reading it whole (the old
+    # np.asarray) and copying each fold's rows out of it was 1.3 GiB before any model trained
+    import dataclasses
+
+    from pipeline.data.rows import LazyRows, file_identity
+
+    torch.set_num_threads(1)
+    x, y = digits_split[0][:150], digits_split[1][:150]
+    raw = tmp_path / "rows.u8"
+    raw.write_bytes(x.tobytes())
+    reads = []
+
+    class Counted(LazyRows):
+        def subset(self, rows):
+            s = super().subset(rows)
+            return Counted(s._packs, s._pack_of, s._index, s._image_shape, s._replaced)
+
+        def _read(self, rows):
+            reads.append(len(rows))
+            return super()._read(rows)
+
+    lazy = Counted([(raw, 0, 150, file_identity(raw))], np.zeros(150, np.int32), np.arange(150), x.shape[1:])
+    spec = dataclasses.replace(FAST, epochs=1, batch_size=32, data_path="stream")
+    want = out_of_fold_probs(x, y, 10, "small_cnn", 8, spec, k=3, seed=0, batch_size=40)
+    got = out_of_fold_probs(lazy, y, 10, "small_cnn", 8, spec, k=3, seed=0, batch_size=40)
+    np.testing.assert_array_equal(got, want)
+    # batches, and each fold's rows once for its channel statistics (chunks of 64 MiB): never the set
+    assert reads and max(reads) < len(x), reads

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from .data import rows_of
 from .predict import predict_logits
 from .train import TrainSpec, train_model
 
@@ -78,9 +79,9 @@ def out_of_fold_probs(
     fold's training, then the training loop's own events. Prediction is a plain forward pass
     (no TTA) on ``spec.device``.
     """
-    images = np.asarray(images)
+    # not np.asarray: a lazy view of the store stays lazy, each fold model streams its rows
     y = np.asarray(labels)
-    if images.ndim != 4 or images.dtype != np.uint8:
+    if getattr(images, "ndim", None) != 4 or getattr(images, "dtype", None) != np.uint8:
         raise KFoldError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     if y.ndim != 1 or len(y) != len(images):
         raise KFoldError(f"labels must be (N,) = ({len(images)},), got shape {y.shape}")
@@ -100,8 +101,9 @@ def out_of_fold_probs(
         if progress is not None:
             progress({"event": "fold", "fold": f, "k": k, "train_rows": train, "heldout_rows": held})
         fold_spec = dataclasses.replace(spec, seed=int(spec.seed) + f)
-        model, _, _ = train_model(images[train], y[train], num_classes, model_name, width, fold_spec, progress)
-        logits = predict_logits(model, images[held], batch_size=batch_size, device=spec.device, amp=False)
+        model, _, _ = train_model(rows_of(images, train), y[train], num_classes, model_name, width, fold_spec,
+                                  progress)
+        logits = predict_logits(model, rows_of(images, held), batch_size=batch_size, device=spec.device, amp=False)
         probs[held] = _softmax(logits).astype(np.float32)
         del model
         if torch.cuda.is_available():
