@@ -79,9 +79,10 @@ def out_of_fold_probs(
     fold's training, then the training loop's own events. Prediction is a plain forward pass
     (no TTA) on ``spec.device``.
     """
-    # not np.asarray: a lazy view of the store stays lazy, each fold model streams its rows
+    if not hasattr(images, "subset"):  # a lazy view of the store stays lazy: each fold model streams its rows
+        images = np.asarray(images)
     y = np.asarray(labels)
-    if getattr(images, "ndim", None) != 4 or getattr(images, "dtype", None) != np.uint8:
+    if images.ndim != 4 or images.dtype != np.uint8:
         raise KFoldError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     if y.ndim != 1 or len(y) != len(images):
         raise KFoldError(f"labels must be (N,) = ({len(images)},), got shape {y.shape}")
