@@ -245,7 +245,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    tv = view_mod.load_training_view(args.view, args.store, verify=True)  # IntegrityError on tamper
+    # lazy: the pixels are read a batch at a time by each pass over the view (features, k-fold,
+    # block scan, hashes), as the train stage does; in memory they were the whole train split
+    # twice over at load (issue 19 item 3)
+    tv = view_mod.load_training_view(args.view, args.store, verify=True, lazy=True)  # IntegrityError on tamper
     require_lineage(tv, lineage, what=f"the view {args.view}", against=f"the candidate ({args.train_report})",
                     fix=fix, fields=("view_id", "snapshot_id"))
     ref_images, ref_labels, _, _ = store_mod.read_split(args.store, snapshot_id, "test")  # only the test rows
