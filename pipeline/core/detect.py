@@ -100,7 +100,9 @@ class Detection:
 # --------------------------------------------------------------------------- validation
 
 
-def _check(features: Any, labels: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _check(features: Any, labels: Any, num_classes: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(features as dtype, labels as int64)``; the robust detector asks for float32,
+    the precision its distances are computed in (a float64 copy was 2x the features' memory)."""
     f = np.asarray(features)
     y = np.asarray(labels)
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
@@ -120,7 +122,7 @@ def _check(features: Any, labels: Any, num_classes: int) -> tuple[np.ndarray, np
             raise DetectError(f"labels must be integer class indices, got dtype {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise DetectError(f"labels must lie in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
-    return f.astype(np.float64, copy=False), y.astype(np.int64, copy=False)
+    return f.astype(dtype, copy=False), y.astype(np.int64, copy=False)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -317,7 +319,8 @@ class RobustConfig:
     suspicious_flag_quantile: float = 0.90  # ... or above this one in a suspicious class (recall first:
     #                                         every poisoned row left behind keeps the backdoor alive)
     device: str = "cpu"
-    chunk_elems: int = 1 << 24  # distance-matrix block size (elements), bounds memory
+    chunk_elems: int = 1 << 22  # distance-matrix block size (elements): cdist's block, kthvalue's copy and
+    #                             its int64 indices are ~16 B an element (1 << 24 was 273 MiB at the peak)
 
     def check(self) -> None:
         if self.k_ref < 1:
@@ -423,7 +426,7 @@ def _view(
 
 def _check_reference(rf: Any, ry: Any, num_classes: int, dims: int, present: np.ndarray, k_ref: int,
                      what: str) -> tuple[np.ndarray, np.ndarray]:
-    f, y = _check(rf, ry, num_classes)
+    f, y = _check(rf, ry, num_classes, np.float32)
     if f.shape[1] != dims:
         raise DetectError(f"{what} features have {f.shape[1]} dims, the training rows' {dims}: "
                           "extract both with the same model")
@@ -465,7 +468,7 @@ def robust_detect(
     ``reference`` | ``self``), ``depth`` (argmax depth per class).
     """
     config.check()
-    f, y = _check(features, labels, num_classes)
+    f, y = _check(features, labels, num_classes, np.float32)
     present = np.bincount(y, minlength=num_classes) > 0
     if (reference_features is None) != (reference_labels is None):
         raise DetectError("give both reference_features and reference_labels, or neither")
@@ -485,7 +488,7 @@ def robust_detect(
         if len(clean_features) != len(f):
             raise DetectError(f"clean_features have {len(clean_features)} rows, features {len(f)}: "
                               "give the same training rows")
-        g, _ = _check(clean_features, y, num_classes)
+        g, _ = _check(clean_features, y, num_classes, np.float32)
         if len(clean_reference_features) != len(ref[0]):
             raise DetectError(f"clean_reference_features have {len(clean_reference_features)} rows, "
                               f"reference_features {len(ref[0])}: give the same reference rows")
