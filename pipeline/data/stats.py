@@ -346,13 +346,19 @@ def _phash_batched(images: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     grey = images.shape[3] == 1
-    small = np.empty((len(images), _PHASH_SIDE, _PHASH_SIDE), np.uint8)
-    for i, im in enumerate(images):
-        small[i] = np.asarray(Image.fromarray(im[..., 0] if grey else im).convert("L")
-                              .resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS))
-    low = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)[:, :8, :8].reshape(len(images), 64)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+    out = np.empty(len(images), np.uint64)
+    # 512 images a DCT call: the float64 transforms of a whole 4,096-row chunk were ~70 MB more at
+    # the snapshot stage's peak (bench/results/scale_inspect_100k.md: 292 -> 337 MiB)
+    for s0 in range(0, len(images), 512):
+        part = images[s0:s0 + 512]
+        small = np.empty((len(part), _PHASH_SIDE, _PHASH_SIDE), np.uint8)
+        for i, im in enumerate(part):
+            small[i] = np.asarray(Image.fromarray(im[..., 0] if grey else im).convert("L")
+                                  .resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS))
+        low = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)[:, :8, :8].reshape(len(part), 64)
+        bits = low > np.median(low, axis=1, keepdims=True)
+        out[s0:s0 + len(part)] = np.packbits(bits, axis=1).view(">u8")[:, 0]
+    return out
 
 
 FEATURE_CHUNK_ROWS = 4096  # rows per chunk: the block scan's integral images are ~8x the chunk's pixels
