@@ -60,7 +60,7 @@ def penultimate_features(
     dev = resolve_device(device)
     model.to(dev).eval()
     # filled in place, not a list of batches concatenated at the end: that held every feature
-    # twice at the peak (at 1M rows of a 128-wide layer, 0.5 GiB more)
+    # twice at the peak (small_cnn's 256-wide layer at 1M rows: 1 GiB more)
     f_all = lg_all = None
     n = len(images)
     for i in range(0, n, batch_size):

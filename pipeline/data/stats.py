@@ -339,16 +339,16 @@ _PHASH_SIDE = 32  # imagehash.phash's hash_size 8 x highfreq_factor 4
 
 def _phash_batched(images: np.ndarray) -> np.ndarray:
     """``imagehash.phash`` (hash_size 8) of a batch, bit for bit: the same PIL greyscale conversion
-    and Lanczos resize per image, then the two DCTs, the 8x8 low band and its median over the whole
-    batch at once. imagehash takes one image per call; its per-image DCT and median were half the
+    and Lanczos resize per image, then the two DCTs, the 8x8 low band and its median for 512 images
+    per call. imagehash takes one image per call; its per-image DCT and median were half the
     snapshot stage's feature time (tests/test_datastats.py checks the equality with imagehash)."""
     import scipy.fftpack
     from PIL import Image
 
     grey = images.shape[3] == 1
     out = np.empty(len(images), np.uint64)
-    # 512 images a DCT call: the float64 transforms of a whole 4,096-row chunk were ~70 MB more at
-    # the snapshot stage's peak (bench/results/scale_inspect_100k.md: 292 -> 337 MiB)
+    # 512 images a DCT call: the float64 transforms of a whole 4,096-row chunk raised the peak by
+    # 74 MiB (11 MiB at 512, measured on one chunk of 28x28 rows)
     for s0 in range(0, len(images), 512):
         part = images[s0:s0 + 512]
         small = np.empty((len(part), _PHASH_SIDE, _PHASH_SIDE), np.uint8)
