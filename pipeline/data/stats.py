@@ -348,7 +348,7 @@ def _phash_batched(images: np.ndarray) -> np.ndarray:
     grey = images.shape[3] == 1
     out = np.empty(len(images), np.uint64)
     # 512 images a DCT call: the float64 transforms of a whole 4,096-row chunk raised the peak by
-    # 74 MiB (11 MiB at 512, measured on one chunk of 28x28 rows)
+    # ~70 MiB (~11 MiB at 512; one chunk of 28x28 rows, bench/results/memory_micro.md)
     for s0 in range(0, len(images), 512):
         part = images[s0:s0 + 512]
         small = np.empty((len(part), _PHASH_SIDE, _PHASH_SIDE), np.uint8)
