@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = ("cold snapshot", "1% append", "no-op dvc repro", "poison", "validate", "train 1 epoch", "twin 1 epoch",
          "evaluate", "inspect")
 CLASSES = 10
+INSPECT_MAX_ROWS = 100_000  # rows: above this the inspect step is skipped (hours on a 2-core CPU at 1M)
 
 
 def write_rows(root: Path, start: int, stop: int, image: tuple[int, int, int] = (28, 28, 1)) -> list[Path]:
@@ -145,7 +146,7 @@ def stage_argv(stages: dict, name: str) -> list[str]:
 
 def run_version(rev: str, ws: Path, source: Path, n: int, overrides: list[str], say,
                 image: tuple[int, int, int] = (28, 28, 1), last: str = STEPS[-1],
-                inspect_max_rows: int = 100_000) -> dict:
+                inspect_max_rows: int = INSPECT_MAX_ROWS) -> dict:
     stages = workspace(rev, ws, source, overrides)
     out = {}
 
@@ -264,7 +265,7 @@ def main() -> int:
                     help="stop each version after this step (a 1M-row epoch on a 2-core box is ~25 min)")
     ap.add_argument("--old-last-step", default=None, choices=(*STEPS, "none"),
                     help="the same for the old version only; none = do not run it (a new-only re-measure)")
-    ap.add_argument("--inspect-max-rows", type=int, default=100_000,
+    ap.add_argument("--inspect-max-rows", type=int, default=INSPECT_MAX_ROWS,
                     help="run the inspect step only up to this N (its k-fold fits at 1M rows on a CPU take hours)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     ap.add_argument("--replay", default=None,
@@ -356,7 +357,7 @@ def write_results(args, results: dict, old: str, new: str, sizes: list[int], sec
           + "".join(f" --override {o}" for o in args.override)
           + "".join(f" --new-override {o}" for o in args.new_override)
           + (f" --last-step '{args.last_step}'" if args.last_step != STEPS[-1] else "")
-          + (f" --inspect-max-rows {args.inspect_max_rows}" if getattr(args, "inspect_max_rows", 100_000) != 100_000 else "")
+          + (f" --inspect-max-rows {args.inspect_max_rows}" if args.inspect_max_rows != INSPECT_MAX_ROWS else "")
           + (f" --old-last-step '{args.old_last_step}'" if args.old_last_step else "") + "`", "",
           f"Machine: {machine()}; 1 trial per cell; {'replayed' if args.replay else f'{minutes:.1f} min in all'}. Sources: {args.image} PNGs (HxWxC), 10 classes, "
           "20% test; the append adds N/100 files. Peak memory is the whole process tree's (stage + decode "

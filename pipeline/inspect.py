@@ -30,12 +30,12 @@ import csv
 import io
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, BinaryIO, Optional, Sequence
 
 import numpy as np
 
 from pipeline import stage
-from pipeline.io import atomic_write_text, file_sha256, write_json
+from pipeline.io import atomic_write_with, file_sha256, write_json
 from pipeline.lineage import read_train_record, require_lineage
 from pipeline.schema import Config, as_dict, model_name
 
@@ -63,19 +63,24 @@ class InspectError(stage.UserError):
 # --------------------------------------------------------------------------- pure parts
 
 
-def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.ndarray, class_names: Sequence[str],
-                 scores: dict[str, np.ndarray], flagged: np.ndarray, label_quality: Optional[np.ndarray],
-                 label_issue: Optional[np.ndarray], poisoned: Optional[np.ndarray],
-                 lgm_nll: Optional[np.ndarray] = None, abnormal_block: Optional[np.ndarray] = None) -> str:
+def write_suspects_csv(fh: BinaryIO, sample_ids: Sequence[str], sha256: Sequence[Any], labels: np.ndarray,
+                       class_names: Sequence[str], scores: dict[str, np.ndarray], flagged: np.ndarray,
+                       label_quality: Optional[np.ndarray], label_issue: Optional[np.ndarray],
+                       poisoned: Optional[np.ndarray], lgm_nll: Optional[np.ndarray] = None,
+                       abnormal_block: Optional[np.ndarray] = None) -> None:
     """reports/suspects.csv (columns ``SUSPECT_COLUMNS``; empty cells where a detector did not run,
-    the candidate has no LGM head (``lgm_nll``: train.loss=lgm only) or the view has no poison record)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    the candidate has no LGM head (``lgm_nll``: train.loss=lgm only) or the view has no poison
+    record), written to ``fh`` a row at a time: at 1M rows the text is ~150 MB, which a string
+    held whole (and its encoded copy) would add to the stage's peak. ``sha256``: str or ASCII
+    bytes (``row_scan``'s array)."""
+    text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+    w = csv.writer(text, lineterminator="\n")
     w.writerow(SUSPECT_COLUMNS)
     for i, sid in enumerate(sample_ids):
         issue = None if label_issue is None else bool(label_issue[i])
+        h = sha256[i]
         w.writerow([
-            i, sid, sha256[i], class_names[int(labels[i])], int(labels[i]),
+            i, sid, h.decode() if isinstance(h, bytes) else h, class_names[int(labels[i])], int(labels[i]),
             *(f"{float(scores[k][i]):.6g}" for k in ("suspicion", "outlyingness", "foreignness", "foreignness_candidate")),
             "" if label_quality is None else f"{float(label_quality[i]):.6g}",
             "" if lgm_nll is None else f"{float(lgm_nll[i]):.6g}",
@@ -83,7 +88,8 @@ def suspects_csv(sample_ids: Sequence[str], sha256: Sequence[str], labels: np.nd
             "" if abnormal_block is None else int(bool(abnormal_block[i])),
             "" if poisoned is None else int(bool(poisoned[i])),
         ])
-    return buf.getvalue()
+    text.flush()
+    text.detach()  # the caller's file stays open (atomic_write_with fsyncs and renames it)
 
 
 def flagged_with_block(flagged: np.ndarray, block: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str],
@@ -101,18 +107,23 @@ def flagged_with_block(flagged: np.ndarray, block: np.ndarray, labels: np.ndarra
             "sample_ids": [str(sample_ids[i]) for i in both[:MAX_LISTED]]}
 
 
-def block_scan(images, v) -> np.ndarray:
-    """The data gate's abnormal-block flag of every training-view row (``stats.block_flags_cfg``,
-    the same ``conf/validate`` settings), read in chunks so a lazy view stays lazy."""
+def row_scan(images, v) -> tuple[np.ndarray, np.ndarray]:
+    """``(abnormal_block bool (N,), sha256 (N,) S64)`` of every training-view row in one pass,
+    a chunk per read so a lazy view stays lazy: the data gate's abnormal-block flag
+    (``stats.block_flags_cfg``, the same ``conf/validate`` settings) and the content hash of the
+    pixels the candidate trained on (as bytes: 64 B a row, not a 113-B str object)."""
+    from pipeline.core.hashing import sample_hashes
     from pipeline.data import stats
     from pipeline.data.rows import take
 
     n = len(images)
-    out = np.zeros(n, bool)
+    block = np.zeros(n, bool)
+    sha = np.empty(n, "S64")
     for s0 in range(0, n, stats.FEATURE_CHUNK_ROWS):
         chunk = np.asarray(take(images, np.arange(s0, min(n, s0 + stats.FEATURE_CHUNK_ROWS))))
-        out[s0:s0 + len(chunk)] = stats.block_flags_cfg(chunk, v)["abnormal_block"].to_numpy(bool)
-    return out
+        block[s0:s0 + len(chunk)] = stats.block_flags_cfg(chunk, v)["abnormal_block"].to_numpy(bool)
+        sha[s0:s0 + len(chunk)] = sample_hashes(chunk)
+    return block, sha
 
 
 def detection_quality(poisoned: np.ndarray, flagged: np.ndarray, score: np.ndarray) -> dict[str, Optional[float]]:
@@ -222,7 +233,6 @@ def _cleanlab(cfg: Config, images, labels, num_classes: int, device: str) -> tup
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline import checkpoints
     from pipeline.core import inspection
-    from pipeline.core.hashing import sample_hashes
     from pipeline.core.train import resolve_device
     from pipeline.data import stats
     from pipeline.data import store as store_mod
@@ -311,13 +321,11 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         poisoned = np.zeros(len(labels), bool)
         poisoned[np.asarray(tv.poisoned_rows, np.int64)] = True
     t0 = time.perf_counter()
-    block = block_scan(tv.images, cfg.validate)
-    seconds["block_scan"] = time.perf_counter() - t0
+    block, sha = row_scan(tv.images, cfg.validate)
+    seconds["block_scan"] = time.perf_counter() - t0  # and the rows' hashes: the same pass
     both = flagged_with_block(det.flagged, block, labels, tv.sample_ids, class_names)
-    sha = [h for s0 in range(0, len(labels), stats.FEATURE_CHUNK_ROWS)  # a chunk per read, not a row
-           for h in sample_hashes(tv.images[s0:s0 + stats.FEATURE_CHUNK_ROWS])]
-    atomic_write_text(Path(args.suspects), suspects_csv(tv.sample_ids, sha, labels, class_names, det.scores,
-                                                        det.flagged, quality, issues, poisoned, lgm_nll, block))
+    atomic_write_with(Path(args.suspects), lambda fh: write_suspects_csv(
+        fh, tv.sample_ids, sha, labels, class_names, det.scores, det.flagged, quality, issues, poisoned, lgm_nll, block))
     per_class = inspection.class_summary(det, labels, k, issues)
     record = None
     if poisoned is not None:

@@ -342,3 +342,96 @@ def test_out_of_fold_probs_keep_a_lazy_view_lazy(digits_split, tmp_path):
     np.testing.assert_array_equal(got, want)
     # batches, and each fold's rows once for its channel statistics (chunks of 64 MiB): never the set
     assert reads and max(reads) < len(x), reads
+
+
+# --------------------------------------------------------------------------- the two-view detector in blocks
+
+
+def _two_view_case():
+    """The source-specific case above: a clean model's view where the poisoned rows look like class 0."""
+    rng = np.random.default_rng(30)
+    f, y = gaussian_classes(120, seed=31)
+    ref_f, ref_y = gaussian_classes(40, seed=32)
+    g, _ = gaussian_classes(120, seed=33)
+    g_ref, _ = gaussian_classes(40, seed=34)
+    cand_p, clean_p = rng.normal(size=(10, D)), rng.normal(size=(10, D))
+    cand_p[:, 1] += 8.0
+    cand_p[:, D - 1] += 3.0
+    clean_p[:, 0] += 8.0
+    return (np.concatenate([f, cand_p]), np.concatenate([g, clean_p]), np.r_[y, np.ones(10, np.int64)],
+            ref_f, ref_y, g_ref)
+
+
+def test_two_view_in_blocks_scores_what_the_whole_arrays_score():
+    # inspect scores the training view a block at a time (issue 19: at 1M rows the two feature
+    # matrices alone were 2 GiB); a row's scores depend on it and the reference only, so uneven
+    # blocks, a one-row block included, must give the whole-array Detection
+    fx, gx, yx, ref_f, ref_y, g_ref = _two_view_case()
+    whole = robust_detect(fx, yx, K, ref_f, ref_y, gx, g_ref)
+    cuts = [0, 1, 38, 300, len(yx)]
+    blocks = ((fx[a:b], gx[a:b]) for a, b in zip(cuts, cuts[1:]))
+    got = detect.robust_detect_blocks(blocks, yx, K, ref_f, ref_y, g_ref)
+    assert got.params == whole.params and got.params["mode"] == "two_view"
+    for name, s in whole.scores.items():
+        np.testing.assert_allclose(got.scores[name], s, rtol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(got.flagged, whole.flagged)
+    np.testing.assert_allclose(got.class_stat, whole.class_stat, rtol=1e-6)
+    assert got.suspicious == whole.suspicious == (1,)
+
+
+def test_two_view_in_blocks_refuses_blocks_that_do_not_fit_the_labels():
+    fx, gx, yx, ref_f, ref_y, g_ref = _two_view_case()
+    n = len(yx)
+
+    def run(blocks):
+        return detect.robust_detect_blocks(iter(blocks), yx, K, ref_f, ref_y, g_ref)
+
+    with pytest.raises(DetectError, match=f"held {n - 5} training rows, the labels {n}"):
+        run([(fx[:-5], gx[:-5])])
+    with pytest.raises(DetectError, match="does not fit the"):
+        run([(fx, gx), (fx[:1], gx[:1])])
+    with pytest.raises(DetectError, match="1 clean feature rows"):
+        run([(fx[:2], gx[:1])])
+    with pytest.raises(DetectError, match="clean-model features have 3 dims"):
+        run([(fx, gx[:, :3])])
+    with pytest.raises(DetectError, match="NaN or inf"):
+        bad = fx.copy()
+        bad[7, 0] = np.nan
+        run([(bad, gx)])
+    with pytest.raises(DetectError, match="clean_reference_features have 3 rows"):
+        detect.robust_detect_blocks(iter([(fx, gx)]), yx, K, ref_f, ref_y, g_ref[:3])
+
+
+def test_two_view_detect_reads_the_view_a_block_at_a_time(digits_split, tmp_path):
+    # the stage hands the detector the store's lazy view: no read may take more than one block,
+    # and the Detection is the one of the whole arrays through the same two models
+    from pipeline.core.features import penultimate_features
+    from pipeline.core.inspection import two_view_detect
+    from pipeline.core.models import build_model
+    from pipeline.data.rows import LazyRows, file_identity
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x, y, xte, yte = digits_split
+    x, y = x[:300], y[:300]
+    cand, clean = build_model("small_cnn", 10, 1, 8, width=8), build_model("small_cnn", 10, 1, 8, width=8)
+    raw = tmp_path / "rows.u8"
+    raw.write_bytes(x.tobytes())
+    reads = []
+
+    class Counted(LazyRows):
+        def _read(self, rows):
+            reads.append(len(rows))
+            return super()._read(rows)
+
+    lazy = Counted([(raw, 0, len(x), file_identity(raw))], np.zeros(len(x), np.int32), np.arange(len(x)), x.shape[1:])
+    det, seconds = two_view_detect(cand, clean, lazy, y, xte, yte, 10, device="cpu", batch_size=32, block_batches=2)
+    assert reads and max(reads) <= 64 and sum(reads) == len(x), reads
+    assert set(seconds) == {"features", "robust"} and min(seconds.values()) >= 0
+    whole = robust_detect(penultimate_features(cand, x, batch_size=32, device="cpu"), y, 10,
+                          penultimate_features(cand, xte, batch_size=32, device="cpu"), yte,
+                          penultimate_features(clean, x, batch_size=32, device="cpu"),
+                          penultimate_features(clean, xte, batch_size=32, device="cpu"))
+    for name, s in whole.scores.items():
+        np.testing.assert_allclose(det.scores[name], s, rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(det.flagged, whole.flagged)

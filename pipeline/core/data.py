@@ -61,14 +61,6 @@ def choose_data_path(nbytes: int, data_path: str = "auto", resident_max_mib: flo
     return "resident" if nbytes <= resident_max_mib * 2**20 else "stream"
 
 
-def rows_of(images, idx: np.ndarray):
-    """Rows ``idx`` of an (N, H, W, C) array-like without reading them when it can: a lazy view
-    of the store's packs (anything with ``subset``, e.g. ``pipeline.data.rows.LazyRows``) gives a
-    lazy view of those rows, an array gives ``images[idx]``. Duck-typed: the core does not import
-    the store. A fold's training set at 1M rows was a 0.5 GiB copy before its loop could stream."""
-    return images.subset(idx) if hasattr(images, "subset") else images[idx]
-
-
 def gather(images, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` of an (N, H, W, C) array-like, in ``idx`` order, as one contiguous array.
 

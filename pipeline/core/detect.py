@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -103,18 +103,27 @@ class Detection:
 def _check(features: Any, labels: Any, num_classes: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``(features as dtype, labels as int64)``; the robust detector asks for float32,
     the precision its distances are computed in (a float64 copy was 2x the features' memory)."""
+    f = _check_features(features, dtype)
+    return f, _check_labels(labels, len(f), num_classes)
+
+
+def _check_features(features: Any, dtype: Any) -> np.ndarray:
     f = np.asarray(features)
-    y = np.asarray(labels)
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise DetectError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if f.ndim != 2 or f.shape[0] == 0 or f.shape[1] == 0:
         raise DetectError(f"features must be a non-empty (N, D) array, got shape {f.shape}")
     if not np.issubdtype(f.dtype, np.number) or np.issubdtype(f.dtype, np.complexfloating):
         raise DetectError(f"features must be real numbers, got dtype {f.dtype}")
     if not np.isfinite(f).all():
         raise DetectError("features contain NaN or inf: check the model (diverged training?)")
-    if y.ndim != 1 or len(y) != len(f):
-        raise DetectError(f"labels must be (N,) = ({len(f)},), got shape {y.shape}")
+    return f.astype(dtype, copy=False)
+
+
+def _check_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
+    y = np.asarray(labels)
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        raise DetectError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if y.ndim != 1 or len(y) != n:
+        raise DetectError(f"labels must be (N,) = ({n},), got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
             y = y.astype(np.int64)
@@ -122,7 +131,7 @@ def _check(features: Any, labels: Any, num_classes: int, dtype: Any = np.float64
             raise DetectError(f"labels must be integer class indices, got dtype {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise DetectError(f"labels must lie in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
-    return f.astype(dtype, copy=False), y.astype(np.int64, copy=False)
+    return y.astype(np.int64, copy=False)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -377,51 +386,74 @@ def tail_scan_ratio(class_scores: np.ndarray, pool_scores: np.ndarray, min_depth
     return float(ratio[j]), int(m[j])
 
 
-def _view(
-    f: np.ndarray, y: np.ndarray, num_classes: int, ref: Optional[tuple[np.ndarray, np.ndarray]], config: RobustConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(outlyingness, foreignness)`` of every row in one feature space (module doc).
+class _Reference:
+    """One feature space's reference: its rows of each class (on the detector's device) and each
+    class's scale (the median leave-one-out ``k_ref``-th distance inside the class). Built once;
+    training rows are then scored against it in any number of blocks (:meth:`scores`), each
+    row's scores depending on that row alone."""
 
-    ``ref``: (reference features, reference labels), already validated, or None for the
-    training rows as their own reference (``self_frac`` rank, leave-one-out)."""
+    def __init__(self, rf: np.ndarray, ry: np.ndarray, num_classes: int, config: RobustConfig):
+        self.dev = _device(config.device)
+        self.config = config
+        self.dims = int(rf.shape[1])
+        self.scale = np.ones(num_classes)
+        self.rows: list[Optional[torch.Tensor]] = [None] * num_classes
+        r = torch.from_numpy(np.ascontiguousarray(rf, dtype=np.float32)).to(self.dev)
+        for j in range(num_classes):
+            ridx = np.flatnonzero(ry == j)
+            if len(ridx) < config.k_ref + 1:
+                continue  # absent from training and short in the reference: never anyone's own class
+            rj = r[torch.from_numpy(ridx).to(self.dev)]
+            loo = _kth_distance(rj, rj, config.k_ref, torch.arange(len(ridx), device=self.dev), config.chunk_elems)
+            self.scale[j] = float(torch.median(loo).item())
+            self.rows[j] = rj
+
+    def scores(self, f: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(outlyingness, foreignness)`` of the rows ``f`` (float32, validated) labelled ``y``."""
+        x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)).to(self.dev)
+        # float32: the q-th distances are float32 values (cdist's precision), so half the memory
+        # of float64 and the same numbers
+        dist = torch.full((len(f), len(self.rows)), float("inf"), dtype=torch.float32, device=self.dev)
+        for j, rj in enumerate(self.rows):
+            if rj is not None:
+                dist[:, j] = _kth_distance(x, rj, self.config.k_ref, None, self.config.chunk_elems).to(torch.float32)
+        return _ratios(dist.cpu().numpy(), y, self.scale)
+
+
+def _ratios(d: np.ndarray, y: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(outlyingness, foreignness)`` from the (n, K) q-th distances ``d`` to each class (inf
+    where a class has no reference) and each class's scale."""
+    rows = np.arange(len(d))
+    own = d[rows, y].astype(np.float64)
+    other_d = d.copy()
+    other_d[rows, y] = np.inf
+    other = other_d.min(1).astype(np.float64)
+    own = np.where(np.isfinite(own), own, 0.0)  # a singleton class without reference: nothing to compare
+    outlying = own / np.maximum(scale[y], SCORE_EPS)
+    foreign = np.where(np.isfinite(other), own / np.maximum(other, SCORE_EPS), 0.0)
+    return outlying, foreign
+
+
+def _self_view(f: np.ndarray, y: np.ndarray, num_classes: int, config: RobustConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``(outlyingness, foreignness)`` of every row with the training rows as their own reference
+    (``self_frac`` rank, leave-one-out): every row is needed at once."""
     dev = _device(config.device)
     x = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)).to(dev)
     n = len(f)
     dist = torch.full((n, num_classes), float("inf"), dtype=torch.float64, device=dev)
     scale = np.ones(num_classes)
-    if ref is not None:
-        rf, ry = ref
-        r = torch.from_numpy(np.ascontiguousarray(rf, dtype=np.float32)).to(dev)
-        for j in range(num_classes):
-            ridx = np.flatnonzero(ry == j)
-            if len(ridx) < config.k_ref + 1:
-                continue  # absent from training and short in the reference: never anyone's own class
-            rj = r[torch.from_numpy(ridx).to(dev)]
-            dist[:, j] = _kth_distance(x, rj, config.k_ref, None, config.chunk_elems)
-            loo = _kth_distance(rj, rj, config.k_ref, torch.arange(len(ridx), device=dev), config.chunk_elems)
-            scale[j] = float(torch.median(loo).item())
-    else:
-        pos = np.full(n, -1, np.int64)
-        for j in range(num_classes):
-            idx = np.flatnonzero(y == j)
-            if len(idx) < 2:
-                continue
-            pos[:] = -1
-            pos[idx] = np.arange(len(idx))
-            q = max(1, min(len(idx) - 1, math.ceil(config.self_frac * len(idx))))
-            xj = x[torch.from_numpy(idx).to(dev)]
-            dist[:, j] = _kth_distance(x, xj, q, torch.from_numpy(pos).to(dev), config.chunk_elems)
-            scale[j] = float(torch.median(dist[torch.from_numpy(idx).to(dev), j]).item())
-    d = dist.cpu().numpy()
-    rows = np.arange(n)
-    own = d[rows, y]
-    other_d = d.copy()
-    other_d[rows, y] = np.inf
-    other = other_d.min(1)
-    own = np.where(np.isfinite(own), own, 0.0)  # a singleton class without reference: nothing to compare
-    outlying = own / np.maximum(scale[y], SCORE_EPS)
-    foreign = np.where(np.isfinite(other), own / np.maximum(other, SCORE_EPS), 0.0)
-    return outlying, foreign
+    pos = np.full(n, -1, np.int64)
+    for j in range(num_classes):
+        idx = np.flatnonzero(y == j)
+        if len(idx) < 2:
+            continue
+        pos[:] = -1
+        pos[idx] = np.arange(len(idx))
+        q = max(1, min(len(idx) - 1, math.ceil(config.self_frac * len(idx))))
+        xj = x[torch.from_numpy(idx).to(dev)]
+        dist[:, j] = _kth_distance(x, xj, q, torch.from_numpy(pos).to(dev), config.chunk_elems)
+        scale[j] = float(torch.median(dist[torch.from_numpy(idx).to(dev), j]).item())
+    return _ratios(dist.cpu().numpy(), y, scale)
 
 
 def _check_reference(rf: Any, ry: Any, num_classes: int, dims: int, present: np.ndarray, k_ref: int,
@@ -477,13 +509,14 @@ def robust_detect(
     if clean_features is not None and reference_features is None:
         raise DetectError("clean_features need the reference split: pass reference_features and reference_labels "
                           "(the clean model is trained on that split)")
-    ref = None
-    if reference_features is not None:
-        ref = _check_reference(reference_features, reference_labels, num_classes, f.shape[1], present,
-                               config.k_ref, "reference")
-    outlying, foreign_cand = _view(f, y, num_classes, ref, config)
+    if reference_features is None:
+        outlying, foreign_cand = _self_view(f, y, num_classes, config)
+        return _decide(outlying, foreign_cand, foreign_cand, y, num_classes, config, "self")
+    ref = _check_reference(reference_features, reference_labels, num_classes, f.shape[1], present,
+                           config.k_ref, "reference")
+    outlying, foreign_cand = _Reference(*ref, num_classes, config).scores(f, y)
     foreign = foreign_cand
-    mode = "self" if ref is None else "reference"
+    mode = "reference"
     if clean_features is not None:
         if len(clean_features) != len(f):
             raise DetectError(f"clean_features have {len(clean_features)} rows, features {len(f)}: "
@@ -494,11 +527,69 @@ def robust_detect(
                               f"reference_features {len(ref[0])}: give the same reference rows")
         gref = _check_reference(clean_reference_features, ref[1], num_classes, g.shape[1], present,
                                 config.k_ref, "clean reference")
-        _, foreign = _view(g, y, num_classes, gref, config)
+        _, foreign = _Reference(*gref, num_classes, config).scores(g, y)
         mode = "two_view"
-    susp = outlying * foreign
+    return _decide(outlying, foreign, foreign_cand, y, num_classes, config, mode)
 
-    n = len(f)
+
+def robust_detect_blocks(
+    blocks: Iterable[tuple[Any, Any]],
+    labels: Any,
+    num_classes: int,
+    reference_features: Any,
+    reference_labels: Any,
+    clean_reference_features: Any,
+    config: RobustConfig = RobustConfig(),
+) -> Detection:
+    """:func:`robust_detect` in its two-view mode, the training rows arriving in blocks.
+
+    ``blocks`` yields ``(candidate features, clean-model features)`` of consecutive training rows,
+    in order, covering ``labels`` exactly. Only the reference features, one block and five
+    float64s per row are held, not the training rows' two (N, D) feature matrices (small_cnn at
+    1M rows: 2 GiB). Each row's scores depend on that row and the reference alone, so they are
+    those of :func:`robust_detect` on the whole arrays (up to float rounding of a differently
+    blocked distance product)."""
+    config.check()
+    rf = _check_features(reference_features, np.float32)
+    y = _check_labels(labels, len(labels), num_classes)
+    if len(y) == 0:
+        raise DetectError("features must be a non-empty (N, D) array, got no training rows")
+    present = np.bincount(y, minlength=num_classes) > 0
+    ref = _check_reference(rf, reference_labels, num_classes, rf.shape[1], present, config.k_ref, "reference")
+    if len(clean_reference_features) != len(ref[0]):
+        raise DetectError(f"clean_reference_features have {len(clean_reference_features)} rows, "
+                          f"reference_features {len(ref[0])}: give the same reference rows")
+    gr = _check_features(clean_reference_features, np.float32)
+    gref = _check_reference(gr, ref[1], num_classes, gr.shape[1], present, config.k_ref, "clean reference")
+    cand, clean = _Reference(*ref, num_classes, config), _Reference(*gref, num_classes, config)
+    # the per-class copies are all that is needed from here on
+    del rf, gr, ref, gref, reference_features, clean_reference_features
+    n = len(y)
+    outlying, foreign, foreign_cand = np.empty(n), np.empty(n), np.empty(n)
+    s0 = 0
+    for fb, gb in blocks:
+        fb, gb = _check_features(fb, np.float32), _check_features(gb, np.float32)
+        e = s0 + len(fb)
+        if len(gb) != len(fb) or e > n:
+            raise DetectError(f"a block of {len(fb)} candidate and {len(gb)} clean feature rows at row {s0} "
+                              f"does not fit the {n} labels: give the same training rows to both models, in order")
+        for what, b, r in (("candidate", fb, cand), ("clean-model", gb, clean)):
+            if b.shape[1] != r.dims:
+                raise DetectError(f"{what} features have {b.shape[1]} dims, its reference's {r.dims}: "
+                                  "extract both with the same model")
+        outlying[s0:e], foreign_cand[s0:e] = cand.scores(fb, y[s0:e])
+        _, foreign[s0:e] = clean.scores(gb, y[s0:e])
+        s0 = e
+    if s0 != n:
+        raise DetectError(f"the blocks held {s0} training rows, the labels {n}: give every row once")
+    return _decide(outlying, foreign, foreign_cand, y, num_classes, config, "two_view")
+
+
+def _decide(outlying: np.ndarray, foreign: np.ndarray, foreign_cand: np.ndarray, y: np.ndarray, num_classes: int,
+            config: RobustConfig, mode: str) -> Detection:
+    """The suspicion, the per-class tail scan and the flags (module doc) from the two factors."""
+    susp = outlying * foreign
+    n = len(y)
     stat = np.zeros(num_classes)
     shallow = np.zeros(num_classes)
     depth = np.zeros(num_classes, np.int64)

@@ -6,7 +6,7 @@ turns arrays and models into a :class:`~pipeline.core.detect.Detection`:
 1. a *clean model* trained on the trusted evaluation split alone, with as many optimizer steps as
    the candidate took on the training view (:func:`matched_epochs`): it never saw a poisoned row;
 2. penultimate features of the training view and of the evaluation split through both models;
-3. :func:`pipeline.core.detect.robust_detect` in its two-view mode.
+3. :func:`pipeline.core.detect.robust_detect_blocks`: its two-view mode, a block of training rows at a time.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from .detect import Detection, RobustConfig, robust_detect
+from .detect import Detection, RobustConfig, robust_detect_blocks
 from .features import penultimate_features
 from .train import TrainSpec, steps_per_epoch, train_model
+
+BLOCK_BATCHES = 32  # training rows scored per block, in batches (512 x 32 = 16k rows: ~35 MiB of pixels
+#                     and features of small_cnn, ~0.3 s of distances a class; bounded whatever N is)
 
 
 def matched_epochs(epochs: int, n_view: int, n_ref: int, batch_size: int) -> int:
@@ -54,7 +57,7 @@ def train_clean_model(
 def two_view_detect(
     candidate: nn.Module,
     clean_model: nn.Module,
-    images: np.ndarray,
+    images: Any,
     labels: np.ndarray,
     ref_images: np.ndarray,
     ref_labels: np.ndarray,
@@ -62,19 +65,33 @@ def two_view_detect(
     config: RobustConfig = RobustConfig(),
     device: str = "cpu",
     batch_size: int = 512,
+    block_batches: int = BLOCK_BATCHES,
 ) -> tuple[Detection, dict[str, float]]:
     """``(robust_detect two-view Detection, seconds per step)`` of the training view against the
-    evaluation split (see the module doc)."""
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    f = penultimate_features(candidate, images, batch_size=batch_size, device=device)
-    fr = penultimate_features(candidate, ref_images, batch_size=batch_size, device=device)
-    g = penultimate_features(clean_model, images, batch_size=batch_size, device=device)
-    gr = penultimate_features(clean_model, ref_images, batch_size=batch_size, device=device)
-    times["features"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    det = robust_detect(f, labels, num_classes, fr, ref_labels, g, gr, config=config)
-    times["robust"] = time.perf_counter() - t0
+    evaluation split (see the module doc). ``images``: any (N, H, W, C) uint8 array-like that
+    slices (a lazy store view): the training rows go through both models ``block_batches``
+    batches at a time and are scored block by block (``detect.robust_detect_blocks``), so
+    neither their pixels nor their features are ever held whole."""
+    times = {"features": 0.0}
+    t_start = time.perf_counter()
+
+    def feats(model: nn.Module, x) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = penultimate_features(model, np.asarray(x), batch_size=batch_size, device=device)
+        times["features"] += time.perf_counter() - t0
+        return out
+
+    def blocks():
+        step = batch_size * max(1, int(block_batches))  # whole batches: the same forward passes as one pass
+        for s0 in range(0, len(labels), step):
+            part = images[s0:s0 + step]
+            yield feats(candidate, part), feats(clean_model, part)
+
+    # the reference features are passed, not kept here: robust_detect_blocks drops them once it
+    # holds its per-class copies
+    det = robust_detect_blocks(blocks(), labels, num_classes, feats(candidate, ref_images), ref_labels,
+                               feats(clean_model, ref_images), config=config)
+    times["robust"] = time.perf_counter() - t_start - times["features"]
     return det, times
 
 

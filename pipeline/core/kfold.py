@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .data import rows_of
+from .rows import take
 from .predict import predict_logits
 from .train import TrainSpec, train_model
 
@@ -102,9 +102,9 @@ def out_of_fold_probs(
         if progress is not None:
             progress({"event": "fold", "fold": f, "k": k, "train_rows": train, "heldout_rows": held})
         fold_spec = dataclasses.replace(spec, seed=int(spec.seed) + f)
-        model, _, _ = train_model(rows_of(images, train), y[train], num_classes, model_name, width, fold_spec,
+        model, _, _ = train_model(take(images, train), y[train], num_classes, model_name, width, fold_spec,
                                   progress)
-        logits = predict_logits(model, rows_of(images, held), batch_size=batch_size, device=spec.device, amp=False)
+        logits = predict_logits(model, take(images, held), batch_size=batch_size, device=spec.device, amp=False)
         probs[held] = _softmax(logits).astype(np.float32)
         del model
         if torch.cuda.is_available():

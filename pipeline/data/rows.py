@@ -25,6 +25,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core.rows import take  # noqa: F401  (the data layer's callers import it from here)
+
 
 def as_strings(values) -> pa.Array:
     """A column of strings as one Arrow ``string`` array: from a list, a numpy array, a pandas
@@ -53,11 +55,6 @@ def file_identity(path: Path | str) -> tuple[int, int, int, int]:
     """(device, inode, size, mtime_ns) of a pack: what a read checks against the verified file."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def take(images, rows):
-    """``images[rows]`` for a numpy array; a still-lazy :meth:`LazyRows.subset` for lazy rows."""
-    return images.subset(rows) if isinstance(images, LazyRows) else images[rows]
 
 
 class LazyRows:
