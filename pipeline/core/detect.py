@@ -403,7 +403,10 @@ class _Reference:
             ridx = np.flatnonzero(ry == j)
             if len(ridx) < config.k_ref + 1:
                 continue  # absent from training and short in the reference: never anyone's own class
-            rj = r[torch.from_numpy(ridx).to(self.dev)]
+            # rows sorted by class (inspect sorts its reference) are a view, not a copy: at 1M
+            # rows the reference is 200k x 256 float32 per feature space
+            contiguous = ridx[-1] - ridx[0] + 1 == len(ridx)
+            rj = r[int(ridx[0]):int(ridx[-1]) + 1] if contiguous else r[torch.from_numpy(ridx).to(self.dev)]
             loo = _kth_distance(rj, rj, config.k_ref, torch.arange(len(ridx), device=self.dev), config.chunk_elems)
             self.scale[j] = float(torch.median(loo).item())
             self.rows[j] = rj

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
+from . import heap
 from .detect import Detection, RobustConfig, robust_detect_blocks
 from .features import penultimate_features
 from .train import TrainSpec, steps_per_epoch, train_model
@@ -74,6 +75,7 @@ def two_view_detect(
     neither their pixels nor their features are ever held whole."""
     times = {"features": 0.0}
     t_start = time.perf_counter()
+    step = batch_size * max(1, int(block_batches))  # rows a block: whole batches, the forward passes of one pass
 
     def feats(model: nn.Module, x) -> np.ndarray:
         t0 = time.perf_counter()
@@ -82,16 +84,27 @@ def two_view_detect(
         return out
 
     def blocks():
-        step = batch_size * max(1, int(block_batches))  # whole batches: the same forward passes as one pass
         for s0 in range(0, len(labels), step):
             part = images[s0:s0 + step]
             yield feats(candidate, part), feats(clean_model, part)
 
-    # the reference features are passed, not kept here: robust_detect_blocks drops them once it
-    # holds its per-class copies
-    det = robust_detect_blocks(blocks(), labels, num_classes, feats(candidate, ref_images), ref_labels,
-                               feats(clean_model, ref_images), config=config)
+    # The reference in class order, so the detector's per-class rows are views of one array, and
+    # read a block at a time, so no sorted copy of the images is made; passed, not kept here.
+    order = np.argsort(np.asarray(ref_labels), kind="stable")
+
+    def sorted_feats(model: nn.Module) -> np.ndarray:
+        out = None
+        for s0 in range(0, len(order), step):
+            f = feats(model, ref_images[order[s0:s0 + step]])
+            if out is None:
+                out = np.empty((len(order), *f.shape[1:]), f.dtype)
+            out[s0:s0 + len(f)] = f
+        return out
+
+    det = robust_detect_blocks(blocks(), labels, num_classes, sorted_feats(candidate),
+                               np.asarray(ref_labels)[order], sorted_feats(clean_model), config=config)
     times["robust"] = time.perf_counter() - t_start - times["features"]
+    heap.release()  # the blocks' features and distances, before the stage's next phase
     return det, times
 
 

@@ -15,8 +15,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .rows import take
+from . import heap
 from .predict import predict_logits
+from .rows import take
 from .train import TrainSpec, train_model
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -107,6 +108,7 @@ def out_of_fold_probs(
         logits = predict_logits(model, take(images, held), batch_size=batch_size, device=spec.device, amp=False)
         probs[held] = _softmax(logits).astype(np.float32)
         del model
+        heap.release()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return probs

@@ -20,6 +20,7 @@ from pipeline.schema import TrainConfig
 
 from . import augment as aug
 from . import data as tdata
+from . import heap
 from .losses import make_loss
 from .models import build_model, model_args
 
@@ -215,6 +216,7 @@ def fit(
     forward = torch.compile(module) if (spec.compile and cuda) else module
 
     history: list[dict[str, float]] = []
+    heap.release()  # what earlier phases of the process freed (a stage's load, another model's fit)
     for epoch in range(1, spec.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -286,6 +288,7 @@ def fit(
             "images_per_s": seen / seconds if seconds > 0 else float("inf"),
         }
         history.append(row)
+        heap.release()  # the epoch's freed batches and augmented copy, before the next one allocates
         if progress is not None:
             progress({"event": "epoch", **row})
     model.eval()
