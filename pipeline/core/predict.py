@@ -33,13 +33,19 @@ def predict_logits(
     model.to(dev).eval()
     if cuda:
         model.to(memory_format=torch.channels_last)
-    out = []
+    out = None
     for i in range(0, len(images), batch_size):
         xb = tdata.to_device(images[i : i + batch_size], dev, channels_last=cuda)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp and cuda):
             logits = aug.tta_logits(model, xb) if tta else model(xb)
-        out.append(logits.float())
-    return torch.cat(out).cpu().numpy()
+        if out is None:
+            # One buffer filled in place, not a list of per-batch tensors: on a CPU each small
+            # kept tensor pinned the batch's freed activations around it in glibc's heap, ~14 MiB
+            # of resident memory a batch (inspect's k-fold predictions at 100k rows: +0.7 GB;
+            # tests/test_core.py::test_predict_memory_does_not_grow_with_the_batches)
+            out = torch.empty((len(images), *logits.shape[1:]), dtype=torch.float32, device=logits.device)
+        out[i : i + len(logits)] = logits.float()
+    return out.cpu().numpy()
 
 
 def predict(
