@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,8 +41,16 @@ def main() -> int:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     if args.stage not in stages:
         ap.error(f"no stage {args.stage!r} in {REPO / 'dvc.yaml'}: one of {', '.join(stages)}")
+    # PYTHONSAFEPATH: `python -m` puts the working directory first on sys.path, and the workspace
+    # holds its own copy of pipeline/, which would shadow this checkout's (stop 28's "after"
+    # measurement of inspect ran the workspace's code, not the checkout's, because of it)
     S.env_for = lambda w: {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{w}/mlflow.db", "POISONGATE_PROGRESS": "0",
-                           "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+                           "PYTHONPATH": str(REPO), "PYTHONSAFEPATH": "1",
+                           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    code = subprocess.run([sys.executable, "-c", "import pipeline, os; print(os.path.dirname(pipeline.__file__))"],
+                          cwd=ws, env=S.env_for(ws), capture_output=True, text=True, check=True).stdout.strip()
+    if Path(code).resolve() != (REPO / "pipeline").resolve():
+        raise SystemExit(f"the stage would import {code}, not this checkout's pipeline/: check PYTHONPATH")
     r = S.measure(S.stage_argv(stages, args.stage), ws)
     print(str(REPO), args.stage, json.dumps(r), flush=True)
     report, keys = REPORTS.get(args.stage, (None, ()))
