@@ -4,8 +4,8 @@ glibc's malloc keeps what a process freed (to reuse it) unless the free space si
 the heap: one live object above a freed 100 MB region pins the whole region in the process's
 resident memory. A stage that runs phases one after another (the inspect stage: a clean model, a
 detector over every training row, three k-fold fits, two scans) then peaks at the sum of what its
-phases left behind, not at its largest phase: inspect at 100k rows held ~0.7 GB of freed memory
-through its k-fold fits (bench/results/scale_inspect_100k_malloc.log). ``malloc_trim(0)`` returns
+phases left behind, not at its largest phase (inspect at 100k rows, stop 28's code, held ~0.7 GB
+of freed memory through its k-fold fits: bench/results/scale_inspect_100k_malloc.log). ``malloc_trim(0)`` returns
 every whole free page of every arena (glibc >= 2.8 madvises free chunks in the middle of the heap
 too), in milliseconds. No maintained library wraps it (psutil reads memory, it does not release
 it), hence ctypes. Elsewhere (musl, macOS, Windows) this is a no-op: their allocators differ.
