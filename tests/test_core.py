@@ -443,8 +443,8 @@ def test_heap_release_returns_memory_a_live_object_pinned():
 
 def test_predict_memory_does_not_grow_with_the_batches():
     # predict_logits kept a list of per-batch logits; on a CPU each small kept tensor pinned the
-    # batch's freed activations in glibc's heap, ~14 MiB resident a batch: inspect's k-fold
-    # predictions at 100k rows held +0.7 GB, at 1M rows it would have been gigabytes
+    # batch's freed activations in glibc's heap, growing with the batches (bench/predict_memory.py:
+    # +944 MiB over 40k rows of the 100k view); at 1M rows it would have been gigabytes
     from pipeline.core import heap
     from pipeline.core.predict import predict_logits
 

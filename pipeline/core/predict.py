@@ -40,8 +40,8 @@ def predict_logits(
             logits = aug.tta_logits(model, xb) if tta else model(xb)
         if out is None:
             # One buffer filled in place, not a list of per-batch tensors: on a CPU each small
-            # kept tensor pinned the batch's freed activations around it in glibc's heap, ~14 MiB
-            # of resident memory a batch (inspect's k-fold predictions at 100k rows: +0.7 GB;
+            # kept tensor pinned the batch's freed activations around it in glibc's heap, growing
+            # with the batches (40k rows: +944 MiB, bench/predict_memory.py;
             # tests/test_core.py::test_predict_memory_does_not_grow_with_the_batches)
             out = torch.empty((len(images), *logits.shape[1:]), dtype=torch.float32, device=logits.device)
         out[i : i + len(logits)] = logits.float()
