@@ -452,17 +452,60 @@ def test_predict_memory_does_not_grow_with_the_batches():
         with open("/proc/self/status") as fh:
             return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon")) / 1024
 
+    class Copying:  # rows read as a lazy store view reads them: a fresh array per slice
+        def __init__(self, a):
+            self.a = a
+
+        def __len__(self):
+            return len(self.a)
+
+        def __getitem__(self, k):
+            return np.array(self.a[k])
+
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = build_model("small_cnn", 10, 1, 28, width=32).eval()
     x = np.random.default_rng(0).integers(0, 256, (512 * 80, 28, 28, 1), dtype=np.uint8)
     growth = {}
-    for n in (512 * 8, 512 * 80):
-        heap.release()
-        a0 = anon_mib()
-        logits = predict_logits(model, x[:n], batch_size=512, device="cpu")
-        growth[n] = anon_mib() - a0
-        assert logits.shape == (n, 10)
-        del logits
-    # 72 more batches: 270-870 MiB more with the old list, ~70 with one buffer (2 runs each, 2-core box)
+    before = torch.get_num_threads()
+    # 2 threads, as the stages run: with 1 the old list grew by only ~35 MiB and passed (review of stop 29)
+    torch.set_num_threads(2)
+    try:
+        for n in (512 * 8, 512 * 80):
+            heap.release()
+            a0 = anon_mib()
+            logits = predict_logits(model, Copying(x[:n]), batch_size=512, device="cpu")
+            growth[n] = anon_mib() - a0
+            assert logits.shape == (n, 10)
+            del logits
+    finally:
+        torch.set_num_threads(before)
+    # 72 more batches: one buffer grew by ~-15 to +70 MiB (2-core box). The bound guards the
+    # result; it does not reliably catch the old list, whose growth depends on thread timing
+    # (0 to +270 MiB in 5 runs): the next test is the one that does
     assert growth[512 * 80] - growth[512 * 8] < 150, growth
+
+
+def test_predict_holds_one_buffer_not_a_tensor_per_batch():
+    # what pinned the heap above: a live tensor kept per batch. Counted at each forward pass, the
+    # live tensors grow by one a batch with the old list and stay flat with one buffer
+    import gc
+
+    from pipeline.core.predict import predict_logits
+
+    live = []
+
+    class Probe(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, xb):
+            live.append(sum(1 for o in gc.get_objects() if type(o) is torch.Tensor))
+            return self.inner(xb)
+
+    torch.manual_seed(0)
+    model = Probe(build_model("small_cnn", 10, 1, 8, width=8))
+    x = np.random.default_rng(0).integers(0, 256, (64 * 20, 8, 8, 1), dtype=np.uint8)
+    out = predict_logits(model, x, batch_size=64, device="cpu")
+    assert out.shape == (64 * 20, 10) and len(live) == 20
+    assert live[-1] - live[1] == 0, live  # the old list: 18 more

@@ -400,6 +400,10 @@ def test_two_view_in_blocks_refuses_blocks_that_do_not_fit_the_labels():
         run([(bad, gx)])
     with pytest.raises(DetectError, match="clean_reference_features have 3 rows"):
         detect.robust_detect_blocks(iter([(fx, gx)]), yx, K, ref_f, ref_y, g_ref[:3])
+    # an empty block adds nothing (a chunker's last block may be empty)
+    whole = run([(fx, gx)])
+    split = run([(fx[:0], gx[:0]), (fx[:9], gx[:9]), (fx[9:9], gx[9:9]), (fx[9:], gx[9:])])
+    np.testing.assert_array_equal(split.flagged, whole.flagged)
 
 
 def test_two_view_detect_reads_the_view_a_block_at_a_time(digits_split, tmp_path):
@@ -411,7 +415,6 @@ def test_two_view_detect_reads_the_view_a_block_at_a_time(digits_split, tmp_path
     from pipeline.data.rows import LazyRows, file_identity
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     x, y, xte, yte = digits_split
     x, y = x[:300], y[:300]
     cand, clean = build_model("small_cnn", 10, 1, 8, width=8), build_model("small_cnn", 10, 1, 8, width=8)
@@ -425,7 +428,12 @@ def test_two_view_detect_reads_the_view_a_block_at_a_time(digits_split, tmp_path
             return super()._read(rows)
 
     lazy = Counted([(raw, 0, len(x), file_identity(raw))], np.zeros(len(x), np.int32), np.arange(len(x)), x.shape[1:])
-    det, seconds = two_view_detect(cand, clean, lazy, y, xte, yte, 10, device="cpu", batch_size=32, block_batches=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: a second thread waits more than it computes
+    try:
+        det, seconds = two_view_detect(cand, clean, lazy, y, xte, yte, 10, device="cpu", batch_size=32, block_batches=2)
+    finally:
+        torch.set_num_threads(before)
     assert reads and max(reads) <= 64 and sum(reads) == len(x), reads
     assert set(seconds) == {"features", "robust"} and min(seconds.values()) >= 0
     whole = robust_detect(penultimate_features(cand, x, batch_size=32, device="cpu"), y, 10,
@@ -435,3 +443,10 @@ def test_two_view_detect_reads_the_view_a_block_at_a_time(digits_split, tmp_path
     for name, s in whole.scores.items():
         np.testing.assert_allclose(det.scores[name], s, rtol=1e-5, err_msg=name)
     np.testing.assert_array_equal(det.flagged, whole.flagged)
+    # rows without a label, or reference rows without one, are refused, not dropped or an IndexError
+    # (a view of 300 rows with 192 labels once scored 192 rows and said nothing)
+    with pytest.raises(DetectError, match="300 training images but 192 labels"):
+        two_view_detect(cand, clean, lazy, y[:192], xte, yte, 10, device="cpu", batch_size=32, block_batches=2)
+    for ri, rl in ((xte[:-1], yte), (xte, yte[:-1])):
+        with pytest.raises(DetectError, match="reference images but"):
+            two_view_detect(cand, clean, lazy, y, ri, rl, 10, device="cpu", batch_size=32, block_batches=2)

@@ -200,3 +200,63 @@ def test_spark_engine_refuses_other_detector_settings_and_edited_manifests(tmp_p
         with pytest.raises(store.DamagedStore, match=path.name[:12]):
             spark_gate._paths(root, str(root), [h], spark_gate.stats.detector_settings(default_vcfg()))
         path.write_bytes(good)
+
+
+def test_spark_engine_reads_the_newest_base_not_the_whole_history(tmp_path, digits_split, monkeypatch):
+    """A history long enough to carry a base (``store.BASE_EVERY`` lowered to 2): the Spark engine
+    reads that base and the deltas after it, as a pandas load does. Shown by removing, from the
+    Spark run's copy of the store only, the delta and features files the base stands for (but the
+    root's, which the approved reference reads): its
+    tables, statistics and verdict are still the pandas engine's on the complete store, over a
+    poisoned append. An edited base is a damaged store before Spark reads it."""
+    from pipeline.data import spark_gate, store
+
+    monkeypatch.setattr(store, "BASE_EVERY", 2)
+    xtr, ytr, xte, yte = digits_split
+    src = tmp_path / "src"
+    _write_source(src, xtr[:300], ytr[:300], "train", "r")
+    _write_source(src, xte[:60], yte[:60], "test", "t")
+    state = tmp_path / "state"
+    p = _compose(tmp_path, src, "pandas")
+    _ingest(state, p)
+    assert _validate(state, p)[0] == 0
+    for a in range(3):  # clean growth, one snapshot each
+        _write_source(src, xtr[300 + 60 * a:360 + 60 * a], ytr[300 + 60 * a:360 + 60 * a], "train", f"a{a}")
+        _ingest(state, p)
+    _write_source(src, xtr[:3], (ytr[:3] + 1) % 10, "train", "copy")  # exact copies under another label
+    attack = ["attack=backdoor", "attack.rate=0.1"]
+    p = _compose(tmp_path, src, "pandas2", *attack)
+    s = _compose(tmp_path, src, "spark2", *attack, "validate.engine=spark", "validate.spark_master='local[1]'")
+    _ingest(state, p)
+
+    sid = store.read_pointer(state / "snapshot.json")["snapshot_id"]
+    headers = store.chain(state / "store", sid)
+    v = default_vcfg()
+    j = spark_gate.base_start(state / "store", headers, spark_gate.stats.detector_settings(v))
+    assert len(headers) == 5 and j >= 2 and headers[j]["base"]["rows"] == headers[j - 1]["n_rows"]
+
+    runs = []
+    for name, params in (("pandas", p), ("spark", s)):
+        work = tmp_path / f"run-{name}"
+        shutil.copytree(state, work)
+        if name == "spark":
+            # what the base stands for: Spark must not need it (the root's stay: the approved
+            # reference is the root's view, and its chain has no base)
+            for h in headers[1:j]:
+                (work / "store" / "deltas" / f"{h['delta']['sha256']}.parquet").unlink()
+                (work / "store" / "features" / f"{h['features']['sha256']}.parquet").unlink()
+        runs.append(_validate(work, params))
+    (rc_p, rep_p), (rc_s, rep_s) = runs
+    assert rc_p == rc_s == 1
+    _same(rep_p, rep_s)
+    assert rep_s["statistics"]["n_rows"] == headers[-1]["n_rows"] and rep_s["statistics"]["label_conflicts"] >= 1
+
+    base = state / "store" / "bases" / f"{headers[j]['base']['manifest']}.parquet"
+    good = base.read_bytes()
+    base.chmod(0o644)
+    base.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    from pyspark.sql import SparkSession
+
+    with pytest.raises(store.DamagedStore, match=base.name[:12]):
+        spark_gate.chain_rows(SparkSession.getActiveSession(), state / "store", str(state / "store"), headers,
+                              spark_gate.stats.detector_settings(v))

@@ -571,6 +571,8 @@ def robust_detect_blocks(
     outlying, foreign, foreign_cand = np.empty(n), np.empty(n), np.empty(n)
     s0 = 0
     for fb, gb in blocks:
+        if len(fb) == 0 and len(gb) == 0:
+            continue  # an empty block (a chunker's last, say) adds no row
         fb, gb = _check_features(fb, np.float32), _check_features(gb, np.float32)
         e = s0 + len(fb)
         if len(gb) != len(fb) or e > n:

@@ -14,18 +14,18 @@ it), hence ctypes. Elsewhere (musl, macOS, Windows) this is a no-op: their alloc
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.lru_cache(maxsize=1)
 def _trim():
-    name = ctypes.util.find_library("c")
+    # The symbols already loaded into the process (libc's among them): no library search, which
+    # (ctypes.util.find_library) runs ldconfig in a subprocess and could fail once and stay failed.
     try:
-        fn = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # no libc to load, or a libc without malloc_trim (not glibc)
+        fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no dlopen(NULL) (Windows)
         return None
-    if fn is not None:
+    if fn is not None:  # None: a libc without malloc_trim (musl, macOS)
         fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
 

@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from . import heap
-from .detect import Detection, RobustConfig, robust_detect_blocks
+from .detect import DetectError, Detection, RobustConfig, robust_detect_blocks
 from .features import penultimate_features
 from .train import TrainSpec, steps_per_epoch, train_model
 
@@ -73,6 +73,12 @@ def two_view_detect(
     slices (a lazy store view): the training rows go through both models ``block_batches``
     batches at a time and are scored block by block (``detect.robust_detect_blocks``), so
     neither their pixels nor their features are ever held whole."""
+    # The blocks run over the labels and the reference is gathered by its labels' order: rows
+    # beyond either would be left out silently, or fail as an IndexError, not as bad input.
+    if len(images) != len(labels):
+        raise DetectError(f"{len(images)} training images but {len(labels)} labels: give one label per row")
+    if len(ref_images) != len(ref_labels):
+        raise DetectError(f"{len(ref_images)} reference images but {len(ref_labels)} labels: give one label per row")
     times = {"features": 0.0}
     t_start = time.perf_counter()
     step = batch_size * max(1, int(block_batches))  # rows a block: whole batches, the forward passes of one pass

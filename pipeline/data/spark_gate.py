@@ -9,7 +9,9 @@ compares every judged table and statistic of both engines), from the same inputs
 
 - the chain's delta manifests and the data-gate columns stored at ingest (``features`` files),
   each hashed on the driver against the header that names it before Spark reads it, joined by
-  (file, ``_metadata.row_index``): a features file is row-aligned with its delta;
+  (file, ``_metadata.row_index``): a features file is row-aligned with its delta. The rows before
+  the newest base come from that base's manifest and columns instead (:func:`base_start`), so a
+  long history costs one base and at most ``store.BASE_EVERY`` deltas;
 - the view's records, applied on the driver to the few rows they name (their pixels read from the
   packs and checked against the manifest's sha256, as the pandas engine checks them); the rows a
   record rebuilt are measured from those pixels (``stats.row_features``);
@@ -111,18 +113,23 @@ class Judged:
     root: Optional[sig.Reference]
 
 
-def _paths(store_dir: Path, uri: str, headers: list[dict], detector: Optional[dict]) -> tuple[list, list]:
-    """(digest, chain position, path as Spark reads it) of every non-empty delta (and, with
-    ``detector``, features file), each hashed here against its header first."""
+def _verified(store_dir: Path, local: Path, digest: str, what: str) -> None:
+    """Hash a file here, on the driver, against the digest its header names, before Spark reads it."""
+    if not local.is_file() or store.file_sha256(local) != digest:
+        raise store.DamagedStore(store_dir, local, f"is missing or does not match its sha256 ({what})")
+
+
+def _paths(store_dir: Path, uri: str, headers: list[dict], detector: Optional[dict], start: int = 0) -> tuple[list, list]:
+    """(digest, chain position, path as Spark reads it) of every non-empty delta from chain
+    position ``start`` on (and, with ``detector``, features file), each hashed here against its
+    header first."""
     deltas, feats = [], []
     for k, h in enumerate(headers):
-        if not h["n_new"]:
+        if k < start or not h["n_new"]:
             continue
         d = h["delta"]["sha256"]
         local = store._delta_path(store_dir, d)
-        if not local.is_file() or store.file_sha256(local) != d:
-            raise store.DamagedStore(store_dir, local, f"is missing or does not match its sha256 (the delta manifest "
-                                                       f"of snapshot {h['id'][:12]})")
+        _verified(store_dir, local, d, f"the delta manifest of snapshot {h['id'][:12]}")
         deltas.append((d, k, f"{uri}/deltas/{d}.parquet"))
         if detector is None:
             continue
@@ -133,9 +140,7 @@ def _paths(store_dir: Path, uri: str, headers: list[dict], detector: Optional[di
                 f" ({h['n_new']} rows): the Spark engine reads those columns and never the pixels; validate this store "
                 "with validate.engine=pandas (it measures such rows from their pixels)")
         local = store._features_path(store_dir, f["sha256"])
-        if not local.is_file() or store.file_sha256(local) != f["sha256"]:
-            raise store.DamagedStore(store_dir, local, f"is missing or does not match its sha256 (the data-gate "
-                                                       f"columns of snapshot {h['id'][:12]})")
+        _verified(store_dir, local, f["sha256"], f"the data-gate columns of snapshot {h['id'][:12]}")
         feats.append((f["sha256"], k, f"{uri}/features/{f['sha256']}.parquet"))
     return deltas, feats
 
@@ -157,34 +162,110 @@ def _spark_schema(arrow_schema) -> str:
     return ", ".join(f"{f.name} {kind[str(f.type)]}" for f in arrow_schema)
 
 
-def _check_counts(spark_df, headers: list[dict], what: str, store_dir: Path) -> None:
-    got = {int(r["k"]): int(r["count"]) for r in spark_df.groupBy("k").count().collect()}
-    for k, h in enumerate(headers):
-        if got.get(k, 0) != h["n_new"]:
+def _check_counts(spark_df, headers: list[dict], what: str, store_dir: Path, start: int = 0) -> None:
+    """Each chain position's rows (from ``start`` on): as many as its header says, ``r`` running
+    0..n-1 (so every row has the one manifest place ``r`` + the rows before its snapshot, as the
+    pandas engine's concatenation gives it)."""
+    from pyspark.sql import functions as F
+
+    per_k = spark_df.groupBy("k").agg(F.count("*").alias("n"), F.min("r").alias("lo"), F.max("r").alias("hi"))
+    got = {int(r["k"]): (int(r["n"]), r["lo"], r["hi"]) for r in per_k.collect()}
+    for k, h in enumerate(headers[start:], start):
+        n, lo, hi = got.get(k, (0, None, None))
+        if n != h["n_new"] or (n and (lo, hi) != (0, n - 1)):
             raise store.DamagedStore(store_dir, store.header_path(store_dir, h["id"]),
-                                     f"says {h['n_new']} new rows, its {what} holds {got.get(k, 0)} as Spark reads it")
+                                     f"says {h['n_new']} new rows, its {what} holds {n} as Spark reads it"
+                                     + ("" if n != h["n_new"] else f" (at places {lo}..{hi})"))
+
+
+def base_start(store_dir: Path, headers: list[dict], detector: Optional[dict]) -> int:
+    """The chain position whose base (on disk, and with ``detector``'s data-gate columns when
+    ``detector`` is given) stands for every row before it, as a pandas load starts from it
+    (``store.resolve``); 0 when none does. Spark then reads one base and at most
+    ``store.BASE_EVERY`` deltas, not the whole history (issue 19 item 4)."""
+    j = len(headers) - len(store._from_base(store_dir, headers))
+    if j <= 0:
+        return 0
+    b = headers[j]["base"]
+    if b["of"] != headers[j - 1]["id"] or b["rows"] != headers[j - 1]["n_rows"]:
+        raise store.DamagedStore(store_dir, store.header_path(store_dir, headers[j]["id"]),
+                                 f"names a base of {str(b['of'])[:12]} ({b['rows']} rows), not of its parent "
+                                 f"{headers[j - 1]['id'][:12]} ({headers[j - 1]['n_rows']} rows)")
+    if detector is not None and (b.get("features") is None or b["features"]["detector"] != detector):
+        return 0  # the base holds no columns of these settings: the deltas' own files are read
+    return j
+
+
+def _base_rows(spark, store_dir: Path, uri: str, headers: list[dict], j: int, detector: Optional[dict]) -> Any:
+    """The rows of chain positions 0..j-1 from the base of ``headers[j]`` (``base_start``): the
+    delta columns, ``snapshot_id``, ``k`` and ``r`` (its place in its snapshot's delta: base row
+    minus the rows of the snapshots before), and with ``detector`` the base's data-gate columns,
+    row-aligned with its manifest. None when the base marks some rows' columns as not stored (the
+    caller then reads the deltas, whose files say which snapshot lacks them)."""
+    from pyspark.sql import functions as F
+
+    h = headers[j]
+    b = h["base"]
+    _verified(store_dir, store._base_path(store_dir, b["manifest"], "parquet"), b["manifest"],
+              f"the base manifest of snapshot {h['id'][:12]}")
+    rows = (spark.read.schema(_spark_schema(store.BASE_SCHEMA)).parquet(f"{uri}/bases/{b['manifest']}.parquet")
+            .withColumn("g", F.col("_metadata.row_index")))
+    offsets = np.concatenate([[0], np.cumsum([x["n_new"] for x in headers[:j]])])
+    ids = spark.createDataFrame([(k, x["id"], int(offsets[k])) for k, x in enumerate(headers[:j])],
+                                "k long, snapshot_id string, off long")
+    # a row naming a snapshot outside 0..j-1 drops out here, and _check_counts then refuses the store
+    rows = rows.join(F.broadcast(ids), "snapshot_id").withColumn("r", F.col("g") - F.col("off")).drop("off")
+    if detector is None:
+        return rows.drop("g")
+    fd = b["features"]["sha256"]
+    _verified(store_dir, store._base_path(store_dir, fd, "parquet"), fd,
+              f"the base's data-gate columns of snapshot {h['id'][:12]}")
+    f = (spark.read.schema(_spark_schema(store.BASE_FEATURE_SCHEMA)).parquet(f"{uri}/bases/{fd}.parquet")
+         .withColumn("g", F.col("_metadata.row_index")))
+    agg = f.agg(F.count("*").alias("n"), F.sum((~F.col("stored")).cast("long")).alias("missing")).collect()[0]
+    if int(agg["n"]) != b["rows"]:
+        raise store.DamagedStore(store_dir, store._base_path(store_dir, fd, "parquet"),
+                                 f"holds {int(agg['n'])} rows as Spark reads it, its header says {b['rows']}")
+    if int(agg["missing"] or 0):
+        return None
+    return rows.join(f.drop("stored"), "g", "left").drop("g")
 
 
 def chain_rows(spark, store_dir: Path, uri: str, headers: list[dict], detector: Optional[dict]) -> Any:
     """Every row of the chain's snapshot, as Spark reads the manifests: the delta columns, ``k``,
     ``r`` (the row's place: chain position, index in its delta), ``snapshot_id`` and, with
-    ``detector``, the stored data-gate columns (``phash`` as a signed 64-bit int)."""
+    ``detector``, the stored data-gate columns (``phash`` as a signed 64-bit int). The rows
+    before the newest usable base come from that base (:func:`base_start`), the rest from their
+    deltas."""
     from pyspark.sql import functions as F
 
-    deltas, feats = _paths(store_dir, uri, headers, detector)
-    rows = _read(spark, deltas, _spark_schema(store.DELTA_SCHEMA)).drop("digest")
+    j = base_start(store_dir, headers, detector)
+    based = _base_rows(spark, store_dir, uri, headers, j, detector) if j else None
+    if based is None:
+        j = 0
+    deltas, feats = _paths(store_dir, uri, headers, detector, start=j)
     ids = spark.createDataFrame([(k, h["id"]) for k, h in enumerate(headers)], "k long, snapshot_id string")
-    rows = rows.join(F.broadcast(ids), "k")
-    _check_counts(rows, headers, "delta manifest", store_dir)
+    rows = None
+    if deltas:
+        rows = _read(spark, deltas, _spark_schema(store.DELTA_SCHEMA)).drop("digest")
+        rows = rows.join(F.broadcast(ids), "k")
+        if detector is not None:
+            f = _read(spark, feats, _spark_schema(store.FEATURE_SCHEMA)).drop("digest")
+            _check_counts(f, headers, "data-gate columns", store_dir, start=j)
+            rows = rows.join(f, ["k", "r"], "left")
+    if based is not None:
+        rows = based if rows is None else based.unionByName(rows)
+    if rows is None:  # no rows at all: an empty table of the delta columns
+        rows = spark.createDataFrame([], _spark_schema(store.DELTA_SCHEMA) + ", k long, r long, snapshot_id string"
+                                     + (", phash decimal(20,0), abnormal_block boolean, abnormal_block_at string"
+                                        if detector is not None else ""))
+    _check_counts(rows, headers, "delta manifest" if not j else "base and delta manifests", store_dir)
     if detector is None:
         return rows
-    f = _read(spark, feats, _spark_schema(store.FEATURE_SCHEMA)).drop("digest")
-    _check_counts(f, headers, "data-gate columns", store_dir)
     # Spark has no unsigned 64-bit type: the phash's bits as a signed long (xor and popcount agree)
     big = F.expr("CAST('9223372036854775808' AS DECIMAL(20,0))")  # 2^63: py4j passes no Python int that large
-    f = f.withColumn("phash", F.when(F.col("phash") >= big, F.col("phash") - big - big)
-                     .otherwise(F.col("phash")).cast("long"))
-    return rows.join(f, ["k", "r"], "left")
+    return rows.withColumn("phash", F.when(F.col("phash") >= big, F.col("phash") - big - big)
+                           .otherwise(F.col("phash")).cast("long"))
 
 
 def _signed(h: np.ndarray) -> np.ndarray:
