@@ -82,6 +82,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.core import heap
 from pipeline.core.hashing import sample_hash
 from pipeline.data.rows import as_list, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
@@ -991,8 +992,13 @@ def read_split(store_dir: str | Path, snapshot_id: str, split: str, lazy: bool =
     if not lazy:
         images = np.asarray(images)
     sha = snap.manifest.loc[(snap.manifest["split"] == split).to_numpy(), "sha256"].astype(str).tolist()
+    class_names = [str(c) for c in snap.class_names]
+    del snap  # the whole manifest was read to verify the chain; the caller keeps one split
+    # glibc keeps the freed manifest resident (~0.5 KB a row of the snapshot: evaluate grew with
+    # N, bench/results/scale_eval_300k.md); hand it back before the caller's long work
+    heap.release()
     check_rows(images, np.arange(len(images)), ids, sha)
-    return images, labels, ids, [str(c) for c in snap.class_names]
+    return images, labels, ids, class_names
 
 
 def _few(ids: Iterable, k: int = MAX_LISTED) -> str:
