@@ -613,8 +613,8 @@ def test_read_split_reads_only_its_rows_and_checks_each(env):
 
 def test_read_split_hands_the_whole_manifest_back_before_returning(env, monkeypatch):
     """read_split verifies the chain with the whole manifest, then keeps one split: the snapshot it
-    loaded is gone when it trims the heap (glibc kept the freed manifest resident: +65 MiB after a
-    test-split read of 101k rows, +14 with the trim; evaluate grew ~0.55 KB a row of N)."""
+    loaded is gone when it trims the heap (glibc kept the freed manifest resident: +54-66 MiB after
+    a test-split read of 101k rows, +11-14 with the trim, bench/read_split_memory.py)."""
     import gc
     import weakref
 

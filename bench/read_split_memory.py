@@ -1,0 +1,51 @@
+"""Resident memory a test-split read leaves behind, with and without ``store.read_split``'s heap
+trim (issue 19 item 3), on a workspace's current snapshot.
+
+    python bench/read_split_memory.py WORKSPACE [--no-trim]
+
+WORKSPACE: one with a snapshot (``bench/append_profile.py --keep DIR``, ``bench/scale.py --work``).
+``--no-trim`` replaces ``heap.release`` with a no-op: the code before the trim. One process per call;
+prints RssAnon and VmHWM (MiB) before and after. Produced the +65 / +14 MiB of
+``bench/results/scale_eval_300k_readsplit.log`` and store.read_split's comment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402,F401  (the evaluate stage's baseline: torch loaded)
+
+from pipeline.data import store  # noqa: E402
+
+
+def status() -> dict:
+    with open("/proc/self/status") as fh:
+        return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in fh)
+                if k in ("RssAnon", "VmHWM")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workspace")
+    ap.add_argument("--no-trim", action="store_true")
+    args = ap.parse_args()
+    ws = Path(args.workspace)
+    if args.no_trim:
+        store.heap.release = lambda: False
+    sid = json.loads((ws / "data/snapshot.json").read_text())["snapshot_id"]
+    before = status()
+    _, labels, _, _ = store.read_split(ws / "data/store", sid, "test", lazy=True)
+    after = status()
+    print(f"{'no trim' if args.no_trim else 'trim'}: {len(labels)} test rows of snapshot {sid[:12]}: RssAnon "
+          f"{before['RssAnon']} -> {after['RssAnon']} MiB (+{after['RssAnon'] - before['RssAnon']}), VmHWM "
+          f"{before['VmHWM']} -> {after['VmHWM']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
