@@ -4,6 +4,8 @@ rules and the all-position block scan."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from math import comb
 
 import numpy as np
@@ -204,9 +206,16 @@ def test_near_duplicate_pairs_match_brute_force():
         assert sorted(zip(got["i"], got["j"])) == sorted(zip(i.tolist(), j.tolist()))
 
 
-def test_batched_phash_is_imagehash_bit_for_bit(digits_split):
+@pytest.mark.parametrize("dct", ["private pocketfft", "scipy.fftpack"])
+def test_batched_phash_is_imagehash_bit_for_bit(digits_split, dct, monkeypatch):
     import imagehash
+    import scipy.fftpack
     from PIL import Image
+
+    # both ways DS._dct_ii can go: scipy's compiled pocketfft loaded by path, or scipy.fftpack
+    fn = DS._private_pocketfft_dct() if dct == "private pocketfft" else (lambda a, axis: scipy.fftpack.dct(a, axis=axis))
+    assert fn is not None, "scipy's pocketfft module was not found or failed its probe: the fast path is gone"
+    monkeypatch.setattr(DS, "_DCT", [fn])
 
     x = digits_split[0][:700]  # more than one 512-row DCT batch
     rng = np.random.default_rng(3)
@@ -218,6 +227,19 @@ def test_batched_phash_is_imagehash_bit_for_bit(digits_split):
         want = [int(str(imagehash.phash(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im))), 16) for im in imgs]
         got = DS.perceptual_hashes(imgs)
         assert got.dtype == np.uint64 and got.tolist() == want
+
+
+def test_phash_does_not_import_scipy_fft():
+    """The snapshot stage's phash skips scipy.fft's ~0.3 s package import (issue 19 item 1)."""
+    code = ("import sys, numpy as np; from pipeline.data import stats; "
+            "h = stats.perceptual_hashes(np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1) % 251); "
+            "print(int(h[0]), 'scipy.fft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False"
+    from PIL import Image
+    import imagehash
+    im = (np.arange(28 * 28, dtype=np.uint8).reshape(28, 28) % 251)
+    assert int(out[0]) == int(str(imagehash.phash(Image.fromarray(im))), 16)
 
 
 def test_first_snapshot_near_duplicate_clusters_span_labels(digits_split):
@@ -341,3 +363,18 @@ def test_counts_round_trip_and_new_rows():
     raw["validate"]["alpha"] = 0.0
     with pytest.raises(ConfigError, match="validate.alpha"):
         from_container(raw)
+
+
+@pytest.mark.parametrize("dtype", [object, "str"])
+def test_provenance_counts_each_missing_record(dtype):
+    good, sid = "a" * 64, "b" * 64
+    m = pd.DataFrame({
+        "source_uri": ["s3://x/0", "", "s3://x/2", "s3://x/3", "s3://x/4", None],
+        "sha256": [good, good, "A" * 64, good, good, good],  # upper case is not a digest this store writes
+        "ingest_time": ["t", "t", "t", "", "t", "t"],
+        "snapshot_id": [sid, sid, sid, sid, "c" * 63, sid],
+    }).astype(dtype)
+    # only row 0 has every record; a missing (None) uri counts as missing, as an empty one does
+    assert DS.provenance(m) == {"coverage": 1 / 6, "rows": 6, "with_source_uri": 4, "with_sha256": 5,
+                                "with_ingest_record": 4}
+    assert DS.provenance(m.iloc[:0])["coverage"] == 0.0

@@ -19,6 +19,7 @@ with integral images. Nothing here imports torch or GX; imagehash is imported on
 from __future__ import annotations
 
 import re
+import sys
 from typing import Callable, Sequence
 
 import numpy as np
@@ -65,17 +66,38 @@ def duplicates(manifest: pd.DataFrame, class_names: list[str], cap: int = MAX_DU
 
 def provenance(manifest: pd.DataFrame) -> dict:
     """Fraction of rows that say where they came from, what they are and when they were ingested."""
+    # Arrow compute (RE2, no Python objects): the snapshot stage reports this over every row on each
+    # append, and pandas' string methods took 0.09-0.14 s of a 1% append at 100k (issue 19 item 1).
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     n = len(manifest)
-    has_uri = manifest["source_uri"].astype(str).str.len() > 0
-    has_hash = manifest["sha256"].astype(str).str.fullmatch(_HEX64.pattern)
-    has_ingest = (manifest["ingest_time"].astype(str).str.len() > 0) & manifest["snapshot_id"].astype(str).str.fullmatch(_HEX64.pattern)
-    full = has_uri & has_hash & has_ingest
+
+    def col(name: str) -> pa.Array:
+        return pa.array(manifest[name].astype(str))
+
+    def nonempty(a: pa.Array) -> pa.Array:
+        return pc.fill_null(pc.greater(pc.utf8_length(a), 0), False)
+
+    def hex64(a: pa.Array) -> pa.Array:
+        return pc.fill_null(pc.match_substring_regex(a, _HEX64.pattern), False)
+
+    sid = col("snapshot_id")
+    ids = pc.unique(sid)  # a snapshot's rows share its id: match each id once
+    has_uri = nonempty(col("source_uri"))
+    has_hash = hex64(col("sha256"))
+    has_ingest = pc.and_(nonempty(col("ingest_time")), pc.is_in(sid, value_set=ids.filter(hex64(ids))))
+    full = pc.and_(pc.and_(has_uri, has_hash), has_ingest)
+
+    def count(mask: pa.Array) -> int:
+        return int(pc.sum(mask).as_py() or 0)
+
     return {
-        "coverage": float(full.sum() / n) if n else 0.0,
+        "coverage": float(count(full) / n) if n else 0.0,
         "rows": n,
-        "with_source_uri": int(has_uri.sum()),
-        "with_sha256": int(has_hash.sum()),
-        "with_ingest_record": int(has_ingest.sum()),
+        "with_source_uri": count(has_uri),
+        "with_sha256": count(has_hash),
+        "with_ingest_record": count(has_ingest),
     }
 
 
@@ -316,15 +338,15 @@ def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
     """64-bit perceptual hash of every image (``imagehash.phash`` / ``dhash`` / ``average_hash``,
     hash_size 8) as uint64, colour images via their luminance. The snapshot stage computes it once
     per row as the row enters (~0.1-0.2 ms an image), and the data gate reads it back."""
+    images = _check_images(images)
+    if method == "phash":
+        return _phash_batched(images)
     import imagehash
     from PIL import Image
 
-    images = _check_images(images)
-    fns = {"phash": imagehash.phash, "dhash": imagehash.dhash, "average_hash": imagehash.average_hash}
+    fns = {"dhash": imagehash.dhash, "average_hash": imagehash.average_hash}
     if method not in fns:
-        raise StatsError(f"unknown perceptual hash {method!r}: use one of {', '.join(fns)}")
-    if method == "phash":
-        return _phash_batched(images)
+        raise StatsError(f"unknown perceptual hash {method!r}: use one of phash, {', '.join(fns)}")
     fn = fns[method]
     out = np.empty(len(images), np.uint64)
     grey = images.shape[3] == 1
@@ -335,6 +357,67 @@ def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
 
 
 _PHASH_SIDE = 32  # imagehash.phash's hash_size 8 x highfreq_factor 4
+_DCT: list = []  # the DCT-II function, found once
+
+
+def _dct_ii() -> Callable[[np.ndarray, int], np.ndarray]:
+    """``dct(x, axis)``: exactly what ``scipy.fftpack.dct(x, axis=axis)`` computes (imagehash's call),
+    through scipy's own compiled pocketfft module.
+
+    Why not ``import scipy.fftpack``: that import runs ``scipy.fft``'s package init (scipy.special,
+    array-api-compat), ~0.3 s of CPU, the largest single fixed cost of a 1% append at 100k
+    (``bench/append_profile.py``; issue 19 item 1). The compiled module needs none of it, so it is
+    loaded from scipy's folder by path (1 ms). Any surprise (no such file, another signature, a
+    wrong answer on a probe) falls back to ``scipy.fftpack``; ``tests/test_datastats.py`` checks
+    the hashes bit for bit against imagehash, which goes through ``scipy.fftpack``."""
+    if _DCT:
+        return _DCT[0]
+    fn = None
+    if "scipy.fft" not in sys.modules:  # else the package is loaded anyway: nothing to save
+        try:
+            fn = _private_pocketfft_dct()
+        except Exception:  # noqa: BLE001 - an optimisation only: scipy.fftpack is always right
+            fn = None
+    if fn is None:
+        import scipy.fftpack
+
+        def fn(x: np.ndarray, axis: int) -> np.ndarray:
+            return scipy.fftpack.dct(x, axis=axis)
+    _DCT.append(fn)
+    return fn
+
+
+def _private_pocketfft_dct() -> Callable[[np.ndarray, int], np.ndarray] | None:
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("scipy")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "fft" / "_pocketfft"
+    files = [f for sfx in importlib.machinery.EXTENSION_SUFFIXES for f in folder.glob("pypocketfft" + sfx)]
+    if len(files) != 1:
+        return None
+    name = "scipy.fft._pocketfft.pypocketfft"  # its init function's name; not put in sys.modules
+    loader = importlib.machinery.ExtensionFileLoader(name, str(files[0]))
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, files[0], loader=loader))
+    loader.exec_module(mod)
+
+    def fn(x: np.ndarray, axis: int) -> np.ndarray:
+        # scipy.fft._pocketfft.realtransforms._r2r for a real, unpadded, forward type-2 transform:
+        # float64 input, norm None (inorm 0), no output array, 1 worker, orthogonalize None
+        return mod.dct(np.asarray(x, np.float64), 2, (axis,), 0, None, 1, None)
+
+    # the textbook DCT-II, 2 sum x_n cos(pi k (2n + 1) / 2N), of a probe, along each axis
+    probe = np.arange(12.0).reshape(3, 4) ** 1.5
+    for axis in (0, 1):
+        n = probe.shape[axis]
+        basis = 2 * np.cos(np.pi * np.arange(n)[:, None] * (2 * np.arange(n)[None, :] + 1) / (2 * n))
+        want = np.moveaxis(np.tensordot(basis, np.moveaxis(probe, axis, 0), axes=1), 0, axis)
+        if not np.allclose(fn(probe, axis), want, rtol=1e-12, atol=1e-9):
+            return None
+    return fn
 
 
 def _phash_batched(images: np.ndarray) -> np.ndarray:
@@ -342,9 +425,9 @@ def _phash_batched(images: np.ndarray) -> np.ndarray:
     and Lanczos resize per image, then the two DCTs, the 8x8 low band and its median for 512 images
     per call. imagehash takes one image per call; its per-image DCT and median were half the
     snapshot stage's feature time (tests/test_datastats.py checks the equality with imagehash)."""
-    import scipy.fftpack
     from PIL import Image
 
+    dct = _dct_ii()
     grey = images.shape[3] == 1
     out = np.empty(len(images), np.uint64)
     # 512 images a DCT call: the float64 transforms of a whole 4,096-row chunk raised the peak by
@@ -355,7 +438,7 @@ def _phash_batched(images: np.ndarray) -> np.ndarray:
         for i, im in enumerate(part):
             small[i] = np.asarray(Image.fromarray(im[..., 0] if grey else im).convert("L")
                                   .resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS))
-        low = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)[:, :8, :8].reshape(len(part), 64)
+        low = dct(dct(small, 1), 2)[:, :8, :8].reshape(len(part), 64)
         bits = low > np.median(low, axis=1, keepdims=True)
         out[s0:s0 + len(part)] = np.packbits(bits, axis=1).view(">u8")[:, 0]
     return out
