@@ -1,12 +1,14 @@
 """Resident memory a test-split read leaves behind, with and without ``store.read_split``'s heap
 trim (issue 19 item 3), on a workspace's current snapshot.
 
-    python bench/read_split_memory.py WORKSPACE [--no-trim]
+    python bench/read_split_memory.py WORKSPACE [--no-trim] [--all-columns]
 
 WORKSPACE: one with a snapshot (``bench/append_profile.py --keep DIR``, ``bench/scale.py --work``).
-``--no-trim`` replaces ``heap.release`` with a no-op: the code before the trim. One process per call;
-prints RssAnon and VmHWM (MiB) before and after. Produced the +65 / +14 MiB of
-``bench/results/scale_eval_300k_readsplit.log`` and store.read_split's comment.
+``--no-trim`` replaces ``heap.release`` with a no-op: the code before the trim. ``--all-columns``
+makes ``read_split`` decode every manifest column: the code before it read only a split's columns.
+One process per call; prints RssAnon and VmHWM (MiB) before and after: the VmHWM rise is the read's
+peak. Produced the +65 / +14 MiB of ``bench/results/read_split_memory_100k.log``, the column figures
+of ``bench/results/read_split_columns_100k.log`` and store.read_split's comments.
 """
 
 from __future__ import annotations
@@ -33,15 +35,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspace")
     ap.add_argument("--no-trim", action="store_true")
+    ap.add_argument("--all-columns", action="store_true")
     args = ap.parse_args()
     ws = Path(args.workspace)
     if args.no_trim:
         store.heap.release = lambda: False
+    if args.all_columns:
+        load = store.load_snapshot
+        store.load_snapshot = lambda *a, columns=None, **kw: load(*a, **kw)
     sid = json.loads((ws / "data/snapshot.json").read_text())["snapshot_id"]
     before = status()
     _, labels, _, _ = store.read_split(ws / "data/store", sid, "test", lazy=True)
     after = status()
-    print(f"{'no trim' if args.no_trim else 'trim'}: {len(labels)} test rows of snapshot {sid[:12]}: RssAnon "
+    what = ", ".join(["no trim" if args.no_trim else "trim", "all columns" if args.all_columns else "split's columns"])
+    print(f"{what}: {len(labels)} test rows of snapshot {sid[:12]}: RssAnon "
           f"{before['RssAnon']} -> {after['RssAnon']} MiB (+{after['RssAnon'] - before['RssAnon']}), VmHWM "
           f"{before['VmHWM']} -> {after['VmHWM']}")
     return 0

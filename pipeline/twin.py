@@ -34,8 +34,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     from pipeline.data import store as store_mod
 
     snapshot_id = store_mod.read_pointer(args.pointer)["snapshot_id"]
-    # lazy, as in the train stage: rows read from the packs as training asks (issue 19 item 3)
-    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True)
+    # lazy, as in the train stage: rows read from the packs as training asks; of the manifest only
+    # what a split needs (half the load's peak, bench/results/read_split_columns_100k.log; issue 19 item 3)
+    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True, columns=("split",))
     images, labels, _ids = snap.split("train")
     class_names = list(snap.class_names)
     del snap

@@ -607,9 +607,10 @@ def _delta_path(store: Path, digest: str) -> Path:
 
 
 def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema,
-                verify: bool = True) -> pa.Table:
+                verify: bool = True, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """A Parquet object a header names (``what`` it is, for the messages), checked against its
-    sha256 (``verify``), ``schema`` and the header's new-row count."""
+    sha256 (``verify``), ``schema`` and the header's new-row count. ``columns``: decode only these
+    (the file is still hashed whole and its schema checked from its footer)."""
     if not path.is_file():
         raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]}, "
                                         f"{header['n_new']} rows)")
@@ -621,11 +622,13 @@ def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, s
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
+        got = [(f.name, f.type) for f in pf.schema_arrow]
         # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
-        table = pf.read(use_threads=pf.metadata.num_rows > 20_000)
+        table = pf.read(columns=None if columns is None else list(columns), use_threads=pf.metadata.num_rows > 20_000)
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    got = [(f.name, f.type) for f in table.schema]
+    if columns is None:
+        got = [(f.name, f.type) for f in table.schema]
     if got != [(f.name, f.type) for f in schema]:
         raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the {what}'s schema")
     if table.num_rows != header["n_new"]:
@@ -633,11 +636,13 @@ def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, s
     return table
 
 
-def read_delta(store_dir: str | Path, header: dict, verify: bool = True) -> pa.Table:
+def read_delta(store_dir: str | Path, header: dict, verify: bool = True,
+               columns: Optional[Sequence[str]] = None) -> pa.Table:
     """The delta manifest a header names, checked against its sha256, schema and row count."""
     store = Path(store_dir)
     digest = header["delta"]["sha256"]
-    return _read_table(store, _delta_path(store, digest), digest, header, "delta manifest", DELTA_SCHEMA, verify)
+    return _read_table(store, _delta_path(store, digest), digest, header, "delta manifest", DELTA_SCHEMA, verify,
+                       columns)
 
 
 def _features_path(store: Path, digest: str) -> Path:
@@ -652,14 +657,17 @@ def read_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
                        FEATURE_SCHEMA).to_pandas()
 
 
-def read_base(store_dir: str | Path, header: dict, verify: bool = True) -> pd.DataFrame:
-    """The manifest of the base a header names (every row of its parent, ``MANIFEST_COLUMNS``),
-    checked against its sha256, schema and row count."""
+def read_base(store_dir: str | Path, header: dict, verify: bool = True,
+              columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """The manifest of the base a header names (every row of its parent, ``MANIFEST_COLUMNS`` or
+    those of ``columns``), checked against its sha256, schema and row count."""
     store = Path(store_dir)
     b = header["base"]
     path = _base_path(store, b["manifest"], "parquet")
-    t = _read_table(store, path, b["manifest"], {**header, "n_new": b["rows"]}, "base manifest", BASE_SCHEMA, verify)
-    return t.to_pandas()[MANIFEST_COLUMNS]
+    cols = MANIFEST_COLUMNS if columns is None else [c for c in MANIFEST_COLUMNS if c in columns]
+    t = _read_table(store, path, b["manifest"], {**header, "n_new": b["rows"]}, "base manifest", BASE_SCHEMA, verify,
+                    None if columns is None else cols)
+    return t.to_pandas()[cols]
 
 
 def read_base_features(store_dir: str | Path, header: dict) -> pd.DataFrame:
@@ -700,14 +708,24 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
 
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
-                  headers: Optional[list[dict]] = None) -> pd.DataFrame:
+                  headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """The full manifest of a snapshot: its base (if :func:`resolve` starts at one), then its
-    chain's deltas, root first, with ``snapshot_id``."""
+    chain's deltas, root first, with ``snapshot_id``.
+
+    ``columns``: decode only these, plus what ``verify`` checks (``sample_id``, ``label``,
+    ``pack``); every file is still hashed whole. A reader of a few columns then holds a fraction of
+    the manifest: ``read_split``'s columns are ~half of a load's peak (issue 19 item 3)."""
     store = Path(store_dir)
     headers = headers if headers is not None else resolve(store, snapshot_id)
+    unknown = set(columns or ()) - set(MANIFEST_COLUMNS)
+    if unknown:
+        raise ValueError(f"load_manifest: no such manifest column(s) {sorted(unknown)}")
+    want = MANIFEST_COLUMNS if columns is None else [
+        c for c in MANIFEST_COLUMNS if c in set(columns) | ({"sample_id", "label", "pack"} if verify else set())]
+    delta_cols = None if columns is None else [c for c in DELTA_SCHEMA.names if c in want]
     tables = []
     for h in headers:
-        t = read_delta(store, h, verify)
+        t = read_delta(store, h, verify, delta_cols)
         if verify and t.num_rows:
             labels = t.column("label").to_numpy()
             if labels.min() < 0 or labels.max() >= len(h["class_names"]):
@@ -717,13 +735,14 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
                 raise DamagedStore(store, _delta_path(store, h["delta"]["sha256"]),
                                    f"refers to packs its header does not name ({sorted(packs - set(h['packs']))})")
         tables.append(t)
-    table = pa.concat_tables(tables) if tables else DELTA_SCHEMA.empty_table()
+    empty = DELTA_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else (empty if delta_cols is None else empty.select(delta_cols))
     df = table.to_pandas()
-    df.insert(COLUMNS.index("snapshot_id"), "snapshot_id",
-              np.repeat(np.array([h["id"] for h in headers], dtype=object), [h["n_new"] for h in headers]))
-    df = df[MANIFEST_COLUMNS]
+    if "snapshot_id" in want:
+        df["snapshot_id"] = np.repeat(np.array([h["id"] for h in headers], dtype=object), [h["n_new"] for h in headers])
+    df = df[want]
     if _base_of(headers) is not None:
-        base = read_base(store, headers[0], verify)
+        base = read_base(store, headers[0], verify, None if columns is None else want)
         if verify and len(base) and (base["label"].min() < 0 or base["label"].max() >= len(headers[0]["class_names"])):
             raise DamagedStore(store, _base_path(store, headers[0]["base"]["manifest"], "parquet"),
                                "has labels outside its class list")
@@ -936,7 +955,7 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
-                  lazy: bool = False, hash_packs: bool = True) -> Snapshot:
+                  lazy: bool = False, hash_packs: bool = True, columns: Optional[Sequence[str]] = None) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
     ``verify`` checks the headers and deltas a load reads (:func:`resolve`: from the newest base
@@ -949,12 +968,17 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     ``hash_packs=False`` (with ``lazy``) skips hashing the packs: for a reader of a few rows that
     checks each row it reads against its sha256 itself (the data gate), rather than read every
     pixel of the store to prove rows it never uses.
+
+    ``columns``: the manifest holds only these (see :func:`load_manifest`) and what the loading and
+    its checks need (``sample_id``, ``sha256``, ``label``, ``pack``, ``pack_index``).
     """
     store = Path(store_dir)
     check_format(store)
     headers = resolve(store, snapshot_id)
     meta = headers[-1]
-    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers)
+    if columns is not None:
+        columns = [*columns, "sample_id", "sha256", "label", "pack", "pack_index"]  # what the checks read
+    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns)
     if deep or (verify and (hash_packs or not lazy)):
         verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
@@ -987,7 +1011,9 @@ def read_split(store_dir: str | Path, snapshot_id: str, split: str, lazy: bool =
     whole, and each row read is checked against its manifest sha256 instead. ``lazy``: the images
     stay lazy rows (``pipeline.data.rows``), checked here a chunk at a time; a later read of a
     pack replaced since is refused by the rows' file identity check."""
-    snap = load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False)
+    # only the columns a split needs: the manifest's load is this reader's peak, ~half of it the
+    # provenance and file columns (bench/read_split_memory.py)
+    snap = load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False, columns=("split",))
     images, labels, ids = snap.split(split)
     if not lazy:
         images = np.asarray(images)
