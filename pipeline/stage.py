@@ -87,16 +87,16 @@ def main(stage: str, run: Callable[[Any, argparse.Namespace], Any], paths: Seque
          extra: Optional[Callable[[argparse.ArgumentParser], None]] = None,
          load_config: bool = True) -> int:
     """Parse, load the config once, run; map failures to exit codes. ``run(cfg, args)``."""
-    try:
-        return _main(stage, run, paths, argv, doc, extra, load_config)
-    finally:
-        if _own_process(stage):
-            # The process ends right after this returns. At exit the interpreter runs full garbage
-            # collections over every object the libraries made (pandas, pyarrow): ~0.2 s, ~8% of
-            # a 1% append at 100k (bench/process_cost.py; issue 19 item 1). An exiting process has no
-            # use for cycle collection: frozen objects are skipped by it, while atexit handlers,
-            # stream flushing and module teardown still run as usual.
-            gc.freeze()
+    code = _main(stage, run, paths, argv, doc, extra, load_config)
+    if code == 0 and _own_process(stage):
+        # The process ends right after this returns. At exit the interpreter runs full garbage
+        # collections over every object the libraries made (pandas, pyarrow): ~0.2 s, ~8% of a 1%
+        # append at 100k (bench/process_cost.py; issue 19 item 1). A finished stage has no use for
+        # cycle collection: frozen objects are skipped by it, while atexit handlers, stream flushing
+        # and module teardown still run. Not on a failure: there a cycle's finalizer (a traceback
+        # holding a temporary file) may still have cleaning up to do, and time does not matter.
+        gc.freeze()
+    return code
 
 
 def _main(stage: str, run: Callable[[Any, argparse.Namespace], Any], paths: Sequence[PathArg],

@@ -235,7 +235,8 @@ def test_cli_subprocess_does_not_import_torch(cli):
     # (psutil's create_time, from a boot time in whole seconds, had said 1.6-1.8 s for 0.7 s)
     done = re.search(r"snapshot: done in ([\d.]+) s \(([\d.]+) s start-up before it\)", proc.stderr)
     assert done, proc.stderr[-2000:]
-    assert float(done[1]) + float(done[2]) <= wall + 0.1
+    if sys.platform.startswith("linux"):  # elsewhere the figure is psutil's, whole-second based
+        assert float(done[1]) + float(done[2]) <= wall + 0.1
     imported = re.findall(r"\|\s+(\S+)\s*$", proc.stderr, flags=re.M)
     assert imported and not any(m == "torch" or m.startswith("torch.") for m in imported)
     assert not any(m.startswith(("mlflow", "great_expectations")) for m in imported)

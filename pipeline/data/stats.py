@@ -73,8 +73,9 @@ def provenance(manifest: pd.DataFrame) -> dict:
 
     n = len(manifest)
 
-    def col(name: str) -> pa.Array:
-        return pa.array(manifest[name].astype(str))
+    def col(name: str) -> pa.Array:  # a missing value stays missing (pandas 2's astype(str) made it "None")
+        s = manifest[name]
+        return pa.array(s.astype(str).where(s.notna(), None), type=pa.string(), from_pandas=True)
 
     def nonempty(a: pa.Array) -> pa.Array:
         return pc.fill_null(pc.greater(pc.utf8_length(a), 0), False)
@@ -409,9 +410,10 @@ def _private_pocketfft_dct() -> Callable[[np.ndarray, int], np.ndarray] | None:
         # float64 input, norm None (inorm 0), no output array, 1 worker, orthogonalize None
         return mod.dct(np.asarray(x, np.float64), 2, (axis,), 0, None, 1, None)
 
-    # the textbook DCT-II, 2 sum x_n cos(pi k (2n + 1) / 2N), of a probe, along each axis
-    probe = np.arange(12.0).reshape(3, 4) ** 1.5
-    for axis in (0, 1):
+    # the textbook DCT-II, 2 sum x_n cos(pi k (2n + 1) / 2N), of a probe shaped as phash's batches,
+    # along the axes phash uses
+    probe = (np.arange(2 * _PHASH_SIDE * _PHASH_SIDE, dtype=np.float64) % 251).reshape(2, _PHASH_SIDE, _PHASH_SIDE) ** 1.5
+    for axis in (1, 2):
         n = probe.shape[axis]
         basis = 2 * np.cos(np.pi * np.arange(n)[:, None] * (2 * np.arange(n)[None, :] + 1) / (2 * n))
         want = np.moveaxis(np.tensordot(basis, np.moveaxis(probe, axis, 0), axes=1), 0, axis)

@@ -160,7 +160,7 @@ def restore_hint(store: str | Path) -> str:
 @dataclass(frozen=True)
 class Snapshot:
     id: str
-    manifest: pd.DataFrame  # MANIFEST_COLUMNS; label, pack_index, file_size int64
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS (a load with ``columns``: those); label, pack_index, file_size int64
     images: np.ndarray  # uint8 (N, H, W, C), row-aligned with manifest (a rows.LazyRows when loaded lazy)
     class_names: list[str]
     image_shape: tuple[int, int, int]
@@ -610,7 +610,8 @@ def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, s
                 verify: bool = True, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """A Parquet object a header names (``what`` it is, for the messages), checked against its
     sha256 (``verify``), ``schema`` and the header's new-row count. ``columns``: decode only these
-    (the file is still hashed whole and its schema checked from its footer)."""
+    (the file is still hashed whole when ``verify``, and its schema checked from its footer;
+    without ``verify`` a damaged page in a column not decoded goes unseen)."""
     if not path.is_file():
         raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]}, "
                                         f"{header['n_new']} rows)")
@@ -623,14 +624,17 @@ def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, s
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         got = [(f.name, f.type) for f in pf.schema_arrow]
+    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if got != [(f.name, f.type) for f in schema]:
+        raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the {what}'s schema")
+    try:
         # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
         table = pf.read(columns=None if columns is None else list(columns), use_threads=pf.metadata.num_rows > 20_000)
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    if columns is None:
-        got = [(f.name, f.type) for f in table.schema]
-    if got != [(f.name, f.type) for f in schema]:
-        raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the {what}'s schema")
+    if {f.name: f.type for f in table.schema} != {n: t for n, t in got if columns is None or n in columns}:
+        raise DamagedStore(store, path, f"decodes to columns {table.schema.names}, not its footer's")
     if table.num_rows != header["n_new"]:
         raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
     return table
@@ -709,8 +713,8 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
                   headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """The full manifest of a snapshot: its base (if :func:`resolve` starts at one), then its
-    chain's deltas, root first, with ``snapshot_id``.
+    """The full manifest of a snapshot (every row; every column unless ``columns``): its base (if
+    :func:`resolve` starts at one), then its chain's deltas, root first, with ``snapshot_id``.
 
     ``columns``: decode only these, plus what ``verify`` checks (``sample_id``, ``label``,
     ``pack``); every file is still hashed whole. A reader of a few columns then holds a fraction of
