@@ -215,7 +215,7 @@ def test_batched_phash_is_imagehash_bit_for_bit(digits_split, dct, monkeypatch):
     # both ways DS._dct_ii can go: scipy's compiled pocketfft loaded by path, or scipy.fftpack
     fn = DS._private_pocketfft_dct() if dct == "private pocketfft" else (lambda a, axis: scipy.fftpack.dct(a, axis=axis))
     assert fn is not None, "scipy's pocketfft module was not found or failed its probe: the fast path is gone"
-    monkeypatch.setattr(DS, "_DCT", [fn])
+    monkeypatch.setattr(DS, "_dct_ii", lambda: fn)
 
     x = digits_split[0][:700]  # more than one 512-row DCT batch
     rng = np.random.default_rng(3)

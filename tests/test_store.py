@@ -650,7 +650,7 @@ def test_read_split_hands_the_whole_manifest_back_before_returning(env, monkeypa
 
 def test_read_split_decodes_only_the_columns_it_uses_and_still_verifies_every_file(env, monkeypatch):
     """Issue 19 item 3: the manifest load is read_split's peak; it decodes the split, place and
-    check columns, not the provenance and file columns (~1/3 less at 101k rows,
+    check columns, not the provenance and file columns (the read's peak about halved at 101k rows,
     bench/results/read_split_columns_100k.log). Every delta is still hashed whole: an edit to a
     column it does not decode is refused."""
     sid = env.run()["snapshot_id"]

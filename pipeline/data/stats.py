@@ -18,6 +18,7 @@ with integral images. Nothing here imports torch or GX; imagehash is imported on
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from typing import Callable, Sequence
@@ -358,9 +359,9 @@ def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:
 
 
 _PHASH_SIDE = 32  # imagehash.phash's hash_size 8 x highfreq_factor 4
-_DCT: list = []  # the DCT-II function, found once
 
 
+@functools.cache  # found once a process
 def _dct_ii() -> Callable[[np.ndarray, int], np.ndarray]:
     """``dct(x, axis)``: exactly what ``scipy.fftpack.dct(x, axis=axis)`` computes (imagehash's call),
     through scipy's own compiled pocketfft module.
@@ -371,8 +372,6 @@ def _dct_ii() -> Callable[[np.ndarray, int], np.ndarray]:
     loaded from scipy's folder by path (1 ms). Any surprise (no such file, another signature, a
     wrong answer on a probe) falls back to ``scipy.fftpack``; ``tests/test_datastats.py`` checks
     the hashes bit for bit against imagehash, which goes through ``scipy.fftpack``."""
-    if _DCT:
-        return _DCT[0]
     fn = None
     if "scipy.fft" not in sys.modules:  # else the package is loaded anyway: nothing to save
         try:
@@ -384,7 +383,6 @@ def _dct_ii() -> Callable[[np.ndarray, int], np.ndarray]:
 
         def fn(x: np.ndarray, axis: int) -> np.ndarray:
             return scipy.fftpack.dct(x, axis=axis)
-    _DCT.append(fn)
     return fn
 
 
