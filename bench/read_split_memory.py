@@ -8,7 +8,8 @@ WORKSPACE: one with a snapshot (``bench/append_profile.py --keep DIR``, ``bench/
 makes ``read_split`` decode every manifest column: the code before it read only a split's columns.
 One process per call; prints RssAnon and VmHWM (MiB) before and after: the VmHWM rise is the read's
 peak. Produced the +65 / +14 MiB of ``bench/results/read_split_memory_100k.log``, the column figures
-of ``bench/results/read_split_columns_100k.log`` and store.read_split's comments.
+of ``bench/results/read_split_columns_100k.log``, those of ``bench/results/read_split_rows.log`` (run
+alternately with the previous commit's copy of this script in a git worktree) and store.read_split's comments.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,12 +47,14 @@ def main() -> int:
         store.load_snapshot = lambda *a, columns=None, **kw: load(*a, **kw)
     sid = json.loads((ws / "data/snapshot.json").read_text())["snapshot_id"]
     before = status()
+    t0 = time.perf_counter()
     _, labels, _, _ = store.read_split(ws / "data/store", sid, "test", lazy=True)
+    seconds = time.perf_counter() - t0
     after = status()
     what = ", ".join(["no trim" if args.no_trim else "trim", "all columns" if args.all_columns else "split's columns"])
     print(f"{what}: {len(labels)} test rows of snapshot {sid[:12]}: RssAnon "
           f"{before['RssAnon']} -> {after['RssAnon']} MiB (+{after['RssAnon'] - before['RssAnon']}), VmHWM "
-          f"{before['VmHWM']} -> {after['VmHWM']}")
+          f"{before['VmHWM']} -> {after['VmHWM']} (+{after['VmHWM'] - before['VmHWM']}); {seconds:.2f} s")
     return 0
 
 

@@ -551,7 +551,19 @@ def test_bases_keep_loads_short_and_equal_to_the_whole_history(env, monkeypatch)
         pd.testing.assert_frame_equal(few, full[few.columns])
     with pytest.raises(ValueError, match="no such manifest column"):
         store.load_manifest(env.store, tip, columns=("splits",))
+    # a split's load (read_split's): its rows of the same manifest, indexed by their full row, and
+    # their pixels, whether the rows before the base come from it or from the whole history
     snap = store.load_snapshot(env.store, tip)
+    for split in ("train", "test"):
+        mask = (full["split"] == split).to_numpy()
+        assert 0 < mask.sum() < len(full)
+        for hs in (None, whole):
+            cut = store.load_manifest(env.store, tip, headers=hs, columns=("split",), split=split)
+            pd.testing.assert_frame_equal(cut, full.loc[mask, cut.columns])
+            pd.testing.assert_frame_equal(store.load_manifest(env.store, tip, headers=hs, split=split), full[mask])
+        for lazy in (False, True):
+            part = store.load_snapshot(env.store, tip, lazy=lazy, split=split)
+            assert np.array_equal(np.asarray(part.images), snap.images[mask])
     assert np.array_equal(np.asarray(store.load_snapshot(env.store, tip, lazy=True).images), snap.images)
     assert [sample_hash(x) for x in snap.images] == snap.manifest["sha256"].tolist()
     # only the newest base is kept: ids[2]'s was superseded, its loads walk the history
@@ -660,7 +672,10 @@ def test_read_split_decodes_only_the_columns_it_uses_and_still_verifies_every_fi
     imgs, labels, ids, names = store.read_split(env.store, sid, "test")
     assert sorted(seen[0].manifest.columns) == ["label", "pack", "pack_index", "sample_id", "sha256", "split"]
     man = store.read_manifest(env.store, sid)
-    assert ids == man.loc[man["split"] == "test", "sample_id"].tolist()
+    test = (man["split"] == "test").to_numpy()
+    assert ids == man.loc[test, "sample_id"].tolist()
+    # only the split's rows became pandas rows, with their place in the full manifest
+    assert seen[0].manifest.index.tolist() == np.flatnonzero(test).tolist() and test.sum() < len(man)
     # rewrite the delta with another source_uri (a column read_split skips) under the same name
     h = store.read_header(env.store, sid)
     path = env.store / "deltas" / f"{h['delta']['sha256']}.parquet"
@@ -670,6 +685,48 @@ def test_read_split_decodes_only_the_columns_it_uses_and_still_verifies_every_fi
     path.write_bytes(store._parquet_bytes(t, store.DELTA_SCHEMA))
     with pytest.raises(store.DamagedStore, match="does not match its sha256"):
         store.read_split(env.store, sid, "test")
+
+
+def test_a_history_that_ingests_a_row_twice_is_refused_by_a_split_read_too(env):
+    """A forged child whose delta re-ingests a row of its parent (rehashed, so every file checks
+    out) is refused by every load, a split's included, even when the twice-ingested row is not in
+    the split read: the split's reader checks every row's sample id, not only those it keeps."""
+    root = env.run()["snapshot_id"]
+    h = store.read_header(env.store, root)
+    man = store.read_manifest(env.store, root)
+    row = man[man["split"] == "train"].iloc[0]
+    delta = store.read_delta(env.store, h).to_pandas().iloc[[int(row.name)]]
+    data = store.delta_bytes(delta)
+    digest = store._sha256(data)
+    (env.store / "deltas" / f"{digest}.parquet").write_bytes(data)
+    child = {k: v for k, v in h.items() if k not in ("id", "features", "raw", "base")}
+    child.update(parent=root, delta={"sha256": digest, "rows": 1}, n_new=1, n_rows=h["n_rows"] + 1)
+    hb = store.header_bytes(child)
+    (env.store / "snapshots" / f"{store._sha256(hb)}.json").write_bytes(hb)
+    forged = store._sha256(hb)
+    with pytest.raises(store.DamagedStore, match=f"ingests rows twice: .*{row['sample_id']}"):
+        store.load_manifest(env.store, forged)
+    for split in ("test", "train"):
+        with pytest.raises(store.DamagedStore, match=f"ingests rows twice: .*{row['sample_id']}"):
+            store.load_manifest(env.store, forged, split=split, columns=("split",))
+    with pytest.raises(store.DamagedStore, match="ingests rows twice"):
+        store.read_split(env.store, forged, "test")
+    # a header that says its delta holds more rows than it does: the split's batched read counts them
+    child.update(n_new=2, n_rows=h["n_rows"] + 2, delta={"sha256": digest, "rows": 2})
+    hb = store.header_bytes(child)
+    (env.store / "snapshots" / f"{store._sha256(hb)}.json").write_bytes(hb)
+    with pytest.raises(store.DamagedStore, match="holds 1 rows, its header says 2"):
+        store.read_split(env.store, store._sha256(hb), "test")
+    # a new row without a label: refused by name, by a full load and a split's
+    delta = delta.assign(sample_id="test/cat/forged.png", split="test", label=pd.array([None], dtype="Int64"))
+    data = store.delta_bytes(delta)
+    (env.store / "deltas" / f"{store._sha256(data)}.parquet").write_bytes(data)
+    child.update(n_new=1, n_rows=h["n_rows"] + 1, delta={"sha256": store._sha256(data), "rows": 1})
+    hb = store.header_bytes(child)
+    (env.store / "snapshots" / f"{store._sha256(hb)}.json").write_bytes(hb)
+    for split in (None, "test"):
+        with pytest.raises(store.DamagedStore, match="1 row.s. without a label"):
+            store.load_manifest(env.store, store._sha256(hb), split=split)
 
 
 def test_packs_are_written_in_chunks_byte_for_byte_as_np_save(tmp_path):

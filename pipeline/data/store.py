@@ -612,32 +612,74 @@ def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, s
     sha256 (``verify``), ``schema`` and the header's new-row count. ``columns``: decode only these
     (the file is still hashed whole when ``verify``, and its schema checked from its footer;
     without ``verify`` a damaged page in a column not decoded goes unseen)."""
+    pf, _data = _open_table(store, path, digest, header, what, schema, verify)
+    try:
+        # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
+        table = pf.read(columns=None if columns is None else list(columns), use_threads=pf.metadata.num_rows > 20_000)
+    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    _check_decoded(store, path, pf, table.schema, columns)
+    if table.num_rows != header["n_new"]:
+        raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
+    return table
+
+
+def _read_batches(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema,
+                  verify: bool, columns: Sequence[str], dictionary: Sequence[str] = (),
+                  rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """:func:`_read_table`'s checks, its rows decoded ``rows`` at a time: a reader that keeps a
+    few rows of a big file (a split's) holds one batch of the others, not all of them. The row
+    count is checked after the last batch: a consumer sees the error before it returns.
+    ``dictionary``: string columns decoded as Arrow dictionaries (a pack or split name stored once,
+    not once a row)."""
+    pf, _data = _open_table(store, path, digest, header, what, schema, verify, dictionary)
+    n = 0
+    try:
+        for batch in pf.iter_batches(batch_size=rows, columns=list(columns), use_threads=pf.metadata.num_rows > 20_000):
+            _check_decoded(store, path, pf, batch.schema, columns)
+            n += batch.num_rows
+            yield batch
+    except DamagedStore:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if n != header["n_new"]:
+        raise DamagedStore(store, path, f"holds {n} rows, its header says {header['n_new']}")
+
+
+def _open_table(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema, verify: bool,
+                dictionary: Sequence[str] = ()) -> tuple[pq.ParquetFile, bytes]:
+    """The file's footer, checked against ``schema``, and its bytes (hashed when ``verify``; the
+    caller holds them while it decodes)."""
     if not path.is_file():
         raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]}, "
                                         f"{header['n_new']} rows)")
-    data = path.read_bytes()
+    data = path.read_bytes()  # once: the bytes parsed are the bytes hashed
     if verify:
         actual = _sha256(data)
         if actual != digest:
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the {what} of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
     try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
-        got = [(f.name, f.type) for f in pf.schema_arrow]
+        pf = pq.ParquetFile(pa.BufferReader(data), read_dictionary=list(dictionary) or None)
+        got = [(f.name, _plain(f.type)) for f in pf.schema_arrow]
     except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
         raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
     if got != [(f.name, f.type) for f in schema]:
         raise DamagedStore(store, path, f"has columns {[f'{n}:{t}' for n, t in got]}, not the {what}'s schema")
-    try:
-        # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
-        table = pf.read(columns=None if columns is None else list(columns), use_threads=pf.metadata.num_rows > 20_000)
-    except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
-        raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    if {f.name: f.type for f in table.schema} != {n: t for n, t in got if columns is None or n in columns}:
-        raise DamagedStore(store, path, f"decodes to columns {table.schema.names}, not its footer's")
-    if table.num_rows != header["n_new"]:
-        raise DamagedStore(store, path, f"holds {table.num_rows} rows, its header says {header['n_new']}")
-    return table
+    return pf, data
+
+
+def _check_decoded(store: Path, path: Path, pf: pq.ParquetFile, decoded: pa.Schema,
+                   columns: Optional[Sequence[str]]) -> None:
+    got = {f.name: _plain(f.type) for f in pf.schema_arrow}
+    if {f.name: _plain(f.type) for f in decoded} != {n: t for n, t in got.items() if columns is None or n in columns}:
+        raise DamagedStore(store, path, f"decodes to columns {decoded.names}, not its footer's")
+
+
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A column's type with a dictionary read (``_read_batches(dictionary=)``) seen as its values'."""
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def read_delta(store_dir: str | Path, header: dict, verify: bool = True,
@@ -712,49 +754,121 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
 
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
-                  headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+                  headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None,
+                  split: Optional[str] = None) -> pd.DataFrame:
     """The full manifest of a snapshot (every row; every column unless ``columns``): its base (if
     :func:`resolve` starts at one), then its chain's deltas, root first, with ``snapshot_id``.
 
     ``columns``: decode only these, plus what ``verify`` checks (``sample_id``, ``label``,
     ``pack``); every file is still hashed whole. A reader of a few columns then holds a fraction of
-    the manifest: ``read_split``'s columns are ~half of a load's peak (issue 19 item 3)."""
+    the manifest: ``read_split``'s columns are ~half of a load's peak (issue 19 item 3).
+
+    ``split``: keep only that split's rows, indexed by their row in the full manifest. Every row is
+    still verified (hashes, labels, packs, no sample ingested twice); only the kept rows become
+    pandas objects, so a reader of the test split holds ~its share of the manifest (issue 19 item 3:
+    evaluate's load grew with N, ``bench/read_split_memory.py``)."""
     store = Path(store_dir)
     headers = headers if headers is not None else resolve(store, snapshot_id)
     unknown = set(columns or ()) - set(MANIFEST_COLUMNS)
     if unknown:
         raise ValueError(f"load_manifest: no such manifest column(s) {sorted(unknown)}")
-    want = MANIFEST_COLUMNS if columns is None else [
-        c for c in MANIFEST_COLUMNS if c in set(columns) | ({"sample_id", "label", "pack"} if verify else set())]
+    extra = ({"sample_id", "label", "pack"} if verify else set()) | ({"split"} if split is not None else set())
+    want = MANIFEST_COLUMNS if columns is None else [c for c in MANIFEST_COLUMNS if c in set(columns) | extra]
     delta_cols = None if columns is None else [c for c in DELTA_SCHEMA.names if c in want]
-    tables = []
+    base = _base_of(headers)
+    start = base["rows"] if base is not None else 0
+    ids: Optional[list] = [] if verify and split is not None else None
+    tables, kept = [], []
     for h in headers:
-        t = read_delta(store, h, verify, delta_cols)
-        if verify and t.num_rows:
-            labels = t.column("label").to_numpy()
-            if labels.min() < 0 or labels.max() >= len(h["class_names"]):
-                raise DamagedStore(store, _delta_path(store, h["delta"]["sha256"]), "has labels outside its class list")
-            packs = set(t.column("pack").unique().to_pylist())
-            if not packs <= set(h["packs"]):
-                raise DamagedStore(store, _delta_path(store, h["delta"]["sha256"]),
-                                   f"refers to packs its header does not name ({sorted(packs - set(h['packs']))})")
+        digest = h["delta"]["sha256"]
+        t, rows = _manifest_part(store, _delta_path(store, digest), digest, h, "delta manifest", DELTA_SCHEMA,
+                                 verify, delta_cols, split, start, ids, h["packs"])
         tables.append(t)
+        kept.append(rows)
+        start += h["n_new"]
     empty = DELTA_SCHEMA.empty_table()
     table = pa.concat_tables(tables) if tables else (empty if delta_cols is None else empty.select(delta_cols))
     df = table.to_pandas()
     if "snapshot_id" in want:
-        df["snapshot_id"] = np.repeat(np.array([h["id"] for h in headers], dtype=object), [h["n_new"] for h in headers])
+        df["snapshot_id"] = np.repeat(np.array([h["id"] for h in headers], dtype=object), [t.num_rows for t in tables])
+    del table, tables
     df = df[want]
-    if _base_of(headers) is not None:
-        base = read_base(store, headers[0], verify, None if columns is None else want)
-        if verify and len(base) and (base["label"].min() < 0 or base["label"].max() >= len(headers[0]["class_names"])):
-            raise DamagedStore(store, _base_path(store, headers[0]["base"]["manifest"], "parquet"),
-                               "has labels outside its class list")
-        df = pd.concat([base, df], ignore_index=True)
-    if verify and df["sample_id"].duplicated().any():
-        dup = df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
-        raise DamagedStore(store, header_path(store, headers[-1]["id"]), f"its history ingests rows twice: {_few(dup)}")
+    if split is not None:
+        df.index = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    if base is not None:
+        b = base["manifest"]
+        # a base's rows name the packs they were ingested in; its pixels file holds them now
+        bt, rows = _manifest_part(store, _base_path(store, b, "parquet"), b, {**headers[0], "n_new": base["rows"]},
+                                  "base manifest", BASE_SCHEMA, verify,
+                                  None if set(want) >= set(BASE_SCHEMA.names) else want, split, 0, ids, None)
+        part = bt.to_pandas()[want]
+        del bt
+        if split is not None:
+            part.index = rows
+        # an empty side would make its columns' dtype win (pandas 3: an empty object snapshot_id
+        # turns the base's str column into object), and a split's read often has one
+        df = pd.concat([f for f in (part, df) if len(f)] or [part], ignore_index=split is None)
+    if verify:
+        dup = _twice(pa.chunked_array(ids, pa.string())) if ids is not None else \
+            df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
+        if dup:
+            raise DamagedStore(store, header_path(store, headers[-1]["id"]), f"its history ingests rows twice: {_few(dup)}")
     return df
+
+
+def _manifest_part(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema, verify: bool,
+                   columns: Optional[Sequence[str]], split: Optional[str], start: int, ids: Optional[list],
+                   named: Optional[list]) -> tuple[pa.Table, np.ndarray]:
+    """One manifest file of a load (its rows are ``start``... of the full manifest), checked
+    (``verify``: labels in the header's class list, packs among ``named``). ``split``: decoded a
+    batch at a time and cut to that split's rows, returned with their row numbers; the sample ids
+    of every row go to ``ids`` (the caller's check that no row is ingested twice)."""
+    if split is None:
+        t = _read_table(store, path, digest, header, what, schema, verify, columns)
+        if verify and t.num_rows:
+            _check_rows_refer(store, path, t, header["class_names"], named)
+        return t, np.zeros(0, np.int64)
+    cols = [c for c in schema.names if c in columns] if columns is not None else schema.names
+    # split and pack names stay Arrow dictionaries (stored once, not once a row) until cut
+    batches = _read_batches(store, path, digest, header, what, schema, verify, cols,
+                            dictionary=[c for c in ("split", "pack") if c in cols])
+    parts, rows, at = [], [], start
+    for batch in batches:
+        if verify and batch.num_rows:
+            _check_rows_refer(store, path, batch, header["class_names"], named)
+        if ids is not None:
+            ids.append(batch.column("sample_id"))
+        mask = pc.equal(batch.column("split").cast(pa.string()), split)
+        # back to strings: pandas gets the object columns a full load gives
+        cut = batch.filter(mask)
+        parts.append(pa.record_batch([c.cast(pa.string()) if pa.types.is_dictionary(c.type) else c
+                                      for c in cut.columns], names=cut.schema.names))
+        rows.append(np.flatnonzero(mask.to_numpy(zero_copy_only=False)) + at)
+        at += batch.num_rows
+    plain = pa.schema([(n, _plain(schema.field(n).type)) for n in cols])
+    return pa.Table.from_batches(parts, plain), (np.concatenate(rows) if rows else np.zeros(0, np.int64))
+
+
+def _twice(ids: pa.ChunkedArray) -> list[str]:
+    """The values ``ids`` holds more than once (Arrow's hash table: ~the strings' bytes, no objects)."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return []
+    counts = pc.value_counts(ids)
+    return counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_pylist()
+
+
+def _check_rows_refer(store: Path, path: Path, t: pa.Table, class_names: list, named: Optional[list] = None
+                      ) -> None:
+    """A manifest file's labels are in its class list and (``named``) its packs are among those."""
+    labels = t.column("label")
+    if labels.null_count:
+        raise DamagedStore(store, path, f"has {labels.null_count} row(s) without a label")
+    if pc.min(labels).as_py() < 0 or pc.max(labels).as_py() >= len(class_names):
+        raise DamagedStore(store, path, "has labels outside its class list")
+    if named is not None:
+        packs = set(pc.unique(t.column("pack").cast(pa.string())).to_pylist())
+        if not packs <= set(named):
+            raise DamagedStore(store, path, f"refers to packs its header does not name ({sorted(packs - set(named))})")
 
 
 def read_manifest(store_dir: str | Path, snapshot_id: str) -> pd.DataFrame:
@@ -794,13 +908,15 @@ class _Source:
 
 def _sources(store: Path, headers: list[dict], manifest: pd.DataFrame) -> list[_Source]:
     """Where every row's pixels are: the base's pixels for the rows before the first header of a
-    :func:`resolve` list, then each pack the headers name (also those holding no manifest row)."""
+    :func:`resolve` list, then each pack the headers name (also those holding no manifest row).
+    ``manifest``: the full one, or some of its rows indexed by their row in it (a split's load)."""
     out, start = [], 0
     base = _base_of(headers)
+    at = _positions(manifest)
     if base is not None:
         start = base["rows"]
-        out.append(_Source(_base_path(store, base["pixels"], "npy"), base["pixels"], np.arange(start),
-                           np.arange(start), "base pixels"))
+        rows = np.arange(np.searchsorted(at, start))
+        out.append(_Source(_base_path(store, base["pixels"], "npy"), base["pixels"], rows, at[rows], "base pixels"))
     index = manifest["pack_index"].to_numpy()
     groups = _rows_by_pack(headers, manifest, start)
     named = {p for h in headers for p in h["packs"]}
@@ -824,20 +940,28 @@ def _open_pack(store: Path, src: _Source, shape: tuple[int, ...], manifest: pd.D
     return arr
 
 
+def _positions(manifest: pd.DataFrame) -> np.ndarray:
+    """Each row's place in the full manifest: its index (0..N-1 for a full load, ascending)."""
+    return manifest.index.to_numpy()
+
+
 def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame, start: int = 0) -> dict[str, np.ndarray]:
-    """Rows of each pack, the headers' rows starting at manifest row ``start``. A header's rows are
-    one contiguous run of the full manifest, and the writer puts them in one pack, so this is a
+    """Rows of each pack, the headers' rows starting at full-manifest row ``start``. A header's rows
+    are one contiguous run of the full manifest, and the writer puts them in one pack, so this is a
     slice per header; a header naming several packs is grouped (valid, never written by this code)."""
     out: dict[str, list[np.ndarray]] = {}
+    at = _positions(manifest)
+    lo = int(np.searchsorted(at, start))
     for h in headers:
-        end = start + h["n_new"]
-        if end > start:
+        start += h["n_new"]
+        hi = int(np.searchsorted(at, start))
+        if hi > lo:
             if len(h["packs"]) == 1:
-                out.setdefault(h["packs"][0], []).append(np.arange(start, end))
+                out.setdefault(h["packs"][0], []).append(np.arange(lo, hi))
             else:
-                for pack, rows in _pack_groups(manifest.iloc[start:end]):
-                    out.setdefault(pack, []).append(rows + start)
-        start = end
+                for pack, rows in _pack_groups(manifest.iloc[lo:hi]):
+                    out.setdefault(pack, []).append(rows + lo)
+        lo = hi
     return {p: np.concatenate(r) for p, r in out.items()}
 
 
@@ -959,7 +1083,8 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
-                  lazy: bool = False, hash_packs: bool = True, columns: Optional[Sequence[str]] = None) -> Snapshot:
+                  lazy: bool = False, hash_packs: bool = True, columns: Optional[Sequence[str]] = None,
+                  split: Optional[str] = None) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
     ``verify`` checks the headers and deltas a load reads (:func:`resolve`: from the newest base
@@ -975,6 +1100,9 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
 
     ``columns``: the manifest holds only these (see :func:`load_manifest`) and what the loading and
     its checks need (``sample_id``, ``sha256``, ``label``, ``pack``, ``pack_index``).
+
+    ``split``: only that split's rows (manifest and pixels), the manifest indexed by their row in
+    the full one; the whole chain is still verified (:func:`load_manifest`).
     """
     store = Path(store_dir)
     check_format(store)
@@ -982,7 +1110,7 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     meta = headers[-1]
     if columns is not None:
         columns = [*columns, "sample_id", "sha256", "label", "pack", "pack_index"]  # what the checks read
-    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns)
+    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns, split=split)
     if deep or (verify and (hash_packs or not lazy)):
         verify_packs(store, headers, manifest, deep=deep)
     shape = tuple(int(x) for x in meta["image_shape"])
@@ -1015,15 +1143,17 @@ def read_split(store_dir: str | Path, snapshot_id: str, split: str, lazy: bool =
     whole, and each row read is checked against its manifest sha256 instead. ``lazy``: the images
     stay lazy rows (``pipeline.data.rows``), checked here a chunk at a time; a later read of a
     pack replaced since is refused by the rows' file identity check."""
-    # only the columns a split needs: the manifest's load is this reader's peak, ~half of it the
-    # provenance and file columns (bench/read_split_memory.py)
-    snap = load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False, columns=("split",))
+    # only the columns and rows a split needs: the manifest's load is this reader's peak; the
+    # provenance and file columns were ~half of it, the other splits' rows ~4/5 of the rest
+    # (bench/read_split_memory.py)
+    snap = load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False, columns=("split",),
+                         split=split)
     images, labels, ids = snap.split(split)
     if not lazy:
         images = np.asarray(images)
-    sha = snap.manifest.loc[(snap.manifest["split"] == split).to_numpy(), "sha256"].astype(str).tolist()
+    sha = snap.manifest["sha256"].astype(str).tolist()
     class_names = [str(c) for c in snap.class_names]
-    del snap  # the whole manifest was read to verify the chain; the caller keeps one split
+    del snap  # the whole chain was read to verify it; the caller keeps one split
     # glibc keeps the freed manifest resident (~0.5 KB a row of the snapshot: evaluate grew with
     # N, bench/results/scale_eval_300k.md); hand it back before the caller's long work
     heap.release()
