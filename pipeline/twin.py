@@ -35,8 +35,9 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
 
     snapshot_id = store_mod.read_pointer(args.pointer)["snapshot_id"]
     # lazy, as in the train stage: rows read from the packs as training asks; of the manifest only
-    # what a split needs (half the load's peak, bench/results/read_split_columns_100k.log; issue 19 item 3)
-    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True, columns=("split",))
+    # the columns and rows the train split needs (the load's peak, bench/results/read_split_columns_100k.log
+    # and read_split_rows.log; issue 19 item 3)
+    snap = store_mod.load_snapshot(args.store, snapshot_id, verify=True, lazy=True, columns=("split",), split="train")
     images, labels, _ids = snap.split("train")
     class_names = list(snap.class_names)
     del snap

@@ -35,6 +35,9 @@ def setup(tmp_path_factory):
                           "--report", str(root / "snapshot_report.json")]) == 0
     assert twin.main(["--params", str(params), "--store", str(st), "--pointer", str(ptr),
                       "--checkpoint", str(root / "twin.safetensors"), "--report", str(root / "twin.json")]) == 0
+    # the twin trains on exactly the train split (read with load_snapshot(split="train"))
+    man = store.read_manifest(st, store.read_pointer(ptr)["snapshot_id"])
+    assert json.loads((root / "twin.json").read_text())["train_rows"] == int((man["split"] == "train").sum()) < len(man)
     return {"root": root, "store": st, "pointer": ptr, "twin": root / "twin.safetensors",
             "twin_report": root / "twin.json"}
 
