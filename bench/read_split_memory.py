@@ -1,7 +1,7 @@
 """Resident memory a test-split read leaves behind, with and without ``store.read_split``'s heap
 trim (issue 19 item 3), on a workspace's current snapshot.
 
-    python bench/read_split_memory.py WORKSPACE [--no-trim] [--all-columns]
+    python bench/read_split_memory.py WORKSPACE [--no-trim] [--all-columns] [--train-view]
 
 WORKSPACE: one with a snapshot (``bench/append_profile.py --keep DIR``, ``bench/scale.py --work``).
 ``--no-trim`` replaces ``heap.release`` with a no-op: the code before the trim. ``--all-columns``
@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("workspace")
     ap.add_argument("--no-trim", action="store_true")
     ap.add_argument("--all-columns", action="store_true")
+    ap.add_argument("--train-view", action="store_true",
+                    help="measure the train stage's load instead (view.load_training_view, lazy): the train split")
     args = ap.parse_args()
     ws = Path(args.workspace)
     if args.no_trim:
@@ -48,11 +50,16 @@ def main() -> int:
     sid = json.loads((ws / "data/snapshot.json").read_text())["snapshot_id"]
     before = status()
     t0 = time.perf_counter()
-    _, labels, _, _ = store.read_split(ws / "data/store", sid, "test", lazy=True)
+    if args.train_view:
+        from pipeline.data import view
+
+        labels = view.load_training_view(ws / "data/view", ws / "data/store", verify=True, lazy=True).labels
+    else:
+        _, labels, _, _ = store.read_split(ws / "data/store", sid, "test", lazy=True)
     seconds = time.perf_counter() - t0
     after = status()
     what = ", ".join(["no trim" if args.no_trim else "trim", "all columns" if args.all_columns else "split's columns"])
-    print(f"{what}: {len(labels)} test rows of snapshot {sid[:12]}: RssAnon "
+    print(f"{what}: {len(labels)} {'train-view' if args.train_view else 'test'} rows of snapshot {sid[:12]}: RssAnon "
           f"{before['RssAnon']} -> {after['RssAnon']} MiB (+{after['RssAnon'] - before['RssAnon']}), VmHWM "
           f"{before['VmHWM']} -> {after['VmHWM']} (+{after['VmHWM'] - before['VmHWM']}); {seconds:.2f} s")
     return 0

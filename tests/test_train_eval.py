@@ -172,6 +172,26 @@ def test_tampered_sample_aborts_training(base_store, tmp_path, capsys):
     assert not (p["models"] / "candidate.pt").exists()
 
 
+def test_training_view_reads_only_the_train_rows(base_store, monkeypatch):
+    """Issue 19 item 3: the train stage's load keeps the train split's rows and the columns they
+    need, not the whole manifest (~1/3 of its peak at 1M rows); its rows and pixels are the full
+    snapshot's train split."""
+    from pipeline.data import store
+    from pipeline.data.view import load_training_view
+
+    sid = store.read_pointer(base_store["pointer"])["snapshot_id"]
+    full = store.load_snapshot(base_store["store"], sid)
+    train = (full.manifest["split"] == "train").to_numpy()
+    seen = []
+    real = store.load_snapshot
+    monkeypatch.setattr(store, "load_snapshot", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    tv = load_training_view(base_store["view"], base_store["store"], lazy=True)
+    assert len(seen[0].manifest) == train.sum() < len(train) and (seen[0].manifest["split"] == "train").all()
+    assert "source_uri" not in seen[0].manifest.columns
+    assert tv.sample_ids == full.manifest.loc[train, "sample_id"].tolist()
+    assert np.array_equal(np.asarray(tv.images), full.images[train])
+
+
 def test_evaluate_reads_only_the_test_split_and_checks_each_row_it_reads(backdoor_run, tmp_path, capsys):
     """Issue 19 item 2: evaluate reads the test rows only (the packs are not hashed whole) and
     checks each against its manifest sha256: a changed train row is not its business (training

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,7 +32,14 @@ def _trim():
 
 
 def release() -> bool:
-    """Return the C heap's free pages to the OS; True when the allocator supports it (glibc)."""
+    """Return the C heap's free pages to the OS; True when the allocator supports it (glibc).
+
+    Arrow's memory pool (mimalloc or jemalloc, not malloc) keeps what it freed too: ~190 MB after
+    the train stage's load of a 1M-row manifest (bench/read_split_memory.py --train-view). It is
+    asked to hand that back as well when pyarrow is loaded; the compute core does not import it."""
+    pa = sys.modules.get("pyarrow")
+    if pa is not None and hasattr(pa, "default_memory_pool"):
+        pa.default_memory_pool().release_unused()
     fn = _trim()
     if fn is None:
         return False

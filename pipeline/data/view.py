@@ -339,18 +339,28 @@ def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool
     from pipeline.data import store
 
     meta, records = read_view(view_dir)
-    snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify, lazy=lazy)
+    # the train split's rows and the columns they need: the whole manifest was ~1/3 of the train
+    # stage's peak at 1M rows (issue 19 item 3; bench/results/read_split_rows.log)
+    snap = store.load_snapshot(store_dir, meta["snapshot_id"], verify=verify, lazy=lazy, columns=("split",),
+                               split="train")
     images, labels, ids = snap.split("train")
+    class_names = list(snap.class_names)
+    del snap
     images, labels, rows = apply_records(images, labels, list(ids), records, verify=verify)
     quarantine = meta.get("quarantine")
     images, labels, ids, rows = drop_quarantined(images, labels, list(ids), rows, quarantine, verify=verify)
+    from pipeline.core import heap
+
+    # the manifest's load is freed; glibc and Arrow's pool would keep it resident through training
+    # (+303 -> +124 MiB kept after a 1M-row load, bench/read_split_memory.py --train-view)
+    heap.release()
     return TrainingView(
         images=images,
         labels=labels,
         sample_ids=[str(s) for s in ids],
         view_id=meta["view_id"],
         snapshot_id=meta["snapshot_id"],
-        class_names=list(snap.class_names),
+        class_names=class_names,
         attack=meta["attack"],
         poisoned_rows=rows,
         records=records,
