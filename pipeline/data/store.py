@@ -84,7 +84,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import heap
 from pipeline.core.hashing import sample_hash
-from pipeline.data.rows import as_list, as_strings, blank_strings
+from pipeline.data.rows import as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
 from pipeline.io import atomic_write_with
@@ -362,38 +362,36 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
     classes = parent.meta["class_names"]
     if not len(old):
         return
-    # The common case, vectorised in Arrow (no Python object per row): every earlier row present
-    # with the same hash, class and split.
-    pos = pc.index_in(as_strings(old["sample_id"]), value_set=as_strings(sample_ids))
-    if pos.null_count == 0:
-        p = pos.to_numpy(zero_copy_only=False)
-        same = (pc.equal(as_strings(hashes).take(pos), as_strings(old["sha256"])).to_numpy(zero_copy_only=False)
-                & (np.asarray(names, dtype=object)[p] == np.array(classes, dtype=object)[old["label"].to_numpy()])
-                & pc.equal(as_strings(np.asarray(splits).astype(str)[p]),
-                           as_strings(old["split"])).to_numpy(zero_copy_only=False))
-        if same.all():
-            return
-    sample_ids, hashes = as_list(sample_ids), as_list(hashes)
-    old_ids = old["sample_id"].tolist()
-    src = dict(zip(sample_ids, zip(hashes, np.asarray(names).tolist(), np.asarray(splits).tolist())))
-    old_ids = set(old_ids)
+    # Vectorised in Arrow and numpy (no Python object per row): which earlier rows are present with
+    # the same hash, class and split. Only the rows that are not, and the source's new rows, become
+    # Python objects for the messages: a refusal at 1M rows built a dict of every row (+340 MiB).
+    src_ids, old_ids = as_strings(sample_ids), as_strings(old["sample_id"])
+    pos = pc.index_in(old_ids, value_set=src_ids)
+    present = pos.is_valid().to_numpy(zero_copy_only=False)
+    p = pos.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    src_hash = as_strings(hashes)
+    old_hash = as_strings(old["sha256"])
+    old_label = old["label"].to_numpy()
+    names = np.asarray(names, dtype=object)
+    cur_split = np.asarray(splits).astype(str)
+    ok = (present
+          & pc.equal(src_hash.take(pa.array(p)), old_hash).to_numpy(zero_copy_only=False)
+          & (names[p] == np.array(classes, dtype=object)[old_label])
+          & pc.equal(as_strings(cur_split[p]), as_strings(old["split"])).to_numpy(zero_copy_only=False))
+    if ok.all():
+        return
     # Where vanished pixels went: the same hash under an id the parent did not have.
-    appeared: dict[str, list[str]] = {}
-    for sid, (h, _, _) in src.items():
-        if sid not in old_ids:
-            appeared.setdefault(h, []).append(sid)
+    appeared: dict[str, list[int]] = {}
+    for k in np.flatnonzero(~pc.is_in(src_ids, value_set=old_ids).to_numpy(zero_copy_only=False)):
+        appeared.setdefault(src_hash[int(k)].as_py(), []).append(int(k))
     problems: list[str] = []
-    for sid, h, label, split in zip(old["sample_id"].tolist(), old["sha256"].tolist(), old["label"].tolist(),
-                                    old["split"].tolist()):
-        cur = src.get(sid)
-        if cur is not None and cur[0] == h and cur[2] == split and cur[1] == classes[int(label)]:
-            continue  # the common case, first
-        name = classes[int(label)]
-        if cur is None:
+    old_split = old["split"].to_numpy()
+    for i in np.flatnonzero(~ok):
+        sid, h, name, split = old_ids[int(i)].as_py(), old_hash[int(i)].as_py(), classes[int(old_label[i])], old_split[i]
+        if not present[i]:
             moved = appeared.get(h, [])
             if moved:
-                new_id = moved[0]
-                new_name = src[new_id][1]
+                new_id, new_name = src_ids[moved[0]].as_py(), names[moved[0]]
                 if new_name == name:
                     problems.append(f"{sid}: vanished; looks like a rename of {sid} to {new_id} (same pixels)")
                 else:
@@ -402,7 +400,7 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
             else:
                 problems.append(f"{sid}: vanished from the source")
             continue
-        ch, cname, csplit = cur
+        ch, cname, csplit = src_hash[int(p[i])].as_py(), names[p[i]], cur_split[p[i]]
         if ch != h:
             problems.append(f"{sid}: pixels changed (sha256 {h[:12]} -> {ch[:12]})")
         if cname != name:
