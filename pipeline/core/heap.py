@@ -34,9 +34,11 @@ def _trim():
 def release() -> bool:
     """Return the C heap's free pages to the OS; True when the allocator supports it (glibc).
 
-    Arrow's memory pool (mimalloc or jemalloc, not malloc) keeps what it freed too: ~190 MB after
-    the train stage's load of a 1M-row manifest (bench/read_split_memory.py --train-view). It is
-    asked to hand that back as well when pyarrow is loaded; the compute core does not import it."""
+    When pyarrow is loaded its pool is asked too. The stages run Arrow on the system allocator
+    (``pipeline/__init__``), which the trim reaches; but a setting in the environment wins, and a
+    process that imported pyarrow before ``pipeline`` keeps Arrow's default, mimalloc, which holds
+    freed buffers until asked (200 MiB of freed 100 kB buffers stayed resident through a trim,
+    tests/test_core.py). The compute core does not import pyarrow itself."""
     pa = sys.modules.get("pyarrow")
     if pa is not None and hasattr(pa, "default_memory_pool"):
         pa.default_memory_pool().release_unused()

@@ -351,8 +351,8 @@ def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool
     images, labels, ids, rows = drop_quarantined(images, labels, list(ids), rows, quarantine, verify=verify)
     from pipeline.core import heap
 
-    # the manifest's load is freed; glibc and Arrow's pool would keep it resident through training
-    # (+303 -> +124 MiB kept after a 1M-row load, bench/read_split_memory.py --train-view)
+    # the manifest's load is freed; glibc would keep it resident through training (+236-278 ->
+    # +59-70 MiB kept after a 1M-row load, bench/results/train_view_load_1m.log)
     heap.release()
     return TrainingView(
         images=images,
