@@ -224,6 +224,17 @@ def test_deleted_row_refused(env):
     env.refused(r"(?s)test/emu/01.png: vanished from the source")
 
 
+def test_a_source_that_lost_every_row_is_refused_naming_each(env):
+    """The refusal's checks index the source's rows by the parent's: with no source row at all,
+    every earlier row is reported vanished, nothing crashes (called with the empty source's
+    columns directly: the source readers refuse an empty folder before they get here)."""
+    sid = env.run()["snapshot_id"]
+    parent = store.load_parent(env.store, sid)
+    with pytest.raises(SnapshotRefused, match="rewrote 18 row") as exc:
+        store._refuse_rewrites(parent, [], [], np.zeros(0, object), np.zeros(0, str))
+    assert sorted(exc.value.problems) == sorted(f"{i}: vanished from the source" for i in parent.manifest["sample_id"])
+
+
 def test_rename_refused_as_rename(env):
     env.run()
     (env.src / "train" / "cat" / "01.png").rename(env.src / "train" / "cat" / "renamed.png")

@@ -374,10 +374,11 @@ def _refuse_rewrites(parent: Parent, sample_ids: list[str], hashes: list[str], n
     old_label = old["label"].to_numpy()
     names = np.asarray(names, dtype=object)
     cur_split = np.asarray(splits).astype(str)
-    ok = (present
-          & pc.equal(src_hash.take(pa.array(p)), old_hash).to_numpy(zero_copy_only=False)
-          & (names[p] == np.array(classes, dtype=object)[old_label])
-          & pc.equal(as_strings(cur_split[p]), as_strings(old["split"])).to_numpy(zero_copy_only=False))
+    ok = present if not len(src_ids) else (  # an empty source: every row vanished, nothing to index
+        present
+        & pc.equal(src_hash.take(pa.array(p)), old_hash).to_numpy(zero_copy_only=False)
+        & (names[p] == np.array(classes, dtype=object)[old_label])
+        & pc.equal(as_strings(cur_split[p]), as_strings(old["split"])).to_numpy(zero_copy_only=False))
     if ok.all():
         return
     # Where vanished pixels went: the same hash under an id the parent did not have.

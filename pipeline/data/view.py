@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from pipeline.core import heap
 from pipeline.core.attacks import apply_trigger
 from pipeline.core.hashing import sample_hash
 from pipeline.data.store import IntegrityError
@@ -349,8 +350,6 @@ def load_training_view(view_dir: str | Path, store_dir: str | Path, verify: bool
     images, labels, rows = apply_records(images, labels, list(ids), records, verify=verify)
     quarantine = meta.get("quarantine")
     images, labels, ids, rows = drop_quarantined(images, labels, list(ids), rows, quarantine, verify=verify)
-    from pipeline.core import heap
-
     # the manifest's load is freed; glibc would keep it resident through training (+236-278 ->
     # +59-70 MiB kept after a 1M-row load, bench/results/train_view_load_1m.log)
     heap.release()
