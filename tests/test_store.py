@@ -235,6 +235,16 @@ def test_a_source_that_lost_every_row_is_refused_naming_each(env):
     assert sorted(exc.value.problems) == sorted(f"{i}: vanished from the source" for i in parent.manifest["sample_id"])
 
 
+def test_a_source_listing_an_id_twice_is_refused():
+    """Each comparison with the parent takes one row per id; a reader that listed one twice (a bug,
+    or a hostile source plugin) is refused before any of them, naming the id."""
+    imgs = np.zeros((3, 2, 2, 1), np.uint8)
+    with pytest.raises(SnapshotRefused, match=r"lists 1 sample id\(s\) more than once.*train/a.png") as exc:
+        store.plan_snapshot(None, ["train/a.png", "train/b.png", "train/a.png"], ["1" * 64, "2" * 64, "3" * 64],
+                            np.zeros(3, np.int64), ["c"], np.array(["train"] * 3), ["u"] * 3, imgs, "t")
+    assert exc.value.problems == ["train/a.png: listed more than once"]
+
+
 def test_rename_refused_as_rename(env):
     env.run()
     (env.src / "train" / "cat" / "01.png").rename(env.src / "train" / "cat" / "renamed.png")
@@ -738,6 +748,28 @@ def test_a_history_that_ingests_a_row_twice_is_refused_by_a_split_read_too(env):
     for split in (None, "test"):
         with pytest.raises(store.DamagedStore, match="1 row.s. without a label"):
             store.load_manifest(env.store, store._sha256(hb), split=split)
+
+
+def test_a_split_load_still_checks_where_every_row_of_the_chain_points(env):
+    """A split's load sees only its rows' pixel places, but the pack must hold every row of the
+    chain: a forged (rehashed) history whose test rows point past the end of their pack is refused
+    by a train-split load too, as by a full one. deep (every row re-hashed) and a split conflict."""
+    root = env.run()["snapshot_id"]
+    h = store.read_header(env.store, root)
+    df = store.read_delta(env.store, h).to_pandas()
+    df.loc[df["split"] == "test", "pack_index"] = 999
+    data = store.delta_bytes(df)
+    (env.store / "deltas" / f"{store._sha256(data)}.parquet").write_bytes(data)
+    forged = {k: v for k, v in h.items() if k not in ("id", "features", "raw", "base")}
+    forged["delta"] = {**h["delta"], "sha256": store._sha256(data)}
+    hb = store.header_bytes(forged)
+    (env.store / "snapshots" / f"{store._sha256(hb)}.json").write_bytes(hb)
+    fid = store._sha256(hb)
+    for split in (None, "train"):
+        with pytest.raises(store.DamagedStore, match="not the rows the manifest expects"):
+            store.load_snapshot(env.store, fid, lazy=True, split=split)
+    with pytest.raises(ValueError, match="deep re-hashes every row"):
+        store.load_snapshot(env.store, root, deep=True, split="train")
 
 
 def test_packs_are_written_in_chunks_byte_for_byte_as_np_save(tmp_path):

@@ -282,6 +282,11 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     store for a transformed source (issue 19 item 5).
     """
     n = len(sample_ids)
+    ids_a = as_strings(sample_ids)
+    if n and pc.count_distinct(ids_a).as_py() != n:  # one id, one row: the comparisons below rely on it
+        dup = _twice(pa.chunked_array([ids_a]))
+        raise SnapshotRefused(f"the source lists {len(dup)} sample id(s) more than once (each row needs an id of its "
+                              f"own; nothing was written): {_few(dup)}", [f"{d}: listed more than once" for d in dup])
     decoded = np.ones(n, bool) if decoded is None else np.asarray(decoded, bool)
     if int(decoded.sum()) != len(images):
         raise ValueError(f"{int(decoded.sum())} rows marked decoded but {len(images)} images given")
@@ -305,7 +310,6 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         store_classes += sorted(set(class_names) - set(store_classes))
         _refuse_rewrites(parent, sample_ids, hashes, names, splits)
     store_index = {c: i for i, c in enumerate(store_classes)}
-    ids_a = as_strings(sample_ids)
     # Which rows are new, by Arrow's hash join: no Python set of every earlier id (issue 19 item 3).
     is_new = (~pc.is_in(ids_a, value_set=as_strings(old["sample_id"])).to_numpy(zero_copy_only=False) if len(old)
               else np.ones(n, bool))
@@ -766,6 +770,15 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     still verified (hashes, labels, packs, no sample ingested twice); only the kept rows become
     pandas objects, so a reader of the test split holds ~its share of the manifest (issue 19 item 3:
     evaluate's load grew with N, ``bench/read_split_memory.py``)."""
+    return _load_manifest(store_dir, snapshot_id, verify, headers, columns, split)[0]
+
+
+def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
+                   headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None,
+                   split: Optional[str] = None) -> tuple[pd.DataFrame, Optional[dict[str, int]]]:
+    """:func:`load_manifest`, and with ``split`` the rows each pack must hold for every row of the
+    chain (its highest ``pack_index`` + 1): the pixel checks of a split's load cannot see the
+    other splits' rows, so they are measured here (None without ``split``)."""
     store = Path(store_dir)
     headers = headers if headers is not None else resolve(store, snapshot_id)
     unknown = set(columns or ()) - set(MANIFEST_COLUMNS)
@@ -777,11 +790,12 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     base = _base_of(headers)
     start = base["rows"] if base is not None else 0
     ids: Optional[list] = [] if verify and split is not None else None
+    need: Optional[dict[str, int]] = {} if split is not None else None
     tables, kept = [], []
     for h in headers:
         digest = h["delta"]["sha256"]
         t, rows = _manifest_part(store, _delta_path(store, digest), digest, h, "delta manifest", DELTA_SCHEMA,
-                                 verify, delta_cols, split, start, ids, h["packs"])
+                                 verify, delta_cols, split, start, ids, h["packs"], need)
         tables.append(t)
         kept.append(rows)
         start += h["n_new"]
@@ -789,7 +803,9 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     table = pa.concat_tables(tables) if tables else (empty if delta_cols is None else empty.select(delta_cols))
     df = table.to_pandas()
     if "snapshot_id" in want:
-        df["snapshot_id"] = np.repeat(np.array([h["id"] for h in headers], dtype=object), [t.num_rows for t in tables])
+        # the string dtype pandas gives the other columns (pandas 3: str, even for no rows)
+        df["snapshot_id"] = pd.array(np.repeat(np.array([h["id"] for h in headers], dtype=object),
+                                               [t.num_rows for t in tables]), dtype=df["sample_id"].dtype)
     del table, tables
     df = df[want]
     if split is not None:
@@ -797,9 +813,13 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     if base is not None:
         b = base["manifest"]
         # a base's rows name the packs they were ingested in; its pixels file holds them now
+        # its ids first: the chunks then follow the manifest's order, as the full load's message does
+        base_ids: Optional[list] = [] if ids is not None else None
         bt, rows = _manifest_part(store, _base_path(store, b, "parquet"), b, {**headers[0], "n_new": base["rows"]},
                                   "base manifest", BASE_SCHEMA, verify,
-                                  None if set(want) >= set(BASE_SCHEMA.names) else want, split, 0, ids, None)
+                                  None if set(want) >= set(BASE_SCHEMA.names) else want, split, 0, base_ids, None, None)
+        if ids is not None:
+            ids[:0] = base_ids
         part = bt.to_pandas()[want]
         del bt
         if split is not None:
@@ -812,16 +832,17 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
             df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
         if dup:
             raise DamagedStore(store, header_path(store, headers[-1]["id"]), f"its history ingests rows twice: {_few(dup)}")
-    return df
+    return df, need
 
 
 def _manifest_part(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema, verify: bool,
                    columns: Optional[Sequence[str]], split: Optional[str], start: int, ids: Optional[list],
-                   named: Optional[list]) -> tuple[pa.Table, np.ndarray]:
+                   named: Optional[list], need: Optional[dict[str, int]]) -> tuple[pa.Table, np.ndarray]:
     """One manifest file of a load (its rows are ``start``... of the full manifest), checked
     (``verify``: labels in the header's class list, packs among ``named``). ``split``: decoded a
     batch at a time and cut to that split's rows, returned with their row numbers; the sample ids
-    of every row go to ``ids`` (the caller's check that no row is ingested twice)."""
+    of every row go to ``ids`` (the caller's check that no row is ingested twice), and each pack's
+    highest ``pack_index`` + 1 over every row to ``need``."""
     if split is None:
         t = _read_table(store, path, digest, header, what, schema, verify, columns)
         if verify and t.num_rows:
@@ -837,6 +858,11 @@ def _manifest_part(store: Path, path: Path, digest: str, header: dict, what: str
             _check_rows_refer(store, path, batch, header["class_names"], named)
         if ids is not None:
             ids.append(batch.column("sample_id"))
+        if need is not None and batch.num_rows and "pack_index" in batch.schema.names:
+            top = pa.table({"pack": batch.column("pack").cast(pa.string()), "i": batch.column("pack_index")}
+                           ).group_by("pack").aggregate([("i", "max")])
+            for pack, i in zip(top.column("pack").to_pylist(), top.column("i_max").to_pylist()):
+                need[pack] = max(need.get(pack, 0), int(i) + 1)
         mask = pc.equal(batch.column("split").cast(pa.string()), split)
         # back to strings: pandas gets the object columns a full load gives
         cut = batch.filter(mask)
@@ -903,25 +929,30 @@ class _Source:
     rows: np.ndarray  # the manifest rows it holds
     index: np.ndarray  # their places in the file
     what: str  # for messages
+    need: int = 0  # rows the file must hold: every row of the chain's, also those a split's load leaves out
 
 
-def _sources(store: Path, headers: list[dict], manifest: pd.DataFrame) -> list[_Source]:
+def _sources(store: Path, headers: list[dict], manifest: pd.DataFrame,
+             need: Optional[dict[str, int]] = None) -> list[_Source]:
     """Where every row's pixels are: the base's pixels for the rows before the first header of a
     :func:`resolve` list, then each pack the headers name (also those holding no manifest row).
-    ``manifest``: the full one, or some of its rows indexed by their row in it (a split's load)."""
+    ``manifest``: the full one, or some of its rows indexed by their row in it (a split's load),
+    then with ``need``: the rows each pack must hold for every row of the chain."""
     out, start = [], 0
     base = _base_of(headers)
     at = _positions(manifest)
     if base is not None:
         start = base["rows"]
         rows = np.arange(np.searchsorted(at, start))
-        out.append(_Source(_base_path(store, base["pixels"], "npy"), base["pixels"], rows, at[rows], "base pixels"))
+        out.append(_Source(_base_path(store, base["pixels"], "npy"), base["pixels"], rows, at[rows], "base pixels",
+                           start))
     index = manifest["pack_index"].to_numpy()
     groups = _rows_by_pack(headers, manifest, start)
     named = {p for h in headers for p in h["packs"]}
     for pack in sorted(named | set(groups)):
         rows = groups.get(pack, np.zeros(0, np.int64))
-        out.append(_Source(_pack_path(store, pack), pack, rows, index[rows], "pack"))
+        out.append(_Source(_pack_path(store, pack), pack, rows, index[rows], "pack",
+                           (need or {}).get(pack, 0)))
     return out
 
 
@@ -934,7 +965,8 @@ def _open_pack(store: Path, src: _Source, shape: tuple[int, ...], manifest: pd.D
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, OSError, EOFError) as exc:
         raise DamagedStore(store, path, f"is unreadable ({exc})") from None
-    if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != tuple(shape) or (len(src.index) and src.index.max() >= len(arr)):
+    if (arr.dtype != np.uint8 or tuple(arr.shape[1:]) != tuple(shape) or len(arr) < src.need
+            or (len(src.index) and src.index.max() >= len(arr))):
         raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
     return arr
 
@@ -965,13 +997,13 @@ def _rows_by_pack(headers: list[dict], manifest: pd.DataFrame, start: int = 0) -
 
 
 def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFrame, deep: bool = False,
-                 stats_out: Optional[VerifyStats] = None) -> VerifyStats:
+                 stats_out: Optional[VerifyStats] = None, need: Optional[dict[str, int]] = None) -> VerifyStats:
     """Hash every pack the headers name, and the base they start from (``deep``: every sample too)
-    against its recorded sha256."""
+    against its recorded sha256. ``need``: ``manifest`` is a split's (see :func:`_sources`)."""
     store = Path(store_dir)
     st = stats_out or VerifyStats()
     shape = tuple(headers[-1]["image_shape"])
-    for src in _sources(store, headers, manifest):
+    for src in _sources(store, headers, manifest, need):
         arr = _open_pack(store, src, shape, manifest, headers[-1]["id"])
         actual = file_sha256(src.path)
         st.bytes_hashed += src.path.stat().st_size
@@ -979,7 +1011,9 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
         if actual != src.digest:
             bad = _bad_rows(arr, src, manifest)
             detail = (f"{len(bad)} row(s) of snapshot {headers[-1]['id'][:12]} do not match their sha256: {_few(bad)}"
-                      if bad else "its rows still match, so bytes outside them changed")
+                      if bad else "the rows this load reads still match, so rows it does not read or bytes outside "
+                                  "them changed" if need is not None else
+                      "its rows still match, so bytes outside them changed")
             raise DamagedStore(store, src.path, f"does not match its sha256 (now {actual[:12]}...); {detail}")
         if deep:
             bad = _bad_rows(arr, src, manifest)
@@ -1109,12 +1143,14 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     meta = headers[-1]
     if columns is not None:
         columns = [*columns, "sample_id", "sha256", "label", "pack", "pack_index"]  # what the checks read
-    manifest = load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns, split=split)
+    if deep and split is not None:
+        raise ValueError("load_snapshot: deep re-hashes every row; a split's load reads some (drop split or deep)")
+    manifest, need = _load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns, split=split)
     if deep or (verify and (hash_packs or not lazy)):
-        verify_packs(store, headers, manifest, deep=deep)
+        verify_packs(store, headers, manifest, deep=deep, need=need)
     shape = tuple(int(x) for x in meta["image_shape"])
     meta = {k: v for k, v in meta.items() if k != _BASE_USED}
-    sources = [src for src in _sources(store, headers, manifest) if len(src.rows)]
+    sources = [src for src in _sources(store, headers, manifest, need) if len(src.rows)]
     if lazy:  # pixels read on demand (pipeline.data.rows): memory grows with what is read
         from pipeline.data.rows import LazyRows, file_identity
 
