@@ -193,6 +193,32 @@ def test_first_snapshot_cross_label_exact_duplicates(digits_split):
     assert DS.duplicate_mask(hashes).sum() == 4
 
 
+def test_label_conflicts_match_a_groupby():
+    """The numpy codes of label_conflicts give the table a pandas groupby on the strings gives."""
+    def by_groupby(hashes, labels):
+        df = pd.DataFrame({"sha256": pd.Series(hashes, dtype=object), "label": np.asarray(labels, np.int64)})
+        g = df.groupby("sha256")["label"]
+        nlab = g.nunique()
+        out = []
+        for h in nlab[nlab > 1].index:
+            idx = np.flatnonzero(df["sha256"].to_numpy() == h)
+            out.append((h, len(idx), int(nlab[h]), sorted(set(df["label"].iloc[idx].tolist())), idx.tolist()))
+        return out
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = int(rng.integers(0, 400))
+        pool = [f"{k:064x}" for k in rng.permutation(max(1, n // 3) + 5)]
+        hashes = [pool[i] if rng.random() > 0.05 else None for i in rng.integers(0, len(pool), n)]
+        labels = rng.integers(0, 1 + trial % 4, n)
+        t = S.label_conflicts(hashes, labels)
+        got = [(r.sha256, r.n_rows, r.n_labels, r.labels, r.rows) for r in t.itertuples()]
+        assert got == by_groupby(hashes, labels), trial
+        assert t["blocked"].all() and (t["p_gate"] == 0).all()
+    with pytest.raises(S.StatsError):
+        S.label_conflicts(["a", "b"], [1])
+
+
 def test_near_duplicate_pairs_match_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64)

@@ -159,6 +159,29 @@ def test_gx_and_pandas_judge_agree_on_every_case(gx_runs):
         assert V.check_statistics(run["tables"], v) == gx_verdict, name
 
 
+def test_gx_skips_its_batch_fingerprint(digits_cases, gx_runs, monkeypatch):
+    """GX's pandas engine hashes every batch whole (pandas_data_fingerprint); at 1M rows that cost
+    +363 MiB at validate's peak. run_gx switches it off and still judges every table."""
+    from great_expectations.core.batch_spec import RuntimeDataBatchSpec
+    from great_expectations.execution_engine import pandas_execution_engine as engine
+
+    calls = []
+    real = engine.hash_pandas_dataframe
+    monkeypatch.setattr(engine, "hash_pandas_dataframe", lambda df: calls.append(len(df)) or real(df))
+    case = digits_cases["cases"]["clean"]
+    # the premise: left alone, GX fingerprints a frame of this size when it makes a batch of it
+    _, markers = engine.PandasExecutionEngine().get_batch_data_and_markers(
+        RuntimeDataBatchSpec(batch_data=case["tables"].frames["samples"]))
+    assert calls and "pandas_data_fingerprint" in markers
+    calls.clear()
+    ok, results = V.run_gx(case["tables"], digits_cases["v"], None)
+    assert ok and "samples" in {r["details"]["table"] for r in results}
+    assert [(r["check"], r["column"], r["success"]) for r in results] == [
+        (r["check"], r["column"], r["success"]) for r in gx_runs["clean"]["results"]]
+    assert calls == []
+    assert engine.HASH_THRESHOLD == 1e9  # restored after the run
+
+
 def test_gx_flags_bad_labels_missing_provenance_and_conflicts(digits_cases):
     v = digits_cases["v"]
     s1 = digits_cases["s1"]

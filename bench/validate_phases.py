@@ -1,0 +1,75 @@
+"""Where the validate stage's memory goes, phase by phase, on a workspace ``bench/scale.py --work``
+left (issue 19 item 3). In one process, with this checkout's code, it runs what the stage runs on
+the pandas engine up to its judged tables (load, ``measure_view``, ``build_tables`` and inside it
+``samples_table`` and the significance tables) and prints, after each, the resident memory before
+and after and the process's peak so far (VmHWM: a phase's transient shows as a jump in it).
+
+    python bench/validate_phases.py WORKSPACE
+
+The GX run that follows ``build_tables`` is not included (``bench/stage_memory.py WS --stage
+validate`` measures the whole stage). One trial per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the stages)
+from pipeline import config  # noqa: E402
+from pipeline import validate as V  # noqa: E402
+from pipeline.data import significance as sig  # noqa: E402
+
+
+def status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) // 1024
+    return -1
+
+
+def timed(owner, name: str) -> None:
+    """Wrap ``owner.name`` so that each call prints its memory and seconds."""
+    inner = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        before, t = status("VmRSS"), time.perf_counter()
+        out = inner(*a, **k)
+        print(f"{name:24s} RSS {before:6d} -> {status('VmRSS'):6d} MiB   VmHWM {status('VmHWM'):6d} MiB   "
+              f"{time.perf_counter() - t:6.1f} s", flush=True)
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workspace")
+    args = ap.parse_args()
+    os.chdir(Path(args.workspace).resolve())
+    cfg = config.load("params.yaml")
+    v = cfg.validate
+    sid = json.loads(Path("data/snapshot.json").read_text())["snapshot_id"]
+    for name in ("_load_measurable", "measure_view", "samples_table", "build_tables"):
+        timed(V, name)
+    for name in ("count_tables", "label_conflicts", "near_duplicate_clusters"):
+        timed(sig, name)
+    print(f"{'start':24s} RSS {status('VmRSS'):6d} MiB")
+    snap, features = V._load_measurable("data/store", sid, v)
+    m = V.measure_view(snap, [], v, features=features)
+    del features
+    tables = V.build_tables(snap, m, v, None, None)
+    print(f"samples table: {len(tables.frames['samples'])} rows, "
+          f"{tables.frames['samples'].memory_usage(deep=True).sum() / 2**20:.0f} MiB (deep)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
