@@ -770,7 +770,7 @@ def gate_tables(rows: ViewRows, v: ValidateConfig, *, last: Optional[Reference],
     """
     frames = count_tables(row_counter(rows, last, root), v, last=last, root=root, rate_checks=rate_checks)
     names = rows.class_names
-    conflicts = label_conflicts(all_hashes, all_labels)  # no list copies: 1M Python ints were +36 MiB
+    conflicts = label_conflicts(all_hashes, all_labels)  # no list copies (1M labels as Python ints: ~36 MB)
     conflicts["labels"] = conflicts["labels"].map(lambda ls: [names[int(i)] for i in ls])
     if all_ids is not None:
         conflicts["sample_ids"] = conflicts["rows"].map(lambda rs: [str(all_ids[i]) for i in rs])
