@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.scale import proc_mib  # noqa: E402
 from pipeline.core import data as tdata  # noqa: E402
 from pipeline.core import heap  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
@@ -32,8 +33,7 @@ from pipeline.data import view as view_mod  # noqa: E402
 
 
 def anon_mib() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon")) // 1024
+    return proc_mib("RssAnon")["RssAnon"]
 
 
 @torch.no_grad()

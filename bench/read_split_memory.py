@@ -24,13 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402,F401  (the evaluate stage's baseline: torch loaded)
 
+from bench.scale import proc_mib  # noqa: E402
 from pipeline.data import store  # noqa: E402
 
 
 def status() -> dict:
-    with open("/proc/self/status") as fh:
-        return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in fh)
-                if k in ("RssAnon", "VmHWM")}
+    return proc_mib("RssAnon", "VmHWM")
 
 
 def main() -> int:

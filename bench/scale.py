@@ -65,6 +65,13 @@ CLASSES = 10
 INSPECT_MAX_ROWS = 100_000  # rows: above this the inspect step is skipped (hours on a 2-core CPU at 1M)
 
 
+def proc_mib(*keys: str) -> dict[str, int]:
+    """Fields of this process's /proc/self/status (RssAnon, VmRSS, VmHWM, ...) in MiB: the
+    in-process benchmarks' before/after readings."""
+    with open("/proc/self/status") as fh:
+        return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in fh) if k in keys}
+
+
 def write_rows(root: Path, start: int, stop: int, image: tuple[int, int, int] = (28, 28, 1)) -> list[Path]:
     """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; noise around a class
     level, so no two rows are equal (a duplicate would be a data-gate finding, not what this

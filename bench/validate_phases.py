@@ -22,17 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the stages)
+from bench.scale import proc_mib  # noqa: E402
 from pipeline import config  # noqa: E402
 from pipeline import validate as V  # noqa: E402
 from pipeline.data import significance as sig  # noqa: E402
 
 
 def status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) // 1024
-    return -1
+    return proc_mib(key)[key]
 
 
 def timed(owner, name: str) -> None:

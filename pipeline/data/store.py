@@ -283,8 +283,8 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     """
     n = len(sample_ids)
     ids_a = as_strings(sample_ids)
-    if n and pc.count_distinct(ids_a).as_py() != n:  # one id, one row: the comparisons below rely on it
-        dup = _twice(pa.chunked_array([ids_a]))
+    dup = _twice(pa.chunked_array([ids_a]))  # one id, one row: the comparisons below rely on it
+    if dup:
         raise SnapshotRefused(f"the source lists {len(dup)} sample id(s) more than once (each row needs an id of its "
                               f"own; nothing was written): {_few(dup)}", [f"{d}: listed more than once" for d in dup])
     decoded = np.ones(n, bool) if decoded is None else np.asarray(decoded, bool)
