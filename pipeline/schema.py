@@ -170,6 +170,9 @@ class TrainConfig:
     # on a CPU the device is the host: its resident copy (and the epoch's augmented one) is process memory
     host_resident_max_mib: int = 256
     loader_workers: int = 0  # DataLoader processes gathering streamed batches ahead (0 = in the loop)
+    # MiB: on the streamed path, host allocations this large get their own mapping, returned when
+    # freed (core.heap.map_large), so memory follows the batch, not the step count; 0 = glibc's default
+    stream_map_mib: int = 4
     tta: bool = False  # also report accuracy with flip+translate TTA (accuracy_tta); never gated
     # loss (issue 13): ce = softmax cross-entropy; lgm = large-margin Gaussian mixture
     # (core.losses; the model then gets an LGM head whose likelihood inspect uses as a score)
@@ -444,6 +447,7 @@ def check(cfg: Config) -> None:
     _number("train.resident_max_mib", t.resident_max_mib, 0, 1 << 30, integer=True)
     _number("train.host_resident_max_mib", t.host_resident_max_mib, 0, 1 << 30, integer=True)
     _number("train.loader_workers", t.loader_workers, 0, 256, integer=True)
+    _number("train.stream_map_mib", t.stream_map_mib, 0, 32, integer=True)  # 32 MiB: glibc's ceiling
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _number("train.lr", t.lr, 0.0, 100.0, lo_open=True)
     _number("train.weight_decay", t.weight_decay, 0.0, 1.0)

@@ -483,6 +483,55 @@ print(json.dumps([before, kept, anon()]))
     assert after < kept - 100, got
 
 
+def test_map_large_returns_big_blocks_freed_below_live_objects():
+    # the streamed epoch's resident memory wandered by hundreds of MiB from step to step (glibc kept
+    # freed activations of up to 32 MiB in its fragmented heap), so a longer epoch peaked higher
+    # (bench/results/train_phases_stream_map.log). 100 freed 3 MiB blocks, each under a kept 600-byte
+    # object: glibc's default keeps them; after map_large(1 MiB) each was its own mapping and is gone.
+    # A process of its own per mode: the setting lasts for the rest of the process.
+    from pipeline.core import heap
+
+    code = """
+import sys, numpy as np
+from pipeline.core import heap
+def anon():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith("RssAnon")) / 1024
+if sys.argv[1] == "map":
+    assert heap.map_large(1 << 20), "glibc's mallopt was not found"
+base, keep = anon(), []
+for _ in range(3):  # the first round's frees raise glibc's adaptive threshold above 3 MiB
+    big = []
+    for _ in range(100):
+        big.append(np.ones(3 << 20, np.uint8))
+        keep.append(bytearray(600))  # over pymalloc's 512 bytes: malloc'd, between the blocks
+    del big
+print(anon() - base)
+"""
+    kept = {mode: float(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
+                                       cwd=Path(__file__).resolve().parents[1]).stdout)
+            for mode in ("default", "map")}
+    assert kept["default"] > 200, f"glibc returned the freed blocks by itself: nothing to test here ({kept})"
+    assert kept["map"] < 50, kept
+    for bad in (0, -1, heap.MAP_LARGE_MAX_BYTES + 1):
+        with pytest.raises(ValueError, match="outside"):
+            heap.map_large(bad)
+
+
+def test_streamed_fit_maps_large_blocks_resident_fit_does_not(digits, monkeypatch):
+    from pipeline.core import train as core_train
+
+    calls = []
+    monkeypatch.setattr(core_train.heap, "map_large", lambda n: calls.append(n) or True)
+    xtr, ytr, *_ = digits
+    base = dict(epochs=1, batch_size=64, seed=0, device="cpu")
+    for extra, want in (({"data_path": "stream"}, [4 << 20]), ({"data_path": "stream", "stream_map_mib": 0}, []),
+                        ({"data_path": "stream", "stream_map_mib": 16}, [16 << 20]), ({"data_path": "resident"}, [])):
+        calls.clear()
+        train_model(xtr[:128], ytr[:128], 10, "small_cnn", 8, TrainSpec(**base, **extra))
+        assert calls == want, (extra, calls)
+
+
 def test_predict_memory_does_not_grow_with_the_batches():
     # predict_logits kept a list of per-batch logits; on a CPU each small kept tensor pinned the
     # batch's freed activations in glibc's heap, growing with the batches (bench/predict_memory.py:

@@ -18,17 +18,46 @@ import functools
 import sys
 
 
-@functools.lru_cache(maxsize=1)
-def _trim():
-    # The symbols already loaded into the process (libc's among them): no library search, which
-    # (ctypes.util.find_library) runs ldconfig in a subprocess and could fail once and stay failed.
+@functools.lru_cache(maxsize=None)
+def _libc(name: str, argtypes: tuple, restype):
+    """A function of the C library already loaded into the process, or None (no such symbol: musl,
+    macOS; no dlopen(NULL): Windows). No library search: ``ctypes.util.find_library`` runs ldconfig
+    in a subprocess and could fail once and stay failed."""
     try:
-        fn = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError):  # no dlopen(NULL) (Windows)
+        fn = getattr(ctypes.CDLL(None), name, None)
+    except (OSError, TypeError):
         return None
-    if fn is not None:  # None: a libc without malloc_trim (musl, macOS)
-        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    if fn is not None:
+        fn.argtypes, fn.restype = list(argtypes), restype
     return fn
+
+
+def _trim():
+    return _libc("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+
+
+# glibc's mallopt parameter number (malloc.h) and its ceiling on 64-bit: HEAP_MAX_SIZE / 2
+_M_MMAP_THRESHOLD = -3
+MAP_LARGE_MAX_BYTES = 32 * 2**20
+
+
+def map_large(min_bytes: int) -> bool:
+    """From now on, for the rest of the process, serve every C allocation of at least ``min_bytes``
+    from its own mapping, unmapped when it is freed; True when the allocator took the setting (glibc).
+
+    Why: glibc's default threshold adapts upwards (to the largest block freed so far, up to 32 MiB),
+    so a training loop's activations of a few MiB to 32 MiB come from the heap, and the heap's
+    fragmentation made resident memory wander by hundreds of MiB from one step to the next: the
+    longer the epoch, the higher its peak, which then grew with the row count at a fixed batch
+    size (bench/results/train_phases_stream_map.log). With a fixed threshold the resident memory
+    follows the live tensors. The cost: such blocks are mapped and zero-filled afresh each time.
+    Setting it also switches off glibc's adaptation; there is no call that turns it back on.
+    ``mallopt`` has no wrapper in a maintained library, hence ctypes (as :func:`release`)."""
+    min_bytes = int(min_bytes)
+    if not 0 < min_bytes <= MAP_LARGE_MAX_BYTES:
+        raise ValueError(f"map_large: {min_bytes} bytes is outside 1..{MAP_LARGE_MAX_BYTES} (glibc's ceiling)")
+    fn = _libc("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    return fn is not None and fn(_M_MMAP_THRESHOLD, min_bytes) == 1
 
 
 def release() -> bool:

@@ -163,12 +163,15 @@ def fit(
     ``spec.resident_max_mib`` (``spec.host_resident_max_mib`` on a CPU; ``spec.data_path: auto``) or ``data_path: stream``, is gathered
     batch by batch on the host through a DataLoader (``spec.loader_workers`` processes) and
     uploaded per batch: memory then grows with the batch size, not with N, and ``images`` may be
-    any (N, H, W, C) uint8 array-like (an ``np.memmap``). Both paths train on the same batches in
-    the same order, with the same crops and flips (tests/test_core.py). All randomness of the loop (the
-    per-epoch permutation, crop offsets and flips) comes from one ``torch.Generator`` on the
-    training device seeded with ``spec.seed``: nothing random crosses from the host, and a seed
-    gives the same run on the same device (CPU and CUDA draw different numbers). With
-    ``spec.augment`` the whole resident set is cropped+flipped once per epoch
+    any (N, H, W, C) uint8 array-like (an ``np.memmap``). On that path host allocations of at
+    least ``spec.stream_map_mib`` MiB get their own mapping (:func:`pipeline.core.heap.map_large`,
+    for the rest of the process), so resident memory follows one batch's tensors through the
+    epoch. Both paths train on the same batches in the same order, with the same crops and flips
+    (tests/test_core.py). All randomness of the loop (the per-epoch permutation, crop offsets and
+    flips) comes from one ``torch.Generator`` on the training device seeded with ``spec.seed``:
+    nothing random crosses from the host, and a seed gives the same run on the same device (CPU
+    and CUDA draw different numbers). With ``spec.augment`` the whole resident set is
+    cropped+flipped once per epoch
     (:func:`pipeline.core.augment.random_crop_flip`, reflect padding of :func:`augment_pad`
     pixels), then batches are gathered from it. Loss and accuracy are accumulated on the device
     and read once per epoch.
@@ -205,6 +208,8 @@ def fit(
     else:
         x_all = y_all = None
         labels_host = np.asarray(labels, dtype=np.int64)
+        if spec.stream_map_mib:  # flat host memory over the epoch (conf/train: stream_map_mib)
+            heap.map_large(int(spec.stream_map_mib) * 2**20)
 
     opt = make_optimizer(model, spec)
     steps = steps_per_epoch(n, spec.batch_size)
