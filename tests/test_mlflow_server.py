@@ -88,7 +88,12 @@ def test_train_and_evaluate_against_a_real_server(mlflow_server, tmp_path, monke
     assert run.info.status == "FINISHED"
     assert run.data.tags["snapshot_id"] == rep["snapshot_id"] and run.data.tags["attack"] == "backdoor"
     assert run.data.params["model.name"] == "small_cnn"
-    assert run.inputs.dataset_inputs[0].dataset.digest == rep["view_id"][:36]  # the training view used
+    ds = run.inputs.dataset_inputs[0].dataset
+    assert ds.digest == rep["view_id"][:36]  # the training view used
+    assert json.loads(ds.schema)["mlflow_colspec"] == [
+        {"type": "string", "name": "sample_id", "required": True}, {"type": "long", "name": "label", "required": True},
+        {"type": "boolean", "name": "poisoned", "required": True}]
+    assert json.loads(ds.profile) == {"num_rows": rep["train_rows"], "num_elements": 3 * rep["train_rows"]}
     metrics = json.loads((p["reports"] / "metrics.json").read_text())
     assert run.data.metrics["eval/accuracy"] == pytest.approx(metrics["accuracy"])
     assert run.data.metrics["eval/asr_max"] == pytest.approx(metrics["asr_max"])

@@ -466,3 +466,31 @@ def test_clear_spill_removes_only_files_of_dead_processes(tmp_path):
         f.write_bytes(b"1")
     sources.clear_spill(tmp_path)
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_an_unchanged_folder_read_shares_its_columns_with_the_new_stat_cache(tmp_path):
+    # issue 19 item 3: a no-op snapshot at 1M rows copied its hash columns into the new stat cache
+    # while the old cache was still alive (bench/results/snapshot_noop_1m.log); the values must not
+    # change, only the copies go
+    import time
+
+    root = make_folder(tmp_path / "src")
+    for spot in (0, 3):  # every file trusted by its stat, and a spot check re-reading some
+        cfg = DataConfig(name="imagefolder", path=str(root), workers=1, recheck_files=spot)
+        first = sources.read_source(cfg, spill_dir=tmp_path / "spill")
+        first.discard()
+        known = sources.KnownRows(first.sample_ids, first.hashes, first.file_sha256)
+        aged = sources.StatTable(first.stat.ids, first.stat.sha256, first.stat.file_sha256, size=first.stat.size,
+                                 mtime_ns=first.stat.mtime_ns, scan_ns=time.time_ns() + 2 * sources.RACY_NS)
+        again = sources.read_source(cfg, known=known, stat=aged, spill_dir=tmp_path / "spill")
+        again.discard()
+        n = len(first.sample_ids)
+        assert again.work["trusted"] == n - spot and int(again.decoded.sum()) == 0
+        assert again.sample_ids == first.sample_ids and not again.stat_changed
+        assert again.hashes.equals(first.hashes) and again.file_sha256.equals(first.file_sha256)
+        assert again.stat.sha256 is again.hashes and again.stat.file_sha256 is again.file_sha256  # no copy
+        assert again.stat.size.dtype == np.int64 and np.array_equal(again.stat.size, first.stat.size)
+    # KnownRows.take: the recorded value at each known position, "" where the id is unknown
+    known = sources.KnownRows(["a", "b", "c"], ["ha", "hb", "hc"], ["fa", "fb", "fc"])
+    assert known.take("sha256", known.positions(["c", "a"])).to_pylist() == ["hc", "ha"]
+    assert known.take("file_sha256", known.positions(["b", "zz"])).to_pylist() == ["fb", ""]

@@ -191,11 +191,15 @@ def log_view_input(view: Any, name: str, source: str) -> None:
     import warnings
 
     import mlflow
+    import numpy as np
     import pandas as pd
 
-    poisoned = set(view.poisoned_rows)
-    df = pd.DataFrame({"sample_id": view.sample_ids, "label": [int(x) for x in view.labels],
-                       "poisoned": [i in poisoned for i in range(len(view.sample_ids))]})
+    # numpy columns, not a Python int and bool per row (the same schema): at 808k train rows this
+    # step left +150-159 MiB resident, now +95-96 (bench/results/train_mlflow_input_1m.log)
+    poisoned = np.zeros(len(view.sample_ids), bool)
+    poisoned[np.fromiter(view.poisoned_rows, np.int64)] = True
+    df = pd.DataFrame({"sample_id": view.sample_ids, "label": np.asarray(view.labels, np.int64),
+                       "poisoned": poisoned})
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.filterwarnings("ignore", message=".*interpreted in multiple ways.*")
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
