@@ -28,7 +28,7 @@ WRAPPED = {
     "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "plan_snapshot", "write_snapshot"),
     "pipeline.data.sources": ("read_source",),
     "pipeline.snapshot": ("read_stat_cache", "write_stat_cache"),
-    "pipeline.data.stats": ("provenance", "duplicates"),
+    "pipeline.data.stats": ("row_features", "provenance", "duplicates"),
 }
 
 
