@@ -72,6 +72,13 @@ def proc_mib(*keys: str) -> dict[str, int]:
         return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in fh) if k in keys}
 
 
+def reset_peak() -> None:
+    """Set this process's peak-RSS counter (VmHWM) to its current RSS (Linux >= 4.0), so the next
+    reading of VmHWM is the peak of what ran since: a phase's own peak."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def write_rows(root: Path, start: int, stop: int, image: tuple[int, int, int] = (28, 28, 1)) -> list[Path]:
     """Rows start..stop-1: class i % 10, test when (i // 10) % 5 == 0; noise around a class
     level, so no two rows are equal (a duplicate would be a data-gate finding, not what this

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the stages)
-from bench.scale import proc_mib  # noqa: E402
+from bench.scale import proc_mib, reset_peak  # noqa: E402
 
 WRAPPED = {
     "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "plan_snapshot", "write_snapshot"),
@@ -30,11 +30,6 @@ WRAPPED = {
     "pipeline.snapshot": ("read_stat_cache", "write_stat_cache"),
     "pipeline.data.stats": ("row_features", "provenance", "duplicates"),
 }
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:  # Linux >= 4.0: VmHWM := VmRSS
-        fh.write("5")
 
 
 def timed(owner, name: str) -> None:

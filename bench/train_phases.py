@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the stages)
-from bench.scale import proc_mib  # noqa: E402
+from bench.scale import proc_mib, reset_peak  # noqa: E402
 
 
 class _Stop(Exception):
@@ -43,8 +43,7 @@ def phase(name: str, t0: float) -> None:
     m = proc_mib("VmHWM", "VmRSS", "RssAnon")
     print(f"{name:16s} peak {m['VmHWM']:6d} MiB   after: RSS {m['VmRSS']:6d}  anon {m['RssAnon']:6d} MiB   "
           f"{time.perf_counter() - t0:7.1f} s", flush=True)
-    with open("/proc/self/clear_refs", "w") as fh:  # Linux >= 4.0: VmHWM := VmRSS
-        fh.write("5")
+    reset_peak()
 
 
 def main() -> int:
@@ -69,10 +68,10 @@ def main() -> int:
     from pipeline.tracking import runs
 
     cfg = config.load("params.yaml")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, batch_size=args.batch_size,
-                                                             data_path="stream"))
+    probe = {"epochs": 1, "batch_size": args.batch_size, "data_path": "stream"}
     if args.map_mib is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stream_map_mib=args.map_mib))
+        probe["stream_map_mib"] = args.map_mib
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **probe))
     print(f"batch {cfg.train.batch_size}, streamed, train.stream_map_mib={cfg.train.stream_map_mib}", flush=True)
     phase("start", t0)
 
