@@ -442,7 +442,7 @@ def test_spilled_read_matches_the_in_memory_one_and_cleans_up(tmp_path):
         spill = tmp_path / f"spill-{path.name}"
         read = sources.read_source(DataConfig(name="imagefolder", path=str(path), workers=1), spill_dir=spill)
         assert isinstance(read.images, LazyRows) and len(list(spill.iterdir())) == 1
-        assert read.sample_ids == mem.sample_ids and np.array_equal(np.asarray(read.images), mem.images)
+        assert sources.as_list(read.sample_ids) == mem.sample_ids and np.array_equal(np.asarray(read.images), mem.images)
         assert sources.as_list(read.hashes) == sample_hashes(mem.images)
         read.discard()
         assert list(spill.iterdir()) == []
@@ -466,6 +466,78 @@ def test_clear_spill_removes_only_files_of_dead_processes(tmp_path):
         f.write_bytes(b"1")
     sources.clear_spill(tmp_path)
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_the_cache_vouches_only_where_its_pixel_hash_is_the_stores_compared_block_by_block(tmp_path, monkeypatch):
+    # issue 19 item 3: the cache's hashes are compared with the store's a block of rows at a time
+    # (no full column of either); a block boundary must not change which files are trusted
+    import time
+
+    monkeypatch.setattr(sources, "COMPARE_ROWS", 4)  # five blocks over the folder's 18 files
+    root = make_folder(tmp_path / "src")
+    cfg = DataConfig(name="imagefolder", path=str(root), workers=1, recheck_files=0)
+    first = sources.read_source(cfg, spill_dir=tmp_path / "spill")
+    first.discard()
+    n, bad = len(first), [3, 4, 13]  # the last row of a block, the first of the next, one inside
+    known = sources.KnownRows(first.sample_ids, first.hashes, first.file_sha256)
+    sha = sources.as_list(first.stat.sha256)
+    for i in bad:
+        sha[i] = "0" * 64  # the cache vouches for another pixel hash than the store recorded
+    cache = sources.StatTable(first.stat.ids, sha, first.stat.file_sha256, size=first.stat.size,
+                              mtime_ns=first.stat.mtime_ns, scan_ns=time.time_ns() + 2 * sources.RACY_NS)
+    again = sources.read_source(cfg, known=known, stat=cache, spill_dir=tmp_path / "spill")
+    again.discard()
+    assert again.work["trusted"] == n - len(bad) and again.work["read"] == len(bad)
+    assert again.work["confirmed_by_digest"] == len(bad) and int(again.decoded.sum()) == 0
+    assert sources.as_list(again.hashes) == sources.as_list(first.hashes)  # the store's, not the cache's
+    assert again.stat_changed and sources.as_list(again.stat.sha256) == sources.as_list(first.hashes)
+
+
+def test_patched_columns_are_the_recorded_one_unless_a_value_differs():
+    # what a folder read keeps per row: the recorded hash, or the one it read (issue 19 item 3)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 40))
+        rec = sources.as_strings([f"r{i}" for i in range(n)])
+        rows = np.sort(rng.choice(n, int(rng.integers(0, n + 1)), replace=False)).astype(np.int64)
+        vals = np.array([None if rng.random() < 0.1 else (f"r{r}" if rng.random() < 0.5 else f"f{r}") for r in rows],
+                        dtype=object)
+        want = sources.as_list(rec)
+        for r, v in zip(rows.tolist(), vals):
+            want[r] = "" if v is None else v
+        for max_runs in (10_000, 0):  # runs of slices, and the scattered case's if_else
+            got = sources._patched(rec, rows, vals, max_runs=max_runs)
+            assert got.to_pylist() == want and got.type == rec.type
+    rec = sources.as_strings(["a", "b", "c"])
+    assert sources._patched(rec, np.array([1]), np.array(["b"], object)) is rec  # nothing differs: no copy
+
+
+def test_take_strings_reads_each_chunk_where_it_is_and_gives_blank_for_unknown():
+    # KnownRows.take over a manifest of several deltas (a ChunkedArray): Arrow's take would
+    # concatenate the chunks first (issue 19 item 3); the rows and their order must not change
+    import pyarrow as pa
+
+    from pipeline.data.rows import take_strings
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        sizes = rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+        vals = [f"v{i}" for i in range(sum(sizes))]
+        it = iter(vals)
+        chunks = [pa.array([next(it) for _ in range(k)], pa.string()) for k in sizes]
+        col = pa.chunked_array(chunks, pa.string()) if rng.random() < 0.7 else pa.array(vals, pa.string())
+        pos = rng.integers(-1, len(vals), int(rng.integers(0, 12))) if vals else np.full(2, -1)
+        got = take_strings(col, pos)
+        assert isinstance(got, pa.Array) and got.type == pa.string()
+        assert got.to_pylist() == ["" if p < 0 else vals[p] for p in pos]
+    import pandas as pd
+
+    def two_deltas(a: list, b: list) -> pd.Series:  # a manifest column as a load of two deltas gives it
+        return pd.concat([pd.Series(a, dtype="str"), pd.Series(b, dtype="str")], ignore_index=True)
+
+    known = sources.KnownRows(two_deltas(["a", "b"], ["c"]), two_deltas(["ha", "hb"], ["hc"]), ["fa", "fb", "fc"])
+    assert isinstance(known.sha256, pa.ChunkedArray) and known.sha256.num_chunks == 2  # the path this is for
+    assert known.take("sha256", known.positions(["c", "zz", "a"])).to_pylist() == ["hc", "", "ha"]
 
 
 def test_an_unchanged_folder_read_shares_its_columns_with_the_new_stat_cache(tmp_path):

@@ -22,6 +22,7 @@ from pipeline import snapshot
 from pipeline.data import sources, stats, store
 from pipeline.config import DataConfig
 from pipeline.core.hashing import sample_hash
+from pipeline.data.rows import Prefixed
 from pipeline.data.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
 from tests.test_sources import make_folder, pixels, save
 
@@ -396,6 +397,56 @@ def test_plan_is_pure_and_refuses_shape_change(env):
     with pytest.raises(SnapshotRefused, match=r"one image shape"):
         store.plan_snapshot(parent, ["train/cat/new.png"], [sample_hash(imgs[0])], np.array([0]), ["cat"],
                             np.array(["train"]), ["u"], imgs, "t")
+
+
+def _data_buffer(column) -> int:
+    """Address of the first chunk's character data of a string column (pandas or Arrow)."""
+    arr = pa.array(column) if isinstance(column, pd.Series) else column
+    arr = arr.chunk(0) if isinstance(arr, pa.ChunkedArray) else arr
+    return arr.buffers()[2].address
+
+
+def test_a_cold_plan_and_an_append_share_the_columns_they_do_not_change(env, tmp_path):
+    # issue 19 item 3: a cold snapshot's plan copied every string column the read still held (+200
+    # MiB at 1M rows), and each write rebuilt the pack and snapshot_id columns of every earlier row
+    # (bench/results/snapshot_cold_phases_1m.log). Values must not change, only the copies go.
+    read = sources.read_source(env.cfg(), spill_dir=tmp_path / "spill")
+    assert isinstance(read.sample_ids, pa.Array)  # the listing's Python strings do not outlive the read
+    plan = store.plan_snapshot(None, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
+                               read.uris, read.images, "t", decoded=read.decoded, file_sizes=read.file_sizes,
+                               file_sha256=read.file_sha256)
+    m = plan.manifest
+    for col, given in (("sample_id", read.sample_ids), ("sha256", read.hashes), ("file_sha256", read.file_sha256)):
+        assert m[col].tolist() == sources.as_list(given)
+        assert _data_buffer(m[col]) == _data_buffer(given), f"{col} was copied"
+    # the URIs are made when the plan takes them, not by every read (a no-op takes none)
+    assert isinstance(read.uris, Prefixed) and len(read.uris) == len(m)
+    assert m["source_uri"].tolist() == [f"{env.src}::{i}" for i in sources.as_list(read.sample_ids)]
+    sid, man = store.write_snapshot(env.store, plan, {"key": "k"}, "t")
+    read.discard()
+    assert set(plan.manifest["pack"]) == {""} and set(plan.manifest["snapshot_id"]) == {""}  # the plan is untouched
+    assert set(man["snapshot_id"]) == {sid} and man["pack"].nunique() == 1
+    first = man
+    parent = store.load_parent(env.store, sid)
+    for i in range(3):
+        save(env.src / "train" / "cat" / f"new{i}.png", pixels(700 + i))
+    read = sources.read_source(env.cfg(), known=sources.KnownRows(parent.manifest["sample_id"], parent.manifest["sha256"],
+                                                                  parent.manifest["file_sha256"]),
+                               spill_dir=tmp_path / "spill")
+    plan = store.plan_snapshot(parent, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
+                               read.uris, read.images, "t2", decoded=read.decoded, file_sizes=read.file_sizes,
+                               file_sha256=read.file_sha256)
+    sid2, man2 = store.write_snapshot(env.store, plan, {"key": "k"}, "t2")
+    read.discard()
+    n = len(first)
+    assert len(man2) == n + 3 and man2["snapshot_id"].tolist() == [sid] * n + [sid2] * 3
+    assert man2["pack"].iloc[:n].tolist() == first["pack"].tolist() and man2["pack"].iloc[n:].nunique() == 1
+    assert man2["pack"].iloc[n] != first["pack"].iloc[0] and man2["snapshot_id"].dtype == first["snapshot_id"].dtype
+    assert man2["source_uri"].iloc[n:].tolist() == [f"{env.src}::train/cat/new{i}.png" for i in range(3)]
+    for col in ("pack", "snapshot_id"):  # the earlier rows' data is the parent's, not a rebuilt column
+        assert _data_buffer(man2[col]) == _data_buffer(plan.manifest[col]), f"{col} was rebuilt"
+    assert set(plan.manifest["pack"].iloc[n:]) == {""}
+    pd.testing.assert_frame_equal(man2, store.read_manifest(env.store, sid2))  # what was written reads back equal
 
 
 # ----------------------------------------------------------------------------- incremental reads (issue 19 item 1)

@@ -24,14 +24,41 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core.rows import take  # noqa: F401  (the data layer's callers import it from here)
 
 
+class Prefixed:
+    """A string column whose every value is ``prefix`` + the value of ``values`` at that row, made
+    only for the rows a caller takes: a folder source's URIs are its path + "::" + each sample id,
+    and the whole column (62 MiB at 1M files) was built on every read while a no-op takes none of
+    it (issue 19 item 3). :func:`as_strings` and :func:`as_list` give the whole column."""
+
+    def __init__(self, prefix: str, values: pa.Array):
+        self.prefix, self.values = prefix, values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, at) -> pa.Array:
+        return self._join(self.values.take(at))
+
+    def column(self) -> pa.Array:
+        return self._join(self.values)
+
+    def _join(self, values: pa.Array) -> pa.Array:
+        return pc.binary_join_element_wise(pa.scalar(self.prefix), values, pa.scalar(""))
+
+
 def as_strings(values) -> pa.Array:
-    """A column of strings as one Arrow ``string`` array: from a list, a numpy array, a pandas
-    column or an Arrow (chunked) array. Arrow, not Python objects: at 1M rows a column of
-    sha256 hex strings is 68 MB here against 121 MB as ``str`` objects (issue 19 item 3)."""
+    """A column of strings as an Arrow ``string`` array: from a list, a numpy array, a pandas
+    column, an Arrow (chunked) array or :class:`Prefixed`. Arrow, not Python objects: at 1M rows a
+    column of sha256 hex strings is 68 MB here against 121 MB as ``str`` objects (issue 19 item 3).
+    A pandas column of several chunks (a manifest loaded from several deltas) comes back as a
+    ChunkedArray sharing them: combining would copy the column (:func:`take_strings` reads it)."""
+    if isinstance(values, Prefixed):
+        return values.column()
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
     if isinstance(values, pa.Array):
@@ -39,8 +66,40 @@ def as_strings(values) -> pa.Array:
     return pa.array(values, pa.string())
 
 
+def take_strings(col: pa.Array | pa.ChunkedArray, pos: np.ndarray) -> pa.Array:
+    """``col`` (a string column) at ``pos``, "" where ``pos`` is -1, as one array.
+
+    Hand-written because Arrow's own ways cost a column or two more at the peak (issue 19 item 3:
+    the snapshot stage looks the store's 1M recorded hashes up this way on every run): ``take``
+    on a ChunkedArray (a manifest loaded from several deltas) concatenates the chunks first,
+    65 MiB for a hash column at 1M rows even for a take of 32 rows, and ``if_else`` for the ""
+    grows its output by doubling. Here each chunk is taken from where it is, the "" is one more
+    chunk, and the pieces are put back in ``pos``'s order."""
+    chunks = list(col.chunks) if isinstance(col, pa.ChunkedArray) else [col]
+    pos = np.asarray(pos, np.int64)
+    if (pos < 0).any():
+        pos = np.where(pos >= 0, pos, len(col))
+        chunks.append(pa.array([""], col.type))
+    chunks = [c for c in chunks if len(c)] or [pa.array([], col.type)]
+    bounds = np.cumsum([0] + [len(c) for c in chunks])
+    which = np.searchsorted(bounds, pos, side="right") - 1
+    if not len(pos) or which.min() == which.max():  # one chunk holds every row asked for
+        k = int(which[0]) if len(pos) else 0
+        return chunks[k].take(pa.array(pos - bounds[k]))
+    order = np.argsort(which, kind="stable")
+    ks, starts = np.unique(which[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    grouped = pa.concat_arrays([chunks[k].take(pa.array(pos[order[a:b]] - bounds[k]))
+                                for k, a, b in zip(ks.tolist(), starts.tolist(), ends.tolist())])
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return grouped.take(pa.array(back))
+
+
 def as_list(values) -> list:
     """A column as a Python list (for the per-row paths: error messages, archive members)."""
+    if isinstance(values, Prefixed):
+        values = values.column()
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         return values.to_pylist()
     return values if isinstance(values, list) else list(values)

@@ -109,7 +109,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.rows import as_list, as_strings, blank_strings
+from pipeline.data.rows import Prefixed, as_list, as_strings, blank_strings, take_strings
 from pipeline.schema import DataConfig
 from pipeline.console import progress_bar
 from pipeline.errors import UserError
@@ -119,6 +119,9 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_DEFAULT_PATH = "../shared/datasets/cifar10"
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 CHUNK_SIZE = 500  # images per task sent to a worker: large enough to amortise pickling
+# Rows per block when the stat cache's hashes are compared with the store's: a block's two hash
+# columns are ~8 MiB; a block of every row was 130 MiB at 1M files (issue 19 item 3).
+COMPARE_ROWS = 65536
 # Bytes per task: with at most 2 tasks per worker in flight, the undecoded bytes held stay near
 # (2 * workers + 2) * (CHUNK_BYTES + data.max_file_bytes), whatever the files' count or size.
 CHUNK_BYTES = 16 * 1024**2
@@ -186,10 +189,7 @@ class KnownRows:
         col = getattr(self, column)
         if not len(col):
             return blank_strings(len(pos))
-        hit = pos >= 0
-        got = col.take(pa.array(np.where(hit, pos, 0)))
-        # every id known (a no-op): no second copy of the column (65 MiB a hash column at 1M rows)
-        return got if hit.all() else pc.if_else(pa.array(hit), got, pa.scalar("", pa.string()))
+        return take_strings(col, pos)  # a manifest's chunks are not concatenated for it
 
     def get(self, sample_id: str) -> Optional[tuple[str, str]]:
         if self._pos is None:
@@ -224,11 +224,11 @@ class SourceRead:
     the parent snapshot was ingested from, so nothing was read and the row fields are empty.
     """
 
-    sample_ids: list[str]
+    sample_ids: list[str] | pa.Array  # a folder source's string columns are Arrow arrays (as_strings / as_list)
     class_names: list[str]
     labels: np.ndarray  # int64, index into class_names
     splits: np.ndarray
-    uris: list[str] | pa.Array  # a folder source's string columns are Arrow arrays (as_strings / as_list)
+    uris: list[str] | pa.Array | Prefixed  # a folder's: its path + "::" + each id, made for the rows taken
     hashes: list[str] | pa.Array  # pixel sha256 (core.hashing.sample_hash) of every row
     file_sizes: np.ndarray  # int64 bytes of the file each row came from; -1 when not a file
     file_sha256: list[str] | pa.Array  # sha256 of those bytes; "" when not a file or not read this run
@@ -543,7 +543,7 @@ def load_imagefolder(path: str, limit: Optional[int] = None, workers: int = 0, *
                              known=KnownRows.empty(), stat=None, previous=None, verify=True, recheck=0,
                              chunk_size=chunk_size, progress=progress)
     return SourceData(images=read.images, labels=read.labels, class_names=read.class_names, splits=read.splits,
-                      sample_ids=read.sample_ids, uris=as_list(read.uris))
+                      sample_ids=as_list(read.sample_ids), uris=as_list(read.uris))
 
 
 def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
@@ -599,22 +599,34 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     n = len(ids)
     work["listed"] = n
     ids_a = as_strings(ids)
+    dirs = ls.dirs
+    # From here on the ids are Arrow only: the listing's Python strings (~90 MB at 1M files) are
+    # gone before the store's and the cache's columns are looked up, where an append's and a no-op's
+    # read peaked (bench/results/snapshot_phases_1m.log).
+    del ids, ls
     # What the store and the stat cache recorded, as Arrow columns ("" where unknown): no Python
-    # string per row is made for the rows the stat cache vouches for (issue 19 item 3).
+    # string per row is made for the rows the stat cache vouches for (issue 19 item 3). Only the
+    # two columns a trusted row keeps are taken whole; the other two are read where needed.
     kpos = known.positions(ids_a)
-    k_sha, k_fsha = known.take("sha256", kpos), known.take("file_sha256", kpos)
+    k_sha = known.take("sha256", kpos)
     cached = stat is not None and len(stat.ids) > 0
     cpos = stat.positions(ids_a) if cached else np.full(n, -1, np.int64)
-    c_sha, c_fsha = (stat.take("sha256", cpos), stat.take("file_sha256", cpos)) if cached else (blank_strings(n), blank_strings(n))
+    c_fsha = stat.take("file_sha256", cpos) if cached else blank_strings(n)
     ok = np.zeros(n, bool)
     if cached and not verify:
         ok = (cpos >= 0) & (kpos >= 0)
         ok &= np.where(ok, stat.size[cpos] == sizes, False) & np.where(ok, stat.mtime_ns[cpos] == mtimes, False)
         ok &= mtimes <= stat.scan_ns - RACY_NS
-        ok &= pc.equal(c_sha, k_sha).to_numpy(zero_copy_only=False)
+        # The cache's pixel hash must be the store's: compared a block of rows at a time, not as a
+        # full column of the cache's hashes (65 MiB at 1M rows).
+        cand = np.flatnonzero(ok)
+        for s0 in range(0, len(cand), COMPARE_ROWS):
+            c = cand[s0:s0 + COMPARE_ROWS]
+            ok[c] = pc.equal(stat.sha256.take(pa.array(cpos[c])), k_sha.take(pa.array(c))).to_numpy(zero_copy_only=False)
         trusted = np.flatnonzero(ok)
         # The spot check is random on purpose: a fixed choice would tell a tamperer which files to avoid.
-        spot = np.array(random.SystemRandom().sample(trusted.tolist(), min(max(recheck, 0), len(trusted))), np.int64)
+        picked = random.SystemRandom().sample(range(len(trusted)), min(max(recheck, 0), len(trusted)))
+        spot = trusted[np.array(picked, np.int64)]
         ok[spot] = False
         work["trusted"], work["rechecked"] = int(ok.sum()), len(spot)
         todo = np.flatnonzero(~ok)
@@ -626,13 +638,22 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     fsha = np.full(n, None, dtype=object)
     slot = np.full(n, -1, np.int64)
     slot[todo] = np.arange(len(todo))
-    todo_a = pa.array(todo)
-    expected = [col.take(todo_a).to_numpy(zero_copy_only=False) if has else None
-                for col, has in ((k_sha, len(known.ids)), (k_fsha, len(known.ids)), (c_fsha, cached), (c_sha, cached))]
-    del c_sha, k_fsha, kpos, cpos  # only the trusted rows' k_sha and c_fsha are read from here on
+    tk, tc = kpos[todo], cpos[todo]
+    expected = [table.take(col, at).to_numpy(zero_copy_only=False) if has else None
+                for table, col, at, has in ((known, "sha256", tk, len(known.ids)), (known, "file_sha256", tk, len(known.ids)),
+                                            (stat, "file_sha256", tc, cached), (stat, "sha256", tc, cached))]
+    del kpos, cpos, tk, tc  # only the trusted rows' k_sha and c_fsha are read from here on
     base = str(root)
-    uri_of = (lambda i: f"{path}::{ids[i]}")
-    items = ((int(i), _read_file(f"{base}/{ids[i]}", uri_of(i), limits.max_file_bytes)) for i in todo)
+
+    def uri_of(i: int) -> str:
+        return f"{path}::{ids_a[int(i)].as_py()}"
+
+    def read_todo() -> Iterator[tuple[int, bytes]]:
+        for i in todo.tolist():
+            rel = ids_a[i].as_py()
+            yield i, _read_file(f"{base}/{rel}", f"{path}::{rel}", limits.max_file_bytes)
+
+    items = read_todo()
 
     def expect(i: int) -> tuple[str, str, str, str]:
         j = slot[i]
@@ -646,22 +667,16 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         raise
     del expected
     decoded_idx = np.sort(np.asarray(dec.rows, np.int64))
-    class_names = sorted({d.split("/", 1)[1] for d in ls.dirs if d.startswith("train/")})
+    class_names = sorted({d.split("/", 1)[1] for d in dirs if d.startswith("train/")})
     index = {c: i for i, c in enumerate(class_names)}
     decoded = np.zeros(n, dtype=bool)
     decoded[decoded_idx] = True
     images = dec.images(decoded_idx)
-    ok_a = pa.array(ok)
-
-    def merged(recorded: pa.Array, fresh: np.ndarray) -> pa.Array:
-        out = pc.if_else(ok_a, recorded, pa.array(fresh, pa.string()))
-        return out if out.null_count == 0 else out.fill_null("")  # fill_null copies even with no nulls
-
     # one column at a time, each input dropped once merged: the no-op's peak at 1M rows held four
     # 65 MiB hash columns here (bench/results/snapshot_noop_1m.log)
-    hashes_a = merged(k_sha, hashes)
+    hashes_a = _patched(k_sha, todo, hashes[todo])
     del hashes, k_sha
-    fsha_a = merged(c_fsha, fsha)
+    fsha_a = _patched(c_fsha, todo, fsha[todo])
     del fsha, c_fsha
     keep = pc.and_(pc.not_equal(hashes_a, ""), pc.not_equal(fsha_a, ""))
     keep_np = keep.to_numpy(zero_copy_only=False)
@@ -672,11 +687,13 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     new_stat = StatTable(pick(ids_a), pick(hashes_a), pick(fsha_a), size=sizes[keep_np],
                          mtime_ns=mtimes[keep_np], scan_ns=stat.scan_ns if stat is not None else 0)
     return SourceRead(
-        sample_ids=list(ids),
+        # Arrow, not the listing's Python strings: those went on living through the plan and the
+        # write (~150 MB at 1M rows, bench/results/snapshot_cold_phases_1m.log)
+        sample_ids=ids_a,
         class_names=class_names,
         labels=np.array([index.get(c, -1) for c in classes.tolist()], dtype=np.int64),
         splits=splits.astype(str),
-        uris=pc.binary_join_element_wise(pa.scalar(f"{path}::"), ids_a, pa.scalar("")),
+        uris=Prefixed(f"{path}::", ids_a),
         hashes=hashes_a,
         file_sizes=sizes.astype(np.int64),
         file_sha256=fsha_a,
@@ -688,6 +705,37 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         decoded_rows=dec,
         raw=dec.raw(decoded_idx),
     )
+
+
+def _patched(recorded: pa.Array, rows: np.ndarray, values: np.ndarray, max_runs: int = 10_000) -> pa.Array:
+    """``recorded`` (a string column) with ``values`` at ``rows`` (ascending; None reads as ""). No
+    copy when every value is the recorded one (a no-op read); else one copy, put together from
+    runs of slices, at the column's size: ``pc.if_else`` grew its output by doubling, twice the
+    column at the peak (128 MiB for a 65 MiB hash column at 1M rows, issue 19 item 3)."""
+    fresh = pa.array(values, pa.string())
+    fresh = fresh if fresh.null_count == 0 else fresh.fill_null("")
+    if len(rows) == len(recorded):  # every row given (a cold read): the given values are the column
+        return fresh
+    at = pa.array(rows, pa.int64())
+    differ = np.flatnonzero(pc.not_equal(fresh, recorded.take(at)).to_numpy(zero_copy_only=False))
+    if not len(differ):
+        return recorded
+    rows, fresh = rows[differ], fresh.take(pa.array(differ))
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # runs of consecutive rows to replace
+    if len(starts) > max_runs:  # scattered: a slice per run would cost more than the doubling
+        mask = np.zeros(len(recorded), bool)
+        mask[rows] = True
+        spread = np.full(len(recorded), -1, np.int64)
+        spread[rows] = np.arange(len(rows))
+        return pc.if_else(pa.array(mask), fresh.take(pa.array(spread, mask=~mask)), recorded)
+    ends = np.append(starts[1:], len(rows))
+    pieces, done = [], 0
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        first = int(rows[a])
+        pieces += [recorded.slice(done, first - done), fresh.slice(a, b - a)]
+        done = first + (b - a)
+    pieces.append(recorded.slice(done))
+    return pa.concat_arrays(pieces)
 
 
 def _read_archives(path: str, parts: list[tuple[str, Path, tuple[str, ...]]], limit: Optional[int], workers: int,
@@ -1099,12 +1147,14 @@ class _Decoded:
         # The files' bytes too (issue 19 item 5: a transformed source's raw bytes stay in the
         # store, so its pixels can be derived again under another transform without the source).
         self.keep_raw = keep_raw and spill_dir is not None
-        self.raw_rows: list[int] = []
-        self.raw_lengths: list[int] = []
+        # typed arrays, not lists: a Python int per row (~40 MB at 1M rows) outlived the read, and
+        # its objects, made between the decode's short-lived strings, kept their arenas resident
+        self.raw_rows = array.array("q")
+        self.raw_lengths = array.array("q")
         self.raw_path: Optional[Path] = None
         self._raw_fh = None
         self.shape: Optional[tuple[int, ...]] = None
-        self.rows: list[int] = []  # row index of each kept image, in arrival order
+        self.rows = array.array("q")  # row index of each kept image, in arrival order
         self.arrays: list[np.ndarray] = []
         self.path: Optional[Path] = None
         self._fh = None

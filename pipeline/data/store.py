@@ -84,7 +84,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core import heap
 from pipeline.core.hashing import sample_hash
-from pipeline.data.rows import as_strings, blank_strings
+from pipeline.data.rows import Prefixed, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
 from pipeline.io import atomic_write_with
@@ -228,12 +228,18 @@ def header_bytes(header: dict) -> bytes:
     return (json.dumps(header, indent=1, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def _parquet_bytes(frame: pd.DataFrame, schema: pa.Schema) -> bytes:
+def _parquet_buffer(frame: pd.DataFrame, schema: pa.Schema) -> pa.Buffer:
+    """The Parquet file of ``frame`` as an Arrow buffer: hashed and written as it is (a bytes copy
+    of a 1M-row delta was ~100 MB more at the cold snapshot's peak)."""
     # column by column into Arrow, no Python object per cell (issue 19 item 3)
     table = pa.Table.from_arrays([pa.array(frame[c], f.type) for c, f in zip(schema.names, schema)], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue().to_pybytes()
+    return buf.getvalue()
+
+
+def _parquet_bytes(frame: pd.DataFrame, schema: pa.Schema) -> bytes:
+    return _parquet_buffer(frame, schema).to_pybytes()
 
 
 def delta_bytes(rows: pd.DataFrame) -> bytes:
@@ -319,21 +325,23 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     if len(undecoded):
         raise ValueError(f"new rows must be decoded: {_few(ids_a.take(pa.array(undecoded)).to_pylist())}")
     sizes = np.full(n, -1, np.int64) if file_sizes is None else np.asarray(file_sizes, np.int64)
-    take = pa.array(new_idx, pa.int64())
     k = len(new_idx)
+    # Every row new (a cold snapshot): the columns as they are. A take of all of them copied four
+    # string columns the read still holds (+200 MiB at 1M rows, bench/results/snapshot_cold_phases_1m.log).
+    pick = (lambda a: a) if k == n else (lambda a, at=pa.array(new_idx, pa.int64()): a.take(at))
     to_store = np.array([store_index[c] for c in class_names] or [0], np.int64)  # source label -> store label
     new = pa.table({
-        "sample_id": ids_a.take(take),
-        "sha256": as_strings(hashes).take(take),
+        "sample_id": pick(ids_a),
+        "sha256": pick(as_strings(hashes)),
         "label": pa.array(to_store[np.asarray(labels, np.int64)[new_idx]] if k else np.zeros(0, np.int64)),
         "split": as_strings(np.asarray(splits).astype(str)[new_idx]),
-        "source_uri": as_strings(uris).take(take),
+        "source_uri": as_strings(pick(uris if isinstance(uris, Prefixed) else as_strings(uris))),
         "ingest_time": pa.array([ingest_time] * k, pa.string()),
         "snapshot_id": pa.array([""] * k, pa.string()),
         "pack": pa.array([""] * k, pa.string()),
         "pack_index": pa.array(np.arange(k, dtype=np.int64)),
         "file_size": pa.array(sizes[new_idx]),
-        "file_sha256": (blank_strings(n) if file_sha256 is None else as_strings(file_sha256)).take(take),
+        "file_sha256": pick(blank_strings(n) if file_sha256 is None else as_strings(file_sha256)),
     }).to_pandas()[MANIFEST_COLUMNS]
     manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
     if new_pos:
@@ -1357,30 +1365,30 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     check_format(store)
     if not (store / FORMAT_FILE).is_file():
         write_file(store / FORMAT_FILE, FORMAT_TEXT.encode())
-    manifest = plan.manifest.copy()
+    manifest = plan.manifest.copy(deep=False)  # columns are replaced, never written into: plan.manifest stays
     n = len(manifest)
-    new = np.arange(n - plan.n_new, n)
     packs: list[str] = []
     if plan.n_new:
         pack = _write_pack(store, plan.new_images)
-        manifest.loc[new, "pack"] = pack
+        _set_tail(manifest, "pack", pack, plan.n_new)
         packs.append(pack)
-    rows = manifest.iloc[new]
+    rows = manifest.iloc[n - plan.n_new:]  # a slice shares the columns; an index array copied them all
     adopted = _adopt_leftover(store, plan, source["key"], rows)
     if adopted is not None:
         sid, old_rows = adopted
         manifest = pd.concat([manifest.iloc[: n - plan.n_new], old_rows], ignore_index=True)
         set_head(store, source["key"], sid)
         return sid, manifest
-    delta = delta_bytes(rows)
+    delta = _parquet_buffer(rows, DELTA_SCHEMA)
     ddigest = _sha256(delta)
     _write_object(_delta_path(store, ddigest), delta, ddigest)
+    del delta
     extra = {}
     if features is not None:
         frame, detector = features
         if len(frame) != plan.n_new:
             raise ValueError(f"features for {len(frame)} rows, the snapshot adds {plan.n_new}")
-        fb = features_bytes(frame)
+        fb = _parquet_buffer(frame, FEATURE_SCHEMA)
         fdigest = _sha256(fb)
         _write_object(_features_path(store, fdigest), fb, fdigest)
         extra["features"] = {"sha256": fdigest, "rows": plan.n_new, "detector": detector}
@@ -1410,8 +1418,25 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     sid = _sha256(hb)
     _write_object(header_path(store, sid), hb, sid)
     set_head(store, source["key"], sid)
-    manifest.loc[new, "snapshot_id"] = sid
+    _set_tail(manifest, "snapshot_id", sid, plan.n_new)
     return sid, manifest
+
+
+def _set_tail(frame: pd.DataFrame, column: str, value: str, k: int) -> None:
+    """Set the last ``k`` rows of a string column to ``value``, sharing the earlier rows' Arrow
+    data: an indexed assignment rebuilt the whole column, 70+ MB a column at 1M rows, on every
+    append (issue 19 item 3)."""
+    if not k:
+        return
+    n, col = len(frame), frame[column]
+    if not (isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow"):
+        frame.iloc[n - k:, frame.columns.get_loc(column)] = value
+        return
+    arr = pa.array(col)  # the column's own Arrow data, not a copy
+    head = (arr if isinstance(arr, pa.ChunkedArray) else pa.chunked_array([arr], arr.type)).slice(0, n - k)
+    tail = pa.nulls(k, arr.type).fill_null(value)
+    frame[column] = pd.Series(pd.array(pa.chunked_array([*head.chunks, tail], arr.type), dtype=col.dtype),
+                              index=frame.index)
 
 
 def base_due(parent: Optional[Parent], every: Optional[int] = None) -> bool:
@@ -1449,11 +1474,11 @@ def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] =
         os.replace(tmp, _base_path(store, pixels, "npy"))
     finally:
         tmp.unlink(missing_ok=True)
-    mb = _parquet_bytes(man, BASE_SCHEMA)
+    mb = _parquet_buffer(man, BASE_SCHEMA)
     entry = {"of": parent.id, "rows": len(man), "manifest": _sha256(mb), "pixels": pixels, "features": None}
     _write_object(_base_path(store, entry["manifest"], "parquet"), mb, entry["manifest"])
     if detector is not None:
-        fb = _parquet_bytes(load_features(store, parent.id, detector), BASE_FEATURE_SCHEMA)
+        fb = _parquet_buffer(load_features(store, parent.id, detector), BASE_FEATURE_SCHEMA)
         entry["features"] = {"sha256": _sha256(fb), "detector": detector}
         _write_object(_base_path(store, entry["features"]["sha256"], "parquet"), fb, entry["features"]["sha256"])
     return entry
