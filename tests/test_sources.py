@@ -493,6 +493,28 @@ def test_the_cache_vouches_only_where_its_pixel_hash_is_the_stores_compared_bloc
     assert again.stat_changed and sources.as_list(again.stat.sha256) == sources.as_list(first.hashes)
 
 
+def test_a_cache_entry_with_a_null_digest_is_dropped_not_a_crash(tmp_path):
+    # the stat cache is only a cache: one that parses but holds a null must not break the read
+    # (the merge that _patched replaced filled nulls with ""; review of stop 35)
+    import time
+
+    import pyarrow as pa
+
+    root = make_folder(tmp_path / "src")
+    cfg = DataConfig(name="imagefolder", path=str(root), workers=1, recheck_files=0)
+    first = sources.read_source(cfg, spill_dir=tmp_path / "spill")
+    first.discard()
+    known = sources.KnownRows(first.sample_ids, first.hashes, first.file_sha256)
+    fsha = sources.as_list(first.stat.file_sha256)
+    fsha[2] = None
+    cache = sources.StatTable(first.stat.ids, first.stat.sha256, pa.array(fsha, pa.string()), size=first.stat.size,
+                              mtime_ns=first.stat.mtime_ns, scan_ns=time.time_ns() + 3 * sources.RACY_NS)
+    again = sources.read_source(cfg, known=known, stat=cache, spill_dir=tmp_path / "spill")
+    again.discard()
+    assert sources.as_list(again.hashes) == sources.as_list(first.hashes) and int(again.decoded.sum()) == 0
+    assert sources.as_list(again.file_sha256)[2] == "" and len(again.stat.ids) == len(first) - 1
+
+
 def test_patched_columns_are_the_recorded_one_unless_a_value_differs():
     # what a folder read keeps per row: the recorded hash, or the one it read (issue 19 item 3)
     rng = np.random.default_rng(0)
@@ -510,6 +532,10 @@ def test_patched_columns_are_the_recorded_one_unless_a_value_differs():
             assert got.to_pylist() == want and got.type == rec.type
     rec = sources.as_strings(["a", "b", "c"])
     assert sources._patched(rec, np.array([1]), np.array(["b"], object)) is rec  # nothing differs: no copy
+    # a null recorded (a damaged stat cache): "" where kept, the read value where given
+    holed = sources.as_strings(["a", None, "c", None])
+    assert sources._patched(holed, np.array([1]), np.array(["x"], object)).to_pylist() == ["a", "x", "c", ""]
+    assert sources._patched(holed, np.array([0]), np.array(["a"], object)).to_pylist() == ["a", "", "c", ""]
 
 
 def test_take_strings_reads_each_chunk_where_it_is_and_gives_blank_for_unknown():

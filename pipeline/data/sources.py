@@ -711,7 +711,9 @@ def _patched(recorded: pa.Array, rows: np.ndarray, values: np.ndarray, max_runs:
     """``recorded`` (a string column) with ``values`` at ``rows`` (ascending; None reads as ""). No
     copy when every value is the recorded one (a no-op read); else one copy, put together from
     runs of slices, at the column's size: ``pc.if_else`` grew its output by doubling, twice the
-    column at the peak (128 MiB for a 65 MiB hash column at 1M rows, issue 19 item 3)."""
+    column at the peak (128 MiB for a 65 MiB hash column at 1M rows, issue 19 item 3). A null
+    recorded (a damaged cache or forged manifest) reads as "", as the merge it replaced made it."""
+    recorded = recorded if recorded.null_count == 0 else recorded.fill_null("")
     fresh = pa.array(values, pa.string())
     fresh = fresh if fresh.null_count == 0 else fresh.fill_null("")
     if len(rows) == len(recorded):  # every row given (a cold read): the given values are the column
