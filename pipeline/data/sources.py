@@ -643,15 +643,15 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
                 for table, col, at, has in ((known, "sha256", tk, len(known.ids)), (known, "file_sha256", tk, len(known.ids)),
                                             (stat, "file_sha256", tc, cached), (stat, "sha256", tc, cached))]
     del kpos, cpos, tk, tc  # only the trusted rows' k_sha and c_fsha are read from here on
-    base = str(root)
+    base, prefix = str(root), f"{path}::"  # a row's URI is prefix + its id (the URI column below too)
 
     def uri_of(i: int) -> str:
-        return f"{path}::{ids_a[int(i)].as_py()}"
+        return prefix + ids_a[int(i)].as_py()
 
     def read_todo() -> Iterator[tuple[int, bytes]]:
         for i in todo.tolist():
             rel = ids_a[i].as_py()
-            yield i, _read_file(f"{base}/{rel}", f"{path}::{rel}", limits.max_file_bytes)
+            yield i, _read_file(f"{base}/{rel}", prefix + rel, limits.max_file_bytes)
 
     items = read_todo()
 
@@ -693,7 +693,7 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
         class_names=class_names,
         labels=np.array([index.get(c, -1) for c in classes.tolist()], dtype=np.int64),
         splits=splits.astype(str),
-        uris=Prefixed(f"{path}::", ids_a),
+        uris=Prefixed(prefix, ids_a),
         hashes=hashes_a,
         file_sizes=sizes.astype(np.int64),
         file_sha256=fsha_a,

@@ -330,12 +330,13 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     # string columns the read still holds (+200 MiB at 1M rows, bench/results/snapshot_cold_phases_1m.log).
     pick = (lambda a: a) if k == n else (lambda a, at=pa.array(new_idx, pa.int64()): a.take(at))
     to_store = np.array([store_index[c] for c in class_names] or [0], np.int64)  # source label -> store label
+    uri_col = uris if isinstance(uris, Prefixed) else as_strings(uris)  # Prefixed: made for the rows taken only
     new = pa.table({
         "sample_id": pick(ids_a),
         "sha256": pick(as_strings(hashes)),
         "label": pa.array(to_store[np.asarray(labels, np.int64)[new_idx]] if k else np.zeros(0, np.int64)),
         "split": as_strings(np.asarray(splits).astype(str)[new_idx]),
-        "source_uri": as_strings(pick(uris if isinstance(uris, Prefixed) else as_strings(uris))),
+        "source_uri": as_strings(pick(uri_col)),
         "ingest_time": pa.array([ingest_time] * k, pa.string()),
         "snapshot_id": pa.array([""] * k, pa.string()),
         "pack": pa.array([""] * k, pa.string()),
