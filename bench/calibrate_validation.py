@@ -122,7 +122,7 @@ def poisoned(snap: store.Snapshot, clean: V.Measured, spec: dict, v) -> V.Measur
             flags.iloc[rows, :] = f[flags.columns].to_numpy()
             ph[rows] = DS.perceptual_hashes(new_img[rows])
     n_tr = len(ids)
-    all_hashes = list(hashes) + clean.all_hashes[n_tr:]
+    all_hashes = list(hashes) + list(clean.all_hashes[n_tr:])
     all_labels = np.concatenate([labels, clean.all_labels[n_tr:]])
     dup = DS.duplicate_mask(all_hashes)[:n_tr]
     rows_ = dataclasses.replace(r, hashes=hashes, labels=labels, block=block, dup=dup, phash=ph)

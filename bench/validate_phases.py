@@ -4,9 +4,11 @@ the pandas engine up to its judged tables (load, ``measure_view``, ``build_table
 ``samples_table`` and the significance tables) and prints, after each, the resident memory before
 and after and the process's peak so far (VmHWM: a phase's transient shows as a jump in it).
 
-    python bench/validate_phases.py WORKSPACE
+    python bench/validate_phases.py WORKSPACE [--history]
 
-The GX run that follows ``build_tables`` is not included (``bench/stage_memory.py WS --stage
+``--history``: judge the workspace's view against its approved history as the stage does (the
+ledger's last and root approved views, ``reference_of`` for each), the case of every append after
+the first approved release; without it, as a first release (no reference). The GX run that follows ``build_tables`` is not included (``bench/stage_memory.py WS --stage
 validate`` measures the whole stage). One trial per call.
 """
 
@@ -49,20 +51,30 @@ def timed(owner, name: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspace")
+    ap.add_argument("--history", action="store_true", help="compare with the approved history, as an append does")
     args = ap.parse_args()
     os.chdir(Path(args.workspace).resolve())
     cfg = config.load("params.yaml")
     v = cfg.validate
     sid = json.loads(Path("data/snapshot.json").read_text())["snapshot_id"]
-    for name in ("_load_measurable", "measure_view", "samples_table", "build_tables"):
+    for name in ("_load_measurable", "measure_view", "reference_of", "samples_table", "build_tables"):
         timed(V, name)
     for name in ("count_tables", "label_conflicts", "near_duplicate_clusters"):
         timed(sig, name)
     print(f"{'start':24s} RSS {status('VmRSS'):6d} MiB")
     snap, features = V._load_measurable("data/store", sid, v)
-    m = V.measure_view(snap, [], v, features=features)
+    view_meta, records = V.read_view("data/view")
+    m = V.measure_view(snap, records, v, features=features)
     del features
-    tables = V.build_tables(snap, m, v, None, None)
+    last = root = None
+    if args.history:
+        last_e, root_e = V.history(V.read_ledger("data/approved"), str((snap.meta.get("source") or {}).get("key", "")),
+                                   view_meta["view_id"])
+        if last_e is None:
+            raise SystemExit("--history: the workspace's ledger holds no approved view before this one")
+        last = V.reference_of(last_e, "data/store", "data/approved", v)
+        root = V.reference_of(root_e, "data/store", "data/approved", v)
+    tables = V.build_tables(snap, m, v, last, root)
     print(f"samples table: {len(tables.frames['samples'])} rows, "
           f"{tables.frames['samples'].memory_usage(deep=True).sum() / 2**20:.0f} MiB (deep)")
     return 0

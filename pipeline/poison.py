@@ -91,7 +91,7 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
     less the rows of a verified quarantine ``record`` (``ancestry``: the snapshot's chain ids).
     ``model``/``crafted_by``: clean_label's crafting model and its identity (kind, digest)."""
     spec = as_dict(attack_cfg)
-    images, labels, ids = snapshot.split("train")
+    images, labels, ids = snapshot.split_rows("train")
     info = None
     if spec.get("name") == "clean_label":
         if model is None:
@@ -99,7 +99,7 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
         resolved, records, info = clean_label_view(snapshot, spec, model, crafted_by or {}, device)
     else:
         resolved = resolve_attack(spec, snapshot.class_names, images.shape[1:])
-        records = poison_records(images, labels, list(ids), spec, snapshot.class_names)
+        records = poison_records(images, labels, ids, spec, snapshot.class_names)
     meta, data = build_view(snapshot.id, resolved, records)
     if info is not None:
         meta["crafting"] = info  # diagnostics (seconds, losses/distances): outside the view_id
@@ -161,7 +161,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     # Every attack reads only the rows it uses (issue 19 item 3): lazy rows, packs not hashed
     # whole, and each row read is checked against its manifest sha256 before the view is written
     # (clean_label checks the classes it crafts over as it reads them: clean_label_view).
-    snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True, lazy=True, hash_packs=False)
+    # The manifest's identity columns only (the load adds sample_id, sha256, label and the pack
+    # columns): provenance and file columns were ~240 MiB at 1M rows that no attack reads.
+    snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True, lazy=True, hash_packs=False,
+                               columns=("split",))
     record = ancestry = None
     if cfg.remedy.name == "quarantine":
         from pipeline import remedy
@@ -176,10 +179,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     device = cfg.train.device
     meta, data = make_view(snap, cfg.attack, record, ancestry, model, crafted_by, device)
     man = snap.manifest
-    ids = man["sample_id"].astype(str).tolist()
     read = {r["sample_id"] for r in parse_records(data)}  # the rows the attack poisoned
-    store.check_rows(snap.images, np.flatnonzero(man["sample_id"].astype(str).isin(read).to_numpy()), ids,
-                     man["sha256"].astype(str).tolist())
+    # the columns by position, not lists of every row's strings (~185 MiB at 1M rows, issue 19 item 3)
+    store.check_rows(snap.images, np.flatnonzero(man["sample_id"].astype(str).isin(read).to_numpy()),
+                     man["sample_id"].array, man["sha256"].array)
     write_view(Path(args.out), meta, data)
     a = meta["attack"]
     if a["name"] == "clean_label":

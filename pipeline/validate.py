@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -59,7 +59,7 @@ from pipeline.data import significance as sig
 from pipeline.data import stats, store
 from pipeline.data.ledger import (LEDGER, RESTORE as _RESTORE, LedgerDamaged, append_ledger,  # noqa: F401
                                   entry_digest, read_ledger)
-from pipeline.data.view import (apply_records, compute_view_id, parse_records, quarantined_ids, read_view,
+from pipeline.data.view import (apply_records, compute_view_id, parse_records, quarantined_ids, read_view, row_positions,
                                 records_csv, without_rows)
 from pipeline.io import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.lineage import require_lineage
@@ -146,10 +146,10 @@ class Measured:
     rows: sig.ViewRows
     images: np.ndarray  # the view's train images
     flags: pd.DataFrame  # stats.block_flags_all of the train images
-    all_ids: list[str]
-    all_hashes: list[str]
+    all_ids: Sequence[str]  # train rows first (pandas Arrow-backed string arrays in the stage)
+    all_hashes: Sequence[str]
     all_labels: np.ndarray
-    poisoned: list[int]  # train-row indices the view changed
+    poisoned: list[int]  # train-row indices the view changed: only there do rows' hashes and labels differ from the manifest's
     from_pixels: int = -1  # train rows measured from their pixels (the rest: columns stored at ingest)
 
 
@@ -166,21 +166,26 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
     have skipped hashing the packs. Without ``features`` every row is measured from its pixels."""
     man = snap.manifest
     train = (man["split"] == "train").to_numpy()
-    tr_img, tr_lab, tr_ids = snap.split("train")
+    # Ids and hashes stay the manifest's Arrow-backed columns: as lists of Python strings (ids,
+    # hashes, then the snapshot's) they held ~300 MiB at 1M rows for the whole stage (issue 19 item 3)
+    tr_img, tr_lab, tr_ids = snap.split_rows("train")
+    te_ids = man["sample_id"][~train].reset_index(drop=True).array
+    tr_sha = man["sha256"][train].reset_index(drop=True).array
     view_img, view_lab, poisoned = apply_records(tr_img, tr_lab, tr_ids, records, verify=True)
-    after = {r["sample_id"]: r["sha256_after"] for r in records}
-    tr_sha = man.loc[train, "sha256"].astype(str).tolist()
-    tr_hash = [after.get(str(i), h) for i, h in zip(tr_ids, tr_sha)]
-    te_ids = man.loc[~train, "sample_id"].astype(str).tolist()
-    all_hashes = tr_hash + man.loc[~train, "sha256"].astype(str).tolist()
-    all_labels = np.concatenate([np.asarray(view_lab, np.int64), man.loc[~train, "label"].to_numpy(np.int64)])
-    dup = stats.duplicate_mask(all_hashes)[: len(tr_ids)]
     n = len(tr_ids)
     changed = np.zeros(n, bool)  # rows whose pixels a record rebuilt (a pure label flip keeps them)
-    rebuilt = [str(r["sample_id"]) for r in records if r.get("transform")]
-    if rebuilt:  # a dict of every train id only then (808k entries and their ints: ~60 MB by count)
-        index = {str(i): k for k, i in enumerate(tr_ids)}
-        changed[[index[i] for i in rebuilt]] = True
+    after: dict[int, str] = {}  # row -> the hash it trains on, where a record says (its last record)
+    for i, r in zip(poisoned, records):  # apply_records gives each record's row, in order
+        after[i] = r["sha256_after"]
+        changed[i] |= bool(r.get("transform"))
+    tr_hash = tr_sha
+    if after:
+        tr_hash = tr_sha.copy()
+        tr_hash[np.fromiter(after, np.int64, len(after))] = list(after.values())
+    all_hashes = pd.concat([pd.Series(tr_hash), man["sha256"][~train]], ignore_index=True).array
+    all_ids = pd.concat([pd.Series(tr_ids), pd.Series(te_ids)], ignore_index=True).array
+    all_labels = np.concatenate([np.asarray(view_lab, np.int64), man.loc[~train, "label"].to_numpy(np.int64)])
+    dup = stats.duplicate_mask(all_hashes)[:n]
     if features is None:
         need = np.arange(n)
         flags = pd.DataFrame({"abnormal_block": np.zeros(n, bool), "abnormal_block_at": [""] * n})
@@ -197,24 +202,26 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
         def check(pos: np.ndarray, pixels: np.ndarray) -> None:  # the rows not rebuilt by a record
             keep = np.flatnonzero(~changed[pos])
             if len(keep):
-                store.check_rows(pixels, keep, [tr_ids[p] for p in pos], [tr_sha[p] for p in pos])
+                store.check_rows(pixels, keep, list(tr_ids[pos]), list(tr_sha[pos]))
 
         measured = stats.row_features(view_img, v, need, on_chunk=check if features is not None else None)
         flags.loc[need, "abnormal_block"] = measured["abnormal_block"].to_numpy(bool)
         flags.loc[need, "abnormal_block_at"] = measured["abnormal_block_at"].to_numpy(object)
         hashes[need] = measured["phash"].to_numpy(np.uint64)
     _say(f"measured {n} train rows: {n - len(need)} from the columns stored at ingest, {len(need)} from pixels")
-    rows = sig.ViewRows(np.asarray([str(i) for i in tr_ids], object), np.asarray(tr_hash, object),
-                        np.asarray(view_lab, np.int64), flags["abnormal_block"].to_numpy(bool), dup,
+    rows = sig.ViewRows(tr_ids, tr_hash, np.asarray(view_lab, np.int64), flags["abnormal_block"].to_numpy(bool), dup,
                         tuple(str(c) for c in snap.class_names), hashes if phash else None)
-    return Measured(rows, view_img, flags, [str(i) for i in tr_ids] + te_ids, all_hashes, all_labels, poisoned,
-                    int(len(need)))
+    return Measured(rows, view_img, flags, all_ids, all_hashes, all_labels, poisoned, int(len(need)))
 
 
 def _load_measurable(store_dir: str | Path, snapshot_id: str, v: ValidateConfig) -> tuple[store.Snapshot, pd.DataFrame]:
     """A snapshot as the data gate reads it: the chain and manifest verified, pixels lazy and
     unhashed (``measure_view`` checks every row it reads), and the columns stored at ingest."""
-    snap = store.load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False)
+    snap = store.load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False,
+                               columns=REQUIRED_COLUMNS + PROVENANCE_COLUMNS)
+    # where each row's pixels are now lives in the lazy rows: the manifest's copy (77 MiB at 1M
+    # rows) would only ride along to the end of the stage (issue 19 item 3)
+    snap = replace(snap, manifest=snap.manifest.drop(columns=["pack", "pack_index"]))
     return snap, store.load_features(store_dir, snapshot_id, stats.detector_settings(v))
 
 
@@ -236,23 +243,31 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     when the detector settings changed since), its row keys from the store's manifest and its
     saved records."""
     sid = entry["snapshot_id"]
-    man = store.read_manifest(store_dir, sid)  # the chain verified: an edited history is a DamagedStore
     names = [str(c) for c in store.read_meta(store_dir, sid)["class_names"]]
     records = saved_records(approved_dir, entry)
-    tr = man.loc[man["split"] == "train", ["sample_id", "sha256", "label"]].reset_index(drop=True)
+    # The train rows' identity columns only, Arrow-backed: the whole manifest, then its ids and
+    # hashes as Python strings, made this the stage's peak on every append (+1.1 GiB at 1M rows,
+    # bench/results/validate_append_1m.log, issue 19 item 3). The chain is still verified whole:
+    # an edited history is a DamagedStore.
+    tr = store.load_manifest(store_dir, sid, verify=True, columns=("sample_id", "sha256", "label"), split="train")
+    ids, hashes = tr["sample_id"].reset_index(drop=True), tr["sha256"].reset_index(drop=True)
+    labels = tr["label"].to_numpy(np.int64).copy()
+    del tr
     # The approved view's rows, as columns: the manifest's, with each saved record's hash and class
     # in place of its row's (a record of a row the manifest lacks adds one), less the quarantined.
-    ids, hashes = tr["sample_id"].astype(str), tr["sha256"].astype(str).to_numpy(object)
-    labels = tr["label"].to_numpy(np.int64).copy()
     if records:
-        at = pd.Index(ids).get_indexer([str(r["sample_id"]) for r in records])
-        extra = [r for r, k in zip(records, at) if k < 0]
-        for r, k in zip(records, at):
-            if k >= 0:
-                hashes[k], labels[k] = r["sha256_after"], int(r["new_label"])
+        at = row_positions(ids, [r["sample_id"] for r in records])
+        extra = [r for r in records if str(r["sample_id"]) not in at]
+        last = {at[str(r["sample_id"])]: r for r in records if str(r["sample_id"]) in at}  # a row's last record
+        if last:
+            pos = np.fromiter(last, np.int64, len(last))
+            hashes = hashes.copy()
+            hashes.iloc[pos] = [r["sha256_after"] for r in last.values()]
+            labels[pos] = [int(r["new_label"]) for r in last.values()]
         if extra:
             ids = pd.concat([ids, pd.Series([str(r["sample_id"]) for r in extra], dtype=ids.dtype)], ignore_index=True)
-            hashes = np.concatenate([hashes, np.array([r["sha256_after"] for r in extra], object)])
+            hashes = pd.concat([hashes, pd.Series([r["sha256_after"] for r in extra], dtype=hashes.dtype)],
+                               ignore_index=True)
             labels = np.concatenate([labels, np.array([int(r["new_label"]) for r in extra], np.int64)])
     gone = quarantined_ids(entry.get("quarantine"))  # rows a quarantined view left out (issue 13)
     keep = ~ids.isin(gone).to_numpy(bool) if gone else np.ones(len(ids), bool)
@@ -262,7 +277,7 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
         snap, features = _without(*_load_measurable(store_dir, sid, v), gone)
         m = measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, phash=False, features=features)
         counts = m.rows.counts().to_dict(m.rows.class_names)
-    keys = sig.key_digests(ids[keep].reset_index(drop=True), hashes[keep], np.asarray(names, dtype=object)[labels[keep]])
+    keys = sig.key_digests(ids[keep].array, hashes[keep].array, np.asarray(names, dtype=object)[labels[keep]])
     return sig.Reference(entry["view_id"], sid, counts, np.unique(keys))
 
 
@@ -310,7 +325,9 @@ def samples_table(snap: store.Snapshot, m: Measured) -> pd.DataFrame:
     s["abnormal_block_at"] = ""
     if len(train):
         s.loc[train, "label"] = m.rows.labels
-        s.loc[train, "sha256"] = list(m.rows.hashes)
+        changed = np.unique(np.asarray(m.poisoned, np.int64))  # the rest keep the manifest's hash
+        if len(changed):
+            s.loc[train[changed], "sha256"] = [m.rows.hashes[int(k)] for k in changed]
         s.loc[train[m.poisoned], "poisoned"] = True
         s.loc[train, "abnormal_block"] = m.flags["abnormal_block"].to_numpy()
         s.loc[train, "abnormal_block_at"] = m.flags["abnormal_block_at"].to_numpy()
@@ -669,7 +686,8 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
         m = measure_view(snap, kept, v, features=features)
         last_e, root_e = history(ledger, source_key, meta["view_id"])
         last = reference_of(last_e, args.store, args.approved, v) if last_e else None
-        root = reference_of(root_e, args.store, args.approved, v) if root_e else None
+        # one approved release so far is both: read once
+        root = (last if root_e is last_e else reference_of(root_e, args.store, args.approved, v)) if root_e else None
         tables = build_tables(snap, m, v, last, root)
         class_names, full, snap_id = m.rows.class_names, m.rows.counts(), snap.id
     frames = tables.frames

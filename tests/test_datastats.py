@@ -232,6 +232,26 @@ def test_near_duplicate_pairs_match_brute_force():
         assert sorted(zip(got["i"], got["j"])) == sorted(zip(i.tolist(), j.tolist()))
 
 
+def test_near_duplicate_pairs_in_blocks_match_brute_force(monkeypatch):
+    """Rows that share a chunk value by the hundred (as a backdoor's patched rows do) are compared
+    a block of candidate pairs at a time: with blocks of 50 candidates, and with a bucket larger
+    than a block, every pair within the radius is found once, and no other."""
+    rng = np.random.default_rng(1)
+    shared = rng.integers(0, 2**21, dtype=np.int64).astype(np.uint64)  # one value of the lowest chunk
+    high = rng.integers(0, 2**43, 400, dtype=np.int64).astype(np.uint64) << np.uint64(21)
+    h = high | shared  # 400 rows in one bucket of the lowest chunk
+    h[200:260] = h[:60] ^ (np.uint64(1) << rng.integers(21, 64, 60).astype(np.uint64))  # 60 within 1 bit
+    h[260:270] = h[0]  # exact copies: 11 equal rows, 55 pairs
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    for block in (50, 1 << 20):
+        monkeypatch.setattr(S, "PAIR_BLOCK", block)
+        for radius in (0, 1, 2):
+            got = S.near_duplicate_pairs(h, radius)
+            i, j = np.nonzero(np.triu(d <= radius, 1))
+            assert list(zip(got["i"], got["j"])) == list(zip(i.tolist(), j.tolist())), (block, radius)
+            assert (got["distance"].to_numpy() == d[i, j]).all() and len(got) >= (55 if radius == 0 else 55 + 60)
+
+
 @pytest.mark.parametrize("dct", ["private pocketfft", "scipy.fftpack"])
 def test_batched_phash_is_imagehash_bit_for_bit(digits_split, dct, monkeypatch):
     import imagehash

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import config, poison, snapshot, validate
@@ -109,6 +110,26 @@ def test_apply_records_checks_sha256_after():
         view.apply_records(imgs, np.array([0, 2, 2]), ["a", "b", "c"], recs)
     # records round-trip through CSV bytes
     assert view.parse_records(view.records_csv(recs)) == recs
+    # the ids may come as a pandas (Arrow-backed) column: records are found by Arrow, not a dict of every row
+    out2, labels2, rows2 = view.apply_records(imgs, np.array([0, 1, 2]), pd.Series(["a", "b", "c"]), recs)
+    assert rows2 == rows and labels2.tolist() == labels.tolist() and (out2 == out).all()
+
+
+def test_row_positions_finds_the_wanted_ids_in_any_column_kind():
+    """``row_positions`` takes lists, arrays, pandas columns of several Arrow chunks (a manifest
+    loaded from several deltas) and non-string ids, as the dict of every row it replaced did."""
+    import pyarrow as pa
+
+    want = ["d", "a", "zz", "a"]
+    expect = {"a": 0, "d": 3}
+    chunked = pd.concat([pd.Series(["a", "b"]), pd.Series(["c", "d"])], ignore_index=True)
+    assert chunked.array._pa_array.num_chunks == 2  # the case take_strings exists for
+    for ids in (["a", "b", "c", "d"], np.array(["a", "b", "c", "d"], object), chunked,
+                pa.chunked_array([["a", "b"], ["c", "d"]])):
+        assert view.row_positions(ids, want) == expect, type(ids)
+    assert view.row_positions([10, 11, 12], [12]) == {"12": 2}  # an int id is found by its str
+    assert view.row_positions(["a", "b", "a"], ["a"]) == {"a": 2}  # twice: the last row, as the dict gave
+    assert view.row_positions(["a"], []) == {} and view.row_positions([], ["a"]) == {}
 
 
 @pytest.mark.parametrize("override,message", [

@@ -160,6 +160,11 @@ def test_lazy_rows_read_what_an_eager_load_holds(env):
              "sha256_after": h(at(ei[k:k + 1], trig)[0])} for k in (1, 9, 17)]
     a_img, a_lab, a_rows = view_mod.apply_records(ei, el, eids, recs)
     b_img, b_lab, b_rows = view_mod.apply_records(li, ll, lids, recs)
+    # split_rows: the same rows, the ids as the manifest's column (by position), records found alike
+    ri, rl, rids = lazy.split_rows("train")
+    assert not isinstance(rids, list) and list(rids) == eids and rids[5] == eids[5] and np.array_equal(rl, el)
+    c_img, c_lab, c_rows = view_mod.apply_records(ri, rl, rids, recs)
+    assert c_rows == a_rows and np.array_equal(c_lab, a_lab) and np.array_equal(np.asarray(c_img), a_img)
     assert type(b_img).__name__ == "LazyRows" and np.array_equal(np.asarray(b_img), a_img)
     assert np.array_equal(a_lab, b_lab) and a_rows == b_rows
     assert np.array_equal(li[:], ei), "the lazy split itself is unchanged (copy on write)"

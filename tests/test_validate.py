@@ -454,6 +454,40 @@ def test_block_drip_at_60pct_of_the_per_append_threshold_is_blocked_through_the_
     assert ledger[-1]["counts"]["7"]["block"] == m * (len(verdicts) - 1)
 
 
+def test_reference_of_an_approved_poisoned_view_is_its_rows_keys(tmp_path, monkeypatch):
+    """The reference an append is judged against holds the keys of exactly the approved view's
+    train rows: the manifest's rows with each saved record's hash and class. Computed here the
+    plain way (the full manifest as Python lists) against the stage's (the train split's columns,
+    Arrow-backed, keys hashed in blocks); blocks of 7 rows give the same digests as one block."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    _write_source(src, noise_images(rng, 300), np.repeat(np.arange(10), 30), "train", "r")
+    _write_source(src, noise_images(rng, 50), np.repeat(np.arange(10), 5), "test", "t")
+    stages = Stages(tmp_path, src, "attack=label_flip", "attack.source=1", "attack.target=7", "attack.rate=0.2")
+    assert stages.release() == 0, stages.report()["blocked"]
+    (entry,) = V.read_ledger(tmp_path / "approved")
+    records = V.saved_records(tmp_path / "approved", entry)
+    assert entry["n_poisoned"] == len(records) == 6
+
+    man = store.read_manifest(tmp_path / "store", entry["snapshot_id"])
+    tr = man[man["split"] == "train"]
+    ids, hashes, labels = tr["sample_id"].tolist(), tr["sha256"].tolist(), tr["label"].tolist()
+    clean = np.unique(sig.key_digests(ids, hashes, [NAMES[c] for c in labels]))
+    for r in records:
+        k = ids.index(r["sample_id"])
+        hashes[k], labels[k] = r["sha256_after"], int(r["new_label"])
+    want = np.unique(sig.key_digests(ids, hashes, [NAMES[c] for c in labels]))
+    assert len(np.setdiff1d(want, clean)) == len(records)  # the flipped rows' keys are the view's
+
+    v = default_vcfg()
+    ref = V.reference_of(entry, tmp_path / "store", tmp_path / "approved", v)
+    assert ref.keys.dtype == np.uint64 and np.array_equal(ref.keys, want)
+    monkeypatch.setattr(sig, "KEY_BLOCK", 7)
+    assert np.array_equal(V.reference_of(entry, tmp_path / "store", tmp_path / "approved", v).keys, want)
+    with pytest.raises(S.StatsError, match="one of each per row"):
+        sig.key_digests(ids, hashes[:-1], [NAMES[c] for c in labels])
+
+
 def test_first_release_blocks_cross_label_copies_and_patched_rows(tmp_path, digits_split):
     """No approved history: exact and near-duplicate copies under another label, and a patch on
     5% of one class's rows, are blocked; a clean first release passes with the others skipped."""

@@ -159,6 +159,21 @@ def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
+PAIR_BLOCK = 1 << 20  # candidate pairs compared at a time by near_duplicate_pairs (~50 MB of index arrays)
+
+
+def _bucket_pairs(k: int, block: int):
+    """The pairs (a, b), 0 <= a < b < k, of a bucket of k members, about ``block`` at a time
+    (rows of the upper triangle in order): a bucket's k(k-1)/2 pairs are never built at once."""
+    step = max(1, block // max(1, k - 1))
+    for r0 in range(0, k - 1, step):
+        rows = np.arange(r0, min(k - 1, r0 + step))
+        counts = k - 1 - rows
+        a = np.repeat(rows, counts)
+        b = a + 1 + np.arange(len(a)) - np.repeat(np.cumsum(counts) - counts, counts)
+        yield a, b
+
+
 def near_duplicate_pairs(phashes: np.ndarray, radius: int) -> pd.DataFrame:
     """All pairs (i < j) of 64-bit hashes within ``radius`` bits (columns ``i``, ``j``, ``distance``).
 
@@ -167,16 +182,36 @@ def near_duplicate_pairs(phashes: np.ndarray, radius: int) -> pd.DataFrame:
     from equal chunk values and only those are compared. Exact (no pair is missed), and near-linear
     on real data where chunk values are spread (CIFAR-10's 60,000 hashes: about a second) instead
     of the 1.8e9 comparisons of all pairs.
+
+    Candidates are compared ``PAIR_BLOCK`` at a time and only the pairs within ``radius`` kept:
+    rows that share chunk values by the thousand (a backdoor's patched rows: 20M candidates for
+    8,080 patched rows among 808k at 1M rows) held every candidate pair before the first distance,
+    +1.6 GiB and 66 s (bench/results/validate_append_1m.log, issue 19 item 3).
     """
     h = np.asarray(phashes, np.uint64)
     radius = int(radius)
     if radius < 0 or radius > 16:
         raise StatsError(f"near-duplicate radius must be 0..16 bits, got {radius}")
     n = len(h)
+    empty = pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "distance": np.zeros(0, np.int64)})
     if n < 2:
-        return pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "distance": np.zeros(0, np.int64)})
+        return empty
     bounds = np.linspace(0, 64, radius + 2).round().astype(int)
-    ii, jj = [], []
+    kept: list[np.ndarray] = []  # i * n + j of the pairs within radius (each found once per chunk it shares)
+    buf_i: list[np.ndarray] = []
+    buf_j: list[np.ndarray] = []
+    held = 0
+
+    def compare() -> None:
+        nonlocal held
+        if held:
+            i, j = np.concatenate(buf_i), np.concatenate(buf_j)
+            near = _hamming(h[i], h[j]) <= radius
+            kept.append(i[near] * n + j[near])
+            buf_i.clear()
+            buf_j.clear()
+            held = 0
+
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         key = (h >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
         order = np.argsort(key, kind="stable")
@@ -185,17 +220,18 @@ def near_duplicate_pairs(phashes: np.ndarray, radius: int) -> pd.DataFrame:
         ends = np.r_[starts[1:], n]
         for s_, e_ in zip(starts[(ends - starts) > 1], ends[(ends - starts) > 1]):
             members = np.sort(order[s_:e_])
-            a, b = np.triu_indices(len(members), 1)
-            ii.append(members[a])
-            jj.append(members[b])
-    if not ii:
-        return pd.DataFrame({"i": np.zeros(0, np.int64), "j": np.zeros(0, np.int64), "distance": np.zeros(0, np.int64)})
-    i = np.concatenate(ii)
-    j = np.concatenate(jj)
-    pairs = np.unique(np.stack([i, j], 1), axis=0)
-    d = _hamming(h[pairs[:, 0]], h[pairs[:, 1]])
-    keep = d <= radius
-    return pd.DataFrame({"i": pairs[keep, 0], "j": pairs[keep, 1], "distance": d[keep]})
+            for a, b in _bucket_pairs(len(members), PAIR_BLOCK):
+                buf_i.append(members[a])
+                buf_j.append(members[b])
+                held += len(a)
+                if held >= PAIR_BLOCK:
+                    compare()
+    compare()
+    pairs = np.unique(np.concatenate(kept)) if kept else np.zeros(0, np.int64)
+    if not len(pairs):
+        return empty
+    i, j = pairs // n, pairs % n
+    return pd.DataFrame({"i": i, "j": j, "distance": _hamming(h[i], h[j])})
 
 
 def near_duplicate_clusters(phashes: np.ndarray, labels: Sequence[int], radius: int,
@@ -561,6 +597,7 @@ def first_snapshot_tests(rows: ClassCounts, class_names: Sequence[str], v: Valid
 
 
 Key = tuple[str, str, str]  # (sample_id, content sha256, class name) of one training row
+KEY_BLOCK = 65536  # rows hashed at a time by key_digests (~10 MB of Python strings a block)
 
 
 def key_digests(ids, hashes, class_of_row) -> np.ndarray:
@@ -570,10 +607,22 @@ def key_digests(ids, hashes, class_of_row) -> np.ndarray:
     probability ~N^2 / 2^65 (3e-8 at 1M rows); a row made to collide on purpose needs a second
     preimage of SipHash-2-4's 64 bits."""
     def objects(x) -> np.ndarray:  # one dtype for every caller, so equal keys hash equal
-        return x.to_numpy(object) if isinstance(x, pd.Series) else np.asarray(x, dtype=object)
+        return np.asarray(x, dtype=object)
 
-    frame = pd.DataFrame({"id": objects(ids), "hash": objects(hashes), "cls": objects(class_of_row)}, dtype=object)
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+    # a pandas column by position (its array), whatever its index
+    ids, hashes, class_of_row = (x.array if isinstance(x, pd.Series) else x for x in (ids, hashes, class_of_row))
+    n = len(ids)
+    if len(hashes) != n or len(class_of_row) != n:
+        raise StatsError(f"key_digests: {n} ids, {len(hashes)} hashes, {len(class_of_row)} classes: pass one of each per row")
+    out = np.empty(n, np.uint64)
+    # In blocks: each row's digest depends on that row alone, and the Python strings a block needs
+    # (pandas hashes object columns) then cost the block, not the view (issue 19 item 3)
+    for lo in range(0, n, KEY_BLOCK):
+        hi = min(n, lo + KEY_BLOCK)
+        frame = pd.DataFrame({"id": objects(ids[lo:hi]), "hash": objects(hashes[lo:hi]),
+                              "cls": objects(class_of_row[lo:hi])}, dtype=object)
+        out[lo:hi] = pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+    return out
 
 
 def new_against(keys: np.ndarray, reference_keys: np.ndarray) -> np.ndarray:
@@ -587,10 +636,12 @@ class ViewRows:
 
     ``hashes`` are the content hashes of the pixels the view trains on (a poisoned row's
     ``sha256_after``); ``labels`` index ``class_names`` (the snapshot's, in store order);
-    ``dup``: the row's pixels are on another row of the snapshot (train or test)."""
+    ``dup``: the row's pixels are on another row of the snapshot (train or test). ``ids`` and
+    ``hashes``: numpy object arrays, or pandas string arrays (the stage passes the manifest's
+    Arrow-backed columns, so they are never Python strings a row)."""
 
-    ids: np.ndarray
-    hashes: np.ndarray
+    ids: np.ndarray | pd.api.extensions.ExtensionArray
+    hashes: np.ndarray | pd.api.extensions.ExtensionArray
     labels: np.ndarray
     block: np.ndarray
     dup: np.ndarray

@@ -332,8 +332,11 @@ def detector_settings(v: ValidateConfig) -> dict:
 
 
 def duplicate_mask(hashes: Sequence[str]) -> np.ndarray:
-    """True for every row whose content hash is on another row too."""
-    return pd.Series(list(hashes), dtype=object).duplicated(keep=False).to_numpy(bool)
+    """True for every row whose content hash is on another row too. A pandas column or array is
+    read as it is (an Arrow-backed one is not turned into Python strings)."""
+    column = isinstance(hashes, (pd.Series, pd.api.extensions.ExtensionArray))
+    s = pd.Series(hashes) if column else pd.Series(list(hashes), dtype=object)
+    return s.duplicated(keep=False).to_numpy(bool)
 
 
 def perceptual_hashes(images: np.ndarray, method: str = "phash") -> np.ndarray:

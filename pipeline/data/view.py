@@ -36,10 +36,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.core import heap
 from pipeline.core.attacks import apply_trigger
 from pipeline.core.hashing import sample_hash
+from pipeline.data.rows import as_strings, take_strings
 from pipeline.data.store import IntegrityError
 from pipeline.io import atomic_write_bytes, write_json
 from pipeline.errors import UserError
@@ -228,6 +231,25 @@ def read_view(view_dir: str | Path) -> tuple[dict, list[dict]]:
     return meta, parse_records(data)
 
 
+def row_positions(sample_ids, wanted: Sequence[Any]) -> dict[str, int]:
+    """``{id: its row in sample_ids}`` for each id of ``wanted`` found there (as ``str``; an id
+    there twice: its last row, as a dict of every row gave).
+
+    ``sample_ids``: a list, an array, a pandas column or an Arrow (chunked) array. Arrow's
+    ``is_in`` against the few wanted ids, not a dict of every row: at 808k train ids that dict held
+    ~60 MB of Python objects on every view applied, with or without records (issue 19 item 3)."""
+    want = list(dict.fromkeys(str(w) for w in wanted))
+    if not want:
+        return {}
+    if isinstance(sample_ids, (list, tuple, np.ndarray)):
+        col = pa.array(sample_ids, from_pandas=True)  # ids that are not strings (ints) become their str
+        col = col if col.type == pa.string() else col.cast(pa.string())
+    else:
+        col = as_strings(sample_ids)
+    hit = np.flatnonzero(pc.is_in(col, value_set=pa.array(want, pa.string())).to_numpy(zero_copy_only=False))
+    return {s: int(i) for s, i in zip(take_strings(col, hit).to_pylist(), hit)}
+
+
 def apply_records(
     images: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str], records: Sequence[dict], verify: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -236,7 +258,7 @@ def apply_records(
     Raises ``store.IntegrityError`` when a record names an unknown row, disagrees with the
     row's original label, or (``verify``) the rebuilt row does not hash to ``sha256_after``.
     """
-    index = {str(s): i for i, s in enumerate(sample_ids)}
+    index = row_positions(sample_ids, [r["sample_id"] for r in records])
     lazy = hasattr(images, "with_rows")  # a rows.LazyRows: the changed rows go in as replacements
     images = images if lazy else images.copy()
     updates: dict[int, np.ndarray] = {}
