@@ -6,10 +6,12 @@ and after and the process's peak so far (VmHWM: a phase's transient shows as a j
 
     python bench/validate_phases.py WORKSPACE [--history]
 
-``--history``: judge the workspace's view against its approved history as the stage does (the
-ledger's last and root approved views, ``reference_of`` for each), the case of every append after
-the first approved release; without it, as a first release (no reference). The GX run that follows ``build_tables`` is not included (``bench/stage_memory.py WS --stage
-validate`` measures the whole stage). One trial per call.
+The view's records are applied, less the rows a quarantine leaves out, as the stage does.
+``--history``: judge the view against its approved history as the stage does (the ledger's last
+and root approved views, ``reference_of`` for each, once when they are the same entry), the case
+of every append after the first approved release; without it, as a first release (no
+reference). The GX run that follows ``build_tables`` is not included (``bench/stage_memory.py WS
+--stage validate`` measures the whole stage). One trial per call.
 """
 
 from __future__ import annotations
@@ -62,9 +64,10 @@ def main() -> int:
     for name in ("count_tables", "label_conflicts", "near_duplicate_clusters"):
         timed(sig, name)
     print(f"{'start':24s} RSS {status('VmRSS'):6d} MiB")
-    snap, features = V._load_measurable("data/store", sid, v)
     view_meta, records = V.read_view("data/view")
-    m = V.measure_view(snap, records, v, features=features)
+    gone = V.quarantined_ids(view_meta.get("quarantine"))
+    snap, features = V._without(*V._load_measurable("data/store", sid, v), gone)
+    m = V.measure_view(snap, [r for r in records if r["sample_id"] not in gone], v, features=features)
     del features
     last = root = None
     if args.history:
@@ -73,7 +76,7 @@ def main() -> int:
         if last_e is None:
             raise SystemExit("--history: the workspace's ledger holds no approved view before this one")
         last = V.reference_of(last_e, "data/store", "data/approved", v)
-        root = V.reference_of(root_e, "data/store", "data/approved", v)
+        root = last if root_e is last_e else V.reference_of(root_e, "data/store", "data/approved", v)
     tables = V.build_tables(snap, m, v, last, root)
     print(f"samples table: {len(tables.frames['samples'])} rows, "
           f"{tables.frames['samples'].memory_usage(deep=True).sum() / 2**20:.0f} MiB (deep)")

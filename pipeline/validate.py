@@ -146,8 +146,8 @@ class Measured:
     rows: sig.ViewRows
     images: np.ndarray  # the view's train images
     flags: pd.DataFrame  # stats.block_flags_all of the train images
-    all_ids: Sequence[str]  # train rows first (pandas Arrow-backed string arrays in the stage)
-    all_hashes: Sequence[str]
+    all_ids: Any  # train rows first: indexable by position (pandas Arrow-backed string arrays in the stage)
+    all_hashes: Any
     all_labels: np.ndarray
     poisoned: list[int]  # train-row indices the view changed: only there do rows' hashes and labels differ from the manifest's
     from_pixels: int = -1  # train rows measured from their pixels (the rest: columns stored at ingest)
@@ -243,13 +243,13 @@ def reference_of(entry: dict, store_dir: str | Path, approved_dir: str | Path, v
     when the detector settings changed since), its row keys from the store's manifest and its
     saved records."""
     sid = entry["snapshot_id"]
-    names = [str(c) for c in store.read_meta(store_dir, sid)["class_names"]]
-    records = saved_records(approved_dir, entry)
     # The train rows' identity columns only, Arrow-backed: the whole manifest, then its ids and
     # hashes as Python strings, made this the stage's peak on every append (+1.1 GiB at 1M rows,
-    # bench/results/validate_append_1m.log, issue 19 item 3). The chain is still verified whole:
-    # an edited history is a DamagedStore.
+    # bench/results/validate_append_1m.log, issue 19 item 3). The chain is still verified whole
+    # (first, as before): an edited history is a DamagedStore.
     tr = store.load_manifest(store_dir, sid, verify=True, columns=("sample_id", "sha256", "label"), split="train")
+    names = [str(c) for c in store.read_meta(store_dir, sid)["class_names"]]
+    records = saved_records(approved_dir, entry)
     ids, hashes = tr["sample_id"].reset_index(drop=True), tr["sha256"].reset_index(drop=True)
     labels = tr["label"].to_numpy(np.int64).copy()
     del tr

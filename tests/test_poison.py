@@ -117,7 +117,8 @@ def test_apply_records_checks_sha256_after():
 
 def test_row_positions_finds_the_wanted_ids_in_any_column_kind():
     """``row_positions`` takes lists, arrays, pandas columns of several Arrow chunks (a manifest
-    loaded from several deltas) and non-string ids, as the dict of every row it replaced did."""
+    loaded from several deltas) and ids that are not strings (matched by their ``str``), as the
+    dict of every row it replaced did."""
     import pyarrow as pa
 
     want = ["d", "a", "zz", "a"]
@@ -128,6 +129,8 @@ def test_row_positions_finds_the_wanted_ids_in_any_column_kind():
                 pa.chunked_array([["a", "b"], ["c", "d"]])):
         assert view.row_positions(ids, want) == expect, type(ids)
     assert view.row_positions([10, 11, 12], [12]) == {"12": 2}  # an int id is found by its str
+    assert view.row_positions(pd.Series([10, 11, 12]), ["11"]) == {"11": 1}  # an int column too
+    assert view.row_positions(["a", 2, None, 1.0], ["2", "None", "1.0"]) == {"2": 1, "None": 2, "1.0": 3}  # str() each
     assert view.row_positions(["a", "b", "a"], ["a"]) == {"a": 2}  # twice: the last row, as the dict gave
     assert view.row_positions(["a"], []) == {} and view.row_positions([], ["a"]) == {}
 

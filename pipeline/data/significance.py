@@ -159,7 +159,9 @@ def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.bitwise_xor(a, b)).astype(np.int64)
 
 
-PAIR_BLOCK = 1 << 20  # candidate pairs compared at a time by near_duplicate_pairs (~50 MB of index arrays)
+# candidate pairs compared at a time by near_duplicate_pairs: up to ~2x this are held (one bucket's
+# block past it), ~100-150 MB of index, hash and distance arrays at 2^20
+PAIR_BLOCK = 1 << 20
 
 
 def _bucket_pairs(k: int, block: int):
@@ -185,8 +187,9 @@ def near_duplicate_pairs(phashes: np.ndarray, radius: int) -> pd.DataFrame:
 
     Candidates are compared ``PAIR_BLOCK`` at a time and only the pairs within ``radius`` kept:
     rows that share chunk values by the thousand (a backdoor's patched rows: 20M candidates for
-    8,080 patched rows among 808k at 1M rows) held every candidate pair before the first distance,
-    +1.6 GiB and 66 s (bench/results/validate_append_1m.log, issue 19 item 3).
+    8,080 patched rows among 808k at 1M rows) held every candidate pair before the first distance:
+    near_duplicate_clusters +1.6 GiB and 66 s, now +0.2 GiB and 11 s
+    (bench/results/validate_append_1m.log, issue 19 item 3).
     """
     h = np.asarray(phashes, np.uint64)
     radius = int(radius)

@@ -160,7 +160,9 @@ def restore_hint(store: str | Path) -> str:
 @dataclass(frozen=True)
 class Snapshot:
     id: str
-    manifest: pd.DataFrame  # MANIFEST_COLUMNS (a load with ``columns``: those); label, pack_index, file_size int64
+    # MANIFEST_COLUMNS (a load with ``columns``: those and what the load reads; the data gate then
+    # drops pack and pack_index, which its lazy rows hold); label, pack_index, file_size int64
+    manifest: pd.DataFrame
     images: np.ndarray  # uint8 (N, H, W, C), row-aligned with manifest (a rows.LazyRows when loaded lazy)
     class_names: list[str]
     image_shape: tuple[int, int, int]

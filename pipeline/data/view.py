@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from pipeline.core import heap
 from pipeline.core.attacks import apply_trigger
 from pipeline.core.hashing import sample_hash
-from pipeline.data.rows import as_strings, take_strings
+from pipeline.data.rows import take_strings
 from pipeline.data.store import IntegrityError
 from pipeline.io import atomic_write_bytes, write_json
 from pipeline.errors import UserError
@@ -241,21 +241,26 @@ def row_positions(sample_ids, wanted: Sequence[Any]) -> dict[str, int]:
     want = list(dict.fromkeys(str(w) for w in wanted))
     if not want:
         return {}
-    if isinstance(sample_ids, (list, tuple, np.ndarray)):
-        col = pa.array(sample_ids, from_pandas=True)  # ids that are not strings (ints) become their str
-        col = col if col.type == pa.string() else col.cast(pa.string())
-    else:
-        col = as_strings(sample_ids)
+    try:
+        col = sample_ids if isinstance(sample_ids, (pa.Array, pa.ChunkedArray)) else pa.array(sample_ids)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed kinds
+        col = None
+    if col is None or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        # ids that are not all strings (ints, floats, None): each one's str(), as the dict of every
+        # row gave; a stored manifest's ids are always strings, so this is for in-memory callers
+        col = pa.array([str(s) for s in sample_ids], pa.string())
+    col = col.cast(pa.string()) if col.type != pa.string() else col
     hit = np.flatnonzero(pc.is_in(col, value_set=pa.array(want, pa.string())).to_numpy(zero_copy_only=False))
     return {s: int(i) for s, i in zip(take_strings(col, hit).to_pylist(), hit)}
 
 
 def apply_records(
-    images: np.ndarray, labels: np.ndarray, sample_ids: Sequence[str], records: Sequence[dict], verify: bool = True
+    images: np.ndarray, labels: np.ndarray, sample_ids: Any, records: Sequence[dict], verify: bool = True
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Re-apply ``records`` to train arrays; return ``(images, labels, poisoned row indices)``.
 
-    Raises ``store.IntegrityError`` when a record names an unknown row, disagrees with the
+    ``sample_ids``: one per row, any kind :func:`row_positions` takes (a list, an array, a pandas
+    or Arrow column). Raises ``store.IntegrityError`` when a record names an unknown row, disagrees with the
     row's original label, or (``verify``) the rebuilt row does not hash to ``sha256_after``.
     """
     index = row_positions(sample_ids, [r["sample_id"] for r in records])
