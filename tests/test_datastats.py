@@ -252,6 +252,27 @@ def test_near_duplicate_pairs_in_blocks_match_brute_force(monkeypatch):
             assert (got["distance"].to_numpy() == d[i, j]).all() and len(got) >= (55 if radius == 0 else 55 + 60)
 
 
+def test_near_duplicate_clusters_of_repeated_hashes_equal_the_all_pairs_clusters():
+    """Rows sharing a hash are joined through the hash's first row, not pair by pair: the clusters
+    (rows, labels, max distance, numbering) equal those built from every row pair."""
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64)
+        near = base[:15] ^ (np.uint64(1) << rng.integers(0, 64, 15).astype(np.uint64))
+        pool = np.concatenate([base, near])
+        h = pool[rng.integers(0, len(pool), 300)]  # many rows share a hash
+        y = rng.integers(0, 3, len(h))
+        for radius in (0, 1, 2):
+            for spanning in (True, False):
+                pairs = S.near_duplicate_pairs(h, radius)
+                involved = np.unique(np.r_[pairs["i"].to_numpy(), pairs["j"].to_numpy()]).astype(np.int64)
+                want = S.clusters_from_pairs(pairs, involved, y[involved], spanning)
+                got = S.near_duplicate_clusters(h, y, radius, spanning_only=spanning)
+                assert len(want) > 0 or not spanning
+                pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True),
+                                              obj=f"trial {trial} radius {radius}")
+
+
 @pytest.mark.parametrize("dct", ["private pocketfft", "scipy.fftpack"])
 def test_batched_phash_is_imagehash_bit_for_bit(digits_split, dct, monkeypatch):
     import imagehash

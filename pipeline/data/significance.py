@@ -250,7 +250,19 @@ def near_duplicate_clusters(phashes: np.ndarray, labels: Sequence[int], radius: 
     h = np.asarray(phashes, np.uint64)
     if len(h) != len(labels):
         raise StatsError(f"{len(h)} hashes but {len(labels)} labels: pass one of each per row")
-    pairs = near_duplicate_pairs(h, radius)
+    # The components of the row graph from the graph of its distinct hashes: rows with one hash are
+    # joined to that hash's first row (distance 0), and each within-radius pair of distinct hashes
+    # joins their first rows. Same components and the same distances (so the same max_distance)
+    # as every row pair, but k rows sharing a hash (blank images, one upload repeated) cost k
+    # edges, not k(k-1)/2: 10,000 equal hashes were 50M pairs (issue 19 item 3).
+    values, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    vp = near_duplicate_pairs(values, radius)
+    repeat = np.flatnonzero(first[inverse] != np.arange(len(h)))  # rows after the first of their hash
+    pairs = pd.DataFrame({
+        "i": np.r_[first[inverse[repeat]], first[vp["i"].to_numpy(np.int64)]].astype(np.int64),
+        "j": np.r_[repeat, first[vp["j"].to_numpy(np.int64)]].astype(np.int64),
+        "distance": np.r_[np.zeros(len(repeat), np.int64), vp["distance"].to_numpy(np.int64)],
+    })
     involved = np.unique(np.r_[pairs["i"].to_numpy(), pairs["j"].to_numpy()]).astype(np.int64)
     return clusters_from_pairs(pairs, involved, labels[involved], spanning_only)
 
