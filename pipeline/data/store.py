@@ -174,10 +174,8 @@ class Snapshot:
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images, labels, sample_ids) of one split, in manifest order."""
-        mask = (self.manifest["split"] == name).to_numpy()
-        from pipeline.data.rows import take
-
-        return take(self.images, mask), self.labels[mask], self.manifest["sample_id"][mask].tolist()
+        images, labels, ids = self.split_rows(name)
+        return images, labels, ids.tolist()
 
     def split_rows(self, name: str) -> tuple[np.ndarray, np.ndarray, Any]:
         """:meth:`split` with the sample ids as the manifest's column (a pandas array, Arrow-backed
