@@ -108,7 +108,11 @@ def train(images, labels, reg: str, seed: int):
         if isinstance(m, torch.nn.Dropout):
             m.p = p
     orig = aug.random_crop_flip
-    aug.random_crop_flip = lambda x, pad, gen=None, flip=True, mode="reflect": orig(x, pad, gen, flip=False, mode=mode)
+
+    def no_flip(x, pad, gen=None, flip=True, mode="reflect", **kw):
+        return orig(x, pad, gen, flip=False, mode=mode, **kw)
+
+    aug.random_crop_flip = no_flip
     try:
         fit(model, images, labels, spec, None)
     finally:

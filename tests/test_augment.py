@@ -56,6 +56,20 @@ def test_crop_flip_matches_per_image_reference(dtype, mode):
     assert len(set(zip(oy.tolist(), ox.tolist()))) > 1 and 0 < int(fl.sum()) < 16  # the draws vary
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16, 100])
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_chunked_crop_flip_is_the_whole_set_gather(chunk, mode):
+    """The training loop augments a resident set ``chunk_rows`` images at a time (bounded gather
+    indices): the same draws, the same pixels, the same channels_last layout as one gather."""
+    x = _batch(n=16)
+    whole = A.random_crop_flip(x, 3, torch.Generator().manual_seed(7), mode=mode)
+    part = A.random_crop_flip(x, 3, torch.Generator().manual_seed(7), mode=mode, chunk_rows=chunk)
+    assert torch.equal(part, whole) and part.stride() == whole.stride()
+    with pytest.raises(ValueError, match="chunk_rows"):
+        A.random_crop_flip(x, 3, torch.Generator(), chunk_rows=0)
+    assert A.chunk_rows_for((10, 3, 32, 32)) == 21845 and A.chunk_rows_for((1, 1, 10**6, 10**6)) == 1
+
+
 def test_crop_flip_window_of_padded_input_without_replay():
     """Every output is one of the (2p+1)^2 x 2 windows of its own input (no knowledge of the RNG)."""
     x = _batch(n=8, c=2, h=6, w=7)

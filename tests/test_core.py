@@ -119,6 +119,42 @@ def test_to_device_channels_last_view_and_refusal():
         tdata.to_device(imgs.astype(np.float32), "cpu")
 
 
+class _CountingRows:
+    """A (N, H, W, C) uint8 array-like that records every row range read (a lazy store view's reads)."""
+
+    ndim, dtype = 4, np.dtype(np.uint8)
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.shape, self.reads = rows, rows.shape, []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        part = self.rows[key]
+        self.reads.append(len(part))
+        return part
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads.append(len(self.rows))
+        return self.rows
+
+
+def test_to_device_off_the_cpu_reads_the_rows_a_chunk_at_a_time(monkeypatch):
+    """Issue 19 item 3: the resident path's upload of a lazy view never reads it whole into host
+    memory (the GPU copy is one chunk at a time; ``meta`` stands in for the GPU here, and
+    tests/test_gpu.py checks the pixels on CUDA)."""
+    imgs = np.random.default_rng(0).integers(0, 256, (1000, 4, 4, 3), dtype=np.uint8)
+    monkeypatch.setattr(tdata, "UPLOAD_CHUNK_BYTES", 48 * 64)  # 64 rows of 48 bytes a chunk
+    rows = _CountingRows(imgs)
+    t = tdata.to_device(rows, "meta", channels_last=True)
+    assert t.shape == (1000, 3, 4, 4) and t.device.type == "meta"
+    assert max(rows.reads) == 64 and sum(rows.reads) == 1000, rows.reads
+    cpu = _CountingRows(imgs)  # on the CPU the host copy is the resident set: one read
+    assert torch.equal(tdata.to_device(cpu, "cpu", channels_last=True).permute(0, 2, 3, 1), torch.from_numpy(imgs))
+    assert cpu.reads == [1000]
+
+
 def test_random_crop_flip_is_seeded_shift_and_flip():
     from pipeline.core.augment import random_crop_flip
 

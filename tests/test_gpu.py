@@ -44,6 +44,27 @@ def test_crop_flip_on_cuda_keeps_shape_dtype_and_is_seeded():
     assert torch.equal(random_crop_flip(x, 4, g2), out)
 
 
+def test_chunked_crop_flip_bounds_the_device_peak_on_cuda():
+    """Issue 19 item 3: one gather over a whole resident set holds ~24 bytes of indices a pixel
+    position on CUDA; the training loop's chunked gather gives the same pixels at a bounded peak."""
+    from pipeline.core.augment import random_crop_flip
+
+    x = torch.randint(0, 256, (60000, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    peaks, outs = [], []
+    for chunk in (None, 4096):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        outs.append(random_crop_flip(x, 2, torch.Generator(device="cuda").manual_seed(0), chunk_rows=chunk))
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+    assert torch.equal(outs[0], outs[1])
+    out_bytes = x.numel()
+    # chunked: the output plus one chunk's gather (4096 x 1024 positions x 24 B = 96 MiB, and its temporaries)
+    assert peaks[1] <= out_bytes + 4 * 4096 * 1024 * 24, (peaks, out_bytes)
+    assert peaks[1] < peaks[0] / 2, peaks
+
+
 def test_shift_and_tta_on_cuda_match_cpu():
     """The same offsets/flips give the same pixels on CUDA as on CPU (semantics: test_augment.py),
     and fp32 TTA logits agree between devices."""
@@ -90,3 +111,55 @@ def test_fastnet_trains_on_cuda(digits_split):
     assert history[-1]["loss"] < history[0]["loss"]
     acc = float((predict(model, x_te, device="cuda") == y_te).mean())
     assert acc >= 0.85, acc  # 0.90 on CPU with these settings; 8x8 digits are not what fastnet is sized for
+
+
+def test_chunked_upload_of_a_memmap_equals_the_whole_array_on_cuda(tmp_path, monkeypatch):
+    """Issue 19 item 3: the resident path uploads a lazy view a chunk at a time (host memory at
+    one chunk); the device copy must be the array, in either layout."""
+    from pipeline.core import data as tdata
+
+    imgs = np.random.default_rng(0).integers(0, 256, (1000, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "rows.npy", imgs)
+    rows = np.load(tmp_path / "rows.npy", mmap_mode="r")  # read-only: each chunk is copied, not wrapped
+    monkeypatch.setattr(tdata, "UPLOAD_CHUNK_BYTES", 192 * 37)  # 37 rows a chunk: a ragged last chunk
+    want = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+    for cl in (False, True):
+        t = tdata.to_device(rows, "cuda", channels_last=cl)
+        assert t.is_cuda and t.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        assert torch.equal(t.cpu(), want), cl
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16_channels_last"])
+def test_streamed_batches_train_like_the_resident_set_on_cuda(digits_split, tmp_path, fast):
+    """Issue 19 item 3 on CUDA: the streamed path (DataLoader over a memmap, pinned host batches,
+    non-blocking uploads, with and without a worker process, with augmentation) trains on the same
+    batches as the resident path. cuDNN is made deterministic, so the weights must agree to float
+    rounding (fp32), or stay within bf16's rounding of each other (bf16 + channels_last)."""
+    from pipeline.core.train import TrainSpec, train_model
+
+    x, y = digits_split[0][:600], digits_split[1][:600]
+    np.save(tmp_path / "rows.npy", x)
+    rows = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    base = dict(epochs=2, batch_size=64, lr=0.003, seed=1, device="cuda", amp=fast, channels_last=fast,
+                augment=True, aug_pad=1)
+    prev = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        models = {}
+        for name, images, extra in (("resident", x, {"data_path": "resident"}),
+                                    ("resident_memmap", rows, {"data_path": "resident"}),
+                                    ("stream", rows, {"data_path": "stream"}),
+                                    ("stream_workers", rows, {"data_path": "stream", "loader_workers": 2})):
+            models[name], _, h = train_model(images, y, 10, "small_cnn", 8, TrainSpec(**base, **extra))
+            assert np.isfinite(h[-1]["loss"]), name
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev
+    atol = 2e-2 if fast else 1e-5
+    ref = models["resident"].state_dict()
+    for name in ("resident_memmap", "stream", "stream_workers"):
+        for k, v in models[name].state_dict().items():
+            if v.is_floating_point():
+                diff = float((v - ref[k]).abs().max())
+                assert diff <= atol, (name, k, diff)
+            else:
+                assert torch.equal(v, ref[k]), (name, k)

@@ -85,7 +85,7 @@ def shift_images(x: torch.Tensor, dy: torch.Tensor | int, dx: torch.Tensor | int
 
 
 def random_crop_flip(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None,
-                     flip: bool = True, mode: str = "reflect") -> torch.Tensor:
+                     flip: bool = True, mode: str = "reflect", chunk_rows: Optional[int] = None) -> torch.Tensor:
     """Padded random crop + random horizontal flip of a batch, on ``x``'s device.
 
     Equivalent, image by image, to: pad by ``pad`` on every side (reflect, or zeros), take the
@@ -94,11 +94,36 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: Optional[torch.Genera
     (oy for all images, then ox), then the flips, all from ``generator``, which must live on
     ``x.device`` (or be None for the global RNG). ``x``: uint8 or float (N, C, H, W); the output
     has the same shape, dtype and value range.
+
+    ``chunk_rows``: gather that many images at a time into one output buffer (the same draws,
+    the same pixels). On CUDA the gather's index tensors take ~24 bytes a pixel position, ~10x
+    a uint8 set's own size (1M CIFAR-size rows: a 30 GiB device peak for 2.9 GiB of pixels,
+    bench/results/gpu_data_path.md); :func:`chunk_rows_for` bounds them.
     """
     check_pad(pad, tuple(x.shape[-2:]), mode)
-    oy, ox, fl = crop_flip_draws(x.shape[0], pad, x.device, generator, flip)
+    n = x.shape[0]
+    oy, ox, fl = crop_flip_draws(n, pad, x.device, generator, flip)
     # window at offset o in the padded image = input shifted by (pad - o)
-    return shift_images(x, pad - oy, pad - ox, fl, mode=mode)
+    if chunk_rows is None or chunk_rows >= n:
+        return shift_images(x, pad - oy, pad - ox, fl, mode=mode)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    c, h, w = x.shape[1:]
+    out = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)  # shift_images' layout
+    for a in range(0, n, chunk_rows):
+        b = a + chunk_rows
+        out[a:b] = shift_images(x[a:b], pad - oy[a:b], pad - ox[a:b], fl[a:b], mode=mode)
+    return out
+
+
+AUG_INDEX_BYTES = 512 * 2**20  # bytes of gather indices per chunk of a whole-set augmentation (~24 a pixel position)
+
+
+def chunk_rows_for(shape: tuple[int, ...], index_bytes: int = AUG_INDEX_BYTES) -> int:
+    """Images per chunk of :func:`random_crop_flip` over an (N, C, H, W) set: its index tensors
+    (three int64 per output position) within ``index_bytes``. 32x32: 21,845 images."""
+    h, w = int(shape[-2]), int(shape[-1])
+    return max(1, int(index_bytes) // (24 * h * w))
 
 
 def check_pad(pad: int, side: tuple[int, int], mode: str = "reflect") -> None:

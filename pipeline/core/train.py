@@ -226,7 +226,8 @@ def fit(
         model.train()
         t0 = time.perf_counter()
         if path == "resident":
-            x_ep = aug.random_crop_flip(x_all, pad, gen) if spec.augment else x_all
+            x_ep = (aug.random_crop_flip(x_all, pad, gen, chunk_rows=aug.chunk_rows_for(x_all.shape))
+                    if spec.augment else x_all)
             if channels_last:
                 x_ep = x_ep.contiguous(memory_format=torch.channels_last)  # no-op for crop output
         elif spec.augment:  # the resident path's draws for every row, in its order (same crops)
