@@ -68,6 +68,7 @@ from pipeline.schema import Config, ValidateConfig
 VIEWS = "views"  # data/approved/views/<view_id>.csv: the records of an approved poisoned view
 REQUIRED_COLUMNS = ("sample_id", "sha256", "label", "split")
 PROVENANCE_COLUMNS = stats.PROVENANCE_COLUMNS
+REPEATED_COLUMNS = ("split", "snapshot_id", "ingest_time")  # a few values over all rows: held as categoricals
 PATHS = (
     stage.PathArg("pointer", "the current snapshot's pointer (data/snapshot.json)"),
     stage.PathArg("store", "the snapshot store (data/store)"),
@@ -221,7 +222,11 @@ def _load_measurable(store_dir: str | Path, snapshot_id: str, v: ValidateConfig)
                                columns=REQUIRED_COLUMNS + PROVENANCE_COLUMNS)
     # where each row's pixels are now lives in the lazy rows: the manifest's copy (77 MiB at 1M
     # rows) would only ride along to the end of the stage (issue 19 item 3)
-    snap = replace(snap, manifest=snap.manifest.drop(columns=["pack", "pack_index"]))
+    man = snap.manifest.drop(columns=["pack", "pack_index"])
+    # one value per snapshot (or split) repeated on every row: as categoricals a byte or so a row,
+    # not a string each (at 1.01M rows snapshot_id 69, ingest_time 31, split 12 MiB; issue 19 item 3)
+    man = man.astype({c: "category" for c in REPEATED_COLUMNS if c in man.columns})
+    snap = replace(snap, manifest=man)
     return snap, store.load_features(store_dir, snapshot_id, stats.detector_settings(v))
 
 
@@ -317,6 +322,9 @@ def samples_table(snap: store.Snapshot, m: Measured) -> pd.DataFrame:
         # "" -> missing, in the column's own dtype: a pandas string column stays Arrow-backed
         # (astype(object) made a Python str per cell: ~100 MB per column at 1M rows, issue 19 item 3)
         c = s[col]
+        if isinstance(c.dtype, pd.CategoricalDtype):  # "" is looked for among the few values, not on every row
+            s[col] = c.cat.remove_categories([x for x in c.cat.categories if str(x) == ""])
+            continue
         s[col] = c.mask((c.isna() | (c.astype(str) == "")).to_numpy(bool), None)
     s["label"] = pd.to_numeric(s["label"], errors="coerce").astype("Int64")
     train = np.flatnonzero((s["split"] == "train").to_numpy())

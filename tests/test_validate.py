@@ -182,12 +182,16 @@ def test_gx_skips_its_batch_fingerprint(digits_cases, gx_runs, monkeypatch):
     assert engine.HASH_THRESHOLD == 1e9  # restored after the run
 
 
-def test_gx_flags_bad_labels_missing_provenance_and_conflicts(digits_cases):
+@pytest.mark.parametrize("repeated_as_category", [False, True], ids=["str", "category"])
+def test_gx_flags_bad_labels_missing_provenance_and_conflicts(digits_cases, repeated_as_category):
+    """With the repeated columns as the stage loads them (categoricals) too: "" is missing there."""
     v = digits_cases["v"]
     s1 = digits_cases["s1"]
     man = s1.manifest.copy()
     man.loc[0, "source_uri"] = None
     man.loc[1, "ingest_time"] = ""
+    if repeated_as_category:
+        man = man.astype({c: "category" for c in V.REPEATED_COLUMNS})
     snap = dataclasses.replace(s1, manifest=man)
     m = V.measure_view(snap, [], v)
     # an image re-uploaded under another label (a test row's pixels, train label changed)
@@ -202,6 +206,7 @@ def test_gx_flags_bad_labels_missing_provenance_and_conflicts(digits_cases):
     assert ("provenance_coverage", "source_uri") in failed
     assert ("provenance_coverage", "ingest_time") in failed
     assert ("label_conflicts", "p_gate") in failed
+    assert t.frames["samples"]["ingest_time"].isna().tolist() == [i == 1 for i in range(len(man))]
     conflict = t.frames["label_conflicts"].iloc[0]
     assert set(conflict["sample_ids"]) == {"train/3", "test/0"}
     assert data_checks.judge(t.frames, v) == {
