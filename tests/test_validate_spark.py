@@ -8,6 +8,7 @@ same. Skipped only when pyspark or a Java runtime is missing (then the skip says
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -260,3 +261,48 @@ def test_spark_engine_reads_the_newest_base_not_the_whole_history(tmp_path, digi
     with pytest.raises(store.DamagedStore, match=base.name[:12]):
         spark_gate.chain_rows(SparkSession.getActiveSession(), state / "store", str(state / "store"), headers,
                               spark_gate.stats.detector_settings(v))
+
+
+def test_spark_clusters_of_repeated_hashes_equal_the_in_memory_clusters():
+    """The Spark engine's near-duplicate clusters join rows that share a hash through its first row,
+    as ``significance.near_duplicate_clusters`` does: on hashes repeated by the dozen (and near
+    copies of them, the top bit included: Spark's longs are signed), the same cluster table,
+    and only k rows a hash of k copies reach the driver's edge list."""
+    from pyspark.sql import functions as F
+
+    from pipeline.data import significance as S
+    from pipeline.data import spark_gate as G
+
+    spark = G.session(dataclasses.replace(default_vcfg(), spark_master="local[1]"))
+    rng = np.random.default_rng(4)
+    names = ("a", "b", "c")
+    seen = {"edges": []}
+    real = S.clusters_from_pairs
+    for trial in range(3):
+        base = rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64) | (np.uint64(trial % 2) << np.uint64(63))
+        near = base[:10] ^ (np.uint64(1) << rng.integers(0, 64, 10).astype(np.uint64))
+        pool = np.concatenate([base, near])
+        h = pool[rng.integers(0, len(pool), 400)]
+        y = rng.integers(0, 3, len(h))
+        train = spark.createDataFrame(pd.DataFrame({"train_index": np.arange(len(h), dtype=np.int64),
+                                                    "phash": G._signed(h), "label_now": y.astype(np.int64),
+                                                    "sample_id": [f"r{i}" for i in range(len(h))]}))
+        for radius in (0, 2):
+            want = S.near_duplicate_clusters(h, y, radius)
+            want["labels"] = want["labels"].map(lambda ls: [names[int(i)] for i in ls])
+            want["sample_ids"] = want["rows"].map(lambda rs: [f"r{i}" for i in rs])
+
+            def spy(pairs, *a, **k):
+                seen["edges"].append(len(pairs))
+                return real(pairs, *a, **k)
+
+            S.clusters_from_pairs = spy
+            try:
+                got = G._clusters(spark, train.where(F.lit(True)), radius, names)
+            finally:
+                S.clusters_from_pairs = real
+            assert len(want) > 0
+            pd.testing.assert_frame_equal(got.reset_index(drop=True), want[got.columns].reset_index(drop=True),
+                                          obj=f"trial {trial} radius {radius}")
+            # 400 rows over <= 40 hashes: star edges (<= 400 + distinct pairs), not ~400^2/80 row pairs
+            assert seen["edges"][-1] < 400 + 40 * 39 // 2, seen["edges"][-1]

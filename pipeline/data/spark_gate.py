@@ -423,14 +423,22 @@ def _clusters(spark, train, radius: int, class_names: Sequence[str]) -> pd.DataF
     bands = [F.struct(F.lit(b).alias("band"),
                       F.shiftrightunsigned("phash", int(lo)).bitwiseAND(F.lit((1 << (hi - lo)) - 1 if hi - lo < 64 else -1)).alias("key"))
              for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    keyed = train.select("train_index", "phash", F.explode(F.array(*bands)).alias("b")) \
+    # As near_duplicate_clusters does in memory: the pairs of distinct hashes, between their first
+    # rows, and each later row of a hash joined to its first at distance 0. The same components and
+    # max distances as every row pair, but k rows sharing a hash bring k rows to the driver, not
+    # k(k-1)/2 (10,000 blank images: 50M pairs).
+    firsts = train.groupBy("phash").agg(F.min("train_index").alias("train_index"))
+    repeats = (train.select(F.col("train_index").alias("j"), "phash").join(firsts, "phash")
+               .where(F.col("j") != F.col("train_index"))
+               .select(F.col("train_index").alias("i"), "j", F.lit(0).cast("long").alias("distance")))
+    keyed = firsts.select("train_index", "phash", F.explode(F.array(*bands)).alias("b")) \
         .select("train_index", "phash", "b.band", "b.key")
     a, b = keyed.alias("a"), keyed.alias("b")
     pairs = (a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.key") == F.col("b.key"))
                     & (F.col("a.train_index") < F.col("b.train_index")))
              .select(F.col("a.train_index").alias("i"), F.col("b.train_index").alias("j"),
                      F.bit_count(F.col("a.phash").bitwiseXOR(F.col("b.phash"))).cast("long").alias("distance"))
-             .where(F.col("distance") <= radius).distinct().toPandas())
+             .where(F.col("distance") <= radius).distinct().unionByName(repeats).toPandas())
     pairs = pairs.sort_values(["i", "j"]).reset_index(drop=True)
     involved = np.unique(np.r_[pairs["i"].to_numpy(np.int64), pairs["j"].to_numpy(np.int64)])
     if len(involved):
