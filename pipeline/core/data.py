@@ -21,8 +21,8 @@ def to_device(images, device: torch.device | str, channels_last: bool = False) -
 
     ``channels_last``: return the free NCHW view of the NHWC buffer (channels_last strided)
     instead of a contiguous NCHW copy. Off the CPU the rows go up ``UPLOAD_CHUNK_BYTES`` at a
-    time into one device buffer: a lazy store view or a memmap is then never read whole into
-    host memory (the resident path's host peak at 1M rows of 28x28 would be +748 MiB)."""
+    time into one device buffer, so a lazy store view is never read whole into host memory
+    (``np.ascontiguousarray`` of one reads every row: +748 MiB at 1M rows of 28x28)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
     device = torch.device(device)
