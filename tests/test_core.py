@@ -153,6 +153,11 @@ def test_to_device_off_the_cpu_reads_the_rows_a_chunk_at_a_time(monkeypatch):
     cpu = _CountingRows(imgs)  # on the CPU the host copy is the resident set: one read
     assert torch.equal(tdata.to_device(cpu, "cpu", channels_last=True).permute(0, 2, 3, 1), torch.from_numpy(imgs))
     assert cpu.reads == [1000]
+    # a reversed array's one-row chunks (a negative stride numpy calls C-contiguous), and no rows: still on the device
+    monkeypatch.setattr(tdata, "UPLOAD_CHUNK_BYTES", 48)
+    assert tdata.to_device(imgs[::-1], "meta").shape == (1000, 3, 4, 4)
+    assert tdata.to_device(imgs[:0], "meta").device.type == "meta"
+    assert torch.equal(torch.from_numpy(tdata._writable(imgs[::-1][:1])), torch.from_numpy(imgs[-1:]))
 
 
 def test_random_crop_flip_is_seeded_shift_and_flip():

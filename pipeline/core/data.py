@@ -26,8 +26,10 @@ def to_device(images, device: torch.device | str, channels_last: bool = False) -
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
     device = torch.device(device)
-    if device.type == "cpu" or len(images) == 0:
+    if device.type == "cpu":
         t = torch.from_numpy(np.ascontiguousarray(images))  # the host copy is the resident set itself
+    elif len(images) == 0:
+        t = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     else:
         t = torch.empty(tuple(int(d) for d in images.shape), dtype=torch.uint8, device=device)
         step = max(1, UPLOAD_CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
@@ -146,9 +148,11 @@ def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[
 
 def _writable(chunk) -> np.ndarray:
     """The chunk itself when torch can wrap it (a slice of a plain array), else a copy (a read-only
-    memmap slice: torch refuses to wrap non-writable memory without a warning)."""
+    memmap slice: torch refuses to wrap non-writable memory without a warning; a one-row slice of
+    a reversed array: numpy calls it C-contiguous, torch refuses its negative stride)."""
     a = np.asarray(chunk)
-    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a)
+    ok = a.flags.writeable and a.flags.c_contiguous and all(st >= 0 for st in a.strides)
+    return a if ok else np.array(a)
 
 
 def _histogram(t: torch.Tensor) -> torch.Tensor:
