@@ -26,13 +26,11 @@ def to_device(images, device: torch.device | str, channels_last: bool = False) -
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"expected (N, H, W, C) uint8 images, got {images.dtype} {images.shape}")
     device = torch.device(device)
-    if device.type == "cpu":
-        t = torch.from_numpy(np.ascontiguousarray(images))  # the host copy is the resident set itself
-    elif len(images) == 0:
+    if device.type == "cpu" or len(images) == 0:  # on the CPU the host copy is the resident set itself
         t = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     else:
         t = torch.empty(tuple(int(d) for d in images.shape), dtype=torch.uint8, device=device)
-        step = max(1, UPLOAD_CHUNK_BYTES // max(1, int(np.prod(images.shape[1:]))))
+        step = _rows_per_chunk(images, UPLOAD_CHUNK_BYTES)
         for a in range(0, len(images), step):
             # synchronous copy: the chunk's host memory is free to reuse when it returns
             t[a:a + step].copy_(torch.from_numpy(_writable(images[a:a + step])))
@@ -43,6 +41,12 @@ def to_device(images, device: torch.device | str, channels_last: bool = False) -
 DATA_PATHS = ("auto", "resident", "stream")
 STATS_CHUNK_BYTES = 64 * 2**20  # bytes per histogram chunk of a host array: bounded memory, same exact counts
 UPLOAD_CHUNK_BYTES = 64 * 2**20  # bytes of rows per host-to-device copy of the resident set: host memory stays at one chunk
+
+
+def _rows_per_chunk(images, chunk_bytes: int) -> int:
+    """Rows of an (N, H, W, C) array-like in ``chunk_bytes`` (at least one), read from its shape."""
+    row = int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize
+    return max(1, int(chunk_bytes) // max(1, row))
 
 
 def pixel_bytes(images) -> int:
@@ -133,7 +137,7 @@ def channel_stats(images: np.ndarray | torch.Tensor) -> tuple[list[float], list[
         if images.dtype != np.uint8:
             raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}")
         # a host array (maybe a memmap or store rows) in chunks: memory stays at one chunk
-        step = max(1, STATS_CHUNK_BYTES // max(1, pixel_bytes(images) // len(images)))
+        step = _rows_per_chunk(images, STATS_CHUNK_BYTES)
         hist = sum(_histogram(torch.from_numpy(_writable(images[a:a + step])))
                    for a in range(0, len(images), step))
     hist = hist.cpu().to(torch.float64)  # counts < 2**53: exact
