@@ -432,7 +432,7 @@ def test_counts_round_trip_and_new_rows():
         from_container(raw)
 
 
-@pytest.mark.parametrize("dtype", [object, "str"])
+@pytest.mark.parametrize("dtype", [object, "str", "category"])
 def test_provenance_counts_each_missing_record(dtype):
     good, sid = "a" * 64, "b" * 64
     m = pd.DataFrame({

@@ -22,7 +22,7 @@ from pipeline import snapshot
 from pipeline.data import sources, stats, store
 from pipeline.config import DataConfig
 from pipeline.core.hashing import sample_hash
-from pipeline.data.rows import Prefixed
+from pipeline.data.rows import Prefixed, as_strings
 from pipeline.data.store import COLUMNS, IntegrityError, SnapshotRefused, StoreError
 from tests.test_sources import make_folder, pixels, save
 
@@ -411,6 +411,22 @@ def _data_buffer(column) -> int:
     return arr.buffers()[2].address
 
 
+def test_concat_manifests_keeps_categoricals_whatever_their_categories():
+    """pandas makes a column object when the parts' categories differ or one part holds plain
+    strings; concat_manifests keeps it categorical, every value where it was."""
+    a = pd.DataFrame({"split": pd.Categorical(["train", "test", "train"]), "n": [1, 2, 3]})
+    b = pd.DataFrame({"split": pd.Categorical(["val"]), "n": [4]})
+    c = pd.DataFrame({"split": pd.array(["test", "holdout"], dtype="str"), "n": [5, 6]})
+    assert not isinstance(pd.concat([a, b])["split"].dtype, pd.CategoricalDtype)  # what this guards against
+    out = store.concat_manifests([a, b, c], ignore_index=True)
+    assert isinstance(out["split"].dtype, pd.CategoricalDtype)
+    assert out["split"].tolist() == ["train", "test", "train", "val", "test", "holdout"]
+    assert as_strings(out["split"]).to_pylist() == out["split"].tolist()  # from the dictionary, as strings
+    assert out["n"].tolist() == [1, 2, 3, 4, 5, 6] and out["n"].dtype == np.int64
+    plain = pd.DataFrame({"split": ["x"], "n": [0]})
+    pd.testing.assert_frame_equal(store.concat_manifests([plain, plain]), pd.concat([plain, plain]))
+
+
 def test_a_cold_plan_and_an_append_share_the_columns_they_do_not_change(env, tmp_path):
     # issue 19 item 3: a cold snapshot's plan copied every string column the read still held (+200
     # MiB at 1M rows), and each write rebuilt the pack and snapshot_id columns of every earlier row
@@ -446,12 +462,16 @@ def test_a_cold_plan_and_an_append_share_the_columns_they_do_not_change(env, tmp
     n = len(first)
     assert len(man2) == n + 3 and man2["snapshot_id"].tolist() == [sid] * n + [sid2] * 3
     assert man2["pack"].iloc[:n].tolist() == first["pack"].tolist() and man2["pack"].iloc[n:].nunique() == 1
-    assert man2["pack"].iloc[n] != first["pack"].iloc[0] and man2["snapshot_id"].dtype == first["snapshot_id"].dtype
+    assert man2["pack"].iloc[n] != first["pack"].iloc[0]
     assert man2["source_uri"].iloc[n:].tolist() == [f"{env.src}::train/cat/new{i}.png" for i in range(3)]
-    for col in ("pack", "snapshot_id"):  # the earlier rows' data is the parent's, not a rebuilt column
-        assert _data_buffer(man2[col]) == _data_buffer(plan.manifest[col]), f"{col} was rebuilt"
+    for col in store.REPEATED_COLUMNS:  # a value once and a small code a row, not a string a row
+        for frame in (first, parent.manifest, plan.manifest, man2):
+            assert isinstance(frame[col].dtype, pd.CategoricalDtype) and frame[col].array.codes.itemsize <= 4, col
+    for col in ("pack", "snapshot_id"):  # each value a row holds, once; not the plan's ""
+        assert list(man2[col].cat.categories) == list(dict.fromkeys(man2[col])), col
     assert set(plan.manifest["pack"].iloc[n:]) == {""}
-    pd.testing.assert_frame_equal(man2, store.read_manifest(env.store, sid2))  # what was written reads back equal
+    # what was written reads back equal (as strings: a plain load does not make categoricals)
+    pd.testing.assert_frame_equal(store._plain_strings(man2), store.read_manifest(env.store, sid2))
 
 
 # ----------------------------------------------------------------------------- incremental reads (issue 19 item 1)
@@ -628,6 +648,16 @@ def test_bases_keep_loads_short_and_equal_to_the_whole_history(env, monkeypatch)
         pd.testing.assert_frame_equal(few, full[few.columns])
     with pytest.raises(ValueError, match="no such manifest column"):
         store.load_manifest(env.store, tip, columns=("splits",))
+    # a parent's load: REPEATED_COLUMNS as categoricals (a value once, a code a row: issue 19 item
+    # 3), the same values, from the base and from the whole history
+    for hs in (None, whole):
+        cat = store.load_manifest(env.store, tip, headers=hs, categorical=True)
+        assert [c for c in cat.columns if isinstance(cat[c].dtype, pd.CategoricalDtype)] == \
+            [c for c in store.MANIFEST_COLUMNS if c in store.REPEATED_COLUMNS]
+        pd.testing.assert_frame_equal(store._plain_strings(cat), full)
+    pd.testing.assert_frame_equal(store._plain_strings(store.load_parent(env.store, tip).manifest), full)
+    with pytest.raises(ValueError, match="categorical"):
+        store.load_manifest(env.store, tip, split="train", categorical=True)
     # a split's load (read_split's): its rows of the same manifest, indexed by their full row, and
     # their pixels, whether the rows before the base come from it or from the whole history
     snap = store.load_snapshot(env.store, tip)

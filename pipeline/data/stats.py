@@ -76,6 +76,8 @@ def provenance(manifest: pd.DataFrame) -> dict:
 
     def col(name: str) -> pa.Array:  # a missing value stays missing (pandas 2's astype(str) made it "None")
         s = manifest[name]
+        if isinstance(s.dtype, pd.CategoricalDtype):  # a parent's repeated columns (store.REPEATED_COLUMNS)
+            return pa.array(s).cast(pa.string())  # from its dictionary: no Python string a row
         return pa.array(s.astype(str).where(s.notna(), None), type=pa.string(), from_pandas=True)
 
     def nonempty(a: pa.Array) -> pa.Array:

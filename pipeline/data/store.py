@@ -119,6 +119,10 @@ BASE_FEATURE_SCHEMA = pa.schema([*FEATURE_SCHEMA, ("stored", pa.bool_())])
 BASE_EVERY = 32
 _BASE_USED = "base_used"  # set on the first header of a resolve(): its base stands for the rows before it
 _INT_COLUMNS = ("label", "pack_index", "file_size")
+# Columns with a few values repeated over many rows (one per snapshot, or per split): a parent's
+# manifest holds them as pandas categoricals, not a string a row. At 1M rows they were 182 MiB of
+# the 605 MiB the no-op snapshot's parent load added (bench/results/snapshot_noop_phases_1m.log).
+REPEATED_COLUMNS = ("split", "ingest_time", "snapshot_id", "pack")
 HEADER_KEYS = {"format", "parent", "delta", "packs", "class_names", "image_shape", "source", "created",
                "n_rows", "n_new", "counts"}
 MAX_LISTED = 20  # rows named in one error message
@@ -192,7 +196,7 @@ class Parent:
     """What a new snapshot is compared with: the verified manifest and header, no pixels."""
 
     id: str
-    manifest: pd.DataFrame  # MANIFEST_COLUMNS
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS; REPEATED_COLUMNS categorical
     meta: dict
     history: tuple[str, ...] = ()  # the chain's ids, root first (ends with id)
     since_base: int = 0  # headers a load of it reads: since its newest base on disk, else since the root
@@ -204,7 +208,7 @@ class Plan:
     """The outcome of comparing a source with its parent; pure data, nothing written yet."""
 
     parent: Optional[str]
-    manifest: pd.DataFrame  # full manifest; the new rows last, their snapshot_id and pack still ""
+    manifest: pd.DataFrame  # full manifest, REPEATED_COLUMNS categorical; the new rows last, their snapshot_id and pack still ""
     new_images: np.ndarray  # uint8 (n_new, H, W, C) or lazy rows (pipeline.data.rows), in the order of the new rows
     class_names: list[str]
     image_shape: tuple[int, int, int]
@@ -241,7 +245,8 @@ def _parquet_buffer(frame: pd.DataFrame, schema: pa.Schema) -> pa.Buffer:
     """The Parquet file of ``frame`` as an Arrow buffer: hashed and written as it is (a bytes copy
     of a 1M-row delta was ~100 MB more at the cold snapshot's peak)."""
     # column by column into Arrow, no Python object per cell (issue 19 item 3)
-    table = pa.Table.from_arrays([pa.array(frame[c], f.type) for c, f in zip(schema.names, schema)], schema=schema)
+    table = pa.Table.from_arrays([as_strings(frame[c]) if isinstance(frame[c].dtype, pd.CategoricalDtype)
+                                  else pa.array(frame[c], f.type) for c, f in zip(schema.names, schema)], schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -344,16 +349,17 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
         "sample_id": pick(ids_a),
         "sha256": pick(as_strings(hashes)),
         "label": pa.array(to_store[np.asarray(labels, np.int64)[new_idx]] if k else np.zeros(0, np.int64)),
-        "split": as_strings(np.asarray(splits).astype(str)[new_idx]),
+        # REPEATED_COLUMNS as dictionaries: pandas categoricals, as the parent's manifest holds them
+        "split": as_strings(np.asarray(splits).astype(str)[new_idx]).dictionary_encode(),
         "source_uri": as_strings(pick(uri_col)),
-        "ingest_time": pa.array([ingest_time] * k, pa.string()),
-        "snapshot_id": pa.array([""] * k, pa.string()),
-        "pack": pa.array([""] * k, pa.string()),
+        "ingest_time": _repeated(ingest_time, k),
+        "snapshot_id": _repeated("", k),
+        "pack": _repeated("", k),
         "pack_index": pa.array(np.arange(k, dtype=np.int64)),
         "file_size": pa.array(sizes[new_idx]),
         "file_sha256": pick(blank_strings(n) if file_sha256 is None else as_strings(file_sha256)),
     }).to_pandas()[MANIFEST_COLUMNS]
-    manifest = old if not new_pos else pd.concat([old, new], ignore_index=True) if len(old) else new
+    manifest = old if not new_pos else concat_manifests([old, new], ignore_index=True) if len(old) else new
     if new_pos:
         from pipeline.data.rows import take
 
@@ -373,6 +379,11 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
             raise StoreError(f"{len(changed)} file(s) changed size between the listing and the read ({_few(changed)}): "
                              "something is writing to the source; re-run when it is stable")
     return Plan(parent.id if parent else None, manifest, new_images, store_classes, image_shape, new_raw)
+
+
+def _repeated(value: str, k: int) -> pa.DictionaryArray:
+    """``value`` ``k`` times, stored once."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(k, np.int32)), pa.array([value], pa.string()))
 
 
 def _empty_manifest() -> pd.DataFrame:
@@ -628,12 +639,14 @@ def _delta_path(store: Path, digest: str) -> Path:
 
 
 def _read_table(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema,
-                verify: bool = True, columns: Optional[Sequence[str]] = None) -> pa.Table:
+                verify: bool = True, columns: Optional[Sequence[str]] = None,
+                dictionary: Sequence[str] = ()) -> pa.Table:
     """A Parquet object a header names (``what`` it is, for the messages), checked against its
     sha256 (``verify``), ``schema`` and the header's new-row count. ``columns``: decode only these
     (the file is still hashed whole when ``verify``, and its schema checked from its footer;
-    without ``verify`` a damaged page in a column not decoded goes unseen)."""
-    pf, _data = _open_table(store, path, digest, header, what, schema, verify)
+    without ``verify`` a damaged page in a column not decoded goes unseen). ``dictionary``: as
+    :func:`_read_batches`'s."""
+    pf, _data = _open_table(store, path, digest, header, what, schema, verify, dictionary)
     try:
         # threads pay off on a big table; on a small one their start-up dominates (~1 ms vs ~2-4 ms)
         table = pf.read(columns=None if columns is None else list(columns), use_threads=pf.metadata.num_rows > 20_000)
@@ -776,7 +789,7 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
                   headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None,
-                  split: Optional[str] = None) -> pd.DataFrame:
+                  split: Optional[str] = None, categorical: bool = False) -> pd.DataFrame:
     """The full manifest of a snapshot (every row; every column unless ``columns``): its base (if
     :func:`resolve` starts at one), then its chain's deltas, root first, with ``snapshot_id``.
 
@@ -787,13 +800,17 @@ def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     ``split``: keep only that split's rows, indexed by their row in the full manifest. Every row is
     still verified (hashes, labels, packs, no sample ingested twice); only the kept rows become
     pandas objects, so a reader of the test split holds ~its share of the manifest (issue 19 item 3:
-    evaluate's load grew with N, ``bench/read_split_memory.py``)."""
-    return _load_manifest(store_dir, snapshot_id, verify, headers, columns, split)[0]
+    evaluate's load grew with N, ``bench/read_split_memory.py``).
+
+    ``categorical`` (not with ``split``): ``REPEATED_COLUMNS`` come as pandas categoricals, decoded
+    from Parquet's dictionaries without a string a row (what a parent's manifest is held as)."""
+    return _load_manifest(store_dir, snapshot_id, verify, headers, columns, split, categorical)[0]
 
 
 def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
                    headers: Optional[list[dict]] = None, columns: Optional[Sequence[str]] = None,
-                   split: Optional[str] = None) -> tuple[pd.DataFrame, Optional[dict[str, int]]]:
+                   split: Optional[str] = None, categorical: bool = False
+                   ) -> tuple[pd.DataFrame, Optional[dict[str, int]]]:
     """:func:`load_manifest`, and with ``split`` the rows each pack must hold for every row of the
     chain (its highest ``pack_index`` + 1): the pixel checks of a split's load cannot see the
     other splits' rows, so they are measured here (None without ``split``)."""
@@ -802,9 +819,12 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     unknown = set(columns or ()) - set(MANIFEST_COLUMNS)
     if unknown:
         raise ValueError(f"load_manifest: no such manifest column(s) {sorted(unknown)}")
+    if categorical and split is not None:
+        raise ValueError("load_manifest: categorical columns with a split's load are not supported")
     extra = ({"sample_id", "label", "pack"} if verify else set()) | ({"split"} if split is not None else set())
     want = MANIFEST_COLUMNS if columns is None else [c for c in MANIFEST_COLUMNS if c in set(columns) | extra]
     delta_cols = None if columns is None else [c for c in DELTA_SCHEMA.names if c in want]
+    dictionary = [c for c in REPEATED_COLUMNS if c in want] if categorical else []
     base = _base_of(headers)
     start = base["rows"] if base is not None else 0
     ids: Optional[list] = [] if verify and split is not None else None
@@ -813,7 +833,8 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     for h in headers:
         digest = h["delta"]["sha256"]
         t, rows = _manifest_part(store, _delta_path(store, digest), digest, h, "delta manifest", DELTA_SCHEMA,
-                                 verify, delta_cols, split, start, ids, h["packs"], need)
+                                 verify, delta_cols, split, start, ids, h["packs"], need,
+                                 [c for c in dictionary if c in DELTA_SCHEMA.names])
         tables.append(t)
         kept.append(rows)
         start += h["n_new"]
@@ -821,9 +842,13 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     table = pa.concat_tables(tables) if tables else (empty if delta_cols is None else empty.select(delta_cols))
     df = table.to_pandas()
     if "snapshot_id" in want:
-        # the string dtype pandas gives the other columns (pandas 3: str, even for no rows)
-        df["snapshot_id"] = pd.array(np.repeat(np.array([h["id"] for h in headers], dtype=object),
-                                               [t.num_rows for t in tables]), dtype=df["sample_id"].dtype)
+        rows_of = [t.num_rows for t in tables]
+        if categorical:  # a header's id once, and a small code a row
+            df["snapshot_id"] = pd.Categorical.from_codes(np.repeat(np.arange(len(headers), dtype=np.int32), rows_of),
+                                                          categories=pd.Index([h["id"] for h in headers], dtype="str"))
+        else:  # the string dtype pandas gives the other columns (pandas 3: str, even for no rows)
+            df["snapshot_id"] = pd.array(np.repeat(np.array([h["id"] for h in headers], dtype=object), rows_of),
+                                         dtype=df["sample_id"].dtype)
     del table, tables
     df = df[want]
     if split is not None:
@@ -835,7 +860,8 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
         base_ids: Optional[list] = [] if ids is not None else None
         bt, rows = _manifest_part(store, _base_path(store, b, "parquet"), b, {**headers[0], "n_new": base["rows"]},
                                   "base manifest", BASE_SCHEMA, verify,
-                                  None if set(want) >= set(BASE_SCHEMA.names) else want, split, 0, base_ids, None, None)
+                                  None if set(want) >= set(BASE_SCHEMA.names) else want, split, 0, base_ids, None, None,
+                                  dictionary)
         if ids is not None:
             ids[:0] = base_ids
         part = bt.to_pandas()[want]
@@ -844,7 +870,7 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
             part.index = rows
         # an empty side would make its columns' dtype win (pandas 3: an empty object snapshot_id
         # turns the base's str column into object), and a split's read often has one
-        df = pd.concat([f for f in (part, df) if len(f)] or [part], ignore_index=split is None)
+        df = concat_manifests([f for f in (part, df) if len(f)] or [part], ignore_index=split is None)
     if verify:
         dup = _twice(pa.chunked_array(ids, pa.string())) if ids is not None else \
             df.loc[df["sample_id"].duplicated(), "sample_id"].tolist()
@@ -855,14 +881,16 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
 
 def _manifest_part(store: Path, path: Path, digest: str, header: dict, what: str, schema: pa.Schema, verify: bool,
                    columns: Optional[Sequence[str]], split: Optional[str], start: int, ids: Optional[list],
-                   named: Optional[list], need: Optional[dict[str, int]]) -> tuple[pa.Table, np.ndarray]:
+                   named: Optional[list], need: Optional[dict[str, int]], dictionary: Sequence[str] = ()
+                   ) -> tuple[pa.Table, np.ndarray]:
     """One manifest file of a load (its rows are ``start``... of the full manifest), checked
     (``verify``: labels in the header's class list, packs among ``named``). ``split``: decoded a
     batch at a time and cut to that split's rows, returned with their row numbers; the sample ids
     of every row go to ``ids`` (the caller's check that no row is ingested twice), and each pack's
-    highest ``pack_index`` + 1 over every row to ``need``."""
+    highest ``pack_index`` + 1 over every row to ``need``. ``dictionary`` (without ``split``):
+    these string columns decoded as Arrow dictionaries."""
     if split is None:
-        t = _read_table(store, path, digest, header, what, schema, verify, columns)
+        t = _read_table(store, path, digest, header, what, schema, verify, columns, dictionary)
         if verify and t.num_rows:
             _check_rows_refer(store, path, t, header["class_names"], named)
         return t, np.zeros(0, np.int64)
@@ -890,6 +918,22 @@ def _manifest_part(store: Path, path: Path, digest: str, header: dict, what: str
         at += batch.num_rows
     plain = pa.schema([(n, _plain(schema.field(n).type)) for n in cols])
     return pa.Table.from_batches(parts, plain), (np.concatenate(rows) if rows else np.zeros(0, np.int64))
+
+
+def concat_manifests(frames: Sequence[pd.DataFrame], **kwargs) -> pd.DataFrame:
+    """``pd.concat`` of manifest parts, a categorical column kept categorical: pandas makes it a
+    string column when the parts' categories differ or a part holds plain strings, a string a row
+    (at 1M rows the 100+ MiB the categoricals save)."""
+    frames = list(frames)
+    for c in frames[0].columns:
+        parts = [f[c] for f in frames]
+        if not any(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+            continue
+        values = [p.cat.categories if isinstance(p.dtype, pd.CategoricalDtype) else p.unique() for p in parts]
+        dtype = pd.CategoricalDtype(pd.Index(pd.unique(np.concatenate([np.asarray(v, object) for v in values])),
+                                             dtype="str"))
+        frames = [f if f[c].dtype == dtype else f.assign(**{c: f[c].astype(dtype)}) for f in frames]
+    return pd.concat(frames, **kwargs)
 
 
 def _twice(ids: pa.ChunkedArray) -> list[str]:
@@ -1124,7 +1168,7 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
     whole = chain(store_dir, snapshot_id)
     history = tuple(h["id"] for h in whole)
     headers = _from_base(Path(store_dir), whole)  # the same headers resolve() would read, not read twice
-    manifest = load_manifest(store_dir, snapshot_id, verify=True, headers=headers)
+    manifest = load_manifest(store_dir, snapshot_id, verify=True, headers=headers, categorical=True)
     verify_packs(store_dir, headers, manifest, stats_out=stats_out)
     if stats_out is not None:
         stats_out.snapshots += len(headers)
@@ -1386,7 +1430,7 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     adopted = _adopt_leftover(store, plan, source["key"], rows)
     if adopted is not None:
         sid, old_rows = adopted
-        manifest = pd.concat([manifest.iloc[: n - plan.n_new], old_rows], ignore_index=True)
+        manifest = concat_manifests([manifest.iloc[: n - plan.n_new], old_rows], ignore_index=True)
         set_head(store, source["key"], sid)
         return sid, manifest
     delta = _parquet_buffer(rows, DELTA_SCHEMA)
@@ -1439,6 +1483,14 @@ def _set_tail(frame: pd.DataFrame, column: str, value: str, k: int) -> None:
     if not k:
         return
     n, col = len(frame), frame[column]
+    if isinstance(col.dtype, pd.CategoricalDtype):  # a new code, not a string a row
+        cat = col.array if value in col.cat.categories else col.cat.add_categories([value]).array
+        codes = cat.codes.copy()
+        codes[n - k:] = cat.categories.get_loc(value)
+        # "" (the plan's placeholder) no longer names a row: dropped, so categories are what rows hold
+        frame[column] = pd.Series(pd.Categorical.from_codes(codes, dtype=cat.dtype).remove_unused_categories(),
+                                  index=frame.index)
+        return
     if not (isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow"):
         frame.iloc[n - k:, frame.columns.get_loc(column)] = value
         return
@@ -1523,9 +1575,15 @@ def _adopt_leftover(store: Path, plan: Plan, key: str, rows: pd.DataFrame) -> Op
             verify_packs(store, [h], old.assign(snapshot_id=h["id"]))
         except StoreError:
             continue
-        if old[cols].reset_index(drop=True).equals(rows[cols].reset_index(drop=True)):
+        if old[cols].reset_index(drop=True).equals(_plain_strings(rows[cols]).reset_index(drop=True)):
             return h["id"], old.assign(snapshot_id=h["id"])[MANIFEST_COLUMNS]
     return None
+
+
+def _plain_strings(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its categorical columns as the string columns a Parquet read gives."""
+    cats = [c for c in frame.columns if isinstance(frame[c].dtype, pd.CategoricalDtype)]
+    return frame.astype({c: frame[c].cat.categories.dtype for c in cats}) if cats else frame
 
 
 def set_head(store_dir: str | Path, key: str, snapshot_id: str) -> None:
