@@ -22,6 +22,7 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_created(fd)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -30,6 +31,28 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` can only
+    be read by setting it, which races with other threads' file creation)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(fd: int) -> None:
+    """Give a ``mkstemp`` file the mode ``open`` would have (0666 less the umask), not 0600: a
+    store, report or pointer written so could only be read by the user who wrote it, and a team
+    sharing a store on one file system (or a CI user and a reviewer) could not read each other's."""
+    os.fchmod(fd, 0o666 & ~umask())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

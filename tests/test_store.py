@@ -104,6 +104,22 @@ def test_first_snapshot_layout_ids_and_load(env):
     assert set(rep["seconds"]) == {"verify", "read", "plan", "features", "write", "total"}
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_written_files_have_the_mode_the_umask_gives(env, mask):
+    """Every file of a snapshot (header, delta, features, pack, heads), its pointer and report have
+    the mode ``open`` gives (0666 less the umask): written through ``mkstemp`` they were 0600, so a
+    team sharing a store (or a reviewer reading CI's reports) could not read another user's files."""
+    old = os.umask(mask)
+    try:
+        env.run()
+    finally:
+        os.umask(old)
+    files = [p for p in [*env.store.rglob("*"), env.pointer, env.report] if p.is_file()]
+    assert {p.relative_to(env.store).parts[0] for p in files if p.is_relative_to(env.store)} >= \
+        {"snapshots", "deltas", "packs", "heads"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+
+
 def test_append_ten_files_keeps_old_rows_and_files(env):
     first = env.run()
     old_files = tree_digest(env.store)

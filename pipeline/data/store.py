@@ -87,7 +87,7 @@ from pipeline.core.hashing import sample_hash
 from pipeline.data.rows import Prefixed, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
-from pipeline.io import atomic_write_with
+from pipeline.io import as_created, atomic_write_with
 
 FORMAT_VERSION = 2
 FORMAT_FILE = "FORMAT"
@@ -1314,6 +1314,7 @@ def _write_streamed(path_of: Callable[[str], Path], parts: Iterable[bytes]) -> t
     tmp = Path(name)
     h, total = hashlib.sha256(), 0
     try:
+        as_created(fd)
         with os.fdopen(fd, "wb") as fh:
             for part in parts:
                 h.update(part)
