@@ -214,6 +214,42 @@ def test_lazy_rows_read_what_an_eager_load_holds(env):
         np.asarray(rows)
 
 
+def test_read_rows_preads_runs_into_place_and_reports_a_short_file(tmp_path, monkeypatch):
+    """LazyRows reads a pack by pread, one read a run of rows consecutive in the file and in the
+    output (issue 19 item 3: a fresh mapping per streamed batch cost 2x, bench/lazy_rows_read.py).
+    Every order, repeat and run shape reads numpy's rows; a read the kernel cuts short (Linux
+    returns at most ~2 GiB a call) is continued; a file that ends early is reported, not padded."""
+    from pipeline.data import rows as rows_mod
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 3, 2, 1), dtype=np.uint8)
+    path = tmp_path / "p.npy"
+    np.save(path, x)
+    offset = np.load(path, mmap_mode="r").offset
+    lazy = rows_mod.LazyRows([(path, offset, 40, rows_mod.file_identity(path))], np.zeros(40, np.int32),
+                             np.arange(40), x.shape[1:])
+    calls = []
+    real = os.preadv
+
+    def short(fd, bufs, pos):  # at most 7 bytes a call: every run takes several
+        calls.append(pos)
+        return real(fd, [memoryview(bufs[0])[:7]], pos)
+
+    for cut in (False, True):
+        if cut:
+            monkeypatch.setattr(rows_mod.os, "preadv", short)
+        for idx in (np.arange(40), np.array([5, 6, 7, 20, 21, 3]), np.array([9, 8, 7]), np.array([4, 4, 5, 39, 0]),
+                    np.array([], np.int64), np.random.default_rng(1).permutation(40)[:17]):
+            assert np.array_equal(lazy[idx], x[idx]), (cut, idx)
+        assert np.array_equal(lazy[10:30], x[10:30]) and np.array_equal(np.asarray(lazy), x)
+    assert len(calls) > 40  # the cut reads were continued, not taken as the end of the file
+    monkeypatch.setattr(rows_mod.os, "preadv", real)
+    out = np.zeros((3, 3, 2, 1), np.uint8)
+    with open(path, "rb") as fh:  # rows 38, 39 and one past the end: the file ends first
+        assert not rows_mod.read_rows(fh.fileno(), offset, np.array([38, 39, 40]), out, np.arange(3))
+        assert rows_mod.read_rows(fh.fileno(), offset, np.array([0, 1]), out, np.array([2, 0]))
+    assert np.array_equal(out[2], x[0]) and np.array_equal(out[0], x[1])
+
+
 def test_unchanged_source_writes_nothing(env):
     first = env.run()
     store_before = tree_digest(env.store)
