@@ -98,6 +98,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: Optional[torch.Genera
     ``chunk_rows``: gather that many images at a time into one output buffer (the same draws,
     the same pixels). On CUDA the gather's index tensors take ~24 bytes a pixel position, ~10x
     a uint8 set's own size (1M CIFAR-size rows: a 30 GiB device peak for 2.9 GiB of pixels,
+    bench/results/gpu_data_path_run2.md; a 2 GiB set ran out of memory under a 16 GiB cap,
     bench/results/gpu_data_path.md); :func:`chunk_rows_for` bounds them.
     """
     check_pad(pad, tuple(x.shape[-2:]), mode)
