@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -20,9 +21,8 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     large Arrow table streamed out, never whole in memory as bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = create_temp(path.parent, f".{path.name}.", ".tmp")
     try:
-        as_created(fd)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -33,26 +33,20 @@ def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
-def umask() -> int:
-    """The process's umask, read without changing it where Linux reports it (``os.umask`` can only
-    be read by setting it, which races with other threads' file creation)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def as_created(fd: int) -> None:
-    """Give a ``mkstemp`` file the mode ``open`` would have (0666 less the umask), not 0600: a
-    store, report or pointer written so could only be read by the user who wrote it, and a team
-    sharing a store on one file system (or a CI user and a reviewer) could not read each other's."""
-    os.fchmod(fd, 0o666 & ~umask())
+def create_temp(folder: Path | str, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp``, but the file gets the mode ``open()`` gives a new file: 0666 through
+    the umask, or through the folder's default ACL where it has one. mkstemp's 0600 meant a store,
+    report or pointer could be read only by the user who wrote it, so a team sharing a store on one
+    file system (or a reviewer reading CI's reports) could not read each other's files; a chmod
+    after the fact would have widened files in a folder whose ACL keeps them private."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(folder))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -120,6 +120,33 @@ def test_written_files_have_the_mode_the_umask_gives(env, mask):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
 
 
+def test_written_files_follow_a_folders_default_acl_as_open_does(tmp_path):
+    """Where a folder has a default ACL, open() takes a new file's mode from it, not from the
+    umask: an atomic write must do the same, neither 0600 nor wider than the ACL allows."""
+    import struct
+
+    from pipeline.io import atomic_write_bytes
+
+    folder = tmp_path / "acl"
+    folder.mkdir()
+    # setfacl -d -m u::rwx,g::r-x,o::--- (the kernel's binary form; setfacl need not be installed)
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                          for tag, perm in ((0x01, 7), (0x04, 5), (0x20, 0)))
+    try:
+        os.setxattr(folder, "system.posix_acl_default", acl)
+    except OSError as exc:
+        pytest.skip(f"this file system takes no POSIX ACLs ({exc})")
+    old = os.umask(0o022)
+    try:
+        with open(folder / "plain", "wb") as fh:
+            fh.write(b"x")
+        atomic_write_bytes(folder / "atomic", b"x")
+    finally:
+        os.umask(old)
+    assert oct((folder / "plain").stat().st_mode & 0o777) == "0o640"  # what open() gives under this ACL
+    assert oct((folder / "atomic").stat().st_mode & 0o777) == "0o640"
+
+
 def test_append_ten_files_keeps_old_rows_and_files(env):
     first = env.run()
     old_files = tree_digest(env.store)

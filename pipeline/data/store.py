@@ -70,7 +70,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +86,7 @@ from pipeline.core.hashing import sample_hash
 from pipeline.data.rows import Prefixed, as_strings, blank_strings
 from pipeline.errors import CheckFailed, UserError
 from pipeline.io import atomic_write_bytes as atomic_write
-from pipeline.io import as_created, atomic_write_with
+from pipeline.io import atomic_write_with, create_temp
 
 FORMAT_VERSION = 2
 FORMAT_FILE = "FORMAT"
@@ -1310,11 +1309,10 @@ def _write_streamed(path_of: Callable[[str], Path], parts: Iterable[bytes]) -> t
     returns (digest, bytes). Memory is one part, whatever the file's size."""
     folder = path_of("0" * 64).parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".write-", suffix=".tmp", dir=folder)
+    fd, name = create_temp(folder, ".write-", ".tmp")
     tmp = Path(name)
     h, total = hashlib.sha256(), 0
     try:
-        as_created(fd)
         with os.fdopen(fd, "wb") as fh:
             for part in parts:
                 h.update(part)
