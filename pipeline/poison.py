@@ -32,7 +32,7 @@ import numpy as np
 from pipeline import stage
 from pipeline.core.attacks import poison_records, resolve_attack
 from pipeline.data import store
-from pipeline.data.view import build_view, clean_label_records, parse_records, write_view
+from pipeline.data.view import build_view, clean_label_records, parse_records, row_positions, write_view
 from pipeline.schema import AttackConfig, Config, as_dict
 
 PATHS = (
@@ -114,15 +114,32 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
 
     man = snapshot.manifest
     after = {r["sample_id"]: r["sha256_after"] for r in records}
-    hashes = [after.get(str(i), str(h)) for i, h in zip(ids, man.loc[(man["split"] == "train").to_numpy(), "sha256"])]
+    stored = man.loc[(man["split"] == "train").to_numpy(), "sha256"].reset_index(drop=True).array
+    hashes = _ViewHashes(stored, {i: after[s] for s, i in row_positions(ids, list(after)).items()})
     remedy.quarantined_rows(record, snapshot_id=snapshot.id, ancestry=ancestry or [snapshot.id],
-                            base_view_id=meta["view_id"], sample_ids=[str(i) for i in ids], hashes=hashes)
+                            base_view_id=meta["view_id"], sample_ids=ids, hashes=hashes)
     qmeta, qdata = build_view(snapshot.id, resolved, records, quarantine=remedy.view_spec(record))
     if info is not None:
         qmeta["crafting"] = info
     if transform:
         qmeta["transform"] = transform
     return qmeta, qdata
+
+
+class _ViewHashes:
+    """Each train row's sha256 as the view holds it, by position: a record's ``sha256_after`` for
+    a row the attack changed, else the manifest's. Read on demand: a list of every row's hash as
+    Python strings held ~90 MB at 808k train rows on each quarantined view (issue 19 item 3)."""
+
+    def __init__(self, stored, changed: dict[int, str]):
+        self._stored, self._changed = stored, changed
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getitem__(self, i: int) -> str:
+        h = self._changed.get(int(i))
+        return h if h is not None else str(self._stored[int(i)])
 
 
 def crafting_model(cfg: Config, args: argparse.Namespace, snapshot_id: str, class_names: list[str]):

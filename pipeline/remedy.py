@@ -174,6 +174,8 @@ def read_record(path: str | Path) -> dict:
 def quarantined_rows(record: Mapping[str, Any], *, snapshot_id: str, ancestry: Sequence[str], base_view_id: str,
                      sample_ids: Sequence[str], hashes: Sequence[str], what: str = "the quarantine record") -> list[int]:
     """Indices (into ``sample_ids``) of the rows ``record`` leaves out of the training view.
+    ``sample_ids``: anything :func:`pipeline.data.view.row_positions` takes; ``hashes``: indexable
+    by row position (only the record's rows are read).
 
     ``ancestry``: the current snapshot's chain (root first, the snapshot itself last);
     ``base_view_id``: the view the current config builds *before* the quarantine; ``hashes``: each
@@ -195,7 +197,10 @@ def quarantined_rows(record: Mapping[str, Any], *, snapshot_id: str, ancestry: S
         raise LineageError(f"{what} was made on view {str(rec_view)[:12]}, the current config builds view "
                            f"{base_view_id[:12]} of the same snapshot (another attack or seed): re-run inspect "
                            "and write the record again")
-    index = {str(s): i for i, s in enumerate(sample_ids)}
+    from pipeline.data.view import row_positions
+
+    # Arrow's is_in against the record's ids, not a dict of every train row (issue 19 item 3)
+    index = row_positions(sample_ids, [r["sample_id"] for r in rows])
     unknown = [r["sample_id"] for r in rows if r["sample_id"] not in index]
     if unknown:
         raise QuarantineTampered(f"{what} names {len(unknown)} row(s) that are not train rows of the view: "

@@ -311,7 +311,7 @@ def drop_quarantined(images: np.ndarray, labels: np.ndarray, sample_ids: Sequenc
     be a row of the view and (``verify``) hash to the sha256 the record names (IntegrityError)."""
     if not quarantine:
         return images, labels, [str(s) for s in sample_ids], list(poisoned_rows)
-    index = {str(s): i for i, s in enumerate(sample_ids)}
+    index = row_positions(sample_ids, [r["sample_id"] for r in quarantine["rows"]])  # not a dict of every row
     drop = np.zeros(len(sample_ids), bool)
     bad = []
     for r in quarantine["rows"]:
