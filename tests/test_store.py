@@ -502,6 +502,8 @@ def test_concat_manifests_keeps_categoricals_whatever_their_categories():
     assert out["split"].tolist() == ["train", "test", "train", "val", "test", "holdout"]
     assert as_strings(out["split"]).to_pylist() == out["split"].tolist()  # from the dictionary, as strings
     assert out["n"].tolist() == [1, 2, 3, 4, 5, 6] and out["n"].dtype == np.int64
+    gaps = store.concat_manifests([a, pd.DataFrame({"split": ["val", None], "n": [7, 8]})], ignore_index=True)
+    assert gaps["split"].tolist()[3] == "val" and pd.isna(gaps["split"].iloc[4])  # missing stays missing
     plain = pd.DataFrame({"split": ["x"], "n": [0]})
     pd.testing.assert_frame_equal(store.concat_manifests([plain, plain]), pd.concat([plain, plain]))
 

@@ -929,8 +929,9 @@ def concat_manifests(frames: Sequence[pd.DataFrame], **kwargs) -> pd.DataFrame:
         if not any(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
             continue
         values = [p.cat.categories if isinstance(p.dtype, pd.CategoricalDtype) else p.unique() for p in parts]
+        # a missing value is no category (pandas refuses one): it stays missing, code -1
         dtype = pd.CategoricalDtype(pd.Index(pd.unique(np.concatenate([np.asarray(v, object) for v in values])),
-                                             dtype="str"))
+                                             dtype="str").dropna())
         frames = [f if f[c].dtype == dtype else f.assign(**{c: f[c].astype(dtype)}) for f in frames]
     return pd.concat(frames, **kwargs)
 
