@@ -5,7 +5,11 @@ below, its own peak RSS (the kernel's counter is reset before the call: ``/proc/
 5), the RSS before and after, and its seconds. With the source unchanged this is the no-op that
 every ``dvc repro`` runs.
 
-    python bench/snapshot_phases.py WORKSPACE [--params params.yaml]
+    python bench/snapshot_phases.py WORKSPACE [--params params.yaml] [--base-every N]
+
+``--base-every N`` sets ``store.BASE_EVERY`` for the run: an append whose parent is N or more
+snapshots from its base consolidates the parent into a base first (``store.write_base``), the
+snapshot stage's heaviest append (every 32nd by default).
 
 A call inside another is reported too and resets the counter, so read the outer call's peak as
 "since its last inner call". One trial per call.
@@ -25,7 +29,8 @@ import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the st
 from bench.scale import proc_mib, reset_peak  # noqa: E402
 
 WRAPPED = {
-    "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "plan_snapshot", "write_snapshot"),
+    "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "plan_snapshot", "write_base",
+                            "write_snapshot"),
     "pipeline.data.sources": ("read_source",),
     "pipeline.snapshot": ("read_stat_cache", "write_stat_cache"),
     "pipeline.data.stats": ("row_features", "provenance", "duplicates"),
@@ -52,12 +57,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspace")
     ap.add_argument("--params", default="params.yaml", help="the workspace's params file (relative to it)")
+    ap.add_argument("--base-every", type=int, help="store.BASE_EVERY for this run (default: the store's)")
     args = ap.parse_args()
     os.chdir(Path(args.workspace).resolve())
     import importlib
 
     from pipeline import snapshot
 
+    if args.base_every is not None:
+        from pipeline.data import store
+
+        store.BASE_EVERY = args.base_every
     for mod, names in WRAPPED.items():
         m = importlib.import_module(mod)
         for name in names:

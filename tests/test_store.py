@@ -794,6 +794,33 @@ def test_bases_keep_loads_short_and_equal_to_the_whole_history(env, monkeypatch)
     assert not ok and any("is not the manifest of" in r.message for r in reports), [r.message for r in reports]
 
 
+def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(env):
+    """write_base streams the parent's pixels into the base chunk by chunk, re-hashing every row
+    against the verified manifest (issue 19 item 3: no memmap of the output, no lists of every
+    id and hash). Its pixels are np.save's bytes of the whole history; a row changed between the
+    parent's verification and the copy is refused, and no base file (nor a temp file) is left."""
+    env.run()
+    for i in range(3):
+        save(env.src / "train" / "cat" / f"b{i}.png", pixels(950 + i))
+    sid = env.run()["snapshot_id"]
+    parent = store.load_parent(env.store, sid)
+    entry = store.write_base(env.store, parent, chunk=5)  # several chunks, the last one short
+    whole = store.load_snapshot(env.store, sid)
+    base_px = env.store / "bases" / f"{entry['pixels']}.npy"
+    assert entry["rows"] == len(whole.images) and sha(base_px) == entry["pixels"]
+    assert np.array_equal(np.load(base_px), whole.images)
+    pd.testing.assert_frame_equal(store._plain_strings(store.read_base(env.store, {"base": entry})),
+                                  store.load_manifest(env.store, sid))
+    shutil.rmtree(env.store / "bases")
+    pack = env.store / "packs" / f"{store.read_header(env.store, sid)['packs'][0]}.npy"
+    data = bytearray(pack.read_bytes())
+    data[-1] ^= 0xFF  # the last row of the newest pack, after load_parent verified it
+    pack.write_bytes(bytes(data))
+    with pytest.raises(store.IntegrityError, match="do not hash"):
+        store.write_base(env.store, parent, chunk=5)
+    assert not any((env.store / "bases").iterdir())
+
+
 def test_read_split_reads_only_its_rows_and_checks_each(env):
     """Issue 19 (stages read what they need): evaluate and inspect read the test split alone. A
     changed train row is not its business; a changed test row is refused, named."""
