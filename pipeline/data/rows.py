@@ -9,8 +9,9 @@ DataLoader, ``channel_stats`` and fastnet's strided sample work unchanged); ``su
 ``with_rows`` give new lazy views without reading a pixel; ``np.asarray(rows)`` reads them all
 (the resident fast path).
 
-Each read maps the pack for that call only: a mapping kept open would leave every page it ever
-touched counted in the process's resident memory, which would then grow with N over an epoch.
+Each read ``pread``s its rows (:func:`read_rows`), nothing stays mapped: a mapping kept open would
+leave every page it ever touched counted in the process's resident memory, which would then grow
+with N over an epoch, and a mapping made for each read cost 2x in a streamed epoch.
 The packs were hashed when the snapshot was loaded; each read opens the file, and its
 (device, inode, size, mtime) must still be the ones recorded then, else ``DamagedStore``: a pack
 replaced or rewritten during a long training run is refused, not trained on.
@@ -202,7 +203,7 @@ class LazyRows:
         if not len(rows):
             return out
         codes = self._pack_of[rows]
-        order = np.argsort(codes, kind="stable")  # one mapping per pack touched, rows in file order
+        order = np.argsort(codes, kind="stable")  # one open per pack touched, rows in file order
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         for grp in np.split(order, bounds):
             path, offset, n, identity = self._packs[int(codes[grp[0]])]
