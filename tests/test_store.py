@@ -798,7 +798,8 @@ def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(
     """write_base streams the parent's pixels into the base chunk by chunk, re-hashing every row
     against the verified manifest (issue 19 item 3: no memmap of the output, no lists of every
     id and hash). Its pixels are np.save's bytes of the whole history; a row changed between the
-    parent's verification and the copy is refused, and no base file (nor a temp file) is left."""
+    parent's verification and the copy is refused, also when a forged reload agrees with it, and no
+    base file (nor a temp file) is left."""
     env.run()
     for i in range(3):
         save(env.src / "train" / "cat" / f"b{i}.png", pixels(950 + i))
@@ -818,6 +819,21 @@ def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(
     pack.write_bytes(bytes(data))
     with pytest.raises(store.IntegrityError, match="do not hash"):
         store.write_base(env.store, parent, chunk=5)
+    assert not any((env.store / "bases").iterdir())
+    # a reload whose manifest agrees with the changed pack (a forged delta beside it): the rows are
+    # checked against the manifest load_parent verified, not against the reload's
+    real = store.load_snapshot
+
+    def forged(*a, **k):
+        snap = real(*a, **k)
+        last = len(snap.manifest) - 1
+        snap.manifest.loc[last, "sha256"] = sample_hash(np.asarray(snap.images[np.array([last])])[0])
+        return snap
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(store, "load_snapshot", forged)
+        with pytest.raises(store.IntegrityError, match="do not hash"):
+            store.write_base(env.store, parent, chunk=5)
     assert not any((env.store / "bases").iterdir())
 
 

@@ -1531,7 +1531,9 @@ def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] =
     man = snap.manifest
     if not man["sample_id"].reset_index(drop=True).equals(parent.manifest["sample_id"].reset_index(drop=True)):
         raise IntegrityError(f"snapshot {parent.id[:12]} reads back other rows than it was verified with")
-    ids, sha = man["sample_id"].array, man["sha256"].array
+    # each row against the verified manifest (the reload was not verified: a pack and a delta
+    # swapped on disk since load_parent would agree with each other, not with it)
+    ids, sha = parent.manifest["sample_id"].array, parent.manifest["sha256"].array
 
     def checked(s0: int, block: np.ndarray) -> None:  # a chunk's ids and hashes as lists: indexed row by row
         end = s0 + len(block)
