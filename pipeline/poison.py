@@ -114,7 +114,7 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
 
     man = snapshot.manifest
     after = {r["sample_id"]: r["sha256_after"] for r in records}
-    stored = man.loc[(man["split"] == "train").to_numpy(), "sha256"].reset_index(drop=True).array
+    stored = man.loc[(man["split"] == "train").to_numpy(), "sha256"].array  # by position
     hashes = _ViewHashes(stored, {i: after[s] for s, i in row_positions(ids, list(after)).items()})
     remedy.quarantined_rows(record, snapshot_id=snapshot.id, ancestry=ancestry or [snapshot.id],
                             base_view_id=meta["view_id"], sample_ids=ids, hashes=hashes)

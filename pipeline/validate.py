@@ -68,7 +68,6 @@ from pipeline.schema import Config, ValidateConfig
 VIEWS = "views"  # data/approved/views/<view_id>.csv: the records of an approved poisoned view
 REQUIRED_COLUMNS = ("sample_id", "sha256", "label", "split")
 PROVENANCE_COLUMNS = stats.PROVENANCE_COLUMNS
-REPEATED_COLUMNS = ("split", "snapshot_id", "ingest_time")  # a few values over all rows: held as categoricals
 PATHS = (
     stage.PathArg("pointer", "the current snapshot's pointer (data/snapshot.json)"),
     stage.PathArg("store", "the snapshot store (data/store)"),
@@ -218,15 +217,14 @@ def measure_view(snap: store.Snapshot, records: Sequence[dict], v: ValidateConfi
 def _load_measurable(store_dir: str | Path, snapshot_id: str, v: ValidateConfig) -> tuple[store.Snapshot, pd.DataFrame]:
     """A snapshot as the data gate reads it: the chain and manifest verified, pixels lazy and
     unhashed (``measure_view`` checks every row it reads), and the columns stored at ingest."""
+    # store.REPEATED_COLUMNS as categoricals, one value per snapshot (or split) over every row: a
+    # byte or so a row, not a string each (at 1.01M rows snapshot_id 69, ingest_time 31, split 12
+    # MiB; issue 19 item 3)
     snap = store.load_snapshot(store_dir, snapshot_id, verify=True, lazy=True, hash_packs=False,
-                               columns=REQUIRED_COLUMNS + PROVENANCE_COLUMNS)
+                               columns=REQUIRED_COLUMNS + PROVENANCE_COLUMNS, categorical=True)
     # where each row's pixels are now lives in the lazy rows: the manifest's copy (77 MiB at 1M
     # rows) would only ride along to the end of the stage (issue 19 item 3)
-    man = snap.manifest.drop(columns=["pack", "pack_index"])
-    # one value per snapshot (or split) repeated on every row: as categoricals a byte or so a row,
-    # not a string each (at 1.01M rows snapshot_id 69, ingest_time 31, split 12 MiB; issue 19 item 3)
-    man = man.astype({c: "category" for c in REPEATED_COLUMNS if c in man.columns})
-    snap = replace(snap, manifest=man)
+    snap = replace(snap, manifest=snap.manifest.drop(columns=["pack", "pack_index"]))
     return snap, store.load_features(store_dir, snapshot_id, stats.detector_settings(v))
 
 

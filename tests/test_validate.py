@@ -191,7 +191,7 @@ def test_gx_flags_bad_labels_missing_provenance_and_conflicts(digits_cases, repe
     man.loc[0, "source_uri"] = None
     man.loc[1, "ingest_time"] = ""
     if repeated_as_category:
-        man = man.astype({c: "category" for c in V.REPEATED_COLUMNS})
+        man = man.astype({c: "category" for c in store.REPEATED_COLUMNS if c in man.columns})
     snap = dataclasses.replace(s1, manifest=man)
     m = V.measure_view(snap, [], v)
     # an image re-uploaded under another label (a test row's pixels, train label changed)

@@ -823,6 +823,7 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     want = MANIFEST_COLUMNS if columns is None else [c for c in MANIFEST_COLUMNS if c in set(columns) | extra]
     delta_cols = None if columns is None else [c for c in DELTA_SCHEMA.names if c in want]
     dictionary = [c for c in REPEATED_COLUMNS if c in want] if categorical else []
+    delta_dictionary = [c for c in dictionary if c in DELTA_SCHEMA.names]
     base = _base_of(headers)
     start = base["rows"] if base is not None else 0
     ids: Optional[list] = [] if verify and split is not None else None
@@ -831,8 +832,7 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     for h in headers:
         digest = h["delta"]["sha256"]
         t, rows = _manifest_part(store, _delta_path(store, digest), digest, h, "delta manifest", DELTA_SCHEMA,
-                                 verify, delta_cols, split, start, ids, h["packs"], need,
-                                 [c for c in dictionary if c in DELTA_SCHEMA.names])
+                                 verify, delta_cols, split, start, ids, h["packs"], need, delta_dictionary)
         tables.append(t)
         kept.append(rows)
         start += h["n_new"]
@@ -1178,7 +1178,7 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
                   lazy: bool = False, hash_packs: bool = True, columns: Optional[Sequence[str]] = None,
-                  split: Optional[str] = None) -> Snapshot:
+                  split: Optional[str] = None, categorical: bool = False) -> Snapshot:
     """Load a snapshot's manifest and pixels.
 
     ``verify`` checks the headers and deltas a load reads (:func:`resolve`: from the newest base
@@ -1196,7 +1196,8 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
     its checks need (``sample_id``, ``sha256``, ``label``, ``pack``, ``pack_index``).
 
     ``split``: only that split's rows (manifest and pixels), the manifest indexed by their row in
-    the full one; the whole chain is still verified (:func:`load_manifest`).
+    the full one; the whole chain is still verified (:func:`load_manifest`). ``categorical``: as
+    :func:`load_manifest`'s.
     """
     store = Path(store_dir)
     check_format(store)
@@ -1206,7 +1207,8 @@ def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, 
         columns = [*columns, "sample_id", "sha256", "label", "pack", "pack_index"]  # what the checks read
     if deep and split is not None:
         raise ValueError("load_snapshot: deep re-hashes every row; a split's load reads some (drop split or deep)")
-    manifest, need = _load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns, split=split)
+    manifest, need = _load_manifest(store, snapshot_id, verify=verify, headers=headers, columns=columns, split=split,
+                                    categorical=categorical)
     if deep or (verify and (hash_packs or not lazy)):
         verify_packs(store, headers, manifest, deep=deep, need=need)
     shape = tuple(int(x) for x in meta["image_shape"])
