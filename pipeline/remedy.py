@@ -31,6 +31,7 @@ import io
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -154,8 +155,17 @@ def verify_record(record: Any, what: str = "the quarantine record") -> dict:
         raise QuarantineTampered(f"{what} does not hash to its digest: it was edited after it was written; "
                                  "write it again with `python -m pipeline.remedy quarantine`")
     rows = record.get("rows")
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "sample_id" in r and "sha256" in r for r in rows):
-        raise QuarantineTampered(f"{what}: rows must be a list of {{sample_id, sha256, ...}}")
+    # strings checked here: a digest is only a checksum (anyone can recompute it), and a number or
+    # null as a sample_id used to reach Arrow's is_in in the poison stage as a bare TypeError
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("sample_id"), str)
+                                             and isinstance(r.get("sha256"), str) for r in rows):
+        raise QuarantineTampered(f"{what}: rows must be a list of {{sample_id, sha256, ...}} with string values: "
+                                 "write it again with `python -m pipeline.remedy quarantine`")
+    ids = [r["sample_id"] for r in rows]
+    if len(set(ids)) != len(ids):  # build_record writes one set; a repeat would count a row twice
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise QuarantineTampered(f"{what} lists row(s) more than once ({', '.join(dup[:5])}): "
+                                 "write it again with `python -m pipeline.remedy quarantine`")
     return record
 
 

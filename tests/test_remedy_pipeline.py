@@ -45,7 +45,7 @@ def test_record_round_trip_and_digest(tmp_path):
     assert remedy.verify_record(remedy.empty_record())["rows"] == []
 
 
-@pytest.mark.parametrize("edit", ["row", "lineage", "drop_row", "not_json"])
+@pytest.mark.parametrize("edit", ["row", "lineage", "drop_row", "not_json", "int_id", "null_sha", "repeat"])
 def test_tampered_record_is_refused(tmp_path, edit):
     rec = remedy.build_record(remedy.parse_suspects(suspects_csv([("r1", "1" * 64, 1), ("r2", "2" * 64, 1)])),
                               SNAP, VIEW)
@@ -55,6 +55,15 @@ def test_tampered_record_is_refused(tmp_path, edit):
         rec["snapshot_id"] = OTHER
     elif edit == "drop_row":
         rec["rows"].pop()
+    elif edit in ("int_id", "null_sha", "repeat"):
+        # digests recomputed: a forger can do that; the types and the one-set rule still refuse it
+        if edit == "int_id":
+            rec["rows"][0]["sample_id"] = 7
+        elif edit == "null_sha":
+            rec["rows"][0]["sha256"] = None
+        else:
+            rec["rows"].append(dict(rec["rows"][0]))
+        rec["digest"] = remedy.record_digest(rec)
     p = tmp_path / "q.json"
     p.write_text("{not json" if edit == "not_json" else json.dumps(rec))
     with pytest.raises(remedy.QuarantineTampered) as exc:
