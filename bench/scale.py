@@ -298,6 +298,8 @@ def main() -> int:
                     help="the same for the old version only; none = do not run it (a new-only re-measure)")
     ap.add_argument("--inspect-max-rows", type=int, default=INSPECT_MAX_ROWS,
                     help="run the inspect step only up to this N (its k-fold fits at 1M rows on a CPU take hours)")
+    ap.add_argument("--keep-workspaces", action="store_true",
+                    help="leave each workspace (WORK/ws-N-REV) for bench/stage_memory.py; needs --work")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     ap.add_argument("--replay", default=None,
                     help="write the table from the cell lines a run printed (its stdout), e.g. of a run stopped "
@@ -306,6 +308,8 @@ def main() -> int:
     if args.replay:
         return replay(args)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.keep_workspaces and not args.work:
+        ap.error("--keep-workspaces needs --work (the default scratch folder is removed at the end)")
     image = tuple(int(x) for x in args.image.lower().split("x"))
     if len(image) != 3 or image[2] not in (1, 3):
         ap.error(f"--image {args.image}: expected HxWxC with C 1 or 3, e.g. 28x28x1")
@@ -334,7 +338,8 @@ def main() -> int:
                 if last == "none":
                     continue
                 results[rev][str(n)] = run_version(rev, ws, source, n, extra, say, image, last, args.inspect_max_rows)
-                shutil.rmtree(ws, ignore_errors=True)
+                if not args.keep_workspaces:
+                    shutil.rmtree(ws, ignore_errors=True)
             if not keep:
                 shutil.rmtree(source, ignore_errors=True)
             write_results(args, results, old, new, sizes, time.time() - t0, say)

@@ -1,4 +1,4 @@
-"""Peak memory of one stage alone, on a workspace a ``bench/scale.py --work DIR`` run left (its
+"""Peak memory of one stage alone, on a workspace a ``bench/scale.py --work DIR --keep-workspaces`` run left (its
 store, view, candidate and twin), with this checkout's code (issue 19 item 3).
 
     python bench/stage_memory.py WORKSPACE [--stage inspect]
