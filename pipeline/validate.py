@@ -60,7 +60,7 @@ from pipeline.data import stats, store
 from pipeline.data.ledger import (LEDGER, RESTORE as _RESTORE, LedgerDamaged, append_ledger,  # noqa: F401
                                   entry_digest, read_ledger)
 from pipeline.data.view import (apply_records, compute_view_id, parse_records, quarantined_ids, read_view, row_positions,
-                                records_csv, without_rows)
+                                records_csv, rows_kept, without_rows)
 from pipeline.io import atomic_write_bytes, atomic_write_text, write_json
 from pipeline.lineage import require_lineage
 from pipeline.schema import Config, ValidateConfig
@@ -232,8 +232,8 @@ def _without(snap: store.Snapshot, features: pd.DataFrame, gone: set[str]) -> tu
     """``view.without_rows`` on the snapshot and its row-aligned columns alike."""
     if not gone:
         return snap, features
-    keep = ~snap.manifest["sample_id"].astype(str).isin(gone).to_numpy()
-    return without_rows(snap, gone), features[keep].reset_index(drop=True)
+    keep = rows_kept(snap, gone)
+    return without_rows(snap, gone, keep), features[keep].reset_index(drop=True)
 
 
 def as_reference(m: Measured, view_id: str, snapshot_id: str) -> sig.Reference:

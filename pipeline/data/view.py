@@ -332,15 +332,21 @@ def drop_quarantined(images: np.ndarray, labels: np.ndarray, sample_ids: Sequenc
     return take(images, keep), np.asarray(labels)[keep], [str(sample_ids[i]) for i in keep], poisoned
 
 
-def without_rows(snap, ids: set[str]):
-    """A ``store.Snapshot`` less the rows ``ids`` (the data gate measures a quarantined view so)."""
+def rows_kept(snap, ids: set[str]) -> np.ndarray:
+    """The boolean mask of ``snap``'s rows that are not in ``ids``."""
+    return ~snap.manifest["sample_id"].astype(str).isin(ids).to_numpy()
+
+
+def without_rows(snap, ids: set[str], keep: Optional[np.ndarray] = None):
+    """A ``store.Snapshot`` less the rows ``ids`` (the data gate measures a quarantined view so).
+    ``keep``: :func:`rows_kept` of ``ids`` when the caller has it (it masks other columns too)."""
     if not ids:
         return snap
     import dataclasses
 
     from pipeline.data.rows import take
 
-    keep = ~snap.manifest["sample_id"].astype(str).isin(ids).to_numpy()
+    keep = rows_kept(snap, ids) if keep is None else keep
     return dataclasses.replace(snap, manifest=snap.manifest[keep].reset_index(drop=True), images=take(snap.images, keep))
 
 
