@@ -176,6 +176,7 @@ def crafting_model(cfg: Config, args: argparse.Namespace, snapshot_id: str, clas
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
+    stage.map_heap("poison", cfg.data.heap_map_mib)
     ptr = store.read_pointer(args.pointer)
     # Every attack reads only the rows it uses (issue 19 item 3): lazy rows, packs not hashed
     # whole, and each row read is checked against its manifest sha256 before the view is written

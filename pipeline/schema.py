@@ -66,6 +66,9 @@ class DataConfig:
     # Incremental snapshot: a known file whose (size, mtime) is unchanged is trusted without a read.
     verify_source: bool = False  # true: re-read and re-decode every file, compare pixels (full check)
     recheck_files: int = 32  # files: stat-trusted files re-read and digest-checked per run (spot check)
+    # MiB: in the snapshot, poison and validate processes, host allocations this large get their own
+    # mapping, returned when freed (core.heap.map_large); 0 = glibc's default (issue 19 item 3)
+    heap_map_mib: int = 1
     # Variable-size images (issue 19 item 5): [height, width] every image is resized to at ingest;
     # null refuses a source with more than one image size. Part of the lineage key (a new store lineage).
     resize: Optional[list[int]] = None
@@ -385,6 +388,7 @@ def check(cfg: Config) -> None:
     _number("data.max_file_bytes", d.max_file_bytes, 1, 2**40, integer=True)
     _number("data.max_image_pixels", d.max_image_pixels, 1, 2**32, integer=True)
     _number("data.recheck_files", d.recheck_files, 0, 2**31, integer=True)
+    _number("data.heap_map_mib", d.heap_map_mib, 0, 32, integer=True)  # 32 MiB: glibc's ceiling
     _one_of("data.resize_mode", d.resize_mode, ("fit", "stretch"))
     if d.resize is not None:
         r = list(d.resize)

@@ -92,6 +92,9 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     vstats = store.VerifyStats()
     parent_id = store.current_snapshot(store_dir, key)
     parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
+    # the load's freed buffers were what data.heap_map_mib returns to the OS; the phases after it
+    # would only pay for mapping each block afresh (pipeline.stage.relax_heap)
+    stage.relax_heap()
     _check_pointer(Path(pointer_path), store_dir, key, parent)
     t_verify = time.perf_counter()
 
@@ -287,6 +290,7 @@ def _extra(ap: argparse.ArgumentParser) -> None:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
+    stage.map_heap("snapshot", cfg.data.heap_map_mib)
     report = snapshot(cfg.data, args.store, args.pointer, args.report, verify_source=args.verify,
                       stat_cache=args.stat_cache, detector=cfg.validate)
     dup = report["duplicates"]

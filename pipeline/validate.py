@@ -661,6 +661,7 @@ def _reasons(frames: dict[str, pd.DataFrame], v: ValidateConfig, limit: int = 8)
 
 
 def run(cfg: Config, args: argparse.Namespace) -> dict:
+    stage.map_heap("validate", cfg.data.heap_map_mib)
     v = cfg.validate
     # Fail closed: the record train reads exists only once this validation completes (DVC removes
     # it before the command too; a direct call must not leave an earlier verdict in place).

@@ -86,6 +86,7 @@ def test_missing_required_value_is_refused():
         ("attack", "name", "trojan", "unknown attack.name"),
         ("validate", "on_fail", "ignore", "on_fail"),
         ("data", "limit", 0, "data.limit"),
+        ("data", "heap_map_mib", 33, "data.heap_map_mib"),
         ("train", "epochs", "many", "epochs"),
         ("gate", "max_asr", float("inf"), "gate.max_asr"),
         ("gate", "min_accuracy", -0.1, "gate.min_accuracy"),

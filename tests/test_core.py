@@ -559,6 +559,41 @@ print(anon() - base)
             heap.map_large(bad)
 
 
+@pytest.mark.parametrize("name", ["snapshot", "poison", "validate"])
+def test_data_stages_map_large_blocks_in_their_own_process_only(name, monkeypatch):
+    # data.heap_map_mib took 35-140 MiB off these stages' peaks at 1M rows
+    # (bench/results/data_stages_map_large_1m.log); the setting cannot be undone, so a stage run
+    # inside another process (a test, a notebook) must leave that process's allocator alone
+    import argparse
+    import importlib
+
+    from pipeline import config, stage
+    from pipeline.core import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "map_large", lambda n: calls.append(n) or True)
+    mod = importlib.import_module(f"pipeline.{name}")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(*a, **k):  # the stage's first read of its inputs: map_heap must have run before it
+        raise Stop()
+
+    if name == "snapshot":
+        monkeypatch.setattr(mod, "snapshot", stop_after)
+    else:
+        monkeypatch.setattr(mod.store, "read_pointer", stop_after)
+    for own, mib, want in ((False, 1, []), (True, 1, [1 << 20]), (True, 4, [4 << 20]), (True, 0, [])):
+        calls.clear()
+        monkeypatch.setattr(stage, "_own_process", lambda s, own=own: own and s == name)
+        cfg = config.compose([f"data.heap_map_mib={mib}"])
+        with pytest.raises(Stop):
+            mod.run(cfg, argparse.Namespace(validated="/nonexistent/validated.json", pointer="x", store="x", report="x",
+                                              verify=False, stat_cache=None))
+        assert calls == want, (name, own, mib, calls)
+
+
 def test_streamed_fit_maps_large_blocks_resident_fit_does_not(digits, monkeypatch):
     from pipeline.core import train as core_train
 

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -221,6 +222,36 @@ def test_in_process_main_leaves_the_garbage_collector_alone(cli, capsys):
     rc, err = cli.main(capsys)
     assert rc == 0, err
     assert gc.get_freeze_count() == before
+
+
+def test_own_process_maps_the_parent_load_then_relaxes(cli, capsys, monkeypatch):
+    """data.heap_map_mib covers the parent's load (its freed buffers are what it returns to the OS);
+    then stage.relax_heap lets the read, plan and data-gate columns use the heap again (mapping
+    their many 1-32 MiB blocks afresh cost 15-25% of a 1% append at 1M rows,
+    bench/results/data_stages_map_large_1m.log). In-process, the allocator is never touched."""
+    from pipeline import stage
+    from pipeline.core import heap
+    from pipeline.data import sources, store
+
+    calls: list = []
+    monkeypatch.setattr(heap, "map_large", lambda n: calls.append(("map", n)) or True)
+    monkeypatch.setattr(stage, "_HEAP_MAPPED", False)
+    for mod, name in ((store, "load_parent"), (sources, "read_source")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    imagefolder(cli, make_folder(cli.tmp / "src"))
+    rc, err = cli.main(capsys)  # in-process: no map, so nothing to relax
+    assert rc == 0 and calls == ["read_source"], (err, calls)
+    monkeypatch.setattr(stage, "_own_process", lambda s: s == "snapshot")
+    for cold in (True, False):  # a cold snapshot has no parent to load: relaxed before the read
+        calls.clear()
+        if cold:
+            shutil.rmtree(cli.store)
+            cli.pointer.unlink()
+        rc, err = cli.main(capsys)
+        assert rc == 0, err
+        want = [("map", 1 << 20)] + ([] if cold else ["load_parent"]) + [("map", heap.MAP_LARGE_MAX_BYTES), "read_source"]
+        assert calls == want, (cold, calls)
 
 
 def test_cli_subprocess_does_not_import_torch(cli):
