@@ -299,7 +299,9 @@ def main() -> int:
     ap.add_argument("--inspect-max-rows", type=int, default=INSPECT_MAX_ROWS,
                     help="run the inspect step only up to this N (its k-fold fits at 1M rows on a CPU take hours)")
     ap.add_argument("--keep-workspaces", action="store_true",
-                    help="leave each workspace (WORK/ws-N-REV) for bench/stage_memory.py; needs --work")
+                    help="leave each workspace (WORK/ws-N-REV) for bench/stage_memory.py; needs --work. The 1%% "
+                         "append's files leave the shared source after the run: write them back (write_rows(source, "
+                         "N, N + N//100, image)) before a no-op snapshot there, else it is refused as rows vanished")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale"))
     ap.add_argument("--replay", default=None,
                     help="write the table from the cell lines a run printed (its stdout), e.g. of a run stopped "

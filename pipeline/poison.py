@@ -183,10 +183,13 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     # (clean_label checks the classes it crafts over as it reads them: clean_label_view).
     # The manifest's identity columns only (the load adds sample_id, sha256, label and the pack
     # columns): provenance and file columns were ~240 MiB at 1M rows that no attack reads.
-    # split and pack as categoricals (a small code a row, not a string: 69 MiB of pack names alone at
-    # 1M rows, bench/results/poison_categorical_1m.log)
+    # split and pack as categoricals (a small code a row, not a string: ~65 MiB of pack names alone
+    # at 1M rows, bench/results/poison_categorical_1m.log)
     snap = store.load_snapshot(args.store, ptr["snapshot_id"], verify=True, lazy=True, hash_packs=False,
                                columns=("split",), categorical=True)
+    # the load's freed buffers were what data.heap_map_mib returns to the OS; clean_label's crafting
+    # (torch passes) after it would only pay for mapping each block afresh (stage.relax_heap)
+    stage.relax_heap()
     record = ancestry = None
     if cfg.remedy.name == "quarantine":
         from pipeline import remedy

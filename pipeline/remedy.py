@@ -155,8 +155,8 @@ def verify_record(record: Any, what: str = "the quarantine record") -> dict:
         raise QuarantineTampered(f"{what} does not hash to its digest: it was edited after it was written; "
                                  "write it again with `python -m pipeline.remedy quarantine`")
     rows = record.get("rows")
-    # strings checked here: a digest is only a checksum (anyone can recompute it), and a number or
-    # null as a sample_id used to reach Arrow's is_in in the poison stage as a bare TypeError
+    # strings checked here: a digest is only a checksum (anyone can recompute it), and a number as a
+    # sample_id ended the poison stage in a bare TypeError (quarantined_rows' message joins the ids)
     if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("sample_id"), str)
                                              and isinstance(r.get("sha256"), str) for r in rows):
         raise QuarantineTampered(f"{what}: rows must be a list of {{sample_id, sha256, ...}} with string values: "

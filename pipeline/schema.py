@@ -66,8 +66,8 @@ class DataConfig:
     # Incremental snapshot: a known file whose (size, mtime) is unchanged is trusted without a read.
     verify_source: bool = False  # true: re-read and re-decode every file, compare pixels (full check)
     recheck_files: int = 32  # files: stat-trusted files re-read and digest-checked per run (spot check)
-    # MiB: in the snapshot, poison and validate processes, host allocations this large get their own
-    # mapping, returned when freed (core.heap.map_large); 0 = glibc's default (issue 19 item 3)
+    # MiB: in the snapshot and poison processes (their manifest loads) and validate, host allocations
+    # this large get their own mapping, returned when freed (core.heap.map_large); 0 = glibc's default
     heap_map_mib: int = 1
     # Variable-size images (issue 19 item 5): [height, width] every image is resized to at ingest;
     # null refuses a source with more than one image size. Part of the lineage key (a new store lineage).

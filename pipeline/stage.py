@@ -138,7 +138,8 @@ def map_heap(stage: str, mib: int) -> bool:
         return False
     from pipeline.core import heap
 
-    _HEAP_MAPPED = heap.map_large(int(mib) * 2**20) or _HEAP_MAPPED
+    # the trim threshold at twice the map threshold, as glibc's own adaptation keeps it (map_large)
+    _HEAP_MAPPED = heap.map_large(int(mib) * 2**20, 2 * int(mib) * 2**20) or _HEAP_MAPPED
     return _HEAP_MAPPED
 
 
@@ -146,13 +147,14 @@ def relax_heap() -> bool:
     """After :func:`map_heap`: from here on only blocks of 32 MiB or more get their own mapping,
     where glibc's adaptive threshold ends up after a few large frees. For a phase that allocates
     and frees many blocks of 1-32 MiB, where mapping and zero-filling each afresh costs time (the
-    snapshot stage's read, plan and data-gate columns: 15-25% of a 1% append at 1M rows,
-    bench/results/data_stages_map_large_1m.log). A no-op (returns False) when map_heap was not taken."""
+    snapshot stage's read, plan and data-gate columns: +8% to +32% on a 1% append at 1M rows,
+    bench/results/data_stages_map_large_1m.log; clean_label's crafting in the poison stage). A
+    no-op (returns False) when map_heap was not taken."""
     if not _HEAP_MAPPED:
         return False
     from pipeline.core import heap
 
-    return heap.map_large(heap.MAP_LARGE_MAX_BYTES)
+    return heap.map_large(heap.MAP_LARGE_MAX_BYTES, 2 * heap.MAP_LARGE_MAX_BYTES)
 
 
 def _own_process(stage: str) -> bool:

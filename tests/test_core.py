@@ -557,6 +557,8 @@ print(anon() - base)
     for bad in (0, -1, heap.MAP_LARGE_MAX_BYTES + 1):
         with pytest.raises(ValueError, match="outside"):
             heap.map_large(bad)
+    with pytest.raises(ValueError, match="trim_bytes"):
+        heap.map_large(1 << 20, -1)
 
 
 @pytest.mark.parametrize("name", ["snapshot", "poison", "validate"])
@@ -571,7 +573,8 @@ def test_data_stages_map_large_blocks_in_their_own_process_only(name, monkeypatc
     from pipeline.core import heap
 
     calls = []
-    monkeypatch.setattr(heap, "map_large", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(heap, "map_large", lambda n, trim=None: calls.append((n, trim)) or True)
+    monkeypatch.setattr(stage, "_HEAP_MAPPED", False)  # set by map_heap below; later in-process stages must not relax
     mod = importlib.import_module(f"pipeline.{name}")
 
     class Stop(Exception):
@@ -584,7 +587,8 @@ def test_data_stages_map_large_blocks_in_their_own_process_only(name, monkeypatc
         monkeypatch.setattr(mod, "snapshot", stop_after)
     else:
         monkeypatch.setattr(mod.store, "read_pointer", stop_after)
-    for own, mib, want in ((False, 1, []), (True, 1, [1 << 20]), (True, 4, [4 << 20]), (True, 0, [])):
+    for own, mib, want in ((False, 1, []), (True, 1, [(1 << 20, 2 << 20)]), (True, 4, [(4 << 20, 8 << 20)]),
+                           (True, 0, [])):
         calls.clear()
         monkeypatch.setattr(stage, "_own_process", lambda s, own=own: own and s == name)
         cfg = config.compose([f"data.heap_map_mib={mib}"])

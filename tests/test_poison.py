@@ -60,6 +60,28 @@ def test_identity_view_is_a_record_not_a_copy(digits_store, tmp_path):
     assert store_digest(digits_store["store"]) == before, "the raw store is never modified"
 
 
+def test_own_process_maps_the_load_then_relaxes(digits_store, tmp_path, monkeypatch):
+    # data.heap_map_mib covers the manifest load (where poison peaks); clean_label's crafting after
+    # it gets glibc's large threshold back (stage.relax_heap). In-process, nothing is touched.
+    from pipeline import stage
+    from pipeline.core import heap
+
+    calls: list = []
+    monkeypatch.setattr(heap, "map_large", lambda n, trim=None: calls.append(("map", n, trim)) or True)
+    monkeypatch.setattr(stage, "_HEAP_MAPPED", False)
+    monkeypatch.setattr(stage.gc, "freeze", lambda: None)  # "own process" would freeze pytest's objects
+    real = store.load_snapshot
+    monkeypatch.setattr(store, "load_snapshot", lambda *a, **k: calls.append("load") or real(*a, **k))
+    rc, out, _ = run_poison(digits_store, tmp_path / "in_process", "attack=none")
+    assert rc == 0 and calls == ["load"], calls
+    calls.clear()
+    monkeypatch.setattr(stage, "_own_process", lambda s: s == "poison")
+    rc, out2, _ = run_poison(digits_store, tmp_path / "own", "attack=none")
+    relaxed = ("map", heap.MAP_LARGE_MAX_BYTES, 2 * heap.MAP_LARGE_MAX_BYTES)
+    assert rc == 0 and calls == [("map", 1 << 20, 2 << 20), "load", relaxed], calls
+    assert (out2 / "view.json").read_bytes() == (out / "view.json").read_bytes()
+
+
 def test_backdoor_view_round_trip(digits_store, tmp_path):
     before = store_digest(digits_store["store"])
     rc, out, _ = run_poison(digits_store, tmp_path, "attack=backdoor", "attack.rate=0.1", "attack.trigger.location=random")

@@ -227,15 +227,17 @@ def test_in_process_main_leaves_the_garbage_collector_alone(cli, capsys):
 def test_own_process_maps_the_parent_load_then_relaxes(cli, capsys, monkeypatch):
     """data.heap_map_mib covers the parent's load (its freed buffers are what it returns to the OS);
     then stage.relax_heap lets the read, plan and data-gate columns use the heap again (mapping
-    their many 1-32 MiB blocks afresh cost 15-25% of a 1% append at 1M rows,
+    their many 1-32 MiB blocks afresh cost +8% to +32% on a 1% append at 1M rows,
     bench/results/data_stages_map_large_1m.log). In-process, the allocator is never touched."""
     from pipeline import stage
     from pipeline.core import heap
     from pipeline.data import sources, store
 
     calls: list = []
-    monkeypatch.setattr(heap, "map_large", lambda n: calls.append(("map", n)) or True)
+    monkeypatch.setattr(heap, "map_large", lambda n, trim=None: calls.append(("map", n, trim)) or True)
     monkeypatch.setattr(stage, "_HEAP_MAPPED", False)
+    # "own process" below would also freeze the pytest process's objects at the stage's exit
+    monkeypatch.setattr(stage.gc, "freeze", lambda: None)
     for mod, name in ((store, "load_parent"), (sources, "read_source")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
@@ -250,7 +252,8 @@ def test_own_process_maps_the_parent_load_then_relaxes(cli, capsys, monkeypatch)
             cli.pointer.unlink()
         rc, err = cli.main(capsys)
         assert rc == 0, err
-        want = [("map", 1 << 20)] + ([] if cold else ["load_parent"]) + [("map", heap.MAP_LARGE_MAX_BYTES), "read_source"]
+        relaxed = ("map", heap.MAP_LARGE_MAX_BYTES, 2 * heap.MAP_LARGE_MAX_BYTES)
+        want = [("map", 1 << 20, 2 << 20)] + ([] if cold else ["load_parent"]) + [relaxed, "read_source"]
         assert calls == want, (cold, calls)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+from typing import Optional
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,12 +37,13 @@ def _trim():
     return _libc("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
 
 
-# glibc's mallopt parameter number (malloc.h) and its ceiling on 64-bit: HEAP_MAX_SIZE / 2
+# glibc's mallopt parameter numbers (malloc.h) and the mmap threshold's ceiling on 64-bit: HEAP_MAX_SIZE / 2
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MAP_LARGE_MAX_BYTES = 32 * 2**20
 
 
-def map_large(min_bytes: int) -> bool:
+def map_large(min_bytes: int, trim_bytes: Optional[int] = None) -> bool:
     """From now on, for the rest of the process, serve every C allocation of at least ``min_bytes``
     from its own mapping, unmapped when it is freed; True when the allocator took the setting (glibc).
 
@@ -52,12 +54,22 @@ def map_large(min_bytes: int) -> bool:
     size (bench/results/train_phases_stream_map.log). With a fixed threshold the resident memory
     follows the live tensors. The cost: such blocks are mapped and zero-filled afresh each time.
     Setting it also switches off glibc's adaptation; there is no call that turns it back on.
-    ``mallopt`` has no wrapper in a maintained library, hence ctypes (as :func:`release`)."""
+    ``mallopt`` has no wrapper in a maintained library, hence ctypes (as :func:`release`).
+
+    ``trim_bytes``: also set the free space at the heap's top above which ``free`` hands pages
+    back. glibc adapts it with the mmap threshold (twice it); a fixed mmap threshold leaves it at
+    its 128 KiB default, so a phase that frees and reallocates heap blocks of a few MiB returns
+    and faults its pages back on every round: the cold snapshot's data-gate columns took 9.2-9.5
+    s instead of 7.0-7.2 (bench/results/data_stages_map_large_1m.log). None keeps it."""
     min_bytes = int(min_bytes)
     if not 0 < min_bytes <= MAP_LARGE_MAX_BYTES:
         raise ValueError(f"map_large: {min_bytes} bytes is outside 1..{MAP_LARGE_MAX_BYTES} (glibc's ceiling)")
+    if trim_bytes is not None and not 0 <= int(trim_bytes) < 2**31:
+        raise ValueError(f"map_large: trim_bytes {trim_bytes} is outside 0..2**31-1 (mallopt takes an int)")
     fn = _libc("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
-    return fn is not None and fn(_M_MMAP_THRESHOLD, min_bytes) == 1
+    if fn is None or fn(_M_MMAP_THRESHOLD, min_bytes) != 1:
+        return False
+    return trim_bytes is None or fn(_M_TRIM_THRESHOLD, int(trim_bytes)) == 1
 
 
 def release() -> bool:

@@ -953,7 +953,7 @@ def _check_rows_refer(store: Path, path: Path, t: pa.Table, class_names: list, n
         raise DamagedStore(store, path, "has labels outside its class list")
     if named is not None:
         # unique first, then the few values to strings: a categorical load's pack column cast whole
-        # was a string a row (~100 MiB at 1M rows, at the load's peak: poison_categorical_1m.log)
+        # was a string a row (~65 MiB at 1M rows; the peak did not move: poison_categorical_1m.log)
         packs = set(pc.unique(t.column("pack")).cast(pa.string()).to_pylist())
         if not packs <= set(named):
             raise DamagedStore(store, path, f"refers to packs its header does not name ({sorted(packs - set(named))})")
