@@ -131,7 +131,7 @@ _HEAP_MAPPED = False  # map_heap's setting was taken in this process
 def map_heap(stage: str, mib: int) -> bool:
     """``core.heap.map_large(mib MiB)`` when this stage is its own process (``data.heap_map_mib``;
     0 leaves glibc's default). Only then: the setting lasts for the rest of the process and cannot
-    be undone, so a test or a caller running the stage in its own process keeps its allocator as it
+    be undone, so a test or a notebook that calls the stage in-process keeps its allocator as it
     was. True when the setting was taken."""
     global _HEAP_MAPPED
     if not mib or not _own_process(stage):
