@@ -41,7 +41,8 @@ def create_temp(folder: Path | str, prefix: str, suffix: str) -> tuple[int, str]
     after the fact would have widened files in a folder whose ACL keeps them private."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        name = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        # 8 characters, as mkstemp's: a longer name would reach the file system's name limit sooner
+        name = os.path.join(folder, f"{prefix}{secrets.token_urlsafe(6)}{suffix}")
         try:
             return os.open(name, flags, 0o666), name
         except FileExistsError:

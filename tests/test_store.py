@@ -120,6 +120,21 @@ def test_written_files_have_the_mode_the_umask_gives(env, mask):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
 
 
+def test_temp_names_are_as_long_as_mkstemps(tmp_path):
+    """The atomic writes' temporary names add what mkstemp's add (8 characters): 16 hex characters
+    left 8 fewer for the target's own name under the file system's 255-byte limit."""
+    import tempfile
+
+    from pipeline.io import create_temp
+
+    names = []
+    for make in (lambda: create_temp(tmp_path, ".t.", ".tmp"), lambda: tempfile.mkstemp(".tmp", ".t.", tmp_path)):
+        fd, name = make()
+        os.close(fd)
+        names.append(len(os.path.basename(name)))
+    assert names[0] == names[1], names
+
+
 def test_written_files_follow_a_folders_default_acl_as_open_does(tmp_path):
     """Where a folder has a default ACL, open() takes a new file's mode from it, not from the
     umask: an atomic write must do the same, neither 0600 nor wider than the ACL allows."""
