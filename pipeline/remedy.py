@@ -161,9 +161,8 @@ def verify_record(record: Any, what: str = "the quarantine record") -> dict:
                                              and isinstance(r.get("sha256"), str) for r in rows):
         raise QuarantineTampered(f"{what}: rows must be a list of {{sample_id, sha256, ...}} with string values: "
                                  "write it again with `python -m pipeline.remedy quarantine`")
-    ids = [r["sample_id"] for r in rows]
-    if len(set(ids)) != len(ids):  # build_record writes one set; a repeat would count a row twice
-        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    dup = sorted(i for i, n in Counter(r["sample_id"] for r in rows).items() if n > 1)
+    if dup:  # build_record writes one set; a repeat would count a row twice
         raise QuarantineTampered(f"{what} lists row(s) more than once ({', '.join(dup[:5])}): "
                                  "write it again with `python -m pipeline.remedy quarantine`")
     return record
