@@ -29,10 +29,10 @@ import pipeline  # noqa: E402,F401  (Arrow on the system allocator, as in the st
 from bench.scale import proc_mib, reset_peak  # noqa: E402
 
 WRAPPED = {
-    "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "plan_snapshot", "write_base",
-                            "write_snapshot"),
-    "pipeline.data.sources": ("read_source",),
-    "pipeline.snapshot": ("read_stat_cache", "write_stat_cache"),
+    "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "verify_files", "plan_snapshot",
+                            "write_base", "write_snapshot"),
+    "pipeline.data.sources": ("read_source", "listing_unchanged"),
+    "pipeline.snapshot": ("fast_noop", "read_stat_cache", "write_stat_cache"),
     "pipeline.data.stats": ("row_features", "provenance", "duplicates"),
 }
 

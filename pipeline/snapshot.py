@@ -5,7 +5,13 @@
         [--stat-cache data/.snapshot-stat] [--verify]
 
 The stage runs on every ``dvc repro`` (``always_changed``: it sees a source change however the
-params were set) and is cheap when nothing changed. In order:
+params were set) and is cheap when nothing changed. First the no-op that loads no manifest row
+(:func:`fast_noop`, issue 19 item 3): when the stat cache was written for the current snapshot,
+that snapshot's header carries the report's summary, and a folder source lists, file for file, as
+the cache recorded (``sources.listing_unchanged``), the store's files are hashed
+(``store.verify_files``), the pointer is checked against the chain, and the report comes from the
+header; its memory does not grow with the rows. Anything else (and a source the listing would
+refuse: the store is verified first, below), in order:
 
 1. the current snapshot of this source lineage (``heads/<key>``) and its whole chain are verified
    (header ids, delta hashes, pack hashes) BEFORE anything is compared: a tampered store fails
@@ -40,10 +46,11 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +71,8 @@ _say = partial(stage.say, "snapshot")
 STAT_FORMAT = "poisongate-stat 2"
 STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
                          ("file_sha256", pa.string()), ("sha256", pa.string())])
+# Rows of the stat cache a no-op compares at a time (CacheWindows: ~11 MiB of the file at 28x28 ids)
+STAT_WINDOW_ROWS = 65536
 # Decoded pixels wait here (in the store's file system, not /tmp, which may be RAM) between the
 # decode and the pack: the stage's memory stays flat however many rows a snapshot adds.
 SPILL_DIR = ".spill"
@@ -87,29 +96,51 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     say = progress or (lambda _m: None)
     t0 = time.perf_counter()
     key = sources.source_key(cfg)
-    # The store is verified before the (long) read, so a damaged store fails fast and is never
-    # mistaken for a changed source.
     vstats = store.VerifyStats()
     parent_id = store.current_snapshot(store_dir, key)
+    stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
+    noop = fast_noop(cfg, store_dir, parent_id, stat_path, verify_source, progress) if parent_id else None
+    if noop is not None and noop.unchanged:
+        # Nothing changed: the store's files are hashed (as a load would: a damaged store still
+        # fails) and the report comes from the head's header; no manifest row is loaded.
+        t_read = time.perf_counter()
+        whole, headers = store.verify_files(store_dir, parent_id, stats_out=vstats)
+        _check_pointer(Path(pointer_path), store_dir, key, parent_id, [h["id"] for h in whole])
+        store.set_head(store_dir, key, parent_id)  # no-op unless heads/<key> was missing
+        meta = headers[-1]
+        say(f"source unchanged: {meta['n_rows']} rows, snapshot {parent_id[:12]} stays current "
+            f"(every file as the stat cache recorded it)")
+        seconds = {"verify": round(time.perf_counter() - t_read, 3), "read": round(t_read - t0, 3),
+                   "plan": 0.0, "features": 0.0, "write": 0.0}
+        return _finish(meta, None, cfg, verify_source, pointer_path, report_path, store_dir, seconds, t0, vstats,
+                       {**noop.work, "noop_fast": 1})
+    # The store is verified before the (long) read, so a damaged store fails fast and is never
+    # mistaken for a changed source.
     parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
     # the load's freed buffers were what data.heap_map_mib returns to the OS; the phases after it
     # would only pay for mapping each block afresh (pipeline.stage.relax_heap)
     stage.relax_heap()
-    _check_pointer(Path(pointer_path), store_dir, key, parent)
+    _check_pointer(Path(pointer_path), store_dir, key, parent.id if parent else None,
+                   parent.history if parent else ())
     t_verify = time.perf_counter()
 
     known = KnownRows.empty()
     if parent is not None:
         m = parent.manifest
         known = KnownRows(m["sample_id"], m["sha256"], m["file_sha256"])  # Arrow columns, not objects
-    stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
     stat = read_stat_cache(stat_path)
+    if stat is not None and noop is not None and noop.changed_ids:
+        # the spot check read other bytes than the cache vouches for: the full read re-reads them
+        say(f"{len(noop.changed_ids)} file(s) changed under the same size and mtime: "
+            f"{', '.join(noop.changed_ids[:5])}; reading them again")
+        stat = stat.without(noop.changed_ids)
     scan_ns = time.time_ns()
     spill = Path(store_dir) / SPILL_DIR
     sources.clear_spill(spill)
     read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
                                verify=verify_source, progress=progress, spill_dir=spill)
     old_scan_ns = stat.scan_ns if stat is not None else 0
+    old_bound = stat.snapshot if stat is not None else ""
     del known, stat  # the parent's columns and the old cache: read.stat is the new one (memory, issue 19 item 3)
     try:
         t_read = time.perf_counter()
@@ -140,13 +171,14 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                 say(f"consolidating {len(parent.manifest)} rows of {parent.id[:12]} into a base "
                     f"({parent.since_base} snapshots since the last one)")
                 base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None)
-            sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base)
+            sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base,
+                                                 summarize=summary)
             if base is not None and store.read_header(store_dir, sid).get("base") == base:
                 store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
             say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
                 + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
         if stat_path is not None and read.stat is not None:
-            write_stat_cache(stat_path, read.stat, scan_ns, old_scan_ns, read.stat_changed)
+            write_stat_cache(stat_path, read.stat, scan_ns, old_scan_ns, read.stat_changed or old_bound != sid, sid)
         t_write = time.perf_counter()
     finally:
         read.discard()  # the spilled pixels: in the pack now, or not needed
@@ -156,15 +188,57 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             pass
     source_work = dict(read.work)
     del read, plan, parent  # the report needs the new manifest only (memory at 1M rows, issue 19 item 3)
+    seconds = {"verify": round(t_verify - t0, 3), "read": round(t_read - t_verify, 3), "plan": round(t_plan - t_read, 3),
+               "features": round(t_features - t_plan, 3), "write": round(t_write - t_features, 3)}
+    return _finish(store.read_meta(store_dir, sid), manifest, cfg, verify_source, pointer_path, report_path,
+                   store_dir, seconds, t0, vstats, source_work)
 
-    meta = store.read_meta(store_dir, sid)
+
+def fast_noop(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Path], verify_source: bool,
+              progress: Optional[Callable[[str], None]] = None) -> Optional[sources.NoopCheck]:
+    """Whether the source is, file for file, what the stat cache recorded when ``head`` was made
+    current (``sources.listing_unchanged``), so the run is a no-op that loads no manifest row: its
+    memory does not grow with the rows (issue 19 item 3). None when that cannot be shown cheaply
+    (no cache, one bound to another snapshot, a head written before headers carried a summary):
+    the full read decides then, as it does whenever this says "not unchanged"."""
+    if stat_path is None:
+        return None
+    meta = store.read_meta(store_dir, head)
+    if "summary" not in meta:
+        return None
+    cache = open_stat_cache(stat_path)
+    if cache is None:
+        return None
+    if cache.snapshot != head:
+        return None
+    try:
+        return sources.listing_unchanged(cfg, cache.batches(), cache.scan_ns, int(meta["n_rows"]), verify=verify_source,
+                                         progress=progress)
+    except sources.SourceError:
+        # the full read refuses it too, after verifying the store: a damaged store is reported first
+        return None
+
+
+def summary(manifest, class_names: list) -> dict:
+    """What the report says of the whole snapshot: its provenance coverage and exact duplicates
+    (stored in the header of every snapshot this stage writes, ``store.write_snapshot``)."""
+    return {"provenance": stats.provenance(manifest), "duplicates": stats.duplicates(manifest, class_names)}
+
+
+def _finish(meta: dict, manifest, cfg: DataConfig, verify_source: bool, pointer_path: str, report_path: str,
+            store_dir: str, seconds: dict, t0: float, vstats: store.VerifyStats, source_work: dict) -> dict:
+    """Write the pointer and the report of snapshot ``meta`` (its header); returns the report.
+    The whole snapshot's provenance and duplicates come from its header (written with it), else
+    (a header from before they were) from ``manifest``."""
+    sid = meta["id"]
     class_names = list(meta["class_names"])
+    summary_ = meta.get("summary") or summary(manifest, class_names)
     pointer = {
         "snapshot_id": sid,
         "parent": meta["parent"],
         "store": store_dir,
         "manifest": str(store.header_path(store_dir, sid)),
-        "source_key": key,
+        "source_key": meta["source"]["key"],
         "n_rows": int(meta["n_rows"]),
         "n_new": int(meta["n_new"]),
         "class_names": class_names,
@@ -179,17 +253,10 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         "class_names": class_names,
         "image_shape": meta["image_shape"],
         "counts": meta["counts"],
-        "provenance": stats.provenance(manifest),
-        "duplicates": stats.duplicates(manifest, class_names),
+        "provenance": summary_["provenance"],
+        "duplicates": summary_["duplicates"],
         "verify_source": bool(verify_source or cfg.verify_source),
-        "seconds": {
-            "verify": round(t_verify - t0, 3),
-            "read": round(t_read - t_verify, 3),
-            "plan": round(t_plan - t_read, 3),
-            "features": round(t_features - t_plan, 3),
-            "write": round(t_write - t_features, 3),
-            "total": round(time.perf_counter() - t0, 3),
-        },
+        "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
         "work": {
             "store_snapshots_verified": vstats.snapshots,
             "store_packs_hashed": vstats.packs,
@@ -202,7 +269,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     return report
 
 
-def _check_pointer(path: Path, store_dir: str, key: str, parent: Optional[store.Parent]) -> None:
+def _check_pointer(path: Path, store_dir: str, key: str, parent: Optional[str], history: Sequence[str]) -> None:
     """The pointer names the last snapshot this stage made current; for the same lineage it must
     be in the history of ``heads/<key>``. If it is not, heads was moved back or the history was
     rewritten (a forged chain can be self-consistent; it cannot contain the id recorded before)."""
@@ -213,14 +280,14 @@ def _check_pointer(path: Path, store_dir: str, key: str, parent: Optional[store.
     if not isinstance(ptr, dict) or ptr.get("source_key") != key or not isinstance(ptr.get("snapshot_id"), str):
         return
     sid = ptr["snapshot_id"]
-    if parent is not None and sid in parent.history:
+    if parent is not None and sid in history:
         return
     heads = Path(store_dir) / "heads" / key
     if parent is None:
         what = f"holds no snapshot of lineage {key}, but {path} names {sid[:12]} as current: the history is gone"
         where: Path = Path(store_dir)
     else:
-        what = (f"names snapshot {parent.id[:12]}, whose history does not contain {sid[:12]}, the current snapshot "
+        what = (f"names snapshot {parent[:12]}, whose history does not contain {sid[:12]}, the current snapshot "
                 f"named by {path}: the history was rewritten or heads/{key} was moved")
         where = heads
     raise store.DamagedStore(store_dir, where, what + f" (to start a new history on purpose, delete {path} too)")
@@ -243,21 +310,67 @@ def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
         return StatTable(t.column("sample_id"), t.column("sha256"), t.column("file_sha256"),
                          size=t.column("size").to_numpy().astype(np.int64),
                          mtime_ns=t.column("mtime_ns").to_numpy().astype(np.int64),
-                         scan_ns=int(meta[b"scan_ns"]))
-    except (OSError, ValueError, KeyError, pa.ArrowException):
+                         scan_ns=int(meta[b"scan_ns"]), snapshot=meta.get(b"snapshot", b"").decode())
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, pa.ArrowException):
         return None
 
 
-def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: int, changed: bool) -> None:
-    """Rewrite the cache only when it would vouch for something new: changed entries, or entries
-    that were too fresh ("racy") under the old scan time and are not under the new one."""
+@dataclass(frozen=True)
+class CacheWindows:
+    """The stat cache's rows read a window at a time (:func:`open_stat_cache`)."""
+
+    path: Path
+    batch_rows: tuple[int, ...]  # rows of each record batch of the file
+    scan_ns: int
+    snapshot: str
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Its rows in order, ``STAT_WINDOW_ROWS`` at a time, each window sliced from a fresh
+        memory map of the file, so the pages a window touched leave the process with it. Not
+        batches read in turn: the cache is one batch (the full read's ``read_stat_cache`` takes
+        it without a copy; a cache of many batches made it copy every string column, +174 MiB at
+        1M rows), and reading a batch reads it whole. A window that cannot be read ends the
+        stream: the caller then sees fewer rows than files."""
+        for i, rows in enumerate(self.batch_rows):
+            for s in range(0, rows, STAT_WINDOW_ROWS):
+                try:
+                    with pa.memory_map(str(self.path)) as src:  # closed: the window's buffers keep its map
+                        window = pa.ipc.open_file(src).get_batch(i).slice(s, STAT_WINDOW_ROWS)
+                except (OSError, pa.ArrowException):
+                    return
+                yield window
+
+
+def open_stat_cache(path: Optional[Path]) -> Optional[CacheWindows]:
+    """The stat cache for a read a window at a time (its footer and metadata read, no row); None
+    when absent or unreadable, as :func:`read_stat_cache`."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with pa.memory_map(str(path)) as src:
+            reader = pa.ipc.open_file(src)
+            meta = reader.schema.metadata or {}
+            if meta.get(b"format") != STAT_FORMAT.encode() or reader.schema.names != list(STAT_SCHEMA.names):
+                return None
+            rows = tuple(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        return CacheWindows(path, rows, int(meta[b"scan_ns"]), meta.get(b"snapshot", b"").decode())
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, pa.ArrowException):
+        return None
+
+
+def write_stat_cache(path: Path, table: StatTable, scan_ns: int, old_scan_ns: int, changed: bool,
+                     snapshot: str = "") -> None:
+    """Rewrite the cache only when it would vouch for something new: changed entries, entries
+    that were too fresh ("racy") under the old scan time and are not under the new one, or a new
+    ``snapshot`` (the one this run made current, whose rows the cache's hashes are: what lets the
+    next run show a no-op without loading it, :func:`fast_noop`; the caller passes ``changed`` then)."""
     aged = (old_scan_ns < table.mtime_ns + sources.RACY_NS) & (table.mtime_ns + sources.RACY_NS <= scan_ns)
     if not changed and not aged.any():
         return
     arrow = pa.Table.from_arrays(
         [table.ids, pa.array(table.size, pa.int64()), pa.array(table.mtime_ns, pa.int64()), table.file_sha256,
          table.sha256],
-        schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns)}))
+        schema=STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns), "snapshot": snapshot}))
 
     def write(fh) -> None:  # streamed to the file: a 1M-row cache is ~170 MB, never held as bytes
         with pa.ipc.new_file(fh, arrow.schema) as w:

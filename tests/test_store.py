@@ -617,9 +617,9 @@ def test_incremental_run_decodes_only_what_changed(env):
     assert plain["work"]["source_read"] == 20 and plain["work"].get("source_decoded", 0) == 1  # the re-encoded one
 
 
-def test_stat_shortcut_its_spot_check_and_full_verify(env):
-    """An edit that keeps size and mtime (BMP: fixed size; mtime restored) passes the stat shortcut
-    by design; the random spot check, a run without the cache and verify_source all catch it."""
+def edited_under_same_stat(env: Env) -> None:
+    """A BMP (fixed size) whose pixels are edited after a cached snapshot, its mtime restored: the
+    stat is the cached one, the bytes are not."""
     bmp = env.src / "train" / "emu" / "z.bmp"
     save(bmp, pixels(4321), fmt="BMP")
     age(env.src)
@@ -630,6 +630,12 @@ def test_stat_shortcut_its_spot_check_and_full_verify(env):
     Image.fromarray(arr).save(bmp, format="BMP")
     os.utime(bmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert bmp.stat().st_size == st.st_size
+
+
+def test_stat_shortcut_its_spot_check_and_full_verify(env):
+    """An edit that keeps size and mtime (BMP: fixed size; mtime restored) passes the stat shortcut
+    by design; the random spot check, a run without the cache and verify_source all catch it."""
+    edited_under_same_stat(env)
     assert run_cached(env, recheck_files=0)["n_new"] == 19  # trusted by (size, mtime): the documented gap
     env.refused(r"train/emu/z.bmp: pixels changed", recheck_files=10_000)  # the spot check reads it
     with pytest.raises(SnapshotRefused, match=r"train/emu/z.bmp: pixels changed"):

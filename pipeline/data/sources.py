@@ -132,6 +132,9 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # = schema.DataConfig.max_image_pixels
 # file systems stamp mtimes with a coarse clock (a jiffy; 2 s on FAT), so a write in the same tick
 # as the scan leaves (size, mtime) unchanged (git's "racily clean" index entries).
 RACY_NS = 2_000_000_000
+# Files per part of a folder's listing (_walk_folder): the no-op's comparison holds one part's ids,
+# stats and cache rows (~2 MiB), not a whole class folder's (~80k files at 1M rows)
+WALK_PART = 16384
 
 Progress = Optional[Callable[[str], None]]
 
@@ -207,11 +210,20 @@ class StatTable(KnownRows):
     size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     mtime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scan_ns: int = 0
+    snapshot: str = ""  # the snapshot whose rows the cache's hashes are (the run that wrote it made it current)
 
     def same_as(self, other: Optional["StatTable"]) -> bool:
         return (other is not None and self.ids.equals(other.ids) and np.array_equal(self.size, other.size)
                 and np.array_equal(self.mtime_ns, other.mtime_ns)
                 and self.sha256.equals(other.sha256) and self.file_sha256.equals(other.file_sha256))
+
+    def without(self, ids: Iterable[str]) -> "StatTable":
+        """This cache less the entries of ``ids`` (files it must no longer vouch for)."""
+        keep = pc.invert(pc.is_in(self.ids, value_set=pa.array(list(ids), pa.string())))
+        mask = keep.to_numpy(zero_copy_only=False)
+        return StatTable(self.ids.filter(keep), self.sha256.filter(keep), self.file_sha256.filter(keep),
+                         size=self.size[mask], mtime_ns=self.mtime_ns[mask], scan_ns=self.scan_ns,
+                         snapshot=self.snapshot)
 
 
 @dataclass
@@ -419,6 +431,130 @@ def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Option
 
 
 # ----------------------------------------------------------------------------- digits
+
+
+@dataclass
+class NoopCheck:
+    """What :func:`listing_unchanged` found: ``unchanged`` (the source is the snapshot the stat
+    cache was written for), why not (``reason``), the counters, and the files whose bytes the spot
+    check found changed under an unchanged (size, mtime) (the full read must re-read them)."""
+
+    unchanged: bool
+    reason: str = ""
+    work: dict = field(default_factory=dict)
+    changed_ids: list[str] = field(default_factory=list)
+
+
+def _count_files(root: Path) -> int:
+    """The entries of the class folders of train/ and test/ (what :func:`_walk_folder` would list
+    if the tree is well formed; a malformed one is refused by the walk or the full read)."""
+    n = 0
+    for split in SPLITS:
+        sdir = root / split
+        if sdir.is_symlink() or not sdir.is_dir():
+            continue
+        with os.scandir(sdir) as it:
+            for cdir in it:
+                if cdir.is_dir(follow_symlinks=False):
+                    n += len(os.listdir(cdir.path))
+    return n
+
+
+class _BatchRows:
+    """The rows of a stream of record batches, taken ``k`` at a time in order (a take may span
+    batches): one batch is held at a time."""
+
+    def __init__(self, batches: Iterable[pa.RecordBatch]):
+        self._it, self._cur, self._at = iter(batches), None, 0
+
+    def take(self, k: int) -> Optional[list[pa.RecordBatch]]:
+        """The next ``k`` rows as slices, None when fewer are left."""
+        parts: list[pa.RecordBatch] = []
+        while k:
+            if self._cur is None or self._at == self._cur.num_rows:
+                self._cur, self._at = next(self._it, None), 0
+                if self._cur is None:
+                    return None
+                continue
+            part = self._cur.slice(self._at, k)
+            self._at += part.num_rows
+            k -= part.num_rows
+            parts.append(part)
+        return parts
+
+    def left(self) -> bool:
+        return self.take(1) is not None
+
+
+def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns: int, n_rows: int,
+                      verify: bool = False, recheck: Optional[int] = None, progress: Progress = None) -> NoopCheck:
+    """Whether a folder source is, file for file, what the stat cache recorded, checked while the
+    tree is listed, one class folder and one cache batch at a time: memory does not grow with the
+    files (the snapshot stage's no-op, issue 19 item 3).
+
+    ``cached``: the cache's rows in row order (``sample_id``, ``size``, ``mtime_ns``,
+    ``file_sha256``), written by the run that made the current snapshot of ``n_rows`` rows (the
+    caller checks that binding); ``scan_ns``: when that run's scan began. Unchanged means: every
+    listed file is a cached row at the same place with the same (size, mtime_ns), none within
+    ``RACY_NS`` of the scan (the full read re-reads those), no row is left over, and
+    ``data.recheck_files`` files drawn at random still hash to their recorded bytes. Anything else
+    (and ``verify``, ``data.limit``, an archive source) is "not shown unchanged": the caller runs
+    the full read, which judges the change. A source the full read would refuse (a symlink, a bad
+    name, a layout error) is refused here with the same error."""
+    verify = bool(verify or getattr(cfg, "verify_source", False))
+    recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
+    if verify:
+        return NoopCheck(False, "verify")
+    if cfg.name not in ("imagefolder", "cifar10") or cfg.limit is not None:
+        return NoopCheck(False, "not a folder source without data.limit")
+    path = resolve_path(cfg)
+    root = Path(path)
+    if not (root.is_dir() and ((root / "train").exists() or (root / "test").exists())):
+        return NoopCheck(False, "not a folder source")
+    # The files counted first, by name (no stat: ~0.4 s at 1M files): an append, the usual change,
+    # is told from a no-op before the ~4 s of stats, wherever its new files sort.
+    listed = _count_files(root)
+    if listed != n_rows:
+        return NoopCheck(False, f"{listed} files, the snapshot has {n_rows} rows", {"counted": listed})
+    lim = _limits(cfg)
+    rows = _BatchRows(cached)
+    # the spot check is random on purpose, as the full read's: a fixed choice would tell a tamperer which files to avoid
+    spot = sorted(random.SystemRandom().sample(range(n_rows), min(max(recheck, 0), n_rows)))
+    picked: list[tuple[str, str]] = []
+    dirs: set[str] = set()
+    counts: Counter = Counter()
+    at = 0
+    fresh = scan_ns - RACY_NS
+    for split, cls, ids, sz, mt in _walk_folder(root, path, lim.max_file_bytes):
+        dirs.add(f"{split}/{cls}")
+        counts[f"{split}/{cls}"] += len(ids)
+        if not ids:
+            continue
+        parts = rows.take(len(ids))
+        if parts is None:
+            return NoopCheck(False, "more files than cached rows", {"listed": at + len(ids)})
+        sizes, mtimes = np.frombuffer(sz, np.int64), np.frombuffer(mt, np.int64)
+        got = pa.Table.from_batches(parts)
+        if not (got.column("sample_id").equals(pa.chunked_array([pa.array(ids, pa.string())]))
+                and np.array_equal(got.column("size").to_numpy(), sizes)
+                and np.array_equal(got.column("mtime_ns").to_numpy(), mtimes)):
+            return NoopCheck(False, f"{split}/{cls}/ differs from the cache", {"listed": at + len(ids)})
+        if (mtimes > fresh).any():
+            return NoopCheck(False, f"{split}/{cls}/ has files too recent to trust by stat", {"listed": at + len(ids)})
+        lo, hi = np.searchsorted(spot, [at, at + len(ids)])
+        for p in spot[lo:hi]:
+            picked.append((ids[p - at], got.column("file_sha256")[p - at].as_py()))
+        at += len(ids)
+    if rows.left() or at != n_rows:
+        return NoopCheck(False, "fewer files than cached rows", {"listed": at})
+    _check_layout(path, dirs, counts)
+    changed = [rel for rel, fsha in picked
+               if hashlib.sha256(_read_file(f"{root}/{rel}", f"{path}::{rel}", lim.max_file_bytes)).hexdigest() != fsha]
+    work = {"listed": at, "trusted": at - len(picked), "rechecked": len(picked)}
+    if changed:
+        return NoopCheck(False, f"{len(changed)} file(s) changed under the same (size, mtime)", work, changed)
+    _say(progress, f"{path}: {at} files, each as the stat cache recorded it ({len(picked)} re-read to check)")
+    return NoopCheck(True, "", work)
 
 
 def load_digits(test_fraction: float, seed: int, limit: Optional[int] = None) -> SourceData:
@@ -975,12 +1111,31 @@ class _Listing:
 
 def _list_folder(root: Path, label: str, max_file_bytes: int) -> _Listing:
     """List train/ and test/ with one lstat per file, opening none; refuse what a source must not hold."""
-    _check_name(label, "")
     dirs: set[str] = set()
     ids: list[str] = []
     # typed arrays, not lists: 2 int objects a file were ~80 MB at 1M files (bench/results/snapshot_noop_1m.log)
     sizes, mtimes = array.array("q"), array.array("q")
     runs: list[tuple[str, str, int, int]] = []
+    for split, cls, names, sz, mt in _walk_folder(root, label, max_file_bytes):
+        start = len(ids)
+        ids += names
+        sizes += sz
+        mtimes += mt
+        if runs and runs[-1][:2] == (split, cls):  # the next part of the same folder
+            start = runs.pop()[2]
+        dirs.add(f"{split}/{cls}")
+        runs.append((split, cls, start, len(ids)))
+    return _Listing(dirs, ids, np.frombuffer(sizes, np.int64), np.frombuffer(mtimes, np.int64), runs)
+
+
+def _walk_folder(root: Path, label: str, max_file_bytes: int, part: Optional[int] = None
+                 ) -> Iterator[tuple[str, str, list[str], array.array, array.array]]:
+    """The class folders of train/ and test/ in row order, as ``(split, class, ids, sizes,
+    mtimes)`` parts of at most ``part`` files (a folder's parts in a row; an empty folder as one
+    empty part), one lstat per file and none opened; what a source must not hold is refused as it
+    is met. A folder's names are held (they are sorted), their ids and stats a part at a time."""
+    _check_name(label, "")
+    part = part or WALK_PART
     by_name = operator.attrgetter("name")
     for split in SPLITS:
         sdir = root / split
@@ -997,21 +1152,22 @@ def _list_folder(root: Path, label: str, max_file_bytes: int) -> _Listing:
                 raise SourceError(f"{label}::{rel} is a symlink: copy the data into the source (symlinks are refused)")
             if not cdir.is_dir(follow_symlinks=False):
                 raise SourceError(f"{label}::{rel} is a file directly in {split}/: every image must be in a class folder {split}/<class>/")
-            dirs.add(rel)
-            start = len(ids)
             folder = cdir.path
-            for name in sorted(os.listdir(folder)):
-                frel = f"{rel}/{name}"
-                if not name.isascii():
-                    _check_name(label, frel)
-                st = os.lstat(f"{folder}/{name}")
-                if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size > max_file_bytes:
-                    _refuse_file(label, frel, split, st, max_file_bytes)
-                ids.append(frel)
-                sizes.append(st.st_size)
-                mtimes.append(st.st_mtime_ns)
-            runs.append((split, cdir.name, start, len(ids)))
-    return _Listing(dirs, ids, np.frombuffer(sizes, np.int64), np.frombuffer(mtimes, np.int64), runs)
+            names = sorted(os.listdir(folder))
+            for p0 in range(0, max(len(names), 1), part):
+                ids: list[str] = []
+                sizes, mtimes = array.array("q"), array.array("q")
+                for name in names[p0:p0 + part]:
+                    frel = f"{rel}/{name}"
+                    if not name.isascii():
+                        _check_name(label, frel)
+                    st = os.lstat(f"{folder}/{name}")
+                    if not stat_mod.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_size > max_file_bytes:
+                        _refuse_file(label, frel, split, st, max_file_bytes)
+                    ids.append(frel)
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime_ns)
+                yield split, cdir.name, ids, sizes, mtimes
 
 
 def _refuse_file(label: str, frel: str, split: str, st: os.stat_result, max_file_bytes: int) -> None:
