@@ -5,7 +5,9 @@
         --twin-report reports/twin.json --out data/view
 
 Only the snapshot's train split is touched; the raw store is never written. ``attack.name: none``
-writes an identity view (view.json + a header-only records.csv), not a copy of the data.
+writes an identity view (view.json + a header-only records.csv), not a copy of the data; without
+a quarantine it reads the snapshot's header only (:func:`identity_view`; the store's files are
+still hashed), so its memory does not grow with the rows.
 ``remedy=quarantine`` also leaves the rows of the quarantine record out of the view (checked
 against the snapshot's ancestry, this view and each row's hash: ``pipeline.remedy``); with any
 other remedy the record is not read.
@@ -86,6 +88,17 @@ def clean_label_view(snapshot, spec: dict, model, crafted_by: dict, device: str 
     return resolved, clean_label_records(result.records), result.info
 
 
+def identity_view(snapshot_id: str, snapshot_meta: dict) -> tuple[dict, bytes]:
+    """Pure: the view of no attack and no quarantine, ``(view.json dict, records.csv bytes)``: it
+    names the snapshot (and copies its transform for reviewers) and holds no record, so it needs
+    the snapshot's header only, not a row (issue 19 item 3)."""
+    meta, data = build_view(snapshot_id, {"name": "none"}, [])
+    transform = (snapshot_meta.get("source") or {}).get("transform")
+    if transform:  # the resize the rows went through: bound through snapshot_id, copied for reviewers
+        meta["transform"] = transform
+    return meta, data
+
+
 def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
               ancestry: Optional[list[str]] = None, model=None, crafted_by: Optional[dict] = None,
               device: str = "cpu") -> tuple[dict, bytes]:
@@ -93,6 +106,8 @@ def make_view(snapshot, attack_cfg: AttackConfig, record: Optional[dict] = None,
     less the rows of a verified quarantine ``record`` (``ancestry``: the snapshot's chain ids).
     ``model``/``crafted_by``: clean_label's crafting model and its identity (kind, digest)."""
     spec = as_dict(attack_cfg)
+    if spec.get("name", "none") == "none" and record is None:
+        return identity_view(snapshot.id, snapshot.meta)
     images, labels, ids = snapshot.split_rows("train")
     info = None
     if spec.get("name") == "clean_label":
@@ -178,6 +193,16 @@ def crafting_model(cfg: Config, args: argparse.Namespace, snapshot_id: str, clas
 def run(cfg: Config, args: argparse.Namespace) -> dict:
     stage.map_heap("poison", cfg.data.heap_map_mib)
     ptr = store.read_pointer(args.pointer)
+    if cfg.attack.name == "none" and cfg.remedy.name != "quarantine":
+        # No attack and no quarantine (a production run): the view names the snapshot and holds no
+        # row, so no manifest row is loaded and memory does not grow with the rows (issue 19 item 3).
+        # The store's files are hashed as the load below would (a damaged store still fails here);
+        # the pixels are not read, so the packs are only checked for their shape, as below.
+        _, headers = store.verify_files(args.store, ptr["snapshot_id"], hash_packs=False)
+        meta, data = identity_view(ptr["snapshot_id"], headers[-1])
+        write_view(Path(args.out), meta, data)
+        _say(f"view {meta['view_id'][:12]} over snapshot {meta['snapshot_id'][:12]}: identity view (no attack)")
+        return meta
     # Every attack reads only the rows it uses (issue 19 item 3): lazy rows, packs not hashed
     # whole, and each row read is checked against its manifest sha256 before the view is written
     # (clean_label checks the classes it crafts over as it reads them: clean_label_view).

@@ -72,14 +72,54 @@ def test_own_process_maps_the_load_then_relaxes(digits_store, tmp_path, monkeypa
     monkeypatch.setattr(stage.gc, "freeze", lambda: None)  # "own process" would freeze pytest's objects
     real = store.load_snapshot
     monkeypatch.setattr(store, "load_snapshot", lambda *a, **k: calls.append("load") or real(*a, **k))
-    rc, out, _ = run_poison(digits_store, tmp_path / "in_process", "attack=none")
+    attack = ("attack=label_flip", "attack.rate=0.2")
+    rc, out, _ = run_poison(digits_store, tmp_path / "in_process", *attack)
     assert rc == 0 and calls == ["load"], calls
     calls.clear()
     monkeypatch.setattr(stage, "_own_process", lambda s: s == "poison")
-    rc, out2, _ = run_poison(digits_store, tmp_path / "own", "attack=none")
+    rc, out2, _ = run_poison(digits_store, tmp_path / "own", *attack)
     relaxed = ("map", heap.MAP_LARGE_MAX_BYTES, 2 * heap.MAP_LARGE_MAX_BYTES)
     assert rc == 0 and calls == [("map", 1 << 20, 2 << 20), "load", relaxed], calls
     assert (out2 / "view.json").read_bytes() == (out / "view.json").read_bytes()
+    calls.clear()
+    rc, _, _ = run_poison(digits_store, tmp_path / "none", "attack=none")  # no load: nothing to relax
+    assert rc == 0 and calls == [("map", 1 << 20, 2 << 20)], calls
+
+
+def test_identity_view_loads_no_row_and_equals_the_loaded_one(digits_store, tmp_path, monkeypatch, capsys):
+    """Issue 19 item 3: with no attack and no quarantine the view needs the snapshot's header
+    only; the store's files are still hashed, so a damaged store fails as a load would."""
+    import shutil
+
+    from pipeline.schema import AttackConfig
+
+    sid = store.read_pointer(digits_store["pointer"])["snapshot_id"]
+    loaded = poison.make_view(store.load_snapshot(digits_store["store"], sid), AttackConfig())
+    with monkeypatch.context() as m:
+        def boom(*a, **k):
+            raise AssertionError("the identity view loaded the manifest")
+
+        for name in ("load_snapshot", "load_manifest"):
+            m.setattr(store, name, boom)
+        rc, out, _ = run_poison(digits_store, tmp_path / "fast", "attack=none")
+    assert rc == 0
+    assert json.loads((out / "view.json").read_text()) == loaded[0]
+    assert (out / "records.csv").read_bytes() == loaded[1]
+    copy = tmp_path / "store"
+    shutil.copytree(digits_store["store"], copy)
+    ds = {**digits_store, "store": copy}
+    delta = copy / "deltas" / f"{store.read_meta(copy, sid)['delta']['sha256']}.parquet"
+    delta.chmod(0o644)
+    delta.write_bytes(delta.read_bytes()[:-1])
+    capsys.readouterr()
+    rc, out, _ = run_poison(ds, tmp_path / "damaged", "attack=none")
+    assert rc == 1 and "does not match its sha256" in capsys.readouterr().err
+    assert not (out / "view.json").exists()
+    shutil.rmtree(copy)
+    shutil.copytree(digits_store["store"], copy)
+    next((copy / "packs").iterdir()).unlink()
+    rc, out, _ = run_poison(ds, tmp_path / "no_pack", "attack=none")
+    assert rc == 1 and "is missing" in capsys.readouterr().err
 
 
 def test_backdoor_view_round_trip(digits_store, tmp_path):

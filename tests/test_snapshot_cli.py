@@ -324,6 +324,7 @@ def test_resize_records_the_transform_and_appends_incrementally(cli, capsys):
     snap = store.load_snapshot(cli.store, rep["snapshot_id"])
     meta, _ = poison.make_view(snap, AttackConfig())
     assert meta["transform"] == rep["source"]["transform"]
+    assert poison.identity_view(rep["snapshot_id"], store.read_meta(cli.store, rep["snapshot_id"]))[0] == meta
     cli.write_params(name="imagefolder", path=str(src), workers=1, resize=[6, 6])
     rc, err = cli.main(capsys)
     rep2 = json.loads(cli.report.read_text())
