@@ -489,8 +489,9 @@ class _BatchRows:
 def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns: int, n_rows: int,
                       verify: bool = False, recheck: Optional[int] = None, progress: Progress = None) -> NoopCheck:
     """Whether a folder source is, file for file, what the stat cache recorded, checked while the
-    tree is listed, one class folder and one cache batch at a time: memory does not grow with the
-    files (the snapshot stage's no-op, issue 19 item 3).
+    tree is listed, a part of a class folder (``WALK_PART`` files) against the same rows of the
+    cache at a time: memory grows with the largest folder's names, not with the files (the
+    snapshot stage's no-op, issue 19 item 3).
 
     ``cached``: the cache's rows in row order (``sample_id``, ``size``, ``mtime_ns``,
     ``file_sha256``), written by the run that made the current snapshot of ``n_rows`` rows (the
@@ -500,7 +501,8 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
     ``data.recheck_files`` files drawn at random still hash to their recorded bytes. Anything else
     (and ``verify``, ``data.limit``, an archive source) is "not shown unchanged": the caller runs
     the full read, which judges the change. A source the full read would refuse (a symlink, a bad
-    name, a layout error) is refused here with the same error."""
+    name, a layout error) raises the full read's SourceError here (the snapshot stage then runs
+    the full read, which verifies the store before it reports that)."""
     verify = bool(verify or getattr(cfg, "verify_source", False))
     recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
     if verify:
