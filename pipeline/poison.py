@@ -6,8 +6,9 @@
 
 Only the snapshot's train split is touched; the raw store is never written. ``attack.name: none``
 writes an identity view (view.json + a header-only records.csv), not a copy of the data; without
-a quarantine it reads the snapshot's header only (:func:`identity_view`; the store's files are
-still hashed), so its memory does not grow with the rows.
+a quarantine it holds no row (:func:`identity_view` from the header; ``store.verify_files`` hashes
+the manifest files and checks their rows a batch at a time, and checks the pixel files' shapes),
+so its memory does not grow with the rows.
 ``remedy=quarantine`` also leaves the rows of the quarantine record out of the view (checked
 against the snapshot's ancestry, this view and each row's hash: ``pipeline.remedy``); with any
 other remedy the record is not read.
@@ -196,8 +197,10 @@ def run(cfg: Config, args: argparse.Namespace) -> dict:
     if cfg.attack.name == "none" and cfg.remedy.name != "quarantine":
         # No attack and no quarantine (a production run): the view names the snapshot and holds no
         # row, so no manifest row is loaded and memory does not grow with the rows (issue 19 item 3).
-        # The store's files are hashed as the load below would (a damaged store still fails here);
-        # the pixels are not read, so the packs are only checked for their shape, as below.
+        # The manifest files are hashed and their rows checked a batch at a time, as the load below
+        # checks them (a damaged or sloppily forged store fails here), except that no id is ingested
+        # twice (validate, twin and train load the rows and check it); the pixels are not read, so
+        # the packs are only checked for their shape, as below.
         _, headers = store.verify_files(args.store, ptr["snapshot_id"], hash_packs=False)
         meta, data = identity_view(ptr["snapshot_id"], headers[-1])
         write_view(Path(args.out), meta, data)

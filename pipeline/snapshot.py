@@ -330,13 +330,20 @@ class CacheWindows:
         batches read in turn: the cache is one batch (the full read's ``read_stat_cache`` takes
         it without a copy; a cache of many batches made it copy every string column, +174 MiB at
         1M rows), and reading a batch reads it whole. A window that cannot be read ends the
-        stream: the caller then sees fewer rows than files."""
+        stream: the caller then sees fewer rows than files, and so does a file replaced since it
+        was opened (its binding or scan time differ). This stage replaces the cache by rename, so
+        a mapped window never sees its file truncated."""
         for i, rows in enumerate(self.batch_rows):
             for s in range(0, rows, STAT_WINDOW_ROWS):
                 try:
                     with pa.memory_map(str(self.path)) as src:  # closed: the window's buffers keep its map
-                        window = pa.ipc.open_file(src).get_batch(i).slice(s, STAT_WINDOW_ROWS)
-                except (OSError, pa.ArrowException):
+                        reader = pa.ipc.open_file(src)
+                        meta = reader.schema.metadata or {}
+                        if (meta.get(b"snapshot", b"").decode() != self.snapshot
+                                or int(meta.get(b"scan_ns", b"-1")) != self.scan_ns):
+                            return  # replaced since it was opened (another run): not the rows vouched for
+                        window = reader.get_batch(i).slice(s, STAT_WINDOW_ROWS)
+                except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException):
                     return
                 yield window
 

@@ -105,6 +105,9 @@ def test_identity_view_loads_no_row_and_equals_the_loaded_one(digits_store, tmp_
     assert rc == 0
     assert json.loads((out / "view.json").read_text()) == loaded[0]
     assert (out / "records.csv").read_bytes() == loaded[1]
+    # pinned to the view_id's definition, not to make_view (which takes the same path)
+    header_only = (",".join(view.RECORD_COLUMNS) + "\n").encode()
+    assert loaded[1] == header_only and loaded[0]["view_id"] == view.compute_view_id(sid, header_only, {"name": "none"})
     copy = tmp_path / "store"
     shutil.copytree(digits_store["store"], copy)
     ds = {**digits_store, "store": copy}
@@ -349,3 +352,68 @@ def test_poison_stage_reads_only_the_rows_it_poisons(digits_store, tmp_path, cap
     rc, _, _ = run_poison(ds, tmp_path / "c", *attack)
     err = capsys.readouterr().err
     assert rc == 1 and "integrity check failed" in err and victim["sample_id"] in err, err
+
+
+def forge_head(store_dir: Path, sid: str, case: str) -> str:
+    """A self-consistent forged head (in place): its delta rewritten and every hash recomputed, so
+    only the rows' content can tell; returns its id."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for p in store_dir.rglob("*"):
+        if p.is_file():
+            p.chmod(0o644)
+    h = store.read_meta(store_dir, sid)
+    h.pop("id")
+    d = pq.read_table(store_dir / "deltas" / f"{h['delta']['sha256']}.parquet").to_pydict()
+    schema = store.DELTA_SCHEMA
+    if case == "label":
+        d["label"][0] = 99
+    elif case == "pack":
+        d["pack"][0] = "cd" * 32
+    elif case == "index":
+        d["pack_index"][0] = 10**6
+    elif case == "rows":
+        d = {k: v[1:] for k, v in d.items()}
+    elif case == "schema":
+        d["label"] = [str(x) for x in d["label"]]
+        schema = pa.schema([(f.name, pa.string() if f.name == "label" else f.type) for f in schema])
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(d, schema=schema), buf, compression="zstd")
+    data = buf.getvalue().to_pybytes()
+    h["delta"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (store_dir / "deltas" / f"{h['delta']['sha256']}.parquet").write_bytes(data)
+    hb = store.header_bytes(h)
+    nid = hashlib.sha256(hb).hexdigest()
+    (store_dir / "snapshots" / f"{nid}.json").write_bytes(hb)
+    return nid
+
+
+@pytest.mark.parametrize("case,message", [
+    ("label", "labels outside its class list"),
+    ("pack", "packs its header does not name"),
+    ("index", "not the rows the manifest expects"),
+    ("rows", "its header says"),
+    ("schema", "schema"),
+])
+def test_identity_view_refuses_a_forged_head_a_load_refuses(digits_store, tmp_path, capsys, case, message):
+    """The identity view parses no row into memory, yet a forged head whose hashes are consistent
+    is refused as a load refuses it (the rows' labels, packs, indexes, count and schema are
+    checked a batch at a time by store.verify_files)."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(digits_store["store"], copy)
+    sid = store.read_pointer(digits_store["pointer"])["snapshot_id"]
+    nid = forge_head(copy, sid, case)
+    with pytest.raises(store.DamagedStore, match=message):
+        store.load_snapshot(copy, nid)
+    with pytest.raises(store.DamagedStore, match=message):
+        store.verify_files(copy, nid, hash_packs=False)
+    ptr = tmp_path / "snapshot.json"
+    ptr.write_text(json.dumps({**json.loads(digits_store["pointer"].read_text()), "snapshot_id": nid}))
+    capsys.readouterr()
+    rc, out, _ = run_poison({**digits_store, "store": copy, "pointer": ptr}, tmp_path / "v", "attack=none")
+    assert rc == 1 and message in " ".join(capsys.readouterr().err.split()) and not (out / "view.json").exists()

@@ -219,6 +219,11 @@ def test_stat_cache_is_read_in_windows(env, monkeypatch):
     whole = snapshot.read_stat_cache(path)
     assert pa.concat_arrays([b.column("sample_id") for b in wins]).equals(whole.ids)
     assert run_cached(env)["work"]["source_noop_fast"] == 1
+    # replaced between windows (another run): the stream ends, the caller sees too few rows
+    it = c.batches()
+    first = next(it)
+    snapshot.write_stat_cache(path, whole, whole.scan_ns + 1, 0, True, whole.snapshot)
+    assert first.num_rows == 4 and list(it) == []
     path.write_bytes(b"not arrow")
     assert snapshot.open_stat_cache(path) is None and "source_noop_fast" not in run_cached(env)["work"]
 

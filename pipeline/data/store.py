@@ -1091,15 +1091,17 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
 
 
 def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None,
-                 hash_packs: bool = True) -> tuple[list[dict], list[dict]]:
-    """``(chain, resolved)`` headers of ``snapshot_id``, every file a load of it reads hashed
-    against the sha256 its header records (deltas, the base's manifest and pixels, packs) and each
-    pixel file's shape checked, without decoding a manifest row: memory does not grow with the
-    rows (the snapshot stage's no-op, issue 19 item 3). A mismatch raises DamagedStore, as a load
-    does. What a load checks beyond the bytes (labels in the class list, packs named, no id twice)
-    is not repeated here: the files hash to what was written, and every stage that reads rows
-    still checks them as it loads. ``hash_packs=False``: the pixel files are checked for their
-    shape only, as ``load_snapshot(lazy=True, hash_packs=False)`` does (for a reader of no pixel)."""
+                 hash_packs: bool = True, rows: int = 65_536) -> tuple[list[dict], list[dict]]:
+    """``(chain, resolved)`` headers of ``snapshot_id``, verified as a load verifies them, with
+    memory that does not grow with the rows (the snapshot stage's no-op and poison's identity view,
+    issue 19 item 3): every file a load reads is hashed against the sha256 its header records
+    (deltas, the base's manifest and pixels, packs), each pixel file's dtype and shape checked, and
+    each manifest file's schema, row count, labels (in the class list), packs (named by its header)
+    and pack indexes (inside the pack) checked ``rows`` rows at a time. Not checked: that no sample
+    id is ingested twice (that needs every id at once; every stage that loads rows checks it).
+    ``hash_packs=False``: the pixel files are checked for their dtype and shape only, as
+    ``load_snapshot(lazy=True, hash_packs=False)`` does (for a reader of no pixel). A mismatch
+    raises DamagedStore, as a load does."""
     store = Path(store_dir)
     check_format(store)
     st = stats_out or VerifyStats()
@@ -1117,7 +1119,7 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the {what} of "
                                             f"snapshot {header['id'][:12]} was edited or truncated")
 
-    def pixels(path: Path, digest: str, what: str, header: dict, rows: int) -> None:
+    def pixels(path: Path, digest: str, what: str, header: dict, need: int) -> int:
         if hash_packs:
             check(path, digest, what, header)
             st.packs += 1
@@ -1127,16 +1129,51 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
             arr = np.load(path, allow_pickle=False, mmap_mode="r")  # the header only: nothing is read
         except (ValueError, OSError, EOFError) as exc:
             raise DamagedStore(store, path, f"is unreadable ({exc})") from None
-        if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != shape or len(arr) < rows:
+        if arr.dtype != np.uint8 or tuple(arr.shape[1:]) != shape or len(arr) < need:
             raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
+        return len(arr)
+
+    def manifest_rows(path: Path, header: dict, n: int, schema: pa.Schema, what: str,
+                      packs: Optional[dict[str, int]]) -> None:
+        # Read from the file after its hash was checked: a file swapped in between is not caught
+        # here, but nothing here uses a row (a reader of rows loads them itself, hashed as parsed).
+        cols = ["label"] + (["pack", "pack_index"] if packs is not None else [])
+        try:
+            pf = pq.ParquetFile(str(path), read_dictionary=["pack"] if packs is not None else None)
+            got = [(f.name, _plain(f.type)) for f in pf.schema_arrow]
+            if got != [(f.name, f.type) for f in schema]:
+                raise DamagedStore(store, path, f"has columns {[f'{a}:{b}' for a, b in got]}, not the {what}'s schema")
+            if pf.metadata.num_rows != n:
+                raise DamagedStore(store, path, f"holds {pf.metadata.num_rows} rows, its header says {n}")
+            for batch in pf.iter_batches(batch_size=rows, columns=cols, use_threads=False):
+                if not batch.num_rows:
+                    continue
+                _check_rows_refer(store, path, batch, header["class_names"], list(packs) if packs is not None else None)
+                if packs is not None:
+                    ends = pa.table({"pack": batch.column("pack").cast(pa.string()), "i": batch.column("pack_index")}
+                                    ).group_by("pack").aggregate([("i", "min"), ("i", "max")])
+                    for pack, lo, hi in zip(*(ends.column(c).to_pylist() for c in ("pack", "i_min", "i_max"))):
+                        if lo is None or lo < 0 or hi >= packs[pack]:
+                            raise DamagedStore(store, path, f"places a row at {hi if lo is None or lo >= 0 else lo} "
+                                                            f"in pack {pack[:12]} of {packs[pack]} rows: not the rows "
+                                                            f"the manifest expects")
+        except DamagedStore:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+            raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
 
     if base is not None:
-        check(_base_path(store, base["manifest"], "parquet"), base["manifest"], "base manifest", headers[0])
+        bpath = _base_path(store, base["manifest"], "parquet")
+        check(bpath, base["manifest"], "base manifest", headers[0])
         pixels(_base_path(store, base["pixels"], "npy"), base["pixels"], "base pixels", headers[0], base["rows"])
+        # a base's rows name the packs they were ingested in; its pixels file holds them now
+        manifest_rows(bpath, headers[0], base["rows"], BASE_SCHEMA, "base manifest", None)
     for h in headers:
-        check(_delta_path(store, h["delta"]["sha256"]), h["delta"]["sha256"], "delta manifest", h)
-        for pack in h["packs"]:
-            pixels(_pack_path(store, pack), pack, "pack", h, h["n_new"] if len(h["packs"]) == 1 else 0)
+        dpath = _delta_path(store, h["delta"]["sha256"])
+        check(dpath, h["delta"]["sha256"], "delta manifest", h)
+        sizes = {pack: pixels(_pack_path(store, pack), pack, "pack", h, h["n_new"] if len(h["packs"]) == 1 else 0)
+                 for pack in h["packs"]}
+        manifest_rows(dpath, h, h["n_new"], DELTA_SCHEMA, "delta manifest", sizes)
     st.snapshots += len(headers)
     st.rows += int(headers[-1]["n_rows"])
     return whole, headers
