@@ -11,8 +11,9 @@ every ``dvc repro`` runs.
 snapshots from its base consolidates the parent into a base first (``store.write_base``), the
 snapshot stage's heaviest append (every 32nd by default).
 
-A call inside another is reported too and resets the counter, so read the outer call's peak as
-"since its last inner call". One trial per call.
+A call inside another is reported too; the outer call's peak is the highest over the whole call,
+its inner calls' included (before stop 40 it was only "since its last inner call"). One trial per
+call.
 """
 
 from __future__ import annotations
@@ -37,15 +38,27 @@ WRAPPED = {
 }
 
 
+_OPEN: list[int] = []  # the highest peak of the calls inside each wrapped call still running
+
+
 def timed(owner, name: str) -> None:
     inner = getattr(owner, name)
 
     def wrapper(*a, **k):
         before, t = proc_mib("VmRSS")["VmRSS"], time.perf_counter()
         reset_peak()
-        out = inner(*a, **k)
+        _OPEN.append(0)
+        try:
+            out = inner(*a, **k)
+        finally:
+            inside = _OPEN.pop()
         m = proc_mib("VmRSS", "VmHWM")
-        print(f"{name:18s} peak {m['VmHWM']:6d} MiB   RSS {before:6d} -> {m['VmRSS']:6d} MiB   "
+        # an inner call reset the counter when it ended: this call's peak is the higher of its own
+        # since then and its inner calls' peaks
+        peak = max(m["VmHWM"], inside)
+        if _OPEN:
+            _OPEN[-1] = max(_OPEN[-1], peak)
+        print(f"{name:18s} peak {peak:6d} MiB   RSS {before:6d} -> {m['VmRSS']:6d} MiB   "
               f"{time.perf_counter() - t:6.1f} s", flush=True)
         reset_peak()
         return out
