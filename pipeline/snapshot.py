@@ -137,8 +137,11 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     scan_ns = time.time_ns()
     spill = Path(store_dir) / SPILL_DIR
     sources.clear_spill(spill)
+    # the listing the fast check made (a change it met): the read takes it instead of listing again
+    handover = [noop.listing] if noop is not None and noop.listing is not None else None
+    noop = None
     read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
-                               verify=verify_source, progress=progress, spill_dir=spill)
+                               verify=verify_source, progress=progress, spill_dir=spill, listing=handover)
     old_scan_ns = stat.scan_ns if stat is not None else 0
     old_bound = stat.snapshot if stat is not None else ""
     del known, stat  # the parent's columns and the old cache: read.stat is the new one (memory, issue 19 item 3)
@@ -212,7 +215,7 @@ def fast_noop(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Pa
     if cache.snapshot != head:
         return None
     try:
-        return sources.listing_unchanged(cfg, cache.batches(), cache.scan_ns, int(meta["n_rows"]), verify=verify_source,
+        return sources.listing_unchanged(cfg, cache, cache.scan_ns, int(meta["n_rows"]), verify=verify_source,
                                          progress=progress)
     except sources.SourceError:
         # the full read refuses it too, after verifying the store: a damaged store is reported first
@@ -323,6 +326,9 @@ class CacheWindows:
     batch_rows: tuple[int, ...]  # rows of each record batch of the file
     scan_ns: int
     snapshot: str
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return self.batches()
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Its rows in order, ``STAT_WINDOW_ROWS`` at a time, each window sliced from a fresh

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import snapshot
 from pipeline.data import sources, stats, store
+from pipeline.data.rows import as_list
 from pipeline.data.store import DamagedStore, SnapshotRefused
 from tests.test_sources import pixels, save
 from tests.test_store import Env, age, edited_under_same_stat, run_cached
@@ -348,3 +349,55 @@ def test_a_racy_entry_is_re_read_not_trusted(env):
     assert not ok.unchanged and "too recent" in ok.reason
     again = run_cached(env, recheck_files=0)
     assert "source_noop_fast" not in again["work"] and again["work"]["source_read"] >= 1
+
+
+def same_listing(got, want) -> None:
+    assert got is not None
+    assert as_list(got.ids) == want.ids and got.runs == want.runs and got.dirs == want.dirs
+    assert np.array_equal(got.sizes, want.sizes) and np.array_equal(got.mtimes, want.mtimes)
+
+
+@pytest.mark.parametrize("part", [3, 16384])
+@pytest.mark.parametrize("change", ["first", "last", "racy", "renamed"])
+def test_a_change_the_count_misses_hands_its_listing_to_the_full_read(env, monkeypatch, part, change):
+    """The walk that meets a change goes on and hands the tree's listing over (the rows before
+    the change are the cache's): the full read does not list again, and judges as it would."""
+    monkeypatch.setattr(sources, "WALK_PART", part)
+    first = run_cached(env)
+    files = sorted((env.src / "train").rglob("*.png")) + sorted((env.src / "test").rglob("*.png"))
+    if change == "first":
+        os.utime(files[0], ns=(10**18, 10**18))
+    elif change == "last":
+        os.utime(files[-1], ns=(10**18, 10**18))
+    elif change == "racy":
+        files[5].write_bytes(files[5].read_bytes())  # same bytes, a mtime within RACY_NS of now
+    else:
+        files[7].rename(files[7].with_name("zz-moved.png"))  # the count is unchanged
+    path = next((env.tmp / "stat").iterdir())
+    cache = snapshot.open_stat_cache(path)
+    check = sources.listing_unchanged(env.cfg(), cache, cache.scan_ns, 18)
+    assert not check.unchanged
+    same_listing(check.listing, sources._list_folder(env.src, str(env.src), 1 << 26))
+    listed = []
+    real = sources._list_folder
+    monkeypatch.setattr(sources, "_list_folder", lambda *a, **k: listed.append(1) or real(*a, **k))
+    if change == "renamed":
+        with pytest.raises(SnapshotRefused, match="vanished"):
+            run_cached(env)
+    else:
+        rep = run_cached(env)
+        assert "source_noop_fast" not in rep["work"] and rep["snapshot_id"] == first["snapshot_id"]
+    assert listed == []  # the full read took the fast check's listing
+
+
+def test_a_cache_shorter_than_the_tree_still_hands_a_listing(env):
+    run_cached(env)
+    cache = snapshot.read_stat_cache(next((env.tmp / "stat").iterdir()))
+    fewer = sources.StatTable(cache.ids.slice(0, 17), cache.sha256.slice(0, 17), cache.file_sha256.slice(0, 17),
+                              size=cache.size[:17], mtime_ns=cache.mtime_ns[:17])
+    check = sources.listing_unchanged(env.cfg(), batches_of(fewer, 4), cache.scan_ns, 18)
+    assert check.reason == "more files than cached rows"
+    same_listing(check.listing, sources._list_folder(env.src, str(env.src), 1 << 26))
+    # an iterator cannot be read again for the rows before the change: no listing, the full read lists
+    once = sources.listing_unchanged(env.cfg(), iter(batches_of(fewer, 4)), cache.scan_ns, 18)
+    assert once.reason == "more files than cached rows" and once.listing is None

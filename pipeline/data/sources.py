@@ -391,7 +391,8 @@ def load_source(cfg: DataConfig, progress: Progress = None) -> SourceData:
 
 def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Optional[StatTable] = None,
                 previous: Optional[dict] = None, verify: bool = False, recheck: Optional[int] = None,
-                progress: Progress = None, spill_dir: Optional[str | Path] = None) -> SourceRead:
+                progress: Progress = None, spill_dir: Optional[str | Path] = None,
+                listing: Optional[list["_Listing"]] = None) -> SourceRead:
     """Read the configured source, decoding only the rows ``known`` cannot vouch for.
 
     ``known``: what the parent snapshot recorded; ``stat``: the local stat cache; ``previous``:
@@ -399,6 +400,9 @@ def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Option
     everything (full check). See "Incremental read" in the module docstring. ``spill_dir``: the
     decoded pixels of an image source go to a file there as they are decoded and ``images`` reads
     them lazily, so memory does not grow with the rows decoded; call ``discard()`` after.
+    ``listing``: ``[the folder source's listing]`` that :func:`listing_unchanged` made this run:
+    not listed again (ignored with ``data.limit``); the read empties the list, so the listing is
+    freed with the columns made from it, not held by the callers' frames.
     """
     if cfg.name not in ("digits", "cifar10", "imagefolder"):
         raise SourceError(f"unknown data.name {cfg.name!r}: use digits, cifar10 or imagefolder")
@@ -419,7 +423,7 @@ def read_source(cfg: DataConfig, known: Optional[KnownRows] = None, stat: Option
         read = _read_imagefolder(path, cfg.limit, cfg.workers, limits=_limits(cfg), known=known or KnownRows.empty(),
                                  stat=stat, previous=previous, verify=verify, recheck=recheck,
                                  chunk_size=CHUNK_SIZE, progress=progress,
-                                 spill_dir=Path(spill_dir) if spill_dir is not None else None)
+                                 spill_dir=Path(spill_dir) if spill_dir is not None else None, listing=listing)
         if cfg.name == "cifar10" and not read.unchanged and tuple(read.class_names) != CIFAR10_CLASSES:
             raise SourceError(
                 f"{path}: class folders {read.class_names} are not CIFAR-10's {list(CIFAR10_CLASSES)}; "
@@ -443,6 +447,7 @@ class NoopCheck:
     reason: str = ""
     work: dict = field(default_factory=dict)
     changed_ids: list[str] = field(default_factory=list)
+    listing: Optional["_Listing"] = None  # the whole tree's, when a part differed: the full read takes it
 
 
 def _count_files(root: Path) -> int:
@@ -458,6 +463,19 @@ def _count_files(root: Path) -> int:
                 if cdir.is_dir(follow_symlinks=False):
                     n += len(os.listdir(cdir.path))
     return n
+
+
+def _cached_rows(cached: Iterable[pa.RecordBatch], n: int) -> Optional[tuple[pa.ChunkedArray, np.ndarray, np.ndarray]]:
+    """The ids, sizes and mtimes of the first ``n`` rows of ``cached`` (read again from its start),
+    None when it holds fewer."""
+    parts = _BatchRows(cached).take(n) if n else []
+    if parts is None:
+        return None
+    t = pa.Table.from_batches(parts, schema=None if parts else pa.schema(
+        [("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())]))
+    ids = t.column("sample_id")
+    return (ids.cast(pa.string()) if ids.type != pa.string() else ids,
+            t.column("size").to_numpy().astype(np.int64), t.column("mtime_ns").to_numpy().astype(np.int64))
 
 
 class _BatchRows:
@@ -494,15 +512,18 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
     snapshot stage's no-op, issue 19 item 3).
 
     ``cached``: the cache's rows in row order (``sample_id``, ``size``, ``mtime_ns``,
-    ``file_sha256``), written by the run that made the current snapshot of ``n_rows`` rows (the
-    caller checks that binding); ``scan_ns``: when that run's scan began. Unchanged means: every
+    ``file_sha256``) as record batches, written by the run that made the current snapshot of
+    ``n_rows`` rows (the caller checks that binding); re-iterable (a list, ``snapshot.
+    CacheWindows``) for the listing below; ``scan_ns``: when that run's scan began. Unchanged means: every
     listed file is a cached row at the same place with the same (size, mtime_ns), none within
     ``RACY_NS`` of the scan (the full read re-reads those), no row is left over, and
     ``data.recheck_files`` files drawn at random still hash to their recorded bytes. Anything else
     (and ``verify``, ``data.limit``, an archive source) is "not shown unchanged": the caller runs
     the full read, which judges the change. A source the full read would refuse (a symlink, a bad
     name, a layout error) raises the full read's SourceError here (the snapshot stage then runs
-    the full read, which verifies the store before it reports that)."""
+    the full read, which verifies the store before it reports that). When a part differs, the
+    walk goes on and ``listing`` is the tree's listing, as ``_list_folder`` gives it, for the full
+    read (``read_source(listing=)``), so a change the file count does not show costs one listing."""
     verify = bool(verify or getattr(cfg, "verify_source", False))
     recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
     if verify:
@@ -525,28 +546,53 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
     picked: list[tuple[str, str]] = []
     dirs: set[str] = set()
     counts: Counter = Counter()
+    runs: list[tuple[str, str, int, int]] = []
     at = 0
     fresh = scan_ns - RACY_NS
+    # Once a part differs the walk goes on, keeping what it lists from there: the full read then
+    # takes this listing (the rows before are the cache's, just compared equal) instead of listing
+    # the tree a second time (+4 s at 1M files when the change was in the last folder).
+    miss, miss_at = "", 0
+    tail_ids: list[pa.Array] = []
+    tail_sizes, tail_mtimes = array.array("q"), array.array("q")
     for split, cls, ids, sz, mt in _walk_folder(root, path, lim.max_file_bytes):
         dirs.add(f"{split}/{cls}")
         counts[f"{split}/{cls}"] += len(ids)
+        first = runs.pop()[2] if runs and runs[-1][:2] == (split, cls) else at  # a folder's next part
+        runs.append((split, cls, first, at + len(ids)))
         if not ids:
             continue
-        parts = rows.take(len(ids))
-        if parts is None:
-            return NoopCheck(False, "more files than cached rows", {"listed": at + len(ids)})
-        sizes, mtimes = np.frombuffer(sz, np.int64), np.frombuffer(mt, np.int64)
-        got = pa.Table.from_batches(parts)
-        if not (got.column("sample_id").equals(pa.chunked_array([pa.array(ids, pa.string())]))
-                and np.array_equal(got.column("size").to_numpy(), sizes)
-                and np.array_equal(got.column("mtime_ns").to_numpy(), mtimes)):
-            return NoopCheck(False, f"{split}/{cls}/ differs from the cache", {"listed": at + len(ids)})
-        if (mtimes > fresh).any():
-            return NoopCheck(False, f"{split}/{cls}/ has files too recent to trust by stat", {"listed": at + len(ids)})
-        lo, hi = np.searchsorted(spot, [at, at + len(ids)])
-        for p in spot[lo:hi]:
-            picked.append((ids[p - at], got.column("file_sha256")[p - at].as_py()))
+        if not miss:
+            parts = rows.take(len(ids))
+            sizes, mtimes = np.frombuffer(sz, np.int64), np.frombuffer(mt, np.int64)
+            got = pa.Table.from_batches(parts) if parts is not None else None
+            if got is None:
+                miss = "more files than cached rows"
+            elif not (got.column("sample_id").equals(pa.chunked_array([pa.array(ids, pa.string())]))
+                      and np.array_equal(got.column("size").to_numpy(), sizes)
+                      and np.array_equal(got.column("mtime_ns").to_numpy(), mtimes)):
+                miss = f"{split}/{cls}/ differs from the cache"
+            elif (mtimes > fresh).any():
+                miss = f"{split}/{cls}/ has files too recent to trust by stat"
+            else:
+                lo, hi = np.searchsorted(spot, [at, at + len(ids)])
+                for p in spot[lo:hi]:
+                    picked.append((ids[p - at], got.column("file_sha256")[p - at].as_py()))
+            miss_at = at
+        if miss:
+            tail_ids.append(pa.array(ids, pa.string()))
+            tail_sizes += sz
+            tail_mtimes += mt
         at += len(ids)
+    if miss:
+        head = None if iter(cached) is cached else _cached_rows(cached, miss_at)  # an iterator cannot be read again
+        if head is None:  # the cache could not be read again: the full read lists for itself
+            return NoopCheck(False, miss, {"listed": at})
+        hid, hsize, hmtime = head
+        listing = _Listing(dirs, pa.chunked_array([*hid.chunks, *tail_ids], pa.string()),
+                           np.concatenate([hsize, np.frombuffer(tail_sizes, np.int64)]),
+                           np.concatenate([hmtime, np.frombuffer(tail_mtimes, np.int64)]), runs)
+        return NoopCheck(False, miss, {"listed": at}, listing=listing)
     if rows.left() or at != n_rows:
         return NoopCheck(False, "fewer files than cached rows", {"listed": at})
     _check_layout(path, dirs, counts)
@@ -703,12 +749,13 @@ def _layout(path: str) -> tuple[str, list[tuple[str, Path, tuple[str, ...]]]]:
 
 def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: _Limits, known: KnownRows,
                       stat: Optional[StatTable], previous: Optional[dict], verify: bool, recheck: int,
-                      chunk_size: int, progress: Progress, spill_dir: Optional[Path] = None) -> SourceRead:
+                      chunk_size: int, progress: Progress, spill_dir: Optional[Path] = None,
+                      listing: Optional[list["_Listing"]] = None) -> SourceRead:
     t0 = time.perf_counter()
     kind, parts = _layout(path)
     if kind == "folder":
         read = _read_folder(parts[0][1], path, limit, workers, limits, known, stat, verify, recheck, chunk_size,
-                            spill_dir)
+                            spill_dir, listing if limit is None else None)
     else:
         read = _read_archives(path, parts, limit, workers, limits, known, previous, verify, chunk_size, progress,
                               spill_dir)
@@ -722,11 +769,12 @@ def _read_imagefolder(path: str, limit: Optional[int], workers: int, *, limits: 
 
 def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limits: _Limits, known: KnownRows,
                  stat: Optional[StatTable], verify: bool, recheck: int, chunk_size: int,
-                 spill_dir: Optional[Path] = None) -> SourceRead:
-    """A folder source, column by column: list with one stat per file, trust what the stat cache
-    vouches for, read and digest the rest, decode what the digests cannot vouch for."""
+                 spill_dir: Optional[Path] = None, listing: Optional[list["_Listing"]] = None) -> SourceRead:
+    """A folder source, column by column: list with one stat per file (or take ``listing``, made
+    this run), trust what the stat cache vouches for, read and digest the rest, decode what the
+    digests cannot vouch for."""
     work: Counter = Counter()
-    ls = _list_folder(root, path, limits.max_file_bytes)
+    ls = listing.pop() if listing else _list_folder(root, path, limits.max_file_bytes)
     _check_layout(path, ls.dirs, ls.counts())  # layout errors before a single file is opened
     ids, sizes, mtimes, splits, classes = ls.ids, ls.sizes, ls.mtimes, ls.splits(), ls.classes()
     if limit is not None:
@@ -1094,7 +1142,7 @@ class _Listing:
     class folders as runs of rows (split, class, start, end)."""
 
     dirs: set[str]
-    ids: list[str]
+    ids: list[str] | pa.ChunkedArray  # Arrow when listing_unchanged made it (the cache's rows, then the walk's)
     sizes: np.ndarray
     mtimes: np.ndarray
     runs: list[tuple[str, str, int, int]]
