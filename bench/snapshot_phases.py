@@ -32,8 +32,8 @@ from bench.scale import proc_mib, reset_peak  # noqa: E402
 WRAPPED = {
     "pipeline.data.store": ("load_parent", "load_manifest", "verify_packs", "verify_files", "plan_snapshot",
                             "write_base", "write_snapshot"),
-    "pipeline.data.sources": ("read_source", "listing_unchanged"),
-    "pipeline.snapshot": ("fast_noop", "read_stat_cache", "write_stat_cache"),
+    "pipeline.data.sources": ("read_source", "listing_unchanged", "listing_appended"),
+    "pipeline.snapshot": ("fast_noop", "fast_append", "read_stat_cache", "write_stat_cache", "_grow_stat_cache"),
     "pipeline.data.stats": ("row_features", "provenance", "duplicates"),
 }
 

@@ -10,8 +10,13 @@ params were set) and is cheap when nothing changed. First the no-op that loads n
 that snapshot's header carries the report's summary, and a folder source lists, file for file, as
 the cache recorded (``sources.listing_unchanged``), the store's files are hashed
 (``store.verify_files``), the pointer is checked against the chain, and the report comes from the
-header; its memory does not grow with the rows. Anything else (and a source the listing would
-refuse: the store is verified first, below), in order:
+header; its memory does not grow with the rows. Then the append that loads no row of the parent
+(:func:`fast_append`): under the same binding, when the source is the cached files as they were
+plus new ones (``sources.listing_appended``), only the new files are read, the store is verified
+as the no-op verifies it with its rows streamed past the new ones, and the snapshot is written as
+the full read would write it (the same bytes and id; the summary and counts are the parent's
+header's plus the new rows'). Anything else (and a source the listing would refuse: the store is
+verified first, below), in order:
 
 1. the current snapshot of this source lineage (``heads/<key>``) and its whole chain are verified
    (header ids, delta hashes, pack hashes) BEFORE anything is compared: a tampered store fails
@@ -46,17 +51,20 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import stage
 from pipeline.data import sources, stats, store
+from pipeline.data.rows import as_strings
 from pipeline.data.sources import KnownRows, StatTable
 from pipeline.schema import Config, DataConfig, ValidateConfig
 
@@ -69,8 +77,7 @@ PATHS = (
 )
 _say = partial(stage.say, "snapshot")
 STAT_FORMAT = "poisongate-stat 2"
-STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                         ("file_sha256", pa.string()), ("sha256", pa.string())])
+STAT_SCHEMA = sources.STAT_SCHEMA
 # Rows of the stat cache a no-op compares at a time (CacheWindows: ~11 MiB of the file at 28x28 ids)
 STAT_WINDOW_ROWS = 65536
 # Decoded pixels wait here (in the store's file system, not /tmp, which may be RAM) between the
@@ -114,6 +121,19 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                    "plan": 0.0, "features": 0.0, "write": 0.0}
         return _finish(meta, None, cfg, verify_source, pointer_path, report_path, store_dir, seconds, t0, vstats,
                        {**noop.work, "noop_fast": 1})
+    if noop is not None and "counted" in noop.work:
+        # Another number of files than rows: when more, an append, shown without loading the
+        # parent's rows where it can be (fast_append)
+        scan_ns = time.time_ns()  # before the listing: what the new cache's entries are racy against
+        appended = fast_append(cfg, store_dir, parent_id, stat_path, scan_ns, noop.work["counted"], pointer_path,
+                               progress, detector)
+        if appended is not None and appended.snapshot:
+            appended.work["append_fast"] = 1
+            vstats = appended.verified
+            return _finish(store.read_meta(store_dir, appended.snapshot), None, cfg, verify_source, pointer_path,
+                           report_path, store_dir, appended.seconds, t0, vstats, appended.work)
+        if appended is not None and appended.changed_ids:
+            noop = sources.NoopCheck(False, "changed", changed_ids=appended.changed_ids)
     # The store is verified before the (long) read, so a damaged store fails fast and is never
     # mistaken for a changed source.
     parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
@@ -222,6 +242,234 @@ def fast_noop(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Pa
         return None
 
 
+@dataclass
+class Appended:
+    """What :func:`fast_append` did: the snapshot it wrote ("" when it left the append to the full
+    read), or the files the spot check found changed (the full read must re-read them)."""
+
+    snapshot: str = ""
+    history: tuple[str, ...] = ()
+    changed_ids: list[str] = field(default_factory=list)
+    work: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    verified: store.VerifyStats = field(default_factory=store.VerifyStats)
+
+
+def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Path], scan_ns: int,
+                counted: int, pointer_path: str, progress: Optional[Callable[[str], None]] = None,
+                detector: Optional[ValidateConfig] = None) -> Optional[Appended]:
+    """An append that loads no row of the parent (issue 19 items 1 and 3): when the stat cache was
+    written for ``head``, its header carries the summary, and the source is the cached files as
+    they were plus new ones (``sources.listing_appended``), only the new files are read; the store
+    is verified as :func:`fast_noop` verifies it (``store.verify_files``), its rows streamed past
+    the new ones (an id already there, or a duplicate group the report cannot be updated for,
+    leaves the append to the full read); the new rows are planned and written as the full read
+    would write them (``store.write_snapshot(prior=)``: the same delta, header and snapshot id, a
+    test compares them), and the cache gets the new files' entries, bound to the new snapshot.
+    None when that cannot be shown (the full read decides: the caller runs it, after any
+    ``changed_ids``); its memory grows with the new rows and the stat cache, not with the store's
+    manifest. Not for a head whose child is due to carry a base (``store.base_due``): writing one
+    reads every row."""
+    if stat_path is None:
+        return None
+    meta = store.read_meta(store_dir, head)
+    cache = open_stat_cache(stat_path)
+    if "summary" not in meta or cache is None or cache.snapshot != head:
+        return None
+    whole, headers = store.lineage(store_dir, head)
+    lite = store.Parent(head, store.empty_manifest(), meta, tuple(h["id"] for h in whole), len(headers))
+    if store.base_due(lite):
+        return None
+    n_old = int(meta["n_rows"])
+    t0 = time.perf_counter()
+    try:
+        chk = sources.listing_appended(cfg, cache, cache.scan_ns, n_old, list(meta["class_names"]),
+                                       progress=progress, counted=counted)
+    except sources.SourceError:
+        return None  # the full read refuses it too, after verifying the store
+    if not chk.appended:
+        return Appended(changed_ids=chk.changed_ids) if chk.changed_ids else None
+    say = progress or (lambda _m: None)
+    out = Appended(history=lite.history)
+    spill = Path(store_dir) / SPILL_DIR
+    sources.clear_spill(spill)
+    try:
+        read = sources.read_source(cfg, previous=meta["source"], progress=progress, spill_dir=spill,
+                                   listing=[chk.added])
+    except sources.SourceError:
+        return None  # refused by the full read too, once it has verified the store (a damaged store first)
+    try:
+        t_read = time.perf_counter()
+        new_ids, new_sha = as_strings(read.sample_ids), as_strings(read.hashes)
+        hashes = pc.unique(new_sha)
+        clash: list[str] = []
+        matches: list[pa.RecordBatch] = []
+
+        def each(batch: pa.RecordBatch) -> None:  # the store's rows, streamed past the new ones
+            hit = pc.is_in(batch.column("sample_id"), value_set=new_ids)
+            if pc.any(hit).as_py():
+                clash.extend(batch.column("sample_id").filter(hit).to_pylist()[:5])
+            same = pc.is_in(batch.column("sha256"), value_set=hashes)
+            if pc.any(same).as_py():
+                matches.append(batch.filter(same))
+
+        whole2, _ = store.verify_files(store_dir, head, stats_out=out.verified, each_rows=each)
+        t_verify = time.perf_counter()
+        if clash:
+            say(f"{len(clash)}+ new file id(s) already in snapshot {head[:12]} ({', '.join(clash)}): "
+                f"the full read judges the source")
+            return None
+        if [h["id"] for h in whole2] != list(lite.history):
+            return None  # the store moved under the run
+        _check_pointer(Path(pointer_path), store_dir, sources.source_key(cfg), head, lite.history)
+        now = ingest_time()
+        plan = store.plan_snapshot(lite, read.sample_ids, read.hashes, read.labels, read.class_names, read.splits,
+                                   read.uris, read.images, now, decoded=read.decoded, file_sizes=read.file_sizes,
+                                   file_sha256=read.file_sha256, raw=read.raw)
+        t_plan = time.perf_counter()
+        before = meta["summary"]
+        dup = grown_duplicates(before["duplicates"], n_old + plan.n_new,
+                               _matched_rows(matches), plan.manifest, plan.class_names)
+        old_full = _full_rows(before["provenance"])
+        if dup is None or old_full is None:
+            say("the report's duplicate groups cannot be updated from the new rows alone: the full read makes it")
+            return None
+        features = None
+        if detector is not None:
+            say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
+            features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
+        t_features = time.perf_counter()
+
+        def summarize(rows, _names: list) -> dict:  # the new rows (their snapshot id a stand-in of its form)
+            return {"provenance": grown_provenance(before["provenance"], old_full, stats.provenance(rows)),
+                    "duplicates": dup}
+
+        source_meta = {**read.spec, "key": sources.source_key(cfg)}
+        sid, _ = store.write_snapshot(store_dir, plan, source_meta, now, features=features, summarize=summarize,
+                                      prior=meta)
+        say(f"new snapshot {sid[:12]}: {n_old + plan.n_new} rows, {plan.n_new} new (parent {head[:12]}; "
+            f"no earlier row loaded)")
+        _grow_stat_cache(stat_path, cache, chk.new_at, read, scan_ns, sid)
+        out.snapshot = sid
+        out.work = {**read.work, **{k: v for k, v in chk.work.items() if k != "counted"}}
+        out.seconds = {"verify": round(t_verify - t_read, 3), "read": round(t_read - t0, 3),
+                       "plan": round(t_plan - t_verify, 3), "features": round(t_features - t_plan, 3),
+                       "write": round(time.perf_counter() - t_features, 3)}
+        return out
+    finally:
+        read.discard()
+        try:
+            spill.rmdir()
+        except OSError:
+            pass
+
+
+def _matched_rows(batches: list[pa.RecordBatch]) -> pd.DataFrame:
+    """The store's rows that share a pixel hash with a new row, in row order."""
+    cols = ["sample_id", "sha256", "label", "split"]
+    if not batches:
+        return pd.DataFrame({c: pd.Series([], dtype=np.int64 if c == "label" else object) for c in cols})
+    t = pa.Table.from_batches(batches)
+    return pd.DataFrame({c: t.column(c).to_pylist() for c in cols})
+
+
+def _full_rows(prov: dict) -> Optional[int]:
+    """The rows with full provenance a report's coverage was computed from (it stores the share),
+    None when no count gives that share exactly."""
+    n = int(prov["rows"])
+    if not n:
+        return 0
+    full = round(float(prov["coverage"]) * n)
+    return full if float(full / n) == float(prov["coverage"]) else None
+
+
+def grown_provenance(before: dict, before_full: int, new: dict) -> dict:
+    """``stats.provenance`` of a snapshot's rows plus new ones, from each part's (every count is per row)."""
+    n = int(before["rows"]) + int(new["rows"])
+    full = before_full + round(float(new["coverage"]) * int(new["rows"]))
+    return {"coverage": float(full / n) if n else 0.0, "rows": n,
+            **{k: int(before[k]) + int(new[k]) for k in ("with_source_uri", "with_sha256", "with_ingest_record")}}
+
+
+def grown_duplicates(before: dict, n_rows: int, old: pd.DataFrame, new: pd.DataFrame, class_names: list,
+                     cap: int = stats.MAX_DUPLICATE_GROUPS) -> Optional[dict]:
+    """``stats.duplicates`` of a snapshot grown by ``new`` rows, from its report ``before`` and
+    ``old``: every earlier row whose hash a new row has (a group without a new row is unchanged).
+    None when the listed groups cannot be told: ``before`` was capped and listed a group the new
+    rows join (an unlisted group might then move up into the list)."""
+    cols = ["sample_id", "sha256", "label", "split"]
+    both = pd.concat([old[cols], new[cols].astype({"split": object})], ignore_index=True)
+    was = stats.duplicates(old, class_names, cap=len(old))  # the touched hashes' groups before
+    now = stats.duplicates(both, class_names, cap=len(both))  # and after
+    touched = {g["sha256"] for g in was["groups"]}
+    if before["capped"] and any(g["sha256"] in touched for g in before["groups"]):
+        return None
+    groups = [g for g in before["groups"] if g["sha256"] not in touched] + now["groups"]
+    groups.sort(key=lambda g: (not g["cross_label"], not g["cross_split"], -g["n"], g["sha256"]))
+    counts = {k: int(before[k]) - int(was[k]) + int(now[k])
+              for k in ("n_groups", "n_duplicate_rows", "n_cross_label_groups", "n_cross_split_groups")}
+    return {"n_groups": counts["n_groups"], "n_duplicate_rows": counts["n_duplicate_rows"],
+            "rate": counts["n_duplicate_rows"] / n_rows if n_rows else 0.0,
+            "n_cross_label_groups": counts["n_cross_label_groups"],
+            "n_cross_split_groups": counts["n_cross_split_groups"],
+            "groups": groups[:cap], "capped": counts["n_groups"] > cap}
+
+
+class _CacheMoved(Exception):
+    """The stat cache was replaced while a run read it a window at a time."""
+
+
+def _grow_stat_cache(path: Path, cache: "CacheWindows", new_at: np.ndarray, read: sources.SourceRead,
+                     scan_ns: int, snapshot_id: str) -> None:
+    """The stat cache with the new files' entries put where they are listed (``new_at``), bound
+    to the new snapshot, written a window of the old cache at a time: the cache is never whole in
+    memory (a record batch a window; :func:`read_stat_cache` gathers them). Left as it is (bound
+    to the parent: the next run reads in full and rewrites it) when it was replaced since this
+    run opened it."""
+    new = read.stat
+    if new is None or len(new.ids) != len(new_at):
+        return
+    k = len(new_at)
+    before = np.asarray(new_at, np.int64) - np.arange(k)  # the cached files listed before each new one
+    fresh = pa.Table.from_arrays([new.ids, pa.array(new.size, pa.int64()), pa.array(new.mtime_ns, pa.int64()),
+                                  new.file_sha256, new.sha256], schema=STAT_SCHEMA)
+    schema = STAT_SCHEMA.with_metadata({"format": STAT_FORMAT, "scan_ns": str(scan_ns), "snapshot": snapshot_id})
+    n_old = sum(cache.batch_rows)
+
+    def merged() -> Iterator[pa.RecordBatch]:
+        c0 = 0
+        for window in cache.batches():
+            c1 = c0 + window.num_rows
+            lo, hi = np.searchsorted(before, [c0, c1])
+            if hi == lo:
+                yield window
+            else:  # the window's rows with the new files listed among them, in listing order
+                at = (before[lo:hi] - c0) + np.arange(hi - lo)
+                is_new = np.zeros(window.num_rows + hi - lo, bool)
+                is_new[at] = True
+                order = np.empty(len(is_new), np.int64)
+                order[~is_new] = np.arange(window.num_rows)
+                order[is_new] = window.num_rows + np.arange(hi - lo)
+                both = pa.concat_tables([pa.Table.from_batches([window]).cast(STAT_SCHEMA), fresh.slice(lo, hi - lo)])
+                yield from both.take(pa.array(order)).combine_chunks().to_batches()
+            c0 = c1
+        if c0 != n_old:
+            raise _CacheMoved()
+        lo = int(np.searchsorted(before, n_old))
+        if lo < k:
+            yield from fresh.slice(lo).to_batches()
+
+    def write(fh) -> None:
+        with pa.ipc.new_file(fh, schema) as w:
+            for batch in merged():
+                w.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+
+    try:
+        store.write_file_with(path, write)
+    except _CacheMoved:
+        pass
+
+
 def summary(manifest, class_names: list) -> dict:
     """What the report says of the whole snapshot: its provenance coverage and exact duplicates
     (stored in the header of every snapshot this stage writes, ``store.write_snapshot``)."""
@@ -306,9 +554,12 @@ def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
         return None
     try:
         with pa.OSFile(str(path)) as source:  # read into memory: nothing stays mapped to a file that may be replaced
-            t = pa.ipc.open_file(source).read_all()
-        meta = t.schema.metadata or {}
-        if meta.get(b"format") != STAT_FORMAT.encode() or t.schema.names != list(STAT_SCHEMA.names):
+            reader = pa.ipc.open_file(source)
+            meta = reader.schema.metadata or {}
+            if meta.get(b"format") != STAT_FORMAT.encode() or reader.schema.names != list(STAT_SCHEMA.names):
+                return None
+            t = reader.read_all() if reader.num_record_batches <= 1 else _gathered(path, meta)
+        if t is None:
             return None
         return StatTable(t.column("sample_id"), t.column("sha256"), t.column("file_sha256"),
                          size=t.column("size").to_numpy().astype(np.int64),
@@ -316,6 +567,24 @@ def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
                          scan_ns=int(meta[b"scan_ns"]), snapshot=meta.get(b"snapshot", b"").decode())
     except (OSError, ValueError, KeyError, UnicodeDecodeError, pa.ArrowException):
         return None
+
+
+def _gathered(path: Path, meta: dict) -> Optional[pa.Table]:
+    """A cache written in many batches (:func:`_grow_stat_cache`) as one contiguous batch, a
+    column at a time, each from a fresh memory map of the file (closed before the next): the
+    process holds the columns gathered so far plus one column's pages of the file. A read of
+    every batch at once held the file and the copy together (+174 MiB at 1M rows); Arrow has no
+    concatenation that frees its inputs as it goes, hence this."""
+    cols = []
+    for name in STAT_SCHEMA.names:
+        with pa.memory_map(str(path)) as src:
+            reader = pa.ipc.open_file(src)
+            if (reader.schema.metadata or {}) != meta:
+                return None  # replaced since: its first reader decides again
+            parts = [reader.get_batch(i).column(name) for i in range(reader.num_record_batches)]
+            cols.append(pa.concat_arrays(parts))
+            del parts, reader
+    return pa.Table.from_arrays(cols, schema=STAT_SCHEMA)
 
 
 @dataclass(frozen=True)

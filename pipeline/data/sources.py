@@ -87,7 +87,6 @@ from __future__ import annotations
 import array
 import hashlib
 import io
-import itertools
 import json
 import operator
 import os
@@ -135,6 +134,10 @@ RACY_NS = 2_000_000_000
 # Files per part of a folder's listing (_walk_folder): the no-op's comparison holds one part's ids,
 # stats and cache rows (~2 MiB), not a whole class folder's (~80k files at 1M rows)
 WALK_PART = 16384
+# The local stat cache's columns (``snapshot.write_stat_cache``): per file, the (size, mtime) it had
+# when its bytes hashed to ``file_sha256`` and decoded to pixels hashing to ``sha256``
+STAT_SCHEMA = pa.schema([("sample_id", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                         ("file_sha256", pa.string()), ("sha256", pa.string())])
 
 Progress = Optional[Callable[[str], None]]
 
@@ -480,19 +483,21 @@ def _cached_rows(cached: Iterable[pa.RecordBatch], n: int) -> Optional[tuple[pa.
 
 class _BatchRows:
     """The rows of a stream of record batches, taken ``k`` at a time in order (a take may span
-    batches): one batch is held at a time."""
+    batches): one batch is held at a time, besides rows put back."""
 
     def __init__(self, batches: Iterable[pa.RecordBatch]):
         self._it, self._cur, self._at = iter(batches), None, 0
+        # rows put back, read before the stream's next batch (a deque, not a chain of iterators:
+        # a chain keeps every list it was given, and each batch's memory map with it)
+        self._back: deque[pa.RecordBatch] = deque()
 
-    def take(self, k: int) -> Optional[list[pa.RecordBatch]]:
-        """The next ``k`` rows as slices, None when fewer are left."""
+    def _take(self, k: int, upto: bool) -> Optional[list[pa.RecordBatch]]:
         parts: list[pa.RecordBatch] = []
         while k:
             if self._cur is None or self._at == self._cur.num_rows:
-                self._cur, self._at = next(self._it, None), 0
+                self._cur, self._at = (self._back.popleft() if self._back else next(self._it, None)), 0
                 if self._cur is None:
-                    return None
+                    return parts if upto else None
                 continue
             part = self._cur.slice(self._at, k)
             self._at += part.num_rows
@@ -500,8 +505,37 @@ class _BatchRows:
             parts.append(part)
         return parts
 
+    def take(self, k: int) -> Optional[list[pa.RecordBatch]]:
+        """The next ``k`` rows as slices, None when fewer are left."""
+        return self._take(k, False)
+
+    def take_upto(self, k: int) -> list[pa.RecordBatch]:
+        """The next ``k`` rows, or as many as are left."""
+        return self._take(k, True) or []
+
     def left(self) -> bool:
         return self.take(1) is not None
+
+    def put_back(self, parts: list[pa.RecordBatch]) -> None:
+        """Rows taken last, returned to the front (they are read again first)."""
+        if self._cur is not None and self._at < self._cur.num_rows:
+            self._back.appendleft(self._cur.slice(self._at))
+        self._back.extendleft(reversed([p for p in parts if p.num_rows]))
+        self._cur, self._at = None, 0
+
+
+def _stat_checkable(cfg: DataConfig, verify: bool) -> tuple[str, str]:
+    """``(path, "")`` for a source whose files the stat cache can vouch for without a read (a
+    folder, no ``data.limit``, no ``--verify``), else ``("", why not)``."""
+    if verify or getattr(cfg, "verify_source", False):
+        return "", "verify"
+    if cfg.name not in ("imagefolder", "cifar10") or cfg.limit is not None:
+        return "", "not a folder source without data.limit"
+    path = resolve_path(cfg)
+    root = Path(path)
+    if not (root.is_dir() and ((root / "train").exists() or (root / "test").exists())):
+        return "", "not a folder source"
+    return path, ""
 
 
 def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns: int, n_rows: int,
@@ -524,16 +558,11 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
     the full read, which verifies the store before it reports that). When a part differs, the
     walk goes on and ``listing`` is the tree's listing, as ``_list_folder`` gives it, for the full
     read (``read_source(listing=)``), so a change the file count does not show costs one listing."""
-    verify = bool(verify or getattr(cfg, "verify_source", False))
     recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
-    if verify:
-        return NoopCheck(False, "verify")
-    if cfg.name not in ("imagefolder", "cifar10") or cfg.limit is not None:
-        return NoopCheck(False, "not a folder source without data.limit")
-    path = resolve_path(cfg)
+    path, why = _stat_checkable(cfg, verify)
+    if why:
+        return NoopCheck(False, why)
     root = Path(path)
-    if not (root.is_dir() and ((root / "train").exists() or (root / "test").exists())):
-        return NoopCheck(False, "not a folder source")
     # The files counted first, by name (no stat: ~0.4 s at 1M files): an append, the usual change,
     # is told from a no-op before the ~4 s of stats, wherever its new files sort.
     listed = _count_files(root)
@@ -603,6 +632,140 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
         return NoopCheck(False, f"{len(changed)} file(s) changed under the same (size, mtime)", work, changed)
     _say(progress, f"{path}: {at} files, each as the stat cache recorded it ({len(picked)} re-read to check)")
     return NoopCheck(True, "", work)
+
+
+@dataclass
+class AppendCheck:
+    """What :func:`listing_appended` found: ``appended`` (every file the stat cache recorded is
+    there as it recorded it, and the rest are new), why not (``reason``), the counters, the files
+    the spot check found changed under an unchanged (size, mtime) (the full read must re-read
+    them), the new files (``added``, in row order) and where each lands in the whole listing
+    (``new_at``, ascending)."""
+
+    appended: bool
+    reason: str = ""
+    work: dict = field(default_factory=dict)
+    changed_ids: list[str] = field(default_factory=list)
+    added: Optional["_Listing"] = None
+    new_at: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    listed: int = 0
+
+
+def listing_appended(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns: int, n_rows: int,
+                     class_names: list[str], verify: bool = False, recheck: Optional[int] = None,
+                     progress: Progress = None, counted: Optional[int] = None) -> AppendCheck:
+    """Whether a folder source is what the stat cache recorded plus new files, found while the tree
+    is listed, a class folder at a time against the cache's rows of that folder: memory grows with
+    the largest folder and the new files, not with the files (the snapshot stage's append without
+    a manifest load, ``snapshot.fast_append``, issue 19 items 1 and 3).
+
+    ``cached``, ``scan_ns``, ``n_rows``: as :func:`listing_unchanged` (the cache's rows in row
+    order, bound by the caller to the current snapshot of ``n_rows`` rows). Appended means: every
+    cached row is listed, in the cache's order, with the same (size, mtime_ns), none within
+    ``RACY_NS`` of the scan; every other listed file is new, in a class folder of ``class_names``
+    (a new class is left to the full read); ``data.recheck_files`` cached files drawn at random
+    still hash to their recorded bytes; the layout is one the full read accepts. Anything else is
+    "not shown appended" (the full read judges it); a source the full read would refuse raises its
+    SourceError here, as in :func:`listing_unchanged`."""
+    recheck = int(getattr(cfg, "recheck_files", 0) if recheck is None else recheck)
+    path, why = _stat_checkable(cfg, verify)
+    if why:
+        return AppendCheck(False, why)
+    root = Path(path)
+    counted = _count_files(root) if counted is None else counted  # the caller's count, made this run
+    if counted <= n_rows:
+        return AppendCheck(False, f"{counted} files, the snapshot has {n_rows} rows", {"counted": counted})
+    lim = _limits(cfg)
+    rows = _BatchRows(cached)
+    known = set(class_names)
+    spot = np.array(sorted(random.SystemRandom().sample(range(n_rows), min(max(recheck, 0), n_rows))), np.int64)
+    picked: list[tuple[str, str]] = []
+    dirs: set[str] = set()
+    counts: Counter = Counter()
+    new_ids: list[pa.Array] = []
+    new_sizes, new_mtimes = array.array("q"), array.array("q")
+    new_runs: list[tuple[str, str, int, int]] = []
+    new_at: list[np.ndarray] = []
+    at = cache_at = n_new = 0
+    fresh = scan_ns - RACY_NS
+
+    def folder(split: str, cls: str, ids: list[str], sz: array.array, mt: array.array) -> str:
+        """Match one class folder's listing with the cache's rows of that folder; "" or why not."""
+        nonlocal at, cache_at, n_new
+        listed = pa.array(ids, pa.string())
+        sizes, mtimes = np.frombuffer(sz, np.int64), np.frombuffer(mt, np.int64)
+        # the cache's rows of this folder: those next in it under the folder's prefix (its rows are
+        # a run, in the walk's order), at most as many as are listed (more: a file vanished)
+        parts = rows.take_upto(len(ids))
+        t = pa.Table.from_batches(parts) if parts else STAT_SCHEMA.empty_table()
+        under = pc.starts_with(t.column("sample_id"), f"{split}/{cls}/").to_numpy(zero_copy_only=False)
+        r = int(np.argmin(under)) if len(under) and not under.all() else len(under)
+        rows.put_back(t.slice(r).to_batches())
+        c = t.slice(0, r)
+        c_ids = c.column("sample_id")
+        if r and not pc.all(pc.is_in(c_ids, value_set=listed)).as_py():
+            return f"a file of {split}/{cls}/ the cache recorded is not listed"
+        old = pc.is_in(listed, value_set=c_ids).to_numpy(zero_copy_only=False) if r else np.zeros(len(ids), bool)
+        where = np.flatnonzero(old)
+        if len(where) != r or not listed.take(pa.array(where)).equals(c_ids.combine_chunks()):
+            return f"{split}/{cls}/ lists the cached files in another order"
+        if not (np.array_equal(c.column("size").to_numpy(), sizes[where])
+                and np.array_equal(c.column("mtime_ns").to_numpy(), mtimes[where])):
+            return f"{split}/{cls}/ differs from the cache"
+        if (mtimes[where] > fresh).any():
+            return f"{split}/{cls}/ has files too recent to trust by stat"
+        add = np.flatnonzero(~old)
+        if len(add) and cls not in known:
+            return f"{split}/{cls}/ is a class the snapshot does not have"
+        lo, hi = np.searchsorted(spot, [cache_at, cache_at + r])
+        fsha = c.column("file_sha256")
+        for p in spot[lo:hi].tolist():
+            picked.append((c_ids[p - cache_at].as_py(), fsha[p - cache_at].as_py()))
+        if len(add):
+            new_runs.append((split, cls, n_new, n_new + len(add)))
+            new_ids.append(listed.take(pa.array(add)))
+            new_sizes.extend(sizes[add].tolist())
+            new_mtimes.extend(mtimes[add].tolist())
+            new_at.append(at + add)
+            n_new += len(add)
+        at += len(ids)
+        cache_at += r
+        return ""
+
+    cur: Optional[tuple[str, str]] = None
+    f_ids: list[str] = []
+    f_sz, f_mt = array.array("q"), array.array("q")
+    miss = ""
+    for split, cls, ids, sz, mt in _walk_folder(root, path, lim.max_file_bytes):
+        dirs.add(f"{split}/{cls}")
+        counts[f"{split}/{cls}"] += len(ids)
+        if cur != (split, cls):  # a folder's parts are held until it is whole (its names are, by the walk)
+            if cur is not None and not miss:
+                miss = folder(*cur, f_ids, f_sz, f_mt)
+            cur, f_ids, f_sz, f_mt = (split, cls), [], array.array("q"), array.array("q")
+        f_ids += ids
+        f_sz += sz
+        f_mt += mt
+    if cur is not None and not miss:
+        miss = folder(*cur, f_ids, f_sz, f_mt)
+    work = {"counted": counted, "listed": sum(counts.values())}
+    if miss:
+        return AppendCheck(False, miss, work)
+    if rows.left() or cache_at != n_rows:
+        return AppendCheck(False, "a file the cache recorded is not listed", work)
+    if not n_new:
+        return AppendCheck(False, "no new file", work)
+    _check_layout(path, dirs, counts)
+    changed = [rel for rel, fsha in picked
+               if hashlib.sha256(_read_file(f"{root}/{rel}", f"{path}::{rel}", lim.max_file_bytes)).hexdigest() != fsha]
+    work.update(trusted=at - n_new - len(picked), rechecked=len(picked))
+    if changed:
+        return AppendCheck(False, f"{len(changed)} file(s) changed under the same (size, mtime)", work, changed)
+    _say(progress, f"{path}: {at} files, {n_new} new; the other {at - n_new} as the stat cache recorded them "
+                   f"({len(picked)} re-read to check)")
+    added = _Listing(dirs, pa.chunked_array(new_ids, pa.string()), np.frombuffer(new_sizes, np.int64),
+                     np.frombuffer(new_mtimes, np.int64), new_runs, part_of_tree=True)
+    return AppendCheck(True, "", work, added=added, new_at=np.concatenate(new_at), listed=at)
 
 
 def load_digits(test_fraction: float, seed: int, limit: Optional[int] = None) -> SourceData:
@@ -775,7 +938,8 @@ def _read_folder(root: Path, path: str, limit: Optional[int], workers: int, limi
     digests cannot vouch for."""
     work: Counter = Counter()
     ls = listing.pop() if listing else _list_folder(root, path, limits.max_file_bytes)
-    _check_layout(path, ls.dirs, ls.counts())  # layout errors before a single file is opened
+    if not ls.part_of_tree:
+        _check_layout(path, ls.dirs, ls.counts())  # layout errors before a single file is opened
     ids, sizes, mtimes, splits, classes = ls.ids, ls.sizes, ls.mtimes, ls.splits(), ls.classes()
     if limit is not None:
         keyed = [((SPLITS.index(s), c, i.rsplit("/", 1)[1]), k) for k, (i, s, c) in enumerate(zip(ids, splits, classes))]
@@ -1146,6 +1310,9 @@ class _Listing:
     sizes: np.ndarray
     mtimes: np.ndarray
     runs: list[tuple[str, str, int, int]]
+    # Some of the tree's files only (the new ones, ``listing_appended``), whose whole tree's layout
+    # was checked as it was listed; ``dirs`` is still every class folder (the class names come from it)
+    part_of_tree: bool = False
 
     def splits(self) -> np.ndarray:
         return np.repeat(np.array([r[0] for r in self.runs] or [""], dtype=object)[: len(self.runs)],

@@ -275,6 +275,16 @@ def counts(manifest: pd.DataFrame, class_names: list[str]) -> dict:
     return out
 
 
+def add_counts(a: dict, b: dict, class_names: list[str]) -> dict:
+    """:func:`counts` of two sets of rows, from each one's."""
+    out: dict = {}
+    for split in sorted(set(a) | set(b), key=lambda s: (s != "train", s)):
+        pa_, pb = a.get(split, {}).get("per_class", {}), b.get(split, {}).get("per_class", {})
+        per = {c: int(pa_.get(c, 0)) + int(pb.get(c, 0)) for c in class_names}
+        out[split] = {"n": int(sum(per.values())), "per_class": per}
+    return out
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -313,7 +323,7 @@ def plan_snapshot(parent: Optional[Parent], sample_ids: list[str], hashes: list[
     names = np.array(class_names, dtype=object)[np.asarray(labels, np.int64)] if n else np.zeros(0, object)
     if parent is None:
         store_classes = list(class_names)
-        old = _empty_manifest()
+        old = empty_manifest()
     else:
         old = parent.manifest
         store_classes = list(parent.meta["class_names"])
@@ -384,7 +394,8 @@ def _repeated(value: str, k: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(pa.array(np.zeros(k, np.int32)), pa.array([value], pa.string()))
 
 
-def _empty_manifest() -> pd.DataFrame:
+def empty_manifest() -> pd.DataFrame:
+    """A manifest of no row, with every column (``MANIFEST_COLUMNS``)."""
     return pd.DataFrame({c: pd.Series([], dtype=np.int64 if c in _INT_COLUMNS else object) for c in MANIFEST_COLUMNS})
 
 
@@ -566,6 +577,13 @@ def chain(store_dir: str | Path, snapshot_id: str) -> list[dict]:
     """The verified headers from the root to ``snapshot_id``: every header hashes to its id, each
     names an existing parent of the same lineage, and the counts, classes and shape add up."""
     return _walk(Path(store_dir), snapshot_id, stop_at_base=False)
+
+
+def lineage(store_dir: str | Path, snapshot_id: str) -> tuple[list[dict], list[dict]]:
+    """``(chain, resolved)``: every header back to the root, and those a load of the snapshot reads
+    (from its newest base on disk), as :func:`load_parent` and :func:`verify_files` take them."""
+    whole = chain(store_dir, snapshot_id)
+    return whole, _from_base(Path(store_dir), whole)
 
 
 def resolve(store_dir: str | Path, snapshot_id: str) -> list[dict]:
@@ -1091,7 +1109,8 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
 
 
 def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None,
-                 hash_packs: bool = True, rows: int = 65_536) -> tuple[list[dict], list[dict]]:
+                 hash_packs: bool = True, rows: int = 65_536,
+                 each_rows: Optional[Callable[[pa.RecordBatch], None]] = None) -> tuple[list[dict], list[dict]]:
     """``(chain, resolved)`` headers of ``snapshot_id``, verified as a load verifies them, with
     memory that does not grow with the rows (the snapshot stage's no-op and poison's identity view,
     issue 19 item 3): every file a load reads is hashed against the sha256 its header records
@@ -1101,7 +1120,9 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     id is ingested twice (that needs every id at once; every stage that loads rows checks it).
     ``hash_packs=False``: the pixel files are checked for their dtype and shape only, as
     ``load_snapshot(lazy=True, hash_packs=False)`` does (for a reader of no pixel). A mismatch
-    raises DamagedStore, as a load does."""
+    raises DamagedStore, as a load does. ``each_rows``: called with every row of the manifest, in
+    row order, ``rows`` at a time (``sample_id``, ``sha256``, ``label``, ``split``), read from the
+    open file whose bytes were hashed (a file renamed over it after the hash is not read)."""
     store = Path(store_dir)
     check_format(store)
     st = stats_out or VerifyStats()
@@ -1110,10 +1131,17 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     shape = tuple(int(x) for x in headers[-1]["image_shape"])
     base = _base_of(headers)
 
-    def check(path: Path, digest: str, what: str, header: dict) -> None:
-        if not path.is_file():
+    def check(path: Path, digest: str, what: str, header: dict, fh=None) -> None:
+        if fh is None and not path.is_file():
             raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]})")
-        actual = file_sha256(path)
+        if fh is None:
+            actual = file_sha256(path)
+        else:
+            h = hashlib.sha256()
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+            actual = h.hexdigest()
+            fh.seek(0)
         st.bytes_hashed += path.stat().st_size
         if actual != digest:
             raise DamagedStore(store, path, f"does not match its sha256 (now {actual[:12]}...): the {what} of "
@@ -1133,13 +1161,28 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
             raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
         return len(arr)
 
-    def manifest_rows(path: Path, header: dict, n: int, schema: pa.Schema, what: str,
-                      packs: Optional[dict[str, int]]) -> None:
-        # Read from the file after its hash was checked: a file swapped in between is not caught
-        # here, but nothing here uses a row (a reader of rows loads them itself, hashed as parsed).
-        cols = ["label"] + (["pack", "pack_index"] if packs is not None else [])
+    def open_checked(path: Path, digest: str, what: str, header: dict):
+        """The manifest file, hashed; its rows are parsed from this handle, not from the path again."""
         try:
-            pf = pq.ParquetFile(str(path), read_dictionary=["pack"] if packs is not None else None)
+            fh = pa.OSFile(str(path))  # Arrow's own reads for the Parquet reader, not a Python file's
+        except FileNotFoundError:
+            raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]})") from None
+        except OSError as exc:
+            raise DamagedStore(store, path, f"is unreadable ({exc})") from None
+        try:
+            check(path, digest, what, header, fh)
+        except BaseException:
+            fh.close()
+            raise
+        return fh
+
+    def manifest_rows(fh, path: Path, header: dict, n: int, schema: pa.Schema, what: str,
+                      packs: Optional[dict[str, int]]) -> None:
+        cols = ["label"] + (["pack", "pack_index"] if packs is not None else [])
+        if each_rows is not None:
+            cols += ["sample_id", "sha256", "split"]
+        try:
+            pf = pq.ParquetFile(fh, read_dictionary=["pack"] if packs is not None else None)
             got = [(f.name, _plain(f.type)) for f in pf.schema_arrow]
             if got != [(f.name, f.type) for f in schema]:
                 raise DamagedStore(store, path, f"has columns {[f'{a}:{b}' for a, b in got]}, not the {what}'s schema")
@@ -1157,6 +1200,8 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
                             raise DamagedStore(store, path, f"places a row at {hi if lo is None or lo >= 0 else lo} "
                                                             f"in pack {pack[:12]} of {packs[pack]} rows: not the rows "
                                                             f"the manifest expects")
+                if each_rows is not None:
+                    each_rows(batch.select(["sample_id", "sha256", "label", "split"]))
         except DamagedStore:
             raise
         except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
@@ -1164,16 +1209,16 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
 
     if base is not None:
         bpath = _base_path(store, base["manifest"], "parquet")
-        check(bpath, base["manifest"], "base manifest", headers[0])
-        pixels(_base_path(store, base["pixels"], "npy"), base["pixels"], "base pixels", headers[0], base["rows"])
-        # a base's rows name the packs they were ingested in; its pixels file holds them now
-        manifest_rows(bpath, headers[0], base["rows"], BASE_SCHEMA, "base manifest", None)
+        with open_checked(bpath, base["manifest"], "base manifest", headers[0]) as fh:
+            pixels(_base_path(store, base["pixels"], "npy"), base["pixels"], "base pixels", headers[0], base["rows"])
+            # a base's rows name the packs they were ingested in; its pixels file holds them now
+            manifest_rows(fh, bpath, headers[0], base["rows"], BASE_SCHEMA, "base manifest", None)
     for h in headers:
         dpath = _delta_path(store, h["delta"]["sha256"])
-        check(dpath, h["delta"]["sha256"], "delta manifest", h)
-        sizes = {pack: pixels(_pack_path(store, pack), pack, "pack", h, h["n_new"] if len(h["packs"]) == 1 else 0)
-                 for pack in h["packs"]}
-        manifest_rows(dpath, h, h["n_new"], DELTA_SCHEMA, "delta manifest", sizes)
+        with open_checked(dpath, h["delta"]["sha256"], "delta manifest", h) as fh:
+            sizes = {pack: pixels(_pack_path(store, pack), pack, "pack", h, h["n_new"] if len(h["packs"]) == 1 else 0)
+                     for pack in h["packs"]}
+            manifest_rows(fh, dpath, h, h["n_new"], DELTA_SCHEMA, "delta manifest", sizes)
     st.snapshots += len(headers)
     st.rows += int(headers[-1]["n_rows"])
     return whole, headers
@@ -1517,19 +1562,28 @@ def export_raw(store_dir: str | Path, snapshot_id: str, out: str | Path) -> int:
 def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str,
                    features: Optional[tuple[pd.DataFrame, dict]] = None,
                    base: Optional[dict] = None,
-                   summarize: Optional[Callable[[pd.DataFrame, list], dict]] = None) -> tuple[str, pd.DataFrame]:
+                   summarize: Optional[Callable[[pd.DataFrame, list], dict]] = None,
+                   prior: Optional[dict] = None) -> tuple[str, pd.DataFrame]:
     """Write a planned snapshot (pack, delta, features, header, heads); returns its id and final
     manifest. ``features``: the new rows' data-gate columns (``stats.row_features``) and the
     detector settings they were computed with; the header names them. ``base``: the entry
     :func:`write_base` returned for the parent; the header names it. ``summarize(manifest,
     class_names)``: what the header carries as ``summary`` about the whole snapshot (the snapshot
-    stage's report fields: a no-op reports them without loading a row, ``snapshot.fast_noop``)."""
+    stage's report fields: a no-op reports them without loading a row, ``snapshot.fast_noop``).
+    ``prior``: the parent's header, when ``plan.manifest`` holds the new rows only (an append that
+    loaded no parent row, ``snapshot.fast_append``): the header's row count and counts add the
+    parent's, ``summarize`` is given the new rows, and the manifest returned is the new rows'."""
     store = Path(store_dir)
     check_format(store)
     if not (store / FORMAT_FILE).is_file():
         write_file(store / FORMAT_FILE, FORMAT_TEXT.encode())
     manifest = plan.manifest.copy(deep=False)  # columns are replaced, never written into: plan.manifest stays
     n = len(manifest)
+    before = 0  # rows of the parent that ``manifest`` leaves out
+    if prior is not None:
+        if prior.get("id") != plan.parent or n != plan.n_new or base is not None:
+            raise ValueError("a plan of new rows only needs its parent's header as prior, and no base")
+        before = int(prior["n_rows"])
     packs: list[str] = []
     if plan.n_new:
         pack = _write_pack(store, plan.new_images)
@@ -1579,9 +1633,10 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         "image_shape": list(plan.image_shape),
         "source": source,
         "created": created,
-        "n_rows": n,
+        "n_rows": before + n,
         "n_new": plan.n_new,
-        "counts": counts(manifest, plan.class_names),
+        "counts": counts(manifest, plan.class_names) if prior is None
+        else add_counts(prior["counts"], counts(manifest, plan.class_names), plan.class_names),
     }
     hb = header_bytes(header)
     sid = _sha256(hb)
