@@ -48,6 +48,7 @@ No torch here: the stage must start fast.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -160,8 +161,12 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     # the listing the fast check made (a change it met): the read takes it instead of listing again
     handover = [noop.listing] if noop is not None and noop.listing is not None else None
     noop = None
-    read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
-                               verify=verify_source, progress=progress, spill_dir=spill, listing=handover)
+    try:
+        read = sources.read_source(cfg, known=known, stat=stat, previous=parent.meta["source"] if parent else None,
+                                   verify=verify_source, progress=progress, spill_dir=spill, listing=handover)
+    except BaseException:
+        _remove_empty(spill)
+        raise
     old_scan_ns = stat.scan_ns if stat is not None else 0
     old_bound = stat.snapshot if stat is not None else ""
     del known, stat  # the parent's columns and the old cache: read.stat is the new one (memory, issue 19 item 3)
@@ -205,10 +210,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         t_write = time.perf_counter()
     finally:
         read.discard()  # the spilled pixels: in the pack now, or not needed
-        try:
-            spill.rmdir()  # when empty: the store holds only what its snapshots name
-        except OSError:
-            pass
+        _remove_empty(spill)
     source_work = dict(read.work)
     del read, plan, parent  # the report needs the new manifest only (memory at 1M rows, issue 19 item 3)
     seconds = {"verify": round(t_verify - t0, 3), "read": round(t_read - t_verify, 3), "plan": round(t_plan - t_read, 3),
@@ -297,18 +299,28 @@ def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[
         read = sources.read_source(cfg, previous=meta["source"], progress=progress, spill_dir=spill,
                                    listing=[chk.added])
     except sources.SourceError:
+        _remove_empty(spill)
         return None  # refused by the full read too, once it has verified the store (a damaged store first)
+    except BaseException:
+        _remove_empty(spill)
+        raise
     try:
         t_read = time.perf_counter()
         new_ids, new_sha = as_strings(read.sample_ids), as_strings(read.hashes)
         hashes = pc.unique(new_sha)
         clash: list[str] = []
         matches: list[pa.RecordBatch] = []
+        # 8 bytes a stored id: store.verify_files leaves "no id twice" to the loads of rows, and an
+        # append must not build on a history the full read refuses (Python's str hash is keyed per
+        # process: a collision cannot be aimed at, and only sends the run to the full read)
+        prints = [np.fromiter(map(hash, new_ids.to_pylist()), np.int64, len(new_ids))]
 
         def each(batch: pa.RecordBatch) -> None:  # the store's rows, streamed past the new ones
-            hit = pc.is_in(batch.column("sample_id"), value_set=new_ids)
+            ids = batch.column("sample_id")
+            prints.append(np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids)))
+            hit = pc.is_in(ids, value_set=new_ids)
             if pc.any(hit).as_py():
-                clash.extend(batch.column("sample_id").filter(hit).to_pylist()[:5])
+                clash.extend(ids.filter(hit).to_pylist()[:5])
             same = pc.is_in(batch.column("sha256"), value_set=hashes)
             if pc.any(same).as_py():
                 matches.append(batch.filter(same))
@@ -319,6 +331,12 @@ def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[
             say(f"{len(clash)}+ new file id(s) already in snapshot {head[:12]} ({', '.join(clash)}): "
                 f"the full read judges the source")
             return None
+        seen = np.sort(np.concatenate(prints))
+        del prints
+        if bool((seen[1:] == seen[:-1]).any()):
+            say(f"an id may be stored twice in snapshot {head[:12]}: the full read checks the store")
+            return None
+        del seen
         if [h["id"] for h in whole2] != list(lite.history):
             return None  # the store moved under the run
         _check_pointer(Path(pointer_path), store_dir, sources.source_key(cfg), head, lite.history)
@@ -358,10 +376,15 @@ def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[
         return out
     finally:
         read.discard()
-        try:
-            spill.rmdir()
-        except OSError:
-            pass
+        _remove_empty(spill)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove the spill folder when empty: the store holds only what its snapshots name."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _matched_rows(batches: list[pa.RecordBatch]) -> pd.DataFrame:
@@ -459,10 +482,16 @@ def _grow_stat_cache(path: Path, cache: "CacheWindows", new_at: np.ndarray, read
         if lo < k:
             yield from fresh.slice(lo).to_batches()
 
-    def write(fh) -> None:
+    def write(fh) -> None:  # batches of about STAT_WINDOW_ROWS rows: appends do not split the file ever finer
         with pa.ipc.new_file(fh, schema) as w:
-            for batch in merged():
-                w.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+            held: list[pa.RecordBatch] = []
+            for batch in itertools.chain(merged(), [None]):
+                if batch is not None:
+                    held.append(batch)
+                if held and (batch is None or sum(b.num_rows for b in held) >= STAT_WINDOW_ROWS):
+                    one = pa.Table.from_batches(held).combine_chunks().to_batches()[0] if len(held) > 1 else held[0]
+                    w.write_batch(pa.RecordBatch.from_arrays(one.columns, schema=schema))
+                    held = []
 
     try:
         store.write_file_with(path, write)
@@ -556,7 +585,7 @@ def read_stat_cache(path: Optional[Path]) -> Optional[StatTable]:
         with pa.OSFile(str(path)) as source:  # read into memory: nothing stays mapped to a file that may be replaced
             reader = pa.ipc.open_file(source)
             meta = reader.schema.metadata or {}
-            if meta.get(b"format") != STAT_FORMAT.encode() or reader.schema.names != list(STAT_SCHEMA.names):
+            if meta.get(b"format") != STAT_FORMAT.encode() or not reader.schema.remove_metadata().equals(STAT_SCHEMA):
                 return None
             t = reader.read_all() if reader.num_record_batches <= 1 else _gathered(path, meta)
         if t is None:
@@ -632,7 +661,7 @@ def open_stat_cache(path: Optional[Path]) -> Optional[CacheWindows]:
         with pa.memory_map(str(path)) as src:
             reader = pa.ipc.open_file(src)
             meta = reader.schema.metadata or {}
-            if meta.get(b"format") != STAT_FORMAT.encode() or reader.schema.names != list(STAT_SCHEMA.names):
+            if meta.get(b"format") != STAT_FORMAT.encode() or not reader.schema.remove_metadata().equals(STAT_SCHEMA):
                 return None
             rows = tuple(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
         return CacheWindows(path, rows, int(meta[b"scan_ns"]), meta.get(b"snapshot", b"").decode())

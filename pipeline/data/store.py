@@ -70,6 +70,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -1122,7 +1123,9 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     ``load_snapshot(lazy=True, hash_packs=False)`` does (for a reader of no pixel). A mismatch
     raises DamagedStore, as a load does. ``each_rows``: called with every row of the manifest, in
     row order, ``rows`` at a time (``sample_id``, ``sha256``, ``label``, ``split``), read from the
-    open file whose bytes were hashed (a file renamed over it after the hash is not read)."""
+    open file whose bytes were hashed (a file renamed over it after the hash is not read; one
+    written in place meanwhile changes its inode's ctime, and is refused); what the callback
+    raises is raised as it is."""
     store = Path(store_dir)
     check_format(store)
     st = stats_out or VerifyStats()
@@ -1137,10 +1140,7 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
         if fh is None:
             actual = file_sha256(path)
         else:
-            h = hashlib.sha256()
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-            actual = h.hexdigest()
+            actual = hashlib.file_digest(fh, "sha256").hexdigest()
             fh.seek(0)
         st.bytes_hashed += path.stat().st_size
         if actual != digest:
@@ -1161,20 +1161,23 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
             raise DamagedStore(store, path, f"holds {arr.dtype} {arr.shape}, not the rows the manifest expects")
         return len(arr)
 
+    @contextmanager
     def open_checked(path: Path, digest: str, what: str, header: dict):
-        """The manifest file, hashed; its rows are parsed from this handle, not from the path again."""
+        """The manifest file, hashed; its rows are parsed from this handle, not from the path
+        again, and its inode must not change (ctime, mtime, size) between the hash and the end."""
         try:
-            fh = pa.OSFile(str(path))  # Arrow's own reads for the Parquet reader, not a Python file's
+            fh = open(path, "rb")
         except FileNotFoundError:
             raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]})") from None
         except OSError as exc:
             raise DamagedStore(store, path, f"is unreadable ({exc})") from None
-        try:
+        with fh:
+            before = _inode_state(fh)
             check(path, digest, what, header, fh)
-        except BaseException:
-            fh.close()
-            raise
-        return fh
+            yield fh
+            if _inode_state(fh) != before:
+                raise DamagedStore(store, path, f"was written to while it was verified (the {what} of snapshot "
+                                                f"{header['id'][:12]}): store files never change; find what writes it")
 
     def manifest_rows(fh, path: Path, header: dict, n: int, schema: pa.Schema, what: str,
                       packs: Optional[dict[str, int]]) -> None:
@@ -1201,9 +1204,14 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
                                                             f"in pack {pack[:12]} of {packs[pack]} rows: not the rows "
                                                             f"the manifest expects")
                 if each_rows is not None:
-                    each_rows(batch.select(["sample_id", "sha256", "label", "split"]))
+                    try:
+                        each_rows(batch.select(["sample_id", "sha256", "label", "split"]))
+                    except Exception as exc:  # noqa: BLE001 - the caller's own error, not the file's
+                        raise _CallerError() from exc
         except DamagedStore:
             raise
+        except _CallerError as exc:
+            raise exc.__cause__ from None
         except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
             raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
 
@@ -1222,6 +1230,15 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     st.snapshots += len(headers)
     st.rows += int(headers[-1]["n_rows"])
     return whole, headers
+
+
+class _CallerError(Exception):
+    """Carries an error a caller's callback raised past the handlers meant for the store's files."""
+
+
+def _inode_state(fh) -> tuple[int, int, int, int]:
+    st = os.fstat(fh.fileno())
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def check_rows(images, rows: np.ndarray, ids: Sequence[str], sha: Sequence[str], chunk: int = 4096) -> None:
