@@ -489,8 +489,9 @@ def _grow_stat_cache(path: Path, cache: "CacheWindows", new_at: np.ndarray, read
                 if batch is not None:
                     held.append(batch)
                 if held and (batch is None or sum(b.num_rows for b in held) >= STAT_WINDOW_ROWS):
-                    one = pa.Table.from_batches(held).combine_chunks().to_batches()[0] if len(held) > 1 else held[0]
-                    w.write_batch(pa.RecordBatch.from_arrays(one.columns, schema=schema))
+                    # one batch, unless a string column passes 2 GiB (Arrow then splits it): every one written
+                    for one in (pa.Table.from_batches(held).combine_chunks().to_batches() if len(held) > 1 else held):
+                        w.write_batch(pa.RecordBatch.from_arrays(one.columns, schema=schema))
                     held = []
 
     try:

@@ -307,10 +307,14 @@ def test_a_damaged_or_moving_manifest_and_a_failing_callback(env):
     sid = first["snapshot_id"]
 
     def fails(batch):
-        raise MemoryError("the caller's")
+        try:
+            raise KeyError("why")
+        except KeyError as why:
+            raise MemoryError("the caller's") from why
 
-    with pytest.raises(MemoryError, match="the caller's"):
+    with pytest.raises(MemoryError, match="the caller's") as caught:
         store.verify_files(env.store, sid, each_rows=fails)
+    assert isinstance(caught.value.__cause__, KeyError)  # as raised: its cause kept
     delta = env.store / "deltas" / f"{store.read_meta(env.store, sid)['delta']['sha256']}.parquet"
 
     def touches(batch):
@@ -332,6 +336,21 @@ def test_a_cache_with_other_column_types_is_not_read(env):
     assert snapshot.read_stat_cache(path) is None and snapshot.open_stat_cache(path) is None
     add(env, "train/cat/new.png", 997)
     assert run_cached(env)["n_new"] == 1  # the full read, with no cache
+
+
+def test_an_error_reading_the_new_files_leaves_no_spill_folder(env, monkeypatch):
+    """Not a source error (the full read would then run): the fast path's own clean-up."""
+    run_cached(env)
+    add(env, "train/cat/new.png", 32)
+
+    def fails(*a, spill_dir=None, **k):
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        raise MemoryError("while decoding")
+
+    monkeypatch.setattr(sources, "read_source", fails)
+    with pytest.raises(MemoryError, match="while decoding"):
+        run_cached(env, recheck_files=0)
+    assert not (env.store / snapshot.SPILL_DIR).exists()
 
 
 def test_a_new_file_that_does_not_decode_leaves_no_spill_folder(env):

@@ -1171,17 +1171,26 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
             raise DamagedStore(store, path, f"is missing (the {what} of snapshot {header['id'][:12]})") from None
         except OSError as exc:
             raise DamagedStore(store, path, f"is unreadable ({exc})") from None
+        def moved() -> DamagedStore:
+            return DamagedStore(store, path, f"was written to while it was verified (the {what} of snapshot "
+                                             f"{header['id'][:12]}): store files never change; find what writes it")
+
         with fh:
             before = _inode_state(fh)
             check(path, digest, what, header, fh)
-            yield fh
+            try:
+                yield fh
+            except DamagedStore:
+                if _inode_state(fh) != before:  # what its rows showed came from the write, not the file
+                    raise moved() from None
+                raise
             if _inode_state(fh) != before:
-                raise DamagedStore(store, path, f"was written to while it was verified (the {what} of snapshot "
-                                                f"{header['id'][:12]}): store files never change; find what writes it")
+                raise moved()
 
     def manifest_rows(fh, path: Path, header: dict, n: int, schema: pa.Schema, what: str,
                       packs: Optional[dict[str, int]]) -> None:
         cols = ["label"] + (["pack", "pack_index"] if packs is not None else [])
+        failed: list[Exception] = []  # the callback's error: raised as it is, not as a damaged file
         if each_rows is not None:
             cols += ["sample_id", "sha256", "split"]
         try:
@@ -1207,12 +1216,13 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
                     try:
                         each_rows(batch.select(["sample_id", "sha256", "label", "split"]))
                     except Exception as exc:  # noqa: BLE001 - the caller's own error, not the file's
-                        raise _CallerError() from exc
+                        failed.append(exc)
+                        raise
         except DamagedStore:
             raise
-        except _CallerError as exc:
-            raise exc.__cause__ from None
         except Exception as exc:  # noqa: BLE001 - Arrow raises several types on a corrupt file
+            if failed and exc is failed[-1]:
+                raise  # as the callback raised it, its cause and context kept
             raise DamagedStore(store, path, f"is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
 
     if base is not None:
@@ -1230,10 +1240,6 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     st.snapshots += len(headers)
     st.rows += int(headers[-1]["n_rows"])
     return whole, headers
-
-
-class _CallerError(Exception):
-    """Carries an error a caller's callback raised past the handlers meant for the store's files."""
 
 
 def _inode_state(fh) -> tuple[int, int, int, int]:
