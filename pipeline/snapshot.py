@@ -350,7 +350,8 @@ def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[
                                _matched_rows(matches), plan.manifest, plan.class_names)
         old_full = _full_rows(before["provenance"])
         if dup is None or old_full is None:
-            say("the report's duplicate groups cannot be updated from the new rows alone: the full read makes it")
+            say("the head's summary (duplicate groups, provenance) cannot be grown from the new rows alone: "
+                "the full read makes it")
             return None
         features = None
         if detector is not None:
