@@ -107,7 +107,9 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     vstats = store.VerifyStats()
     parent_id = store.current_snapshot(store_dir, key)
     stat_path = Path(stat_cache) / f"{key}.arrow" if stat_cache else None
-    noop = fast_noop(cfg, store_dir, parent_id, stat_path, verify_source, progress) if parent_id else None
+    bound = bound_cache(store_dir, parent_id, stat_path) if parent_id else None
+    noop = fast_noop(cfg, *bound, verify_source, progress) if bound is not None else None
+    changed = noop.changed_ids if noop is not None else []  # files the full read must re-read
     if noop is not None and noop.unchanged:
         # Nothing changed: the store's files are hashed (as a load would: a damaged store still
         # fails) and the report comes from the head's header; no manifest row is loaded.
@@ -122,19 +124,18 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                    "plan": 0.0, "features": 0.0, "write": 0.0}
         return _finish(meta, None, cfg, verify_source, pointer_path, report_path, store_dir, seconds, t0, vstats,
                        {**noop.work, "noop_fast": 1})
-    if noop is not None and "counted" in noop.work:
+    if bound is not None and noop is not None and "counted" in noop.work:
         # Another number of files than rows: when more, an append, shown without loading the
         # parent's rows where it can be (fast_append)
         scan_ns = time.time_ns()  # before the listing: what the new cache's entries are racy against
-        appended = fast_append(cfg, store_dir, parent_id, stat_path, scan_ns, noop.work["counted"], pointer_path,
+        appended = fast_append(cfg, store_dir, *bound, stat_path, scan_ns, noop.work["counted"], pointer_path,
                                progress, detector)
         if appended is not None and appended.snapshot:
             appended.work["append_fast"] = 1
-            vstats = appended.verified
             return _finish(store.read_meta(store_dir, appended.snapshot), None, cfg, verify_source, pointer_path,
-                           report_path, store_dir, appended.seconds, t0, vstats, appended.work)
-        if appended is not None and appended.changed_ids:
-            noop = sources.NoopCheck(False, "changed", changed_ids=appended.changed_ids)
+                           report_path, store_dir, appended.seconds, t0, appended.verified, appended.work)
+        if appended is not None:
+            changed = appended.changed_ids
     # The store is verified before the (long) read, so a damaged store fails fast and is never
     # mistaken for a changed source.
     parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
@@ -150,11 +151,11 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
         m = parent.manifest
         known = KnownRows(m["sample_id"], m["sha256"], m["file_sha256"])  # Arrow columns, not objects
     stat = read_stat_cache(stat_path)
-    if stat is not None and noop is not None and noop.changed_ids:
+    if stat is not None and changed:
         # the spot check read other bytes than the cache vouches for: the full read re-reads them
-        say(f"{len(noop.changed_ids)} file(s) changed under the same size and mtime: "
-            f"{', '.join(noop.changed_ids[:5])}; reading them again")
-        stat = stat.without(noop.changed_ids)
+        say(f"{len(changed)} file(s) changed under the same size and mtime: {', '.join(changed[:5])}; "
+            f"reading them again")
+        stat = stat.without(changed)
     scan_ns = time.time_ns()
     spill = Path(store_dir) / SPILL_DIR
     sources.clear_spill(spill)
@@ -219,23 +220,29 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                    store_dir, seconds, t0, vstats, source_work)
 
 
-def fast_noop(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Path], verify_source: bool,
-              progress: Optional[Callable[[str], None]] = None) -> Optional[sources.NoopCheck]:
-    """Whether the source is, file for file, what the stat cache recorded when ``head`` was made
-    current (``sources.listing_unchanged``), so the run is a no-op that loads no manifest row: its
-    memory does not grow with the rows (issue 19 item 3). None when that cannot be shown cheaply
-    (no cache, one bound to another snapshot, a head written before headers carried a summary):
-    the full read decides then, as it does whenever this says "not unchanged"."""
+def bound_cache(store_dir: str, head: str, stat_path: Optional[Path]) -> Optional[tuple[dict, "CacheWindows"]]:
+    """``(head's header, the stat cache)`` when the cache was written for ``head`` and the header
+    carries the summary: what :func:`fast_noop` and :func:`fast_append` need to show their case
+    without loading a row. None otherwise (no cache, one bound to another snapshot, a head written
+    before headers carried a summary): the full read decides then."""
     if stat_path is None:
         return None
     meta = store.read_meta(store_dir, head)
     if "summary" not in meta:
         return None
     cache = open_stat_cache(stat_path)
-    if cache is None:
+    if cache is None or cache.snapshot != head:
         return None
-    if cache.snapshot != head:
-        return None
+    return meta, cache
+
+
+def fast_noop(cfg: DataConfig, meta: dict, cache: "CacheWindows", verify_source: bool,
+              progress: Optional[Callable[[str], None]] = None) -> Optional[sources.NoopCheck]:
+    """Whether the source is, file for file, what the stat cache recorded when the head (``meta``,
+    the cache bound to it: :func:`bound_cache`) was made current (``sources.listing_unchanged``),
+    so the run is a no-op that loads no manifest row: its memory does not grow with the rows
+    (issue 19 item 3). None when the listing refuses the source: the full read decides then, as it
+    does whenever this says "not unchanged"."""
     try:
         return sources.listing_unchanged(cfg, cache, cache.scan_ns, int(meta["n_rows"]), verify=verify_source,
                                          progress=progress)
@@ -257,12 +264,13 @@ class Appended:
     verified: store.VerifyStats = field(default_factory=store.VerifyStats)
 
 
-def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[Path], scan_ns: int,
+def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindows", stat_path: Path, scan_ns: int,
                 counted: int, pointer_path: str, progress: Optional[Callable[[str], None]] = None,
                 detector: Optional[ValidateConfig] = None) -> Optional[Appended]:
-    """An append that loads no row of the parent (issue 19 items 1 and 3): when the stat cache was
-    written for ``head``, its header carries the summary, and the source is the cached files as
-    they were plus new ones (``sources.listing_appended``), only the new files are read; the store
+    """An append that loads no row of the parent (issue 19 items 1 and 3): when the stat cache
+    (``cache``, at ``stat_path``) was written for the head (``meta``: :func:`bound_cache`) and the
+    source is the cached files as they were plus new ones (``sources.listing_appended``), only the
+    new files are read; the store
     is verified as :func:`fast_noop` verifies it (``store.verify_files``), its rows streamed past
     the new ones (an id already there, or a duplicate group the report cannot be updated for,
     leaves the append to the full read); the new rows are planned and written as the full read
@@ -272,12 +280,7 @@ def fast_append(cfg: DataConfig, store_dir: str, head: str, stat_path: Optional[
     ``changed_ids``); its memory grows with the new rows and the stat cache, not with the store's
     manifest. Not for a head whose child is due to carry a base (``store.base_due``): writing one
     reads every row."""
-    if stat_path is None:
-        return None
-    meta = store.read_meta(store_dir, head)
-    cache = open_stat_cache(stat_path)
-    if "summary" not in meta or cache is None or cache.snapshot != head:
-        return None
+    head = meta["id"]
     whole, headers = store.lineage(store_dir, head)
     lite = store.Parent(head, store.empty_manifest(), meta, tuple(h["id"] for h in whole), len(headers))
     if store.base_due(lite):

@@ -205,6 +205,16 @@ def test_an_edit_under_the_same_stat_is_caught_beside_an_append(env):
         run_cached(env, recheck_files=10_000)  # the spot check re-reads every cached file
 
 
+def test_the_files_the_appends_spot_check_caught_are_read_again_by_the_full_read(env, monkeypatch):
+    """The full read re-reads what the append's spot check caught, even when its own spot check
+    (``data.recheck_files`` 0 here) would not have picked it."""
+    edited_under_same_stat(env)
+    add(env, "train/cat/new.png", 981)
+    monkeypatch.setattr(sources, "_spot_rows", lambda n, recheck: np.arange(n))  # the append's: every file
+    with pytest.raises(SnapshotRefused, match=r"train/emu/z.bmp: pixels changed"):
+        run_cached(env, recheck_files=0)
+
+
 def test_an_append_due_a_base_is_left_to_the_full_read(env, monkeypatch):
     monkeypatch.setattr(store, "BASE_EVERY", 2)
     run_cached(env)

@@ -538,6 +538,18 @@ def _stat_checkable(cfg: DataConfig, verify: bool) -> tuple[str, str]:
     return path, ""
 
 
+def _spot_rows(n_rows: int, recheck: int) -> np.ndarray:
+    """The cached rows whose files a stat check re-reads (``data.recheck_files`` of them, ascending).
+    Random on purpose, as the full read's: a fixed choice would tell a tamperer which files to avoid."""
+    return np.array(sorted(random.SystemRandom().sample(range(n_rows), min(max(recheck, 0), n_rows))), np.int64)
+
+
+def _changed_under_stat(root: Path, path: str, picked: list[tuple[str, str]], max_file_bytes: int) -> list[str]:
+    """The ``(id, recorded byte digest)`` files of ``picked`` whose bytes hash to another digest."""
+    return [rel for rel, fsha in picked
+            if hashlib.sha256(_read_file(f"{root}/{rel}", f"{path}::{rel}", max_file_bytes)).hexdigest() != fsha]
+
+
 def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns: int, n_rows: int,
                       verify: bool = False, recheck: Optional[int] = None, progress: Progress = None) -> NoopCheck:
     """Whether a folder source is, file for file, what the stat cache recorded, checked while the
@@ -570,8 +582,7 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
         return NoopCheck(False, f"{listed} files, the snapshot has {n_rows} rows", {"counted": listed})
     lim = _limits(cfg)
     rows = _BatchRows(cached)
-    # the spot check is random on purpose, as the full read's: a fixed choice would tell a tamperer which files to avoid
-    spot = sorted(random.SystemRandom().sample(range(n_rows), min(max(recheck, 0), n_rows)))
+    spot = _spot_rows(n_rows, recheck)
     picked: list[tuple[str, str]] = []
     dirs: set[str] = set()
     counts: Counter = Counter()
@@ -605,7 +616,7 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
                 miss = f"{split}/{cls}/ has files too recent to trust by stat"
             else:
                 lo, hi = np.searchsorted(spot, [at, at + len(ids)])
-                for p in spot[lo:hi]:
+                for p in spot[lo:hi].tolist():
                     picked.append((ids[p - at], got.column("file_sha256")[p - at].as_py()))
             miss_at = at
         if miss:
@@ -625,8 +636,7 @@ def listing_unchanged(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns
     if rows.left() or at != n_rows:
         return NoopCheck(False, "fewer files than cached rows", {"listed": at})
     _check_layout(path, dirs, counts)
-    changed = [rel for rel, fsha in picked
-               if hashlib.sha256(_read_file(f"{root}/{rel}", f"{path}::{rel}", lim.max_file_bytes)).hexdigest() != fsha]
+    changed = _changed_under_stat(root, path, picked, lim.max_file_bytes)
     work = {"listed": at, "trusted": at - len(picked), "rechecked": len(picked)}
     if changed:
         return NoopCheck(False, f"{len(changed)} file(s) changed under the same (size, mtime)", work, changed)
@@ -678,7 +688,7 @@ def listing_appended(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns:
     lim = _limits(cfg)
     rows = _BatchRows(cached)
     known = set(class_names)
-    spot = np.array(sorted(random.SystemRandom().sample(range(n_rows), min(max(recheck, 0), n_rows))), np.int64)
+    spot = _spot_rows(n_rows, recheck)
     picked: list[tuple[str, str]] = []
     dirs: set[str] = set()
     counts: Counter = Counter()
@@ -732,22 +742,13 @@ def listing_appended(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns:
         cache_at += r
         return ""
 
-    cur: Optional[tuple[str, str]] = None
-    f_ids: list[str] = []
-    f_sz, f_mt = array.array("q"), array.array("q")
     miss = ""
-    for split, cls, ids, sz, mt in _walk_folder(root, path, lim.max_file_bytes):
+    # a class folder in one part (the walk holds its names anyway): new files sit anywhere in it
+    for split, cls, ids, sz, mt in _walk_folder(root, path, lim.max_file_bytes, part=sys.maxsize):
         dirs.add(f"{split}/{cls}")
         counts[f"{split}/{cls}"] += len(ids)
-        if cur != (split, cls):  # a folder's parts are held until it is whole (its names are, by the walk)
-            if cur is not None and not miss:
-                miss = folder(*cur, f_ids, f_sz, f_mt)
-            cur, f_ids, f_sz, f_mt = (split, cls), [], array.array("q"), array.array("q")
-        f_ids += ids
-        f_sz += sz
-        f_mt += mt
-    if cur is not None and not miss:
-        miss = folder(*cur, f_ids, f_sz, f_mt)
+        if not miss:
+            miss = folder(split, cls, ids, sz, mt)
     work = {"counted": counted, "listed": sum(counts.values())}
     if miss:
         return AppendCheck(False, miss, work)
@@ -756,8 +757,7 @@ def listing_appended(cfg: DataConfig, cached: Iterable[pa.RecordBatch], scan_ns:
     if not n_new:
         return AppendCheck(False, "no new file", work)
     _check_layout(path, dirs, counts)
-    changed = [rel for rel, fsha in picked
-               if hashlib.sha256(_read_file(f"{root}/{rel}", f"{path}::{rel}", lim.max_file_bytes)).hexdigest() != fsha]
+    changed = _changed_under_stat(root, path, picked, lim.max_file_bytes)
     work.update(trusted=at - n_new - len(picked), rechecked=len(picked))
     if changed:
         return AppendCheck(False, f"{len(changed)} file(s) changed under the same (size, mtime)", work, changed)
