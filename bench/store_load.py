@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             m = timed(lambda: assemble(root, man, False, hs), args.trials)
             assert np.array_equal(assemble(root, man, True, hs), assemble(root, man, False, hs))
             rv = timed(lambda: [sample_hash(im) for im in snap.images], 1)
-            files = f"{3 * len(tail) + (2 if store._base_of(tail) else 0)} / {3 * p}"  # header + delta + pack each
+            files = f"{3 * len(tail) + (2 if store.base_of(tail) else 0)} / {3 * p}"  # header + delta + pack each
             row = (f"| {p} | {files} | {fmt(v)} | {fmt(vw)} | {fmt(nv)} | {fmt(nvw)} | {fmt(g)} | {fmt(m)} | "
                    f"{fmt(rv)} |")
             print(row, file=sys.stderr, flush=True)

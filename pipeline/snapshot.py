@@ -278,13 +278,12 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
     test compares them), and the cache gets the new files' entries, bound to the new snapshot.
     None when that cannot be shown (the full read decides: the caller runs it, after any
     ``changed_ids``); its memory grows with the new rows and the stat cache, not with the store's
-    manifest. Not for a head whose child is due to carry a base (``store.base_due``): writing one
-    reads every row."""
+    manifest. A head whose child is due to carry a base (``store.base_due``) gets it from the same
+    pass over the store's rows (``store.BaseWriter``), as the full read writes it."""
     head = meta["id"]
     whole, headers = store.lineage(store_dir, head)
-    lite = store.Parent(head, store.empty_manifest(), meta, tuple(h["id"] for h in whole), len(headers))
-    if store.base_due(lite):
-        return None
+    lite = store.Parent(head, store.empty_manifest(), meta, tuple(h["id"] for h in whole), len(headers),
+                        store.base_of(headers))
     n_old = int(meta["n_rows"])
     t0 = time.perf_counter()
     try:
@@ -296,6 +295,7 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
         return Appended(changed_ids=chk.changed_ids) if chk.changed_ids else None
     say = progress or (lambda _m: None)
     out = Appended(history=lite.history)
+    writer = None
     spill = Path(store_dir) / SPILL_DIR
     sources.clear_spill(spill)
     try:
@@ -318,7 +318,15 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
         # process: a collision cannot be aimed at, and only sends the run to the full read)
         prints = [np.fromiter(map(hash, new_ids.to_pylist()), np.int64, len(new_ids))]
 
+        if store.base_due(lite):  # a base keeps loads from reading the whole history (issue 19 item 4)
+            say(f"consolidating {n_old} rows of {head[:12]} into a base ({lite.since_base} snapshots since the "
+                f"last one), from the pass that verifies them")
+            writer = store.BaseWriter(store_dir, whole, headers)
+
         def each(batch: pa.RecordBatch) -> None:  # the store's rows, streamed past the new ones
+            if writer is not None:
+                writer.rows(batch)
+                batch = batch.select(["sample_id", "sha256", "label", "split"])
             ids = batch.column("sample_id")
             prints.append(np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids)))
             hit = pc.is_in(ids, value_set=new_ids)
@@ -328,7 +336,9 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
             if pc.any(same).as_py():
                 matches.append(batch.filter(same))
 
-        whole2, _ = store.verify_files(store_dir, head, stats_out=out.verified, each_rows=each)
+        whole2, _ = store.verify_files(store_dir, head, stats_out=out.verified, each_rows=each,
+                                       each_file=writer.file if writer is not None else None,
+                                       whole_rows=writer is not None)
         t_verify = time.perf_counter()
         if clash:
             say(f"{len(clash)}+ new file id(s) already in snapshot {head[:12]} ({', '.join(clash)}): "
@@ -366,9 +376,14 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
             return {"provenance": grown_provenance(before["provenance"], old_full, stats.provenance(rows)),
                     "duplicates": dup}
 
+        base = None
+        if writer is not None:
+            base = writer.finish(whole2, stats.detector_settings(detector) if detector is not None else None)
         source_meta = {**read.spec, "key": sources.source_key(cfg)}
         sid, _ = store.write_snapshot(store_dir, plan, source_meta, now, features=features, summarize=summarize,
-                                      prior=meta)
+                                      prior=meta, base=base)
+        if base is not None and store.read_header(store_dir, sid).get("base") == base:
+            store.prune_base(store_dir, lite.base, base)  # not when a crash leftover was adopted instead
         say(f"new snapshot {sid[:12]}: {n_old + plan.n_new} rows, {plan.n_new} new (parent {head[:12]}; "
             f"no earlier row loaded)")
         _grow_stat_cache(stat_path, cache, chk.new_at, read, scan_ns, sid)
@@ -379,6 +394,8 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
                        "write": round(time.perf_counter() - t_features, 3)}
         return out
     finally:
+        if writer is not None:
+            writer.discard()  # a base not finished (the append left to the full read): its temp files
         read.discard()
         _remove_empty(spill)
 

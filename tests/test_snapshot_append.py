@@ -215,17 +215,56 @@ def test_the_files_the_appends_spot_check_caught_are_read_again_by_the_full_read
         run_cached(env, recheck_files=0)
 
 
-def test_an_append_due_a_base_is_left_to_the_full_read(env, monkeypatch):
+@pytest.mark.parametrize("detector", [None, ValidateConfig()])
+def test_an_append_due_a_base_writes_it_from_the_pass_over_the_store(env, monkeypatch, detector):
+    """Every BASE_EVERY-th append carries a base (the parent's rows in one place). The append
+    writes it from the pass that verifies the store (store.BaseWriter: no row loaded), byte for
+    byte the base the full read writes, from the root and from an older base (then removed)."""
     monkeypatch.setattr(store, "BASE_EVERY", 2)
-    run_cached(env)
-    add(env, "train/cat/a.png", 990)
-    assert run_cached(env)["work"]["source_append_fast"] == 1
-    add(env, "train/cat/b.png", 991)
-    rep = run_cached(env)  # the third snapshot carries a base: written from the parent's rows
-    assert "source_append_fast" not in rep["work"] and "base" in store.read_meta(env.store, rep["snapshot_id"])
-    add(env, "train/cat/c.png", 992)
-    fast, full = both_ways(env)  # reads the base's rows as it streams the store
-    assert fast["report"]["work"]["source_append_fast"] == 1 and fast["files"] == full["files"]
+    monkeypatch.setattr(store, "BASE_GROUP_ROWS", 3)  # several row groups, cut across the deltas
+    snapshot.snapshot(env.cfg(), str(env.store), str(env.pointer), str(env.report), progress=None,
+                      stat_cache=str(env.tmp / "stat"), detector=detector)
+    bases = []
+    for k in range(4):
+        add(env, f"train/cat/a{k}.png", 990 + k)
+        add(env, f"test/dog/a{k}.png", 980 + k)
+        fast, full = both_ways(env, detector)
+        assert fast["report"]["work"]["source_append_fast"] == 1 and fast["files"] == full["files"]
+        assert stable(fast["report"]) == stable(full["report"])
+        h = store.read_meta(env.store, fast["report"]["snapshot_id"])
+        bases.append(h.get("base"))
+        if h.get("base"):
+            assert (h["base"]["features"] is not None) == (detector is not None)
+            assert h["base"]["of"] == h["parent"]
+    assert [b is not None for b in bases] == [False, True, False, True]
+    # the newest base stands for the rows before it; the older one is removed
+    tip = store.read_meta(env.store, fast["report"]["snapshot_id"])
+    assert [h["id"] for h in store.resolve(env.store, tip["id"])] == [tip["id"]]
+    assert not (env.store / "bases" / f"{bases[1]['pixels']}.npy").exists()
+    assert sorted(p.name for p in (env.store / "bases").iterdir()) == sorted(
+        [f"{bases[3]['manifest']}.parquet", f"{bases[3]['pixels']}.npy"]
+        + ([f"{bases[3]['features']['sha256']}.parquet"] if detector is not None else []))
+    whole = store.chain(env.store, tip["id"])
+    pd.testing.assert_frame_equal(store.load_manifest(env.store, tip["id"]),
+                                  store.load_manifest(env.store, tip["id"], headers=whole))
+    assert np.array_equal(store.load_snapshot(env.store, tip["id"]).images,
+                          np.asarray(store.load_snapshot(env.store, tip["id"], lazy=True).images))
+
+
+def test_an_append_whose_base_meets_a_changed_row_stops_and_leaves_no_base(env, monkeypatch):
+    """A pack changed under its name: the append that writes a base re-hashes every row it copies;
+    it is refused as a damaged store, and no base file, temp file or snapshot is left."""
+    monkeypatch.setattr(store, "BASE_EVERY", 1)
+    first = run_cached(env)
+    pack = next((env.store / "packs").iterdir())
+    data = bytearray(pack.read_bytes())
+    data[-1] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    add(env, "train/cat/new.png", 985)
+    with pytest.raises(store.IntegrityError):
+        run_cached(env)
+    assert not (env.store / "bases").exists() or not any((env.store / "bases").iterdir())
+    assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == first["snapshot_id"]
 
 
 def test_a_cache_that_names_a_stored_file_new_is_caught_by_the_stored_ids(env):

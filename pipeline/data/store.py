@@ -646,7 +646,7 @@ def _from_base(store: Path, headers: list[dict]) -> list[dict]:
     return headers
 
 
-def _base_of(headers: list[dict]) -> Optional[dict]:
+def base_of(headers: list[dict]) -> Optional[dict]:
     """The base a :func:`resolve` list starts from (None for a list from the root)."""
     return headers[0]["base"] if headers and headers[0].get(_BASE_USED) else None
 
@@ -788,7 +788,7 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
     store = Path(store_dir)
     headers = headers if headers is not None else resolve(store, snapshot_id)
     parts = []
-    base = _base_of(headers)
+    base = base_of(headers)
     if base is not None:
         if base.get("features") is None or base["features"]["detector"] != detector:
             # the base holds other settings' columns (or none): the rows before it from the whole history
@@ -847,7 +847,7 @@ def _load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
     delta_cols = None if columns is None else [c for c in DELTA_SCHEMA.names if c in want]
     dictionary = [c for c in REPEATED_COLUMNS if c in want] if categorical else []
     delta_dictionary = [c for c in dictionary if c in DELTA_SCHEMA.names]
-    base = _base_of(headers)
+    base = base_of(headers)
     start = base["rows"] if base is not None else 0
     ids: Optional[list] = [] if verify and split is not None else None
     need: Optional[dict[str, int]] = {} if split is not None else None
@@ -1025,7 +1025,7 @@ def _sources(store: Path, headers: list[dict], manifest: pd.DataFrame,
     ``manifest``: the full one, or some of its rows indexed by their row in it (a split's load),
     then with ``need``: the rows each pack must hold for every row of the chain."""
     out, start = [], 0
-    base = _base_of(headers)
+    base = base_of(headers)
     at = _positions(manifest)
     if base is not None:
         start = base["rows"]
@@ -1111,7 +1111,9 @@ def verify_packs(store_dir: str | Path, headers: list[dict], manifest: pd.DataFr
 
 def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[VerifyStats] = None,
                  hash_packs: bool = True, rows: int = 65_536,
-                 each_rows: Optional[Callable[[pa.RecordBatch], None]] = None) -> tuple[list[dict], list[dict]]:
+                 each_rows: Optional[Callable[[pa.RecordBatch], None]] = None,
+                 each_file: Optional[Callable[[dict, bool], None]] = None,
+                 whole_rows: bool = False) -> tuple[list[dict], list[dict]]:
     """``(chain, resolved)`` headers of ``snapshot_id``, verified as a load verifies them, with
     memory that does not grow with the rows (the snapshot stage's no-op and poison's identity view,
     issue 19 item 3): every file a load reads is hashed against the sha256 its header records
@@ -1125,14 +1127,17 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
     row order, ``rows`` at a time (``sample_id``, ``sha256``, ``label``, ``split``), read from the
     open file whose bytes were hashed (a file renamed over it after the hash is not read; one
     written in place meanwhile changes its inode's ctime, and is refused); what the callback
-    raises is raised as it is."""
+    raises is raised as it is. ``whole_rows``: ``each_rows`` gets every column of the file
+    (``pack`` as a dictionary in a delta's). ``each_file(header, is_base)``: called before the
+    rows of each manifest file (the base's, then each delta's), its pixel files checked.
+    """
     store = Path(store_dir)
     check_format(store)
     st = stats_out or VerifyStats()
     whole = chain(store, snapshot_id)
     headers = _from_base(store, whole)
     shape = tuple(int(x) for x in headers[-1]["image_shape"])
-    base = _base_of(headers)
+    base = base_of(headers)
 
     def check(path: Path, digest: str, what: str, header: dict, fh=None) -> None:
         if fh is None and not path.is_file():
@@ -1192,9 +1197,15 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
         cols = ["label"] + (["pack", "pack_index"] if packs is not None else [])
         failed: list[Exception] = []  # the callback's error: raised as it is, not as a damaged file
         if each_rows is not None:
-            cols += ["sample_id", "sha256", "split"]
+            cols = list(schema.names) if whole_rows else cols + ["sample_id", "sha256", "split"]
+        if each_file is not None:
+            each_file(header, packs is None)
         try:
-            pf = pq.ParquetFile(fh, read_dictionary=["pack"] if packs is not None else None)
+            # pages read through a 1 MiB buffer: unbuffered (pyarrow's default) a column chunk is
+            # read whole, and a cold snapshot's delta is one row group of every row; reading 4 of its
+            # columns took +65 MiB at 1M rows, +34 buffered (bench/results/snapshot_base_stream_1m.log)
+            pf = pq.ParquetFile(fh, read_dictionary=["pack"] if packs is not None else None, pre_buffer=False,
+                                buffer_size=1 << 20)
             got = [(f.name, _plain(f.type)) for f in pf.schema_arrow]
             if got != [(f.name, f.type) for f in schema]:
                 raise DamagedStore(store, path, f"has columns {[f'{a}:{b}' for a, b in got]}, not the {what}'s schema")
@@ -1214,7 +1225,7 @@ def verify_files(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ve
                                                             f"the manifest expects")
                 if each_rows is not None:
                     try:
-                        each_rows(batch.select(["sample_id", "sha256", "label", "split"]))
+                        each_rows(batch if whole_rows else batch.select(["sample_id", "sha256", "label", "split"]))
                     except Exception as exc:  # noqa: BLE001 - the caller's own error, not the file's
                         failed.append(exc)
                         raise
@@ -1336,7 +1347,7 @@ def load_parent(store_dir: str | Path, snapshot_id: str, stats_out: Optional[Ver
         stats_out.snapshots += len(headers)
         stats_out.rows += len(manifest)
     meta = {k: v for k, v in headers[-1].items() if k != _BASE_USED}
-    return Parent(snapshot_id, manifest, meta, history, len(headers), _base_of(headers))
+    return Parent(snapshot_id, manifest, meta, history, len(headers), base_of(headers))
 
 
 def load_snapshot(store_dir: str | Path, snapshot_id: str, verify: bool = True, deep: bool = False,
@@ -1468,36 +1479,84 @@ def _write_object(path: Path, data: bytes, digest: str) -> None:
 PACK_CHUNK_ROWS = 8192  # rows per write of a pack: its memory is one chunk, whatever the pack's size
 
 
+class _HashedFile:
+    """A content-addressed file (``path_of(sha256)``) written piece by piece, hashed as written,
+    through a temp file in the same folder (renamed by :meth:`finish`: never half a file;
+    :meth:`discard` leaves nothing). Memory is one piece, whatever the file's size; several can be
+    open at once (a base's manifest and pixels are written from one pass over the store). It has
+    the file methods a ``pq.ParquetWriter`` writes through; its ``close`` only marks it closed."""
+
+    def __init__(self, path_of: Callable[[str], Path]):
+        self.path_of = path_of
+        folder = path_of("0" * 64).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = create_temp(folder, ".write-", ".tmp")
+        self.tmp = Path(name)
+        self._fh = os.fdopen(fd, "wb")
+        self._h = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        try:
+            self._h.update(data)
+            self._fh.write(data)
+        except OSError as exc:
+            self._named(exc)
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass  # finish() flushes and syncs once
+
+    def close(self) -> None:
+        self.closed = True
+
+    def finish(self) -> tuple[str, int]:
+        """Sync and move the file to its name; ``(digest, bytes)``."""
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            digest = self._h.hexdigest()
+            final = self.path_of(digest)
+            if final.is_file() and file_sha256(final) == digest:
+                self.tmp.unlink()
+            else:
+                os.replace(self.tmp, final)
+            return digest, self.size
+        except OSError as exc:
+            self._named(exc)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        self.closed = True
+        if not self._fh.closed:
+            self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _named(self, exc: OSError):
+        if not exc.filename:
+            exc.poisongate_path = str(self.tmp)  # type: ignore[attr-defined]
+        raise exc
+
+
 def _write_streamed(path_of: Callable[[str], Path], parts: Iterable[bytes]) -> tuple[str, int]:
     """Write ``parts`` one after the other into a content-addressed file (``path_of(sha256)``),
-    hashed as written, through a temp file in the same folder (renamed: never half a file);
-    returns (digest, bytes). Memory is one part, whatever the file's size."""
-    folder = path_of("0" * 64).parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, name = create_temp(folder, ".write-", ".tmp")
-    tmp = Path(name)
-    h, total = hashlib.sha256(), 0
+    hashed as written (:class:`_HashedFile`); returns (digest, bytes). Memory is one part,
+    whatever the file's size."""
+    out = _HashedFile(path_of)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            for part in parts:
-                h.update(part)
-                fh.write(part)
-                total += len(part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = h.hexdigest()
-        final = path_of(digest)
-        if final.is_file() and file_sha256(final) == digest:
-            tmp.unlink()
-        else:
-            os.replace(tmp, final)
-        return digest, total
-    except OSError as exc:
-        if not exc.filename:
-            exc.poisongate_path = str(tmp)  # type: ignore[attr-defined]
-        raise
+        for part in parts:
+            out.write(part)
+        return out.finish()
     finally:
-        tmp.unlink(missing_ok=True)
+        out.discard()
 
 
 def _npy_parts(images, chunk: int, check: Optional[Callable[[int, np.ndarray], None]] = None
@@ -1604,8 +1663,8 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
     n = len(manifest)
     before = 0  # rows of the parent that ``manifest`` leaves out
     if prior is not None:
-        if prior.get("id") != plan.parent or n != plan.n_new or base is not None:
-            raise ValueError("a plan of new rows only needs its parent's header as prior, and no base")
+        if prior.get("id") != plan.parent or n != plan.n_new:
+            raise ValueError("a plan of new rows only needs its parent's header as prior")
         before = int(prior["n_rows"])
     packs: list[str] = []
     if plan.n_new:
@@ -1642,9 +1701,9 @@ def write_snapshot(store_dir: str | Path, plan: Plan, source: dict, created: str
         _set_tail(manifest, "snapshot_id", "0" * 64, plan.n_new)
         extra["summary"] = summarize(manifest, plan.class_names)
     if base is not None:
-        if base["of"] != plan.parent or base["rows"] != n - plan.n_new:
+        if base["of"] != plan.parent or base["rows"] != before + n - plan.n_new:
             raise ValueError(f"a base of {base['of'][:12]} ({base['rows']} rows) for a snapshot of parent "
-                             f"{str(plan.parent)[:12]} with {n - plan.n_new} rows before its new ones")
+                             f"{str(plan.parent)[:12]} with {before + n - plan.n_new} rows before its new ones")
         extra["base"] = base
     header = {
         **extra,
@@ -1701,40 +1760,224 @@ def base_due(parent: Optional[Parent], every: Optional[int] = None) -> bool:
     return parent is not None and every > 0 and parent.since_base >= every
 
 
+BASE_GROUP_ROWS = 65_536  # rows per Parquet row group of a base's files: the writer holds about two groups
+
+
+class _Grouped:
+    """A Parquet file written ``rows`` rows a row group, whatever the sizes of the tables added:
+    its bytes depend on the rows alone, so a base streamed from the store in any batching (the
+    full read's, the append's) is the same file."""
+
+    def __init__(self, sink: "_HashedFile", schema: pa.Schema, rows: Optional[int] = None):
+        self.schema, self.rows = schema, BASE_GROUP_ROWS if rows is None else rows
+        self._w = pq.ParquetWriter(sink, schema, compression="zstd")
+        self._pending: list[pa.Table] = []
+        self.n = 0  # rows added
+        self._held = 0
+
+    def add(self, table: pa.Table) -> None:
+        self._pending.append(table.cast(self.schema))
+        self._held += table.num_rows
+        self.n += table.num_rows
+        while self._held >= self.rows:
+            t = pa.concat_tables(self._pending)
+            self._write(t.slice(0, self.rows))
+            rest = t.slice(self.rows).combine_chunks()
+            self._pending, self._held = [rest], rest.num_rows
+
+    def _write(self, t: pa.Table) -> None:
+        # one chunk a column: Arrow's page cuts then depend on the rows, not on how they arrived
+        self._w.write_table(t.combine_chunks(), row_group_size=self.rows)
+
+    def close(self) -> None:
+        if self._held:
+            self._write(pa.concat_tables(self._pending))
+        self._pending, self._held = [], 0
+        self._w.close()
+
+    def abort(self) -> None:
+        """Stop without a file: the writer is closed now (its footer goes to the sink the caller
+        discards), not when it is collected, into a sink already closed."""
+        self._pending, self._held = [], 0
+        if self._w.is_open:
+            try:
+                self._w.close()
+            except (OSError, ValueError):
+                pass
+
+
+class BaseWriter:
+    """A base of a snapshot written from :func:`verify_files`' pass over its rows (``file`` and
+    ``rows`` are that pass's ``each_file`` and ``each_rows``, with ``whole_rows``): the manifest a
+    row group at a time, every row's pixels read from its pack (or the older base) and re-hashed
+    against the verified row before they are copied, so the base is right by construction. Memory
+    is a batch of rows and a chunk of pixels, not the store's rows (issue 19 item 3: the append
+    that wrote a base loaded every row, 1.16 GB at 1M rows). The snapshot stage's full read and its
+    append both write a base this way: the same rows give the same files.
+
+    ``headers``: the :func:`lineage` of the snapshot, whose files the pass must visit in order."""
+
+    def __init__(self, store_dir: str | Path, whole: list[dict], headers: list[dict], chunk: int = PACK_CHUNK_ROWS):
+        self.store = Path(store_dir)
+        self.of = whole[-1]["id"]
+        self.history = tuple(h["id"] for h in whole)
+        self.headers, self.chunk = headers, chunk
+        self.shape = tuple(int(x) for x in headers[-1]["image_shape"])
+        self.n_rows = int(headers[-1]["n_rows"])
+        base = base_of(headers)
+        self._plan = ([(headers[0]["id"], True)] if base is not None else []) + [(h["id"], False) for h in headers]
+        self._k = 0
+        self._seg: Optional[tuple[dict, bool]] = None
+        self._packs: list = []
+        self._names: Optional[pa.Array] = None
+        self._at = 0  # rows of the current file done
+        self._man = _HashedFile(lambda d: _base_path(self.store, d, "parquet"))
+        self._px: Optional[_HashedFile] = None
+        try:
+            self._rows = _Grouped(self._man, BASE_SCHEMA)
+            self._px = _HashedFile(lambda d: _base_path(self.store, d, "npy"))
+            head = io.BytesIO()
+            np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                        "fortran_order": False, "shape": (self.n_rows, *self.shape)})
+            self._px.write(head.getvalue())
+        except BaseException:
+            self.discard()
+            raise
+
+    def file(self, header: dict, is_base: bool) -> None:
+        from pipeline.data.rows import file_identity
+
+        if self._k >= len(self._plan) or self._plan[self._k] != (header["id"], is_base):
+            raise IntegrityError(f"the store moved while a base of {self.of[:12]} was written: run the stage again")
+        self._k += 1
+        self._seg, self._at = (header, is_base), 0
+        if is_base:
+            b = header["base"]
+            paths, self._names = [_base_path(self.store, b["pixels"], "npy")], None
+        else:
+            paths, self._names = [_pack_path(self.store, p) for p in header["packs"]], pa.array(header["packs"], pa.string())
+        self._packs = []
+        for path in paths:  # verify_files has checked their dtype and shape; each row is hashed below
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+            self._packs.append((path, int(arr.offset), int(arr.shape[0]), file_identity(path)))
+            del arr
+
+    def rows(self, batch: pa.RecordBatch) -> None:
+        from pipeline.data.rows import LazyRows
+
+        header, is_base = self._seg
+        n = batch.num_rows
+        t = pa.Table.from_batches([batch])
+        if is_base:
+            pack_of, index = np.zeros(n, np.int32), np.arange(self._at, self._at + n, dtype=np.int64)
+        else:
+            t = t.set_column(t.schema.get_field_index("pack"), "pack", t.column("pack").cast(pa.string()))
+            t = t.append_column("snapshot_id", pa.array(np.full(n, header["id"], dtype=object), pa.string()))
+            # verify_files has checked that every row names one of the header's packs
+            pack_of = pc.fill_null(pc.index_in(t.column("pack"), value_set=self._names), -1).to_numpy()
+            if n and pack_of.min() < 0:
+                raise IntegrityError(f"a row of snapshot {header['id'][:12]} names a pack its header does not")
+            index = t.column("pack_index").to_numpy()
+        self._rows.add(t.select(BASE_SCHEMA.names))
+        lazy = LazyRows(self._packs, pack_of, index, self.shape)
+        ids, sha = t.column("sample_id"), t.column("sha256")
+        for s0 in range(0, n, self.chunk):
+            e = min(s0 + self.chunk, n)
+            block = lazy[s0:e]
+            check_rows(block, np.arange(e - s0), ids.slice(s0, e - s0).to_pylist(), sha.slice(s0, e - s0).to_pylist())
+            self._px.write(memoryview(block).cast("B"))
+        self._at += n
+        # the batch's freed buffers back to the OS: glibc kept them in a heap that fragmented, and
+        # the pass's peak grew by 0.066 KiB a row of the store (0.039 with this and verify_files'
+        # buffered reads: bench/results/snapshot_base_stream_1m.log)
+        heap.release()
+
+    def finish(self, whole: list[dict], detector: Optional[dict] = None) -> dict:
+        """The base's files moved to their names; the header entry naming them. ``whole``: the
+        chain :func:`verify_files` returned (it must be the one this writer was made for)."""
+        if tuple(h["id"] for h in whole) != self.history or self._k != len(self._plan) or self._rows.n != self.n_rows:
+            raise IntegrityError(f"the store moved while a base of {self.of[:12]} was written: run the stage again")
+        out = rows = None
+        try:
+            self._rows.close()
+            if detector is not None:
+                out = _HashedFile(lambda d: _base_path(self.store, d, "parquet"))
+                rows = _Grouped(out, BASE_FEATURE_SCHEMA)
+                for part in _feature_parts(self.store, self.headers, whole, detector):
+                    rows.add(part)
+                if rows.n != self.n_rows:
+                    raise IntegrityError(f"the data-gate columns of {self.of[:12]} hold {rows.n} rows, "
+                                         f"not {self.n_rows}")
+                rows.close()
+            # every file whole before any is named: a failure leaves no base file behind
+            entry = {"of": self.of, "rows": self.n_rows, "manifest": self._man.finish()[0],
+                     "pixels": self._px.finish()[0], "features": None}
+            if out is not None:
+                entry["features"] = {"sha256": out.finish()[0], "detector": detector}
+            return entry
+        finally:
+            if rows is not None:
+                rows.abort()
+            if out is not None:
+                out.discard()
+            self.discard()
+            heap.release()  # the pass's and the writers' freed buffers: the stage goes on
+
+    def discard(self) -> None:
+        """Remove what is not finished (the temp files)."""
+        rows = getattr(self, "_rows", None)
+        if rows is not None:
+            rows.abort()
+        self._man.discard()
+        if self._px is not None:
+            self._px.discard()
+
+
+def _feature_parts(store: Path, headers: list[dict], whole: list[dict], detector: dict,
+                   rows: int = 65_536) -> Iterator[pa.Table]:
+    """:func:`load_features`' rows (``BASE_FEATURE_SCHEMA``) as tables of at most ``rows``, each
+    file checked against its sha256, schema and row count."""
+    base = base_of(headers)
+    if base is not None:
+        if base.get("features") is None or base["features"]["detector"] != detector:
+            yield from _feature_parts(store, whole, whole, detector, rows)  # the rows before it from the root
+            return
+        f = base["features"]["sha256"]
+        for batch in _read_batches(store, _base_path(store, f, "parquet"), f, {**headers[0], "n_new": base["rows"]},
+                                   "base's data-gate columns", BASE_FEATURE_SCHEMA, True, BASE_FEATURE_SCHEMA.names,
+                                   rows=rows):
+            yield pa.Table.from_batches([batch])
+    for h in headers:
+        f = h.get("features")
+        if f is not None and f["detector"] == detector:
+            for batch in _read_batches(store, _features_path(store, f["sha256"]), f["sha256"], h, "data-gate columns",
+                                       FEATURE_SCHEMA, True, FEATURE_SCHEMA.names, rows=rows):
+                yield pa.Table.from_batches([batch]).append_column("stored", pa.array(np.ones(batch.num_rows, bool)))
+        else:
+            for s0 in range(0, int(h["n_new"]), rows):
+                k = min(rows, int(h["n_new"]) - s0)
+                yield pa.table({"phash": np.zeros(k, np.uint64), "abnormal_block": np.zeros(k, bool),
+                                "abnormal_block_at": blank_strings(k), "stored": np.zeros(k, bool)})
+
+
 def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] = None,
-               chunk: int = 65536) -> dict:
+               chunk: int = PACK_CHUNK_ROWS) -> dict:
     """Consolidate ``parent`` (verified by :func:`load_parent`) into ``bases/``: its full manifest,
-    its pixels in manifest order (each row re-hashed against the manifest as it is copied, so the
-    base is right by construction, not by trust), and, with ``detector``, its data-gate columns.
-    Streams the pixels in chunks of ``chunk`` rows; returns the header entry naming the files."""
-    store = Path(store_dir)
-    # The pixels' rows only: the load's own columns (the base's manifest is the parent's, verified).
-    # The whole manifest again, two lists of every row's id and hash and a memmap of the output
-    # took a 1M-row append that writes a base to 2,295 MiB (bench/results/snapshot_base_1m.log).
-    snap = load_snapshot(store, parent.id, verify=False, lazy=True, columns=())
-    man = snap.manifest
-    if not man["sample_id"].reset_index(drop=True).equals(parent.manifest["sample_id"].reset_index(drop=True)):
-        raise IntegrityError(f"snapshot {parent.id[:12]} reads back other rows than it was verified with")
-    # each row against the verified manifest (the reload was not verified: a pack and a delta
-    # swapped on disk since load_parent would agree with each other, not with it)
-    ids, sha = parent.manifest["sample_id"].array, parent.manifest["sha256"].array
-
-    def checked(s0: int, block: np.ndarray) -> None:  # a chunk's ids and hashes as lists: indexed row by row
-        end = s0 + len(block)
-        check_rows(block, np.arange(len(block)), ids[s0:end].tolist(), sha[s0:end].tolist())
-
-    # written and hashed as it is read, through a temp file (never half a file), not a memmap
-    # whose written pages the process holds
-    pixels = _write_streamed(lambda d: _base_path(store, d, "npy"), _npy_parts(snap.images, chunk, checked))[0]
-    del snap, man, ids, sha
-    mb = _parquet_buffer(parent.manifest, BASE_SCHEMA)
-    entry = {"of": parent.id, "rows": len(parent.manifest), "manifest": _sha256(mb), "pixels": pixels, "features": None}
-    _write_object(_base_path(store, entry["manifest"], "parquet"), mb, entry["manifest"])
-    if detector is not None:
-        fb = _parquet_buffer(load_features(store, parent.id, detector), BASE_FEATURE_SCHEMA)
-        entry["features"] = {"sha256": _sha256(fb), "detector": detector}
-        _write_object(_base_path(store, entry["features"]["sha256"], "parquet"), fb, entry["features"]["sha256"])
-    return entry
+    its pixels in manifest order and, with ``detector``, its data-gate columns, streamed from the
+    store by :class:`BaseWriter` (every row re-hashed against its verified delta as it is copied;
+    ``chunk`` rows of pixels at a time). Refused when the store's history is no longer the one
+    ``parent`` was verified with. Returns the header entry naming the files."""
+    whole, headers = lineage(store_dir, parent.id)
+    if tuple(h["id"] for h in whole) != tuple(parent.history):
+        raise IntegrityError(f"snapshot {parent.id[:12]}'s history changed since it was verified: run the stage again")
+    w = BaseWriter(store_dir, whole, headers, chunk)
+    try:
+        # the packs are not hashed whole: every row is hashed as it is copied
+        got, _ = verify_files(store_dir, parent.id, hash_packs=False, each_rows=w.rows, each_file=w.file,
+                              whole_rows=True)
+        return w.finish(got, detector)
+    finally:
+        w.discard()
 
 
 def prune_base(store_dir: str | Path, old: Optional[dict], keep: Optional[dict]) -> None:
