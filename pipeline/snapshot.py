@@ -195,13 +195,19 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                 say(f"measuring {plan.n_new} new rows for the data gate (perceptual hash, block scan)")
                 features = (stats.row_features(plan.new_images, detector), stats.detector_settings(detector))
             t_features = time.perf_counter()
-            base = None
+            base, created = None, []
             if store.base_due(parent):  # a base keeps loads from reading the whole history (issue 19 item 4)
                 say(f"consolidating {len(parent.manifest)} rows of {parent.id[:12]} into a base "
                     f"({parent.since_base} snapshots since the last one)")
-                base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None)
-            sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base,
-                                                 summarize=summary)
+                base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None,
+                                        created=created)
+            try:
+                sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base,
+                                                     summarize=summary)
+            except BaseException:
+                for path in created:  # no header names them
+                    path.unlink(missing_ok=True)
+                raise
             if base is not None and store.read_header(store_dir, sid).get("base") == base:
                 store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
             say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
@@ -380,8 +386,13 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
         if writer is not None:
             base = writer.finish(whole2, stats.detector_settings(detector) if detector is not None else None)
         source_meta = {**read.spec, "key": sources.source_key(cfg)}
-        sid, _ = store.write_snapshot(store_dir, plan, source_meta, now, features=features, summarize=summarize,
-                                      prior=meta, base=base)
+        try:
+            sid, _ = store.write_snapshot(store_dir, plan, source_meta, now, features=features, summarize=summarize,
+                                          prior=meta, base=base)
+        except BaseException:
+            if writer is not None:
+                writer.retract()  # no header names the base
+            raise
         if base is not None and store.read_header(store_dir, sid).get("base") == base:
             store.prune_base(store_dir, lite.base, base)  # not when a crash leftover was adopted instead
         say(f"new snapshot {sid[:12]}: {n_old + plan.n_new} rows, {plan.n_new} new (parent {head[:12]}; "

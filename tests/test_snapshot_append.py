@@ -252,8 +252,8 @@ def test_an_append_due_a_base_writes_it_from_the_pass_over_the_store(env, monkey
 
 
 def test_an_append_whose_base_meets_a_changed_row_stops_and_leaves_no_base(env, monkeypatch):
-    """A pack changed under its name: the append that writes a base re-hashes every row it copies;
-    it is refused as a damaged store, and no base file, temp file or snapshot is left."""
+    """A pack changed under its name before the append: the pass that writes the base hashes it
+    whole first; refused as a damaged store, and no base file, temp file or snapshot is left."""
     monkeypatch.setattr(store, "BASE_EVERY", 1)
     first = run_cached(env)
     pack = next((env.store / "packs").iterdir())
@@ -263,7 +263,59 @@ def test_an_append_whose_base_meets_a_changed_row_stops_and_leaves_no_base(env, 
     add(env, "train/cat/new.png", 985)
     with pytest.raises(store.IntegrityError):
         run_cached(env)
-    assert not (env.store / "bases").exists() or not any((env.store / "bases").iterdir())
+    assert not (env.store / "bases").exists()
+    assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == first["snapshot_id"]
+
+
+def test_the_append_re_hashes_every_row_it_copies_into_a_base(env, monkeypatch):
+    """A pack rewritten after the pass hashed it whole (and before its rows are copied): the row
+    re-hash refuses it; no base, no snapshot."""
+    monkeypatch.setattr(store, "BASE_EVERY", 1)
+    first = run_cached(env)
+    add(env, "train/cat/new.png", 986)
+    real = store.BaseWriter.file
+
+    def rewrite_then_open(self, header, is_base):
+        for p in header.get("packs", []):
+            path = env.store / "packs" / f"{p}.npy"
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 0xFF
+            path.write_bytes(bytes(data))
+        return real(self, header, is_base)
+
+    monkeypatch.setattr(store.BaseWriter, "file", rewrite_then_open)
+    with pytest.raises(store.IntegrityError, match="do not hash"):
+        run_cached(env)
+    assert not (env.store / "bases").exists()
+    assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == first["snapshot_id"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_base_whose_snapshot_is_not_written_is_removed(env, monkeypatch, fast):
+    """The snapshot that was to name a new base fails to be written (a full disk): the base's
+    files go too, on the append's path and on the full read's."""
+    import errno
+
+    monkeypatch.setattr(store, "BASE_EVERY", 1)
+    first = run_cached(env)
+    add(env, "train/cat/new.png", 987)
+    if not fast:
+        monkeypatch.setattr(snapshot, "fast_append", lambda *a, **k: None)
+    wrote = []
+    real = store.BaseWriter.finish
+
+    def finish(self, *a, **k):
+        wrote.append(real(self, *a, **k))
+        return wrote[-1]
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.BaseWriter, "finish", finish)
+    monkeypatch.setattr(store, "write_snapshot", full_disk)
+    with pytest.raises(OSError):
+        run_cached(env)
+    assert len(wrote) == 1 and not [p for p in env.store.glob("bases/*")]
     assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == first["snapshot_id"]
 
 

@@ -844,7 +844,7 @@ def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(
     pack.write_bytes(bytes(data))
     with pytest.raises(store.IntegrityError, match="do not hash"):
         store.write_base(env.store, parent, chunk=5)
-    assert not any((env.store / "bases").iterdir())
+    assert _base_files(env) == []
     # a delta rewritten to agree with the changed pack: the rows streamed are checked against the
     # sha256 the header records for the delta, so the forgery is what is refused
     delta = env.store / "deltas" / f"{header['delta']['sha256']}.parquet"
@@ -854,7 +854,7 @@ def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(
     delta.write_bytes(store._parquet_bytes(rows, store.DELTA_SCHEMA))
     with pytest.raises(store.DamagedStore, match="does not match its sha256"):
         store.write_base(env.store, parent, chunk=5)
-    assert not any((env.store / "bases").iterdir())
+    assert _base_files(env) == []
     # a parent verified with another history than the store now holds
     with pytest.raises(store.IntegrityError, match="history changed since it was verified"):
         store.write_base(env.store, dataclasses.replace(parent, history=parent.history[1:]), chunk=5)
@@ -907,7 +907,39 @@ def test_a_streamed_base_is_the_same_files_whatever_the_batching(env, monkeypatc
     got, _ = store.verify_files(env.store, sid, each_rows=w.rows, each_file=w.file, whole_rows=True)
     with pytest.raises(store.DamagedStore, match="is missing"):
         w.finish(got, det)
-    assert not any((env.store / "bases").iterdir())
+    assert _base_files(env) == []
+
+
+def _base_files(env) -> list[str]:
+    folder = env.store / "bases"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("fails", ["fsync", "replace"])
+def test_a_base_that_cannot_be_named_whole_leaves_no_file(env, monkeypatch, fails):
+    """BaseWriter.finish syncs all its files before it names any, and takes back those it named
+    when a later one fails: a full disk or a failed rename leaves nothing in bases/."""
+    import errno
+
+    env.run()
+    save(env.src / "train" / "cat" / "b0.png", pixels(950))
+    sid = env.run()["snapshot_id"]
+    whole, headers = store.lineage(env.store, sid)
+    w = store.BaseWriter(env.store, whole, headers)
+    got, _ = store.verify_files(env.store, sid, each_rows=w.rows, each_file=w.file, whole_rows=True)
+    real = getattr(os, fails)
+    calls = []
+
+    def second_fails(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a)
+
+    monkeypatch.setattr(os, fails, second_fails)
+    with pytest.raises(OSError):
+        w.finish(got)
+    assert len(calls) == 2 and _base_files(env) == []
 
 
 def test_read_split_reads_only_its_rows_and_checks_each(env):

@@ -980,6 +980,8 @@ def _check_rows_refer(store: Path, path: Path, t: pa.Table, class_names: list, n
         packs = set(pc.unique(t.column("pack")).cast(pa.string()).to_pylist())
         if not packs <= set(named):
             raise DamagedStore(store, path, f"refers to packs its header does not name ({sorted(packs - set(named))})")
+        if "pack_index" in t.column_names and t.column("pack_index").null_count:
+            raise DamagedStore(store, path, f"has {t.column('pack_index').null_count} row(s) without a pack index")
 
 
 def read_manifest(store_dir: str | Path, snapshot_id: str) -> pd.DataFrame:
@@ -1496,6 +1498,7 @@ class _HashedFile:
         self._h = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self.created = False
 
     def write(self, data) -> int:
         try:
@@ -1516,21 +1519,40 @@ class _HashedFile:
     def close(self) -> None:
         self.closed = True
 
-    def finish(self) -> tuple[str, int]:
-        """Sync and move the file to its name; ``(digest, bytes)``."""
+    def seal(self) -> str:
+        """Flush and sync the temp file; its digest. Several files are sealed before any is named
+        (:meth:`publish`), so a full disk names none of them."""
         try:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            digest = self._h.hexdigest()
+            if not self._fh.closed:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+            return self._h.hexdigest()
+        except OSError as exc:
+            self._named(exc)
+
+    def publish(self) -> tuple[str, int]:
+        """Move the sealed file to its name; ``(digest, bytes)``. ``created``: whether this put the
+        file there (False: an intact one was there already, and another header may name it)."""
+        digest = self.seal()
+        try:
             final = self.path_of(digest)
             if final.is_file() and file_sha256(final) == digest:
                 self.tmp.unlink()
+                self.created = False
             else:
                 os.replace(self.tmp, final)
+                self.created = True
             return digest, self.size
         except OSError as exc:
             self._named(exc)
+        finally:
+            self.discard()
+
+    def finish(self) -> tuple[str, int]:
+        """Sync and move the file to its name (:meth:`seal`, :meth:`publish`); ``(digest, bytes)``."""
+        try:
+            return self.publish()
         finally:
             self.discard()
 
@@ -1831,6 +1853,7 @@ class BaseWriter:
         self._packs: list = []
         self._names: Optional[pa.Array] = None
         self._at = 0  # rows of the current file done
+        self.created: list[Path] = []  # the files finish() put in bases/ (retract() removes them)
         self._man = _HashedFile(lambda d: _base_path(self.store, d, "parquet"))
         self._px: Optional[_HashedFile] = None
         try:
@@ -1909,11 +1932,24 @@ class BaseWriter:
                     raise IntegrityError(f"the data-gate columns of {self.of[:12]} hold {rows.n} rows, "
                                          f"not {self.n_rows}")
                 rows.close()
-            # every file whole before any is named: a failure leaves no base file behind
-            entry = {"of": self.of, "rows": self.n_rows, "manifest": self._man.finish()[0],
-                     "pixels": self._px.finish()[0], "features": None}
+            # every file whole and synced before any is named; one that fails to be named takes
+            # back those this writer named: a failure leaves no base file behind
+            files = [self._man, self._px] + ([out] if out is not None else [])
+            for f in files:
+                f.seal()
+            named = []
+            try:
+                for f in files:
+                    named.append((f, f.publish()[0]))
+            except BaseException:
+                self.created = [f.path_of(d) for f, d in named if f.created]
+                self.retract()
+                raise
+            self.created = [f.path_of(d) for f, d in named if f.created]
+            entry = {"of": self.of, "rows": self.n_rows, "manifest": named[0][1], "pixels": named[1][1],
+                     "features": None}
             if out is not None:
-                entry["features"] = {"sha256": out.finish()[0], "detector": detector}
+                entry["features"] = {"sha256": named[2][1], "detector": detector}
             return entry
         finally:
             if rows is not None:
@@ -1931,6 +1967,18 @@ class BaseWriter:
         self._man.discard()
         if self._px is not None:
             self._px.discard()
+        try:
+            (self.store / "bases").rmdir()  # only when empty: the store holds what headers name
+        except OSError:
+            pass
+
+    def retract(self) -> None:
+        """Remove the files :meth:`finish` put in ``bases/`` (not those that were there already):
+        the snapshot that was to name them was not written."""
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        self.created = []
+        self.discard()
 
 
 def _feature_parts(store: Path, headers: list[dict], whole: list[dict], detector: dict,
@@ -1961,12 +2009,13 @@ def _feature_parts(store: Path, headers: list[dict], whole: list[dict], detector
 
 
 def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] = None,
-               chunk: int = PACK_CHUNK_ROWS) -> dict:
+               chunk: int = PACK_CHUNK_ROWS, created: Optional[list] = None) -> dict:
     """Consolidate ``parent`` (verified by :func:`load_parent`) into ``bases/``: its full manifest,
     its pixels in manifest order and, with ``detector``, its data-gate columns, streamed from the
     store by :class:`BaseWriter` (every row re-hashed against its verified delta as it is copied;
     ``chunk`` rows of pixels at a time). Refused when the store's history is no longer the one
-    ``parent`` was verified with. Returns the header entry naming the files."""
+    ``parent`` was verified with. Returns the header entry naming the files; ``created`` gets the
+    paths it put in ``bases/`` (for the caller to remove if the snapshot naming them is not written)."""
     whole, headers = lineage(store_dir, parent.id)
     if tuple(h["id"] for h in whole) != tuple(parent.history):
         raise IntegrityError(f"snapshot {parent.id[:12]}'s history changed since it was verified: run the stage again")
@@ -1975,7 +2024,10 @@ def write_base(store_dir: str | Path, parent: Parent, detector: Optional[dict] =
         # the packs are not hashed whole: every row is hashed as it is copied
         got, _ = verify_files(store_dir, parent.id, hash_packs=False, each_rows=w.rows, each_file=w.file,
                               whole_rows=True)
-        return w.finish(got, detector)
+        entry = w.finish(got, detector)
+        if created is not None:
+            created.extend(w.created)
+        return entry
     finally:
         w.discard()
 
