@@ -1171,3 +1171,13 @@ def test_stages_use_the_system_allocator_for_arrow():
     env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() != "system"
+
+
+def test_a_manifest_row_without_a_pack_index_is_refused(tmp_path):
+    """A delta whose pack_index is null (a forged, self-consistent file): Arrow's min/max skip
+    nulls, so the range check alone would pass it and a reader would index with garbage."""
+    t = pa.table({"label": pa.array([0, 1], pa.int64()), "pack": pa.array(["p", "p"]),
+                  "pack_index": pa.array([0, None], pa.int64())})
+    with pytest.raises(store.DamagedStore, match="1 row.s. without a pack index"):
+        store._check_rows_refer(tmp_path, tmp_path / "d.parquet", t, ["a", "b"], ["p"])
+    store._check_rows_refer(tmp_path, tmp_path / "d.parquet", t.drop_columns(["pack_index"]), ["a", "b"], ["p"])
