@@ -110,11 +110,16 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     bound = bound_cache(store_dir, parent_id, stat_path) if parent_id else None
     noop = fast_noop(cfg, *bound, verify_source, progress) if bound is not None else None
     changed = noop.changed_ids if noop is not None else []  # files the full read must re-read
+    distrust = False  # the cache does not describe the store's rows: the full read reads every file
     if noop is not None and noop.unchanged:
         # Nothing changed: the store's files are hashed (as a load would: a damaged store still
         # fails) and the report comes from the head's header; no manifest row is loaded.
         t_read = time.perf_counter()
-        whole, headers = store.verify_files(store_dir, parent_id, stats_out=vstats)
+        stored = store.RowPrint()
+        whole, headers = store.verify_files(store_dir, parent_id, stats_out=vstats,
+                                            each_rows=lambda b: stored.add(b.column("sample_id"), b.column("sha256")))
+        distrust = not cache_describes(bound[1], stored, say)
+    if noop is not None and noop.unchanged and not distrust:
         _check_pointer(Path(pointer_path), store_dir, key, parent_id, [h["id"] for h in whole])
         store.set_head(store_dir, key, parent_id)  # no-op unless heads/<key> was missing
         meta = headers[-1]
@@ -124,7 +129,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                    "plan": 0.0, "features": 0.0, "write": 0.0}
         return _finish(meta, None, cfg, verify_source, pointer_path, report_path, store_dir, seconds, t0, vstats,
                        {**noop.work, "noop_fast": 1})
-    if bound is not None and noop is not None and "counted" in noop.work:
+    if bound is not None and noop is not None and "counted" in noop.work and not distrust:
         # Another number of files than rows: when more, an append, shown without loading the
         # parent's rows where it can be (fast_append)
         scan_ns = time.time_ns()  # before the listing: what the new cache's entries are racy against
@@ -135,7 +140,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
             return _finish(store.read_meta(store_dir, appended.snapshot), None, cfg, verify_source, pointer_path,
                            report_path, store_dir, appended.seconds, t0, appended.verified, appended.work)
         if appended is not None:
-            changed = appended.changed_ids
+            changed, distrust = appended.changed_ids, appended.distrust
     # The store is verified before the (long) read, so a damaged store fails fast and is never
     # mistaken for a changed source.
     parent = store.load_parent(store_dir, parent_id, stats_out=vstats) if parent_id else None
@@ -150,7 +155,7 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
     if parent is not None:
         m = parent.manifest
         known = KnownRows(m["sample_id"], m["sha256"], m["file_sha256"])  # Arrow columns, not objects
-    stat = read_stat_cache(stat_path)
+    stat = read_stat_cache(stat_path) if not distrust else None
     if stat is not None and changed:
         # the spot check read other bytes than the cache vouches for: the full read re-reads them
         say(f"{len(changed)} file(s) changed under the same size and mtime: {', '.join(changed[:5])}; "
@@ -242,6 +247,22 @@ def bound_cache(store_dir: str, head: str, stat_path: Optional[Path]) -> Optiona
     return meta, cache
 
 
+def cache_describes(cache: "CacheWindows", stored: store.RowPrint, say: Callable[[str], None]) -> bool:
+    """Whether the stat cache's (file, row hash) pairs are the store's rows (``stored``: their
+    print, taken as the store was verified): a cache vouches for which files hold which rows, and
+    one forged to name an unstored file where a stored one was would otherwise hide that file's
+    loss from the fast paths (the trust-boundaries rule: what a gate trusts is bound to what made
+    it). When not, says so: the caller reads every file, trusting no entry of it."""
+    cached = stored.twin()
+    for window in cache.batches():
+        cached.add(window.column("sample_id"), window.column("sha256"))
+    if cached == stored:
+        return True
+    say(f"the stat cache does not describe snapshot {cache.snapshot[:12]}'s rows ({cached.n} entries for "
+        f"{stored.n} rows, or other files or hashes): it was edited or written by another tool; reading every file")
+    return False
+
+
 def fast_noop(cfg: DataConfig, meta: dict, cache: "CacheWindows", verify_source: bool,
               progress: Optional[Callable[[str], None]] = None) -> Optional[sources.NoopCheck]:
     """Whether the source is, file for file, what the stat cache recorded when the head (``meta``,
@@ -268,6 +289,7 @@ class Appended:
     work: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     verified: store.VerifyStats = field(default_factory=store.VerifyStats)
+    distrust: bool = False  # the cache does not describe the store's rows (cache_describes)
 
 
 def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindows", stat_path: Path, scan_ns: int,
@@ -329,11 +351,14 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
                 f"last one), from the pass that verifies them")
             writer = store.BaseWriter(store_dir, whole, headers)
 
+        stored = store.RowPrint()
+
         def each(batch: pa.RecordBatch) -> None:  # the store's rows, streamed past the new ones
             if writer is not None:
                 writer.rows(batch)
                 batch = batch.select(["sample_id", "sha256", "label", "split"])
             ids = batch.column("sample_id")
+            stored.add(ids, batch.column("sha256"))
             prints.append(np.fromiter(map(hash, ids.to_pylist()), np.int64, len(ids)))
             hit = pc.is_in(ids, value_set=new_ids)
             if pc.any(hit).as_py():
@@ -346,6 +371,8 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
                                        each_file=writer.file if writer is not None else None,
                                        whole_rows=writer is not None)
         t_verify = time.perf_counter()
+        if not cache_describes(cache, stored, say):
+            return Appended(distrust=True)
         if clash:
             say(f"{len(clash)}+ new file id(s) already in snapshot {head[:12]} ({', '.join(clash)}): "
                 f"the full read judges the source")

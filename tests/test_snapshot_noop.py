@@ -401,3 +401,58 @@ def test_a_cache_shorter_than_the_tree_still_hands_a_listing(env):
     # an iterator cannot be read again for the rows before the change: no listing, the full read lists
     once = sources.listing_unchanged(env.cfg(), iter(batches_of(fewer, 4)), cache.scan_ns, 18)
     assert once.reason == "more files than cached rows" and once.listing is None
+
+
+def swap_in_cache(env: Env, gone: str, new: str, seed: int) -> None:
+    """The source loses the stored file ``gone`` and gains ``new`` (sorting where ``gone`` did),
+    and the stat cache is forged to list ``new`` in its place: every listed file then matches a
+    cache entry, and the file count is unchanged."""
+    path = next((env.tmp / "stat").iterdir())
+    c = snapshot.read_stat_cache(path)
+    (env.src / gone).unlink()
+    save(env.src / new, pixels(seed))
+    age(env.src / new)
+    ids = c.ids.to_pylist()
+    i = ids.index(gone)
+    ids[i] = new
+    st = (env.src / new).stat()
+    size, mtime = c.size.copy(), c.mtime_ns.copy()
+    size[i], mtime[i] = st.st_size, st.st_mtime_ns
+    fsha = c.file_sha256.to_pylist()
+    fsha[i] = store.file_sha256(env.src / new)
+    forged = sources.StatTable(ids, c.sha256, fsha, size=size, mtime_ns=mtime, scan_ns=c.scan_ns, snapshot=c.snapshot)
+    snapshot.write_stat_cache(path, forged, c.scan_ns, 0, True, c.snapshot)
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_a_cache_forged_to_hide_a_lost_file_is_caught_by_the_stores_rows(env, append):
+    """The stat cache is bound to the store's rows, not only to the head's id: a cache forged to
+    name an unstored file where a stored one was (the lost file then hidden from the no-op and
+    from the append, whose listing matches it file for file) does not describe the store's rows,
+    so the stage reads every file, trusting no entry, and refuses the lost row."""
+    first = run_cached(env, recheck_files=0)
+    swap_in_cache(env, "train/cat/02.png", "train/cat/02b.png", 930)
+    if append:
+        save(env.src / "train" / "dog" / "zz.png", pixels(931))
+        age(env.src / "train" / "dog" / "zz.png")
+    with pytest.raises(SnapshotRefused, match=r"train/cat/02\.png"):
+        run_cached(env, recheck_files=0)
+    assert store.current_snapshot(env.store, sources.source_key(env.cfg())) == first["snapshot_id"]
+
+
+def test_a_cache_that_does_not_describe_the_store_is_not_trusted_then_rewritten(env):
+    """A cache entry whose row hash is not the store's (edited, or written by another tool): the
+    run trusts no entry of it (every file read, none taken on its stat), finds the source
+    unchanged, and leaves an honest cache the next run's no-op takes."""
+    first = run_cached(env, recheck_files=0)
+    path = next((env.tmp / "stat").iterdir())
+    c = snapshot.read_stat_cache(path)
+    sha = c.sha256.to_pylist()
+    sha[3] = "0" * 64
+    snapshot.write_stat_cache(path, sources.StatTable(c.ids, sha, c.file_sha256, size=c.size, mtime_ns=c.mtime_ns,
+                                                      scan_ns=c.scan_ns, snapshot=c.snapshot),
+                              c.scan_ns, 0, True, c.snapshot)
+    again = run_cached(env, recheck_files=0)
+    assert again["snapshot_id"] == first["snapshot_id"] and "source_noop_fast" not in again["work"]
+    assert again["work"].get("source_trusted", 0) == 0 and again["work"]["source_read"] == 18
+    assert run_cached(env, recheck_files=0)["work"]["source_noop_fast"] == 1
