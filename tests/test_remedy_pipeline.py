@@ -195,6 +195,61 @@ def test_quarantined_view_leaves_the_flagged_rows_out(digits_store, tmp_path, ca
     assert rc == 2 and "lists no rows" in capsys.readouterr().err
 
 
+def test_a_quarantine_without_an_attack_loads_no_row_and_equals_the_loaded_view(digits_store, tmp_path, monkeypatch,
+                                                                                capsys):
+    """The production remedy (no attack, remedy=quarantine): the record's rows are found in the
+    pass that verifies the store (issue 19 item 3: no manifest load), and the view is the one the
+    loaded path makes (make_view), byte for byte. A record naming a test row or a row whose hash
+    moved is refused as on the loaded path."""
+    from pipeline.schema import AttackConfig
+
+    def poison_run(name: str, rec: Path, *overrides: str) -> tuple[int, Path]:
+        (tmp_path / name).mkdir()
+        params = write_params(tmp_path / name / "params.yaml", "attack=none", *overrides)
+        out = tmp_path / name / "view"
+        return poison.main(["--params", str(params), "--pointer", str(digits_store["pointer"]), "--store",
+                            str(digits_store["store"]), "--quarantine", str(rec), "--out", str(out)]), out
+
+    rc, base = poison_run("base", tmp_path / "absent.json")
+    assert rc == 0
+    sid = store.read_pointer(digits_store["pointer"])["snapshot_id"]
+    snap = store.load_snapshot(digits_store["store"], sid)
+    man = snap.manifest
+    train = man[man["split"] == "train"]
+    picked = [(r.sample_id, r.sha256, 1) for r in train.iloc[[3, 40, 41, 700]].itertuples()]
+    suspects = tmp_path / "suspects.csv"
+    suspects.write_text(suspects_csv(picked))
+    rec_path = tmp_path / "quarantine.json"
+    assert remedy.main(["quarantine", "--suspects", str(suspects), "--view", str(base), "--inspect",
+                        str(tmp_path / "no-inspect.json"), "--out", str(rec_path)]) == 0
+    rec = remedy.read_record(rec_path)
+    loaded = poison.make_view(snap, AttackConfig(), rec, [h["id"] for h in store.chain(digits_store["store"], sid)])
+    with monkeypatch.context() as m:
+        def boom(*a, **k):
+            raise AssertionError("the quarantined identity view loaded the manifest")
+
+        for name in ("load_snapshot", "load_manifest"):
+            m.setattr(store, name, boom)
+        rc, out = poison_run("q", rec_path, "remedy=quarantine")
+    assert rc == 0, capsys.readouterr().err
+    meta, data = json.loads((out / "view.json").read_text()), (out / "records.csv").read_bytes()
+    assert meta == loaded[0] and data == loaded[1] and meta["n_quarantined"] == 4
+    tv = view.load_training_view(out, digits_store["store"])
+    assert len(tv.labels) == len(train) - 4 and not {p[0] for p in picked} & set(tv.sample_ids)
+    assert "4 row(s) quarantined" in capsys.readouterr().err
+
+    test_row = man[man["split"] == "test"].iloc[0]
+    for name, rows, err in (("test_row", picked[:1] + [(test_row.sample_id, test_row.sha256, 1)], "not train rows"),
+                            ("moved", picked[:1] + [(picked[1][0], "0" * 64, 1)], "do not hash")):
+        suspects.write_text(suspects_csv(rows))
+        bad = tmp_path / f"{name}.json"
+        assert remedy.main(["quarantine", "--suspects", str(suspects), "--view", str(base), "--inspect",
+                            str(tmp_path / "no-inspect.json"), "--out", str(bad)]) == 0
+        capsys.readouterr()
+        rc, out = poison_run(name, bad, "remedy=quarantine")
+        assert rc == 1 and err in capsys.readouterr().err and not (out / "view.json").exists()
+
+
 def test_drop_quarantined_reindexes_poisoned_rows():
     images = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2, 1)
     from pipeline.core.hashing import sample_hash
