@@ -219,6 +219,43 @@ def test_label_conflicts_match_a_groupby():
         S.label_conflicts(["a", "b"], [1])
 
 
+def test_keyed_duplicates_and_conflicts_equal_the_string_path():
+    """An Arrow-backed column takes the 64-bit-key path (no Python string a row: stats.hash_keys);
+    it gives what the string path gives, also where different hashes share a key (the same first
+    16 hex digits), over sliced and many-chunk columns."""
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        n = int(rng.integers(0, 300))
+        prefixes = [f"{int(p):016x}" for p in rng.integers(0, 2**62, 1 + trial % 5)]  # few keys: collisions
+        pool = [prefixes[int(rng.integers(len(prefixes)))] + f"{int(rng.integers(0, 2**62)):048x}"
+                for _ in range(max(1, n // 3) + 3)]
+        hashes = [pool[i] for i in rng.integers(0, len(pool), n)]
+        labels = rng.integers(0, 1 + trial % 3, n)
+        cut = int(rng.integers(0, n + 1))
+        # two chunks, the second a slice at an offset: what pd.concat of manifest columns gives
+        col = pd.concat([pd.Series(["f" * 64] + hashes[:cut], dtype="string[pyarrow]")[1:],
+                         pd.Series(hashes[cut:], dtype="string[pyarrow]")], ignore_index=True).array
+        keyed = DS.hash_keys(col)
+        assert keyed is not None and len(keyed[0]) == n
+        assert keyed[0].tolist() == [int(h[:16], 16) for h in hashes]
+        assert DS.duplicate_mask(col).tolist() == DS.duplicate_mask(hashes).tolist(), trial
+        fast, slow = S.label_conflicts(col, labels), S.label_conflicts(hashes, labels)
+        key = lambda t: [(r.sha256, r.n_rows, r.n_labels, r.labels, r.rows) for r in t.itertuples()]  # noqa: E731
+        assert key(fast) == key(slow) and list(fast.columns) == list(slow.columns), trial
+    # not 64 characters, or a missing value: the string path
+    for odd in (["a" * 63, "a" * 63], ["a" * 64, None], ["a" * 64, "a" * 65]):
+        assert DS.hash_keys(pd.array(odd, dtype="string[pyarrow]")) is None
+    # not hex: keys still, less spread, and the same answers as the string path
+    odd = ["G" * 64, "g" * 64, "G" * 64, "zz" + "a" * 62, "ZZ" + "a" * 62, "A" * 64]
+    col = pd.array(odd, dtype="string[pyarrow]")
+    assert DS.duplicate_mask(col).tolist() == DS.duplicate_mask(odd).tolist() == [True, False, True, False, False, False]
+    assert S.label_conflicts(col, [1, 1, 2, 3, 4, 5])["rows"].tolist() == [[0, 2]]
+    assert DS.hash_keys(["a" * 64]) is None
+    two = pd.array(["b" * 64, "b" * 64, "c" * 64], dtype="string[pyarrow]")
+    assert DS.duplicate_mask(two).tolist() == [True, True, False]
+    assert S.label_conflicts(two, [1, 2, 3])["rows"].tolist() == [[0, 1]]
+
+
 def test_near_duplicate_pairs_match_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.int64).astype(np.uint64)

@@ -93,7 +93,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as st
 
-from pipeline.data.stats import StatsError
+from pipeline.data.stats import StatsError, hash_keys, pick_hashes, same_key_rows
 from pipeline.schema import ValidateConfig
 
 RATE_CHECKS = ("block_rate", "duplicate_rate", "label_share")  # Fisher tests against a reference
@@ -127,9 +127,32 @@ def label_conflicts(hashes: Sequence[str], labels: Sequence[int]) -> pd.DataFram
 
     Integer codes and numpy sorts, not a pandas groupby on the strings: at 1M rows the groupby's
     string hash tables and the frame it needed raised the validate stage's peak by ~310 MiB
-    (bench/results/validate_peak_1m.log, VmHWM +313 -> +14-20 MiB); the codes are 8 bytes a row.
+    (bench/results/validate_peak_1m.log, VmHWM +313 -> +14-20 MiB); the codes are 8 bytes a row. An
+    Arrow-backed column is grouped on 64-bit keys first (stats.hash_keys): only the rows whose key
+    has a second label become strings (bench/results/validate_hash_keys_1m.log: +147 MiB -> 0).
     """
     lab = np.asarray(labels, np.int64).ravel()
+    keyed = hash_keys(hashes)
+    if keyed is not None:
+        # the rows that share a 64-bit key with another row under another label hold every conflict
+        # (equal hashes have equal keys); only they are grouped on their full strings
+        keys, chunked = keyed
+        if len(keys) != len(lab):
+            raise StatsError(f"{len(keys)} hashes but {len(lab)} labels: pass one of each per row")
+        rows = same_key_rows(keys)
+        if len(rows):
+            k, lr = keys[rows], lab[rows]
+            order = np.lexsort((lr, k))
+            ks, ls = k[order], lr[order]
+            other = np.r_[False, (ks[1:] == ks[:-1]) & (ls[1:] != ls[:-1])]  # a second label in a key's run
+            rows = rows[np.isin(k, ks[other])]
+        sub = _label_conflicts_of(pick_hashes(chunked, rows), lab[rows])
+        sub["rows"] = sub["rows"].map(lambda rs: rows[rs].tolist())
+        return sub
+    return _label_conflicts_of(hashes, lab)
+
+
+def _label_conflicts_of(hashes: Sequence[str], lab: np.ndarray) -> pd.DataFrame:
     codes, uniques = pd.factorize(np.asarray(hashes, dtype=object))  # a missing hash: -1, in no group
     if len(codes) != len(lab):
         raise StatsError(f"{len(codes)} hashes but {len(lab)} labels: pass one of each per row")

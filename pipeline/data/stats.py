@@ -333,9 +333,95 @@ def detector_settings(v: ValidateConfig) -> dict:
             "block_min_contrast": float(v.block_min_contrast)}
 
 
+_HEX_VALUE = np.full(256, 255, np.uint8)
+_HEX_VALUE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+
+def hash_keys(hashes: Sequence[str]) -> tuple[np.ndarray, object] | None:
+    """The first 64 bits of every 64-hex content hash, as uint64, read from the Arrow buffer of a
+    pandas Arrow-backed string column or array without a Python string a row; and the Arrow
+    ChunkedArray they came from (for :func:`pick_hashes`). None when ``hashes`` is anything else
+    (a list, an object array, a missing value, a string not 64 characters long): the callers then
+    take the string path.
+
+    Equal hashes give equal keys; different hashes almost never do (a 64-bit prefix of SHA-256),
+    and never silently: every caller confirms a group of equal keys on the full strings of its few
+    rows. So a string that is not hex is not refused here: it still has one key, only a less
+    spread one. Hand-written because neither pandas nor Arrow parses hex into integers, and their hash
+    tables over 1M 64-character strings were the data gate's largest transient (a Python str a
+    row in ``label_conflicts``: +177 MiB at 1M rows; ``Series.duplicated``'s table: +143 MiB).
+    """
+    if not isinstance(hashes, (pd.Series, pd.api.extensions.ExtensionArray)):
+        return None
+    try:
+        chunked = hashes.array.__arrow_array__() if isinstance(hashes, pd.Series) else hashes.__arrow_array__()
+    except (AttributeError, TypeError):
+        return None
+    import pyarrow as pa
+
+    if not (pa.types.is_string(chunked.type) or pa.types.is_large_string(chunked.type)) or chunked.null_count:
+        return None
+    wide = np.int64 if pa.types.is_large_string(chunked.type) else np.int32
+    parts = []
+    for chunk in chunked.chunks:
+        n = len(chunk)
+        offsets = np.frombuffer(chunk.buffers()[1], wide)[chunk.offset:chunk.offset + n + 1]
+        if n and not (np.diff(offsets) == 64).all():
+            return None
+        if not n:
+            continue
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0]:offsets[-1]].reshape(n, 64)
+        key = np.zeros(n, np.uint64)
+        for i in range(16):  # a column at a time: 1 byte a row of temporaries, not 16
+            key <<= np.uint64(4)
+            key ^= _HEX_VALUE[data[:, i]].astype(np.uint64)
+        parts.append(key)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint64)), chunked
+
+
+def pick_hashes(chunked: object, rows: np.ndarray) -> list[str]:
+    """The full hash strings of ``rows`` of the ChunkedArray :func:`hash_keys` returned."""
+    import pyarrow as pa
+
+    rows = np.asarray(rows, np.int64)
+    out: list = [None] * len(rows)
+    if not len(rows):
+        return out
+    # chunk by chunk: ChunkedArray.take joined the chunks first (a copy of the whole column, +29 MiB
+    # at 1M rows, for a handful of rows)
+    bounds = np.cumsum([0] + [len(c) for c in chunked.chunks])
+    which = np.searchsorted(bounds, rows, side="right") - 1
+    for c in np.unique(which):
+        at = np.flatnonzero(which == c)
+        for i, h in zip(at, chunked.chunk(int(c)).take(pa.array(rows[at] - bounds[c])).to_pylist()):
+            out[i] = h
+    return out
+
+
+def same_key_rows(keys: np.ndarray) -> np.ndarray:
+    """Rows (ascending) whose key is on another row too: the only rows that can share a hash."""
+    order = np.argsort(keys, kind="stable")
+    k = keys[order]
+    same = k[1:] == k[:-1]
+    del k
+    run = np.zeros(len(keys), bool)
+    run[1:] |= same
+    run[:-1] |= same
+    return np.sort(order[run])
+
+
 def duplicate_mask(hashes: Sequence[str]) -> np.ndarray:
     """True for every row whose content hash is on another row too. A pandas column or array is
-    read as it is (an Arrow-backed one is not turned into Python strings)."""
+    read as it is (an Arrow-backed one is not turned into Python strings: :func:`hash_keys`, then
+    the full strings of the rows that share a key)."""
+    keyed = hash_keys(hashes)
+    if keyed is not None:
+        keys, chunked = keyed
+        mask = np.zeros(len(keys), bool)
+        rows = same_key_rows(keys)
+        if len(rows):
+            mask[rows] = pd.Series(pick_hashes(chunked, rows), dtype=object).duplicated(keep=False).to_numpy(bool)
+        return mask
     column = isinstance(hashes, (pd.Series, pd.api.extensions.ExtensionArray))
     s = pd.Series(hashes) if column else pd.Series(list(hashes), dtype=object)
     return s.duplicated(keep=False).to_numpy(bool)
