@@ -860,6 +860,43 @@ def test_a_base_is_written_streamed_and_refuses_a_row_that_changed_after_verify(
         store.write_base(env.store, dataclasses.replace(parent, history=parent.history[1:]), chunk=5)
 
 
+def test_load_features_reads_past_a_base_of_other_settings(env, monkeypatch):
+    """load_features (and a base's columns) share store._feature_parts; checked here against each
+    snapshot's own file: a snapshot stored with other detector settings gives rows marked not
+    stored, and a base whose columns were measured with other settings is read past (the rows
+    before it from the whole history), from resolve's headers and from the chain alike."""
+    import dataclasses
+
+    from test_validate import default_vcfg
+
+    monkeypatch.setattr(store, "BASE_EVERY", 2)
+    v = default_vcfg()
+    other = dataclasses.replace(v, block_min_contrast=float(v.block_min_contrast) + 7.0)
+    det = stats.detector_settings(v)
+    ids = []
+    for k, vk in enumerate((v, v, other, v, other)):  # snapshot 4 carries a base of 3 with `other`'s columns
+        if k:
+            save(env.src / "train" / "dog" / f"o{k}.png", pixels(800 + k))
+        ids.append(snapshot.snapshot(env.cfg(), str(env.store), str(env.pointer), str(env.report),
+                                     detector=vk, progress=None)["snapshot_id"])
+    tip = ids[-1]
+    hs = store.resolve(env.store, tip)
+    assert hs[0]["base"]["features"]["detector"] != det  # the case: a base of other settings
+    parts = []
+    for h in store.chain(env.store, tip):
+        if h["features"]["detector"] == det:
+            parts.append(store.read_features(env.store, h).assign(stored=True))
+        else:
+            n = int(h["n_new"])
+            parts.append(pd.DataFrame({"phash": np.zeros(n, np.uint64), "abnormal_block": np.zeros(n, bool),
+                                       "abnormal_block_at": pd.array([""] * n, dtype="str"),
+                                       "stored": np.zeros(n, bool)}))
+    want = pd.concat(parts, ignore_index=True)
+    assert want["stored"].any() and not want["stored"].all()
+    for headers in (None, store.chain(env.store, tip)):
+        pd.testing.assert_frame_equal(store.load_features(env.store, tip, det, headers=headers), want)
+
+
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a writer closed on collection
 def test_a_streamed_base_is_the_same_files_whatever_the_batching(env, monkeypatch):
     """The base's Parquet files are cut into fixed row groups (store.BASE_GROUP_ROWS) whatever the

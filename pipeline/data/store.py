@@ -787,25 +787,13 @@ def load_features(store_dir: str | Path, snapshot_id: str, detector: dict,
     with ``stored`` False: the caller computes those from the pixels."""
     store = Path(store_dir)
     headers = headers if headers is not None else resolve(store, snapshot_id)
-    parts = []
-    base = base_of(headers)
-    if base is not None:
-        if base.get("features") is None or base["features"]["detector"] != detector:
-            # the base holds other settings' columns (or none): the rows before it from the whole history
-            return load_features(store, snapshot_id, detector, chain(store, snapshot_id))
-        parts.append(read_base_features(store, headers[0]))
-    for h in headers:
-        f = h.get("features")
-        if f is not None and f["detector"] == detector:
-            df = read_features(store, h)
-            df["stored"] = True
-        else:
-            df = pd.DataFrame({"phash": np.zeros(h["n_new"], np.uint64), "abnormal_block": np.zeros(h["n_new"], bool),
-                               "abnormal_block_at": [""] * h["n_new"], "stored": np.zeros(h["n_new"], bool)})
-        parts.append(df)
+    # the rows as a base writes them (BaseWriter.finish): one rule for which file holds which rows;
+    # a file a part, as a whole-file read gave them (65,536-row parts: +4-9 MiB at 1M rows on the
+    # validate stage's peak, bench/results/validate_hash_keys_1m.log)
+    parts = [t.cast(BASE_FEATURE_SCHEMA) for t in _feature_parts(store, headers, None, detector, rows=1 << 30)]
     if not parts:
         return pd.DataFrame({c: [] for c in [*FEATURE_SCHEMA.names, "stored"]})
-    return pd.concat(parts, ignore_index=True)
+    return pa.concat_tables(parts).to_pandas()
 
 
 def load_manifest(store_dir: str | Path, snapshot_id: str, verify: bool = True,
@@ -1531,7 +1519,7 @@ PACK_CHUNK_ROWS = 8192  # rows per write of a pack: its memory is one chunk, wha
 
 class _HashedFile:
     """A content-addressed file (``path_of(sha256)``) written piece by piece, hashed as written,
-    through a temp file in the same folder (renamed by :meth:`finish`: never half a file;
+    through a temp file in the same folder (renamed by :meth:`publish`: never half a file;
     :meth:`discard` leaves nothing). Memory is one piece, whatever the file's size; several can be
     open at once (a base's manifest and pixels are written from one pass over the store). It has
     the file methods a ``pq.ParquetWriter`` writes through; its ``close`` only marks it closed."""
@@ -1562,7 +1550,7 @@ class _HashedFile:
         return self.size
 
     def flush(self) -> None:
-        pass  # finish() flushes and syncs once
+        pass  # seal() flushes and syncs once
 
     def close(self) -> None:
         self.closed = True
@@ -1597,13 +1585,6 @@ class _HashedFile:
         finally:
             self.discard()
 
-    def finish(self) -> tuple[str, int]:
-        """Sync and move the file to its name (:meth:`seal`, :meth:`publish`); ``(digest, bytes)``."""
-        try:
-            return self.publish()
-        finally:
-            self.discard()
-
     def discard(self) -> None:
         self.closed = True
         if not self._fh.closed:
@@ -1624,26 +1605,27 @@ def _write_streamed(path_of: Callable[[str], Path], parts: Iterable[bytes]) -> t
     try:
         for part in parts:
             out.write(part)
-        return out.finish()
+        return out.publish()
     finally:
         out.discard()
 
 
-def _npy_parts(images, chunk: int, check: Optional[Callable[[int, np.ndarray], None]] = None
-               ) -> Iterator[bytes | memoryview]:
-    """The bytes of ``np.save(images)`` (uint8, numpy or lazy rows), a chunk of rows at a time;
-    ``check(first_row, block)`` sees each block before its bytes are given out."""
-    from pipeline.data.rows import take
-
-    shape = (len(images), *(int(x) for x in images.shape[1:]))
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The header ``np.save`` writes before a uint8 array of ``shape``."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
                                                 "fortran_order": False, "shape": shape})
-    yield head.getvalue()
+    return head.getvalue()
+
+
+def _npy_parts(images, chunk: int) -> Iterator[bytes | memoryview]:
+    """The bytes of ``np.save(images)`` (uint8, numpy or lazy rows), a chunk of rows at a time."""
+    from pipeline.data.rows import take
+
+    shape = (len(images), *(int(x) for x in images.shape[1:]))
+    yield _npy_header(shape)
     for s0 in range(0, shape[0], chunk):
         block = np.ascontiguousarray(take(images, np.arange(s0, min(s0 + chunk, shape[0]))), np.uint8)
-        if check is not None:
-            check(s0, block)
         yield memoryview(block).cast("B")  # the block's bytes, not a copy of them
 
 
@@ -1907,10 +1889,7 @@ class BaseWriter:
         try:
             self._rows = _Grouped(self._man, BASE_SCHEMA)
             self._px = _HashedFile(lambda d: _base_path(self.store, d, "npy"))
-            head = io.BytesIO()
-            np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                                                        "fortran_order": False, "shape": (self.n_rows, *self.shape)})
-            self._px.write(head.getvalue())
+            self._px.write(_npy_header((self.n_rows, *self.shape)))
         except BaseException:
             self.discard()
             raise
@@ -2029,14 +2008,17 @@ class BaseWriter:
         self.discard()
 
 
-def _feature_parts(store: Path, headers: list[dict], whole: list[dict], detector: dict,
+def _feature_parts(store: Path, headers: list[dict], whole: Optional[list[dict]], detector: dict,
                    rows: int = 65_536) -> Iterator[pa.Table]:
     """:func:`load_features`' rows (``BASE_FEATURE_SCHEMA``) as tables of at most ``rows``, each
-    file checked against its sha256, schema and row count."""
+    file checked against its sha256, schema and row count. ``headers``: a :func:`resolve` list;
+    ``whole``: its snapshot's :func:`chain` (read when None and needed)."""
     base = base_of(headers)
     if base is not None:
         if base.get("features") is None or base["features"]["detector"] != detector:
-            yield from _feature_parts(store, whole, whole, detector, rows)  # the rows before it from the root
+            # the base holds other settings' columns (or none): the rows before it from the root
+            whole = whole if whole is not None else chain(store, headers[-1]["id"])
+            yield from _feature_parts(store, whole, whole, detector, rows)
             return
         f = base["features"]["sha256"]
         for batch in _read_batches(store, _base_path(store, f, "parquet"), f, {**headers[0], "n_new": base["rows"]},
