@@ -206,15 +206,9 @@ def snapshot(cfg: DataConfig, store_dir: str, pointer_path: str, report_path: st
                     f"({parent.since_base} snapshots since the last one)")
                 base = store.write_base(store_dir, parent, stats.detector_settings(detector) if detector is not None else None,
                                         created=created)
-            try:
-                sid, manifest = store.write_snapshot(store_dir, plan, source_meta, now, features=features, base=base,
-                                                     summarize=summary)
-            except BaseException:
-                for path in created:  # no header names them
-                    path.unlink(missing_ok=True)
-                raise
-            if base is not None and store.read_header(store_dir, sid).get("base") == base:
-                store.prune_base(store_dir, parent.base, base)  # not when a crash leftover was adopted instead
+            sid, manifest = _with_base(store_dir, lambda: store.write_snapshot(
+                store_dir, plan, source_meta, now, features=features, base=base, summarize=summary),
+                base, created, parent.base if parent is not None else None)
             say(f"new snapshot {sid[:12]}: {len(manifest)} rows, {plan.n_new} new"
                 + (f" (parent {plan.parent[:12]})" if plan.parent else ""))
         if stat_path is not None and read.stat is not None:
@@ -413,15 +407,9 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
         if writer is not None:
             base = writer.finish(whole2, stats.detector_settings(detector) if detector is not None else None)
         source_meta = {**read.spec, "key": sources.source_key(cfg)}
-        try:
-            sid, _ = store.write_snapshot(store_dir, plan, source_meta, now, features=features, summarize=summarize,
-                                          prior=meta, base=base)
-        except BaseException:
-            if writer is not None:
-                writer.retract()  # no header names the base
-            raise
-        if base is not None and store.read_header(store_dir, sid).get("base") == base:
-            store.prune_base(store_dir, lite.base, base)  # not when a crash leftover was adopted instead
+        sid, _ = _with_base(store_dir, lambda: store.write_snapshot(
+            store_dir, plan, source_meta, now, features=features, summarize=summarize, prior=meta, base=base),
+            base, writer.created if writer is not None else [], lite.base)
         say(f"new snapshot {sid[:12]}: {n_old + plan.n_new} rows, {plan.n_new} new (parent {head[:12]}; "
             f"no earlier row loaded)")
         _grow_stat_cache(stat_path, cache, chk.new_at, read, scan_ns, sid)
@@ -436,6 +424,22 @@ def fast_append(cfg: DataConfig, store_dir: str, meta: dict, cache: "CacheWindow
             writer.discard()  # a base not finished (the append left to the full read): its temp files
         read.discard()
         _remove_empty(spill)
+
+
+def _with_base(store_dir: str, write: Callable[[], tuple], base: Optional[dict], created: list[Path],
+               old_base: Optional[dict]) -> tuple:
+    """``write()`` (the store.write_snapshot naming ``base``, or None). The base files this run put
+    in bases/ (``created``) go when it fails: no header names them; the older base goes once the
+    new snapshot names this one (not when a crash leftover was adopted instead)."""
+    try:
+        out = write()
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    if base is not None and store.read_header(store_dir, out[0]).get("base") == base:
+        store.prune_base(store_dir, old_base, base)
+    return out
 
 
 def _remove_empty(folder: Path) -> None:
